@@ -258,6 +258,12 @@ class ConvBNAct(nn.Module):
         self._adopt(conv, bn, act, save)
         return self
 
+    @staticmethod
+    def activation_module(act: str) -> nn.Module:
+        """A standalone nn.Module for activation `act` (used after residual adds)."""
+        a = get_activation(act)
+        return nn.Identity() if a.module is None else a.module()
+
     def extra_repr(self) -> str:
         return f"act={self.act.name}, save={self.save.value}"
 
