@@ -1,0 +1,330 @@
+"""Batching controllers and admission control, alone and in the simulated batching server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serve_app.batching import (
+    AIMD,
+    AdmissionControl,
+    Bandit,
+    BanditConfig,
+    BatchingConfig,
+    ServiceTimeFit,
+    SLOModel,
+    Static,
+    WindowRecorder,
+    WindowStats,
+)
+from serve_app.simulator import Constant, LinearServiceTime, Sine, simulate, train_bandit
+
+SLO = 0.1
+# Per-batch time t(b) = 10 ms + 0.5 ms * b (10% log-normal noise): Serve's default cap of 10 holds 667 req/s.
+SERVICE = LinearServiceTime(fixed_s=0.010, per_item_s=0.0005, jitter=0.1)
+SINE = Sine(mean=500.0, swing=0.5, period_s=10.0)  # 250..750 req/s
+
+
+def window(**kw) -> WindowStats:
+    kw.setdefault("duration_s", 1.0)
+    kw.setdefault("arrivals", 100)
+    kw.setdefault("queue_len", 0)
+    return WindowStats(**kw)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"slo_s": 0.0},
+        {"quantile": 1.0},
+        {"window_s": -1.0},
+        {"min_batch_size": 0},
+        {"max_batch_size": 4, "min_batch_size": 8, "initial_batch_size": 8},
+        {"max_batch_size": 2.5},
+        {"max_wait_s": 0.1, "slo_s": 0.1},  # a wait alone would break the SLO
+        {"initial_batch_size": 100},
+        {"initial_wait_s": 0.05},
+        {"max_queue_len": 0},
+        {"target_utilization": 1.5},
+    ],
+)
+def test_bad_batching_config_raises(kw):
+    with pytest.raises(ValueError, match="must be"):
+        BatchingConfig(**kw)
+
+
+def test_config_from_dict_refuses_unknown_keys():
+    assert BatchingConfig.from_dict({"slo_s": 0.05, "max_wait_s": 0.01}).slo_s == 0.05
+    with pytest.raises(ValueError, match="unknown \\['slo_ms'\\]"):
+        BatchingConfig.from_dict({"slo_ms": 100})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: BanditConfig(batch_sizes=()),
+        lambda: BanditConfig(waits_s=(-0.01,)),
+        lambda: BanditConfig(rate_edges=(100.0, 50.0)),
+        lambda: BanditConfig(epsilon=0.1, min_epsilon=0.2),
+        lambda: Bandit(BatchingConfig(slo_s=0.01, max_wait_s=0.005, initial_wait_s=0.005), BanditConfig()),
+        lambda: AIMD(step=0),
+        lambda: AIMD(backoff=1.0),
+        lambda: SLOModel(min_safety=0.0),
+    ],
+)
+def test_bad_controller_arguments_raise(make):
+    with pytest.raises(ValueError, match="must be"):
+        make()
+
+
+# ------------------------------------------------------------------------------------------ observations
+
+
+def test_recorder_closes_windows_and_resets():
+    rec = WindowRecorder(start=10.0)
+    for _ in range(5):
+        rec.arrival()
+    rec.rejected()
+    rec.batch(4, 0.02)
+    for x in (0.01, 0.02, 0.03, 0.2):
+        rec.done(x)
+    s = rec.close(now=10.5, queue_len=3)
+    assert (s.duration_s, s.arrivals, s.queue_len, s.rejected) == (0.5, 5, 3, 1)
+    assert s.arrival_rate == 10.0
+    assert list(s.batch_sizes) == [4] and list(s.service_times_s) == [0.02]
+    assert s.latency_quantile(0.5) == 0.02 and s.latency_quantile(0.99) == 0.2
+    assert s.slo_misses(0.1) == 2  # one late completion + one rejection
+    empty = rec.close(now=11.0, queue_len=0)
+    assert (empty.duration_s, empty.arrivals, empty.latency_quantile(0.99)) == (0.5, 0, None)
+
+
+def test_fit_recovers_linear_service_time():
+    fit = ServiceTimeFit()
+    sizes = [1, 2, 4, 8, 16, 32] * 10
+    fit.observe(sizes, [0.005 + 0.0007 * b for b in sizes])
+    assert fit.a == pytest.approx(0.005, abs=1e-9) and fit.c == pytest.approx(0.0007, abs=1e-9)
+    assert fit.noise_quantile(0.99) == pytest.approx(1.0)
+    assert fit.drain_time(25, 10, 0.99) == pytest.approx(3 * fit.mean(10) + fit.mean(5))
+
+
+def test_fit_with_one_batch_size_assumes_proportional_time():
+    fit = ServiceTimeFit()
+    fit.observe([8] * 20, [0.016] * 20)
+    assert (fit.a, fit.c) == (0.0, pytest.approx(0.002))
+
+
+def test_fit_forgets_an_old_model():
+    fit = ServiceTimeFit(decay=0.99)
+    sizes = [1, 4, 16] * 300
+    fit.observe(sizes, [0.010 + 0.001 * b for b in sizes])
+    fit.observe(sizes, [0.002 + 0.004 * b for b in sizes])
+    assert fit.a == pytest.approx(0.002, rel=0.01) and fit.c == pytest.approx(0.004, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------------- controllers
+
+
+def test_static_never_changes():
+    ctl = Static.serve_defaults()
+    assert (ctl.settings.max_batch_size, ctl.settings.batch_wait_timeout_s) == (10, 0.01)
+    s = ctl.update(window(batch_sizes=[10] * 50, service_times_s=[0.5] * 50, latencies_s=[5.0] * 500))
+    assert (s.max_batch_size, s.batch_wait_timeout_s) == (10, 0.01)
+
+
+def test_aimd_grows_additively_and_backs_off_multiplicatively():
+    ctl = AIMD(BatchingConfig(slo_s=SLO), step=2, backoff=0.5)
+    fast_full = window(batch_sizes=[10, 10, 3], service_times_s=[0.02, 0.02, 0.01])
+    assert ctl.update(fast_full).max_batch_size == 12
+    assert ctl.update(window(batch_sizes=[12, 5], service_times_s=[0.02, 0.01])).max_batch_size == 14
+    not_full = window(batch_sizes=[3, 5], service_times_s=[0.01, 0.01])
+    assert ctl.update(not_full).max_batch_size == 14  # no growth when no batch reached the cap
+    slow = window(batch_sizes=[14], service_times_s=[0.06])  # > SLO / 2
+    assert ctl.update(slow).max_batch_size == 7
+    assert ctl.update(window()).max_batch_size == 7  # nothing ran: no evidence either way
+    assert ctl.settings.batch_wait_timeout_s == 0.01
+
+
+def test_aimd_in_the_simulator_grows_under_load_and_backs_off_from_slow_batches():
+    grow = AIMD(BatchingConfig(slo_s=SLO))
+    r = simulate(grow, Constant(800.0), SERVICE, duration_s=20.0, seed=0)
+    sizes = [w.settings.max_batch_size for w in r.windows]
+    assert sizes[0] == 11 and sizes[-1] >= 25 and sizes == sorted(sizes)
+    slow = LinearServiceTime(fixed_s=0.03, per_item_s=0.003, jitter=0.05)  # t(10) = 60 ms > SLO / 2
+    back = AIMD(BatchingConfig(slo_s=SLO))
+    r = simulate(back, Constant(300.0), slow, duration_s=20.0, seed=0)
+    sizes = [w.settings.max_batch_size for w in r.windows]
+    assert sizes[0] == 9 and 4 <= min(sizes) and max(sizes[5:]) <= 7
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_slo_model_holds_p99_under_sine_swing_where_serve_defaults_do_not(seed):
+    cfg = BatchingConfig(slo_s=SLO)
+    static = simulate(Static.serve_defaults(slo_s=SLO), SINE, SERVICE, duration_s=30.0, seed=seed)
+    ctl = SLOModel(cfg)
+    adaptive = simulate(ctl, SINE, SERVICE, duration_s=30.0, seed=seed)
+    assert static.arrivals == adaptive.arrivals  # same arrivals
+    assert static.p99_s > 1.5 * SLO
+    assert adaptive.p99_s <= SLO
+    assert adaptive.rejected == 0 and adaptive.attainment >= 0.99
+    # the batches formed follow the load: larger at the sine's peaks than in its troughs
+    assert max(adaptive.batch_sizes) > 3 * (sum(adaptive.batch_sizes) / len(adaptive.batch_sizes))
+    assert all(w.settings.batch_wait_timeout_s < SLO for w in adaptive.windows)
+
+
+def test_slo_model_cap_follows_the_slo_and_the_fit():
+    def cap(slo_s: float, a: float, c: float) -> int:
+        ctl = SLOModel(BatchingConfig(slo_s=slo_s, max_wait_s=0.0, initial_wait_s=0.0, max_batch_size=256))
+        sizes = [1, 8, 32] * 10
+        return ctl.update(
+            window(batch_sizes=sizes, service_times_s=[a + c * b for b in sizes])
+        ).max_batch_size
+
+    # worst case 2 * t(b) <= SLO: b <= (SLO / 2 - a) / c
+    assert cap(0.1, 0.01, 0.0009) == 44
+    assert cap(0.05, 0.01, 0.0009) == 16
+    assert cap(0.1, 0.01, 0.0018) == 22
+
+
+def test_slo_model_tightens_after_a_miss():
+    ctl = SLOModel(BatchingConfig(slo_s=SLO))
+    sizes = [1, 8, 32] * 10
+    ok = window(
+        batch_sizes=sizes, service_times_s=[0.01 + 0.001 * b for b in sizes], latencies_s=[0.05] * 100
+    )
+    before = ctl.update(ok).max_batch_size
+    missed = window(
+        batch_sizes=sizes, service_times_s=[0.01 + 0.001 * b for b in sizes], latencies_s=[0.2] * 100
+    )
+    after = ctl.update(missed).max_batch_size
+    assert ctl.safety < 1.0 and after < before
+
+
+# ------------------------------------------------------------------------------------------------ admission
+
+
+def admission_setup(max_queue_len: int | None = 256) -> tuple[AdmissionControl, Static]:
+    cfg = BatchingConfig(slo_s=SLO, max_queue_len=max_queue_len)
+    ctl = Static(cfg)
+    sizes = [1, 10] * 20
+    ctl.update(window(batch_sizes=sizes, service_times_s=[0.01 + 0.001 * b for b in sizes]))
+    return AdmissionControl(cfg), ctl
+
+
+def test_admission_predicts_latency_and_rejects_with_retry_after():
+    gate, ctl = admission_setup()
+    v = gate.check(0, ctl)  # a full batch (20 ms) is running, then this one alone (11 ms)
+    assert v.admitted and v.predicted_latency_s == pytest.approx(0.031)
+    v = gate.check(50, ctl)  # 1 running + 5 full batches ahead + itself = 131 ms > 100 ms
+    assert not v.admitted and v.predicted_latency_s == pytest.approx(0.131)
+    assert v.retry_after_s == pytest.approx(0.12) and v.retry_after_header() == "1"
+    assert "SLO" in v.reason
+
+
+def test_admission_bounds_the_queue():
+    gate, ctl = admission_setup(max_queue_len=3)
+    assert gate.check(2, ctl).admitted
+    v = gate.check(3, ctl)
+    assert not v.admitted and "queue full" in v.reason
+
+
+def test_admission_admits_everything_before_the_first_observation():
+    cfg = BatchingConfig(slo_s=SLO)
+    v = AdmissionControl(cfg).check(200, SLOModel(cfg))
+    assert v.admitted and v.predicted_latency_s is None
+
+
+def test_admission_keeps_goodput_under_overload():
+    # Sine mean 1000 req/s: the peaks exceed even the largest cap that fits the SLO.
+    overload = Sine(mean=1000.0, swing=0.5, period_s=10.0)
+    static = simulate(Static.serve_defaults(slo_s=SLO), overload, SERVICE, duration_s=30.0, seed=0)
+    ctl = SLOModel(BatchingConfig(slo_s=SLO))
+    guarded = simulate(
+        ctl, overload, SERVICE, duration_s=30.0, seed=0, admission=AdmissionControl(ctl.config)
+    )
+    assert guarded.rejected > 0
+    assert guarded.goodput_rps > 2 * static.goodput_rps
+    assert guarded.quantile(0.95) <= SLO
+
+
+# --------------------------------------------------------------------------------------------------- bandit
+
+
+def small_bandit(seed: int = 0) -> Bandit:
+    return Bandit(
+        BatchingConfig(slo_s=SLO, window_s=0.5),
+        BanditConfig(
+            batch_sizes=(1, 4, 8, 16, 32),
+            waits_s=(0.0, 0.005, 0.01),
+            rate_edges=(150.0, 300.0, 450.0, 600.0, 750.0),
+            seed=seed,
+        ),
+    )
+
+
+def evaluate(bandit: Bandit, seed: int = 100):
+    bandit.explore = False
+    bandit.reset_window()
+    r = simulate(
+        bandit,
+        SINE,
+        SERVICE,
+        duration_s=20.0,
+        seed=seed,
+        admission=AdmissionControl(bandit.config),
+        miss_penalty=bandit.bandit.miss_penalty,
+    )
+    bandit.explore = True
+    return r
+
+
+def test_bandit_improves_its_reward_over_training():
+    bandit = small_bandit()
+    before = evaluate(bandit)
+    curve = train_bandit(
+        bandit,
+        [(SINE, SERVICE)],
+        episodes=15,
+        duration_s=20.0,
+        seed=1,
+        admission=AdmissionControl(bandit.config),
+    )
+    assert sum(map(sum, bandit.counts)) == 16 * 39  # one credit per window but each episode's first
+    after = evaluate(bandit)
+    assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3 + 0.1
+    assert after.mean_reward > before.mean_reward + 0.1
+    assert after.attainment >= 0.99 and after.p99_s <= SLO
+
+
+def test_bandit_save_load_round_trip(tmp_path):
+    bandit = small_bandit(seed=3)
+    train_bandit(bandit, [(SINE, SERVICE)], episodes=2, duration_s=10.0, seed=5)
+    path = tmp_path / "bandit.json"
+    bandit.save(path)
+    assert json.loads(path.read_text())["format"] == "tandem.bandit/1"  # plain JSON, no pickle
+    loaded = Bandit.load(path)
+    assert loaded.to_dict() == bandit.to_dict()
+    # same state, same future: identical decisions (explorations included) on the same observations
+    for rate in (100, 320, 480, 700, 900) * 4:
+        stats = window(
+            duration_s=0.5,
+            arrivals=rate // 2,
+            batch_sizes=[4],
+            service_times_s=[0.012],
+            latencies_s=[0.02] * (rate // 2),
+        )
+        assert loaded.update(stats) == bandit.update(stats)
+
+
+def test_bandit_load_rejects_foreign_state(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"format": "something/else"}))
+    with pytest.raises(ValueError, match="must be 'tandem.bandit/1'"):
+        Bandit.load(path)
+    d = small_bandit().to_dict()
+    d["counts"] = d["counts"][:-1]
+    with pytest.raises(ValueError, match="counts must have shape"):
+        Bandit.from_dict(d)
