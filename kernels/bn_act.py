@@ -18,6 +18,7 @@ import triton.language as tl
 
 from kernels._dispatch import use_triton
 from kernels.activations import IDENTITY, Activation
+from kernels.bn_stats import channel_stats_triton
 
 
 @triton.jit
@@ -158,6 +159,29 @@ def bn_act_forward(y, gamma, beta, mean, invstd, act: Activation) -> torch.Tenso
     if use_triton(y):
         return bn_act_forward_triton(y.contiguous(), gamma, beta, mean, invstd, act)
     return bn_act_forward_reference(y, gamma, beta, mean, invstd, act)
+
+
+def bn_act_train_forward(y, gamma, beta, running_mean, running_var, momentum: float, eps: float, act: Activation):
+    """Training-mode BN + activation: (out, batch mean, batch invstd); updates running stats in place (given).
+
+    Triton: the statistics kernel, then the epilogue kernel. Reference (CPU): aten's fused batch-norm forward
+    (statistics, normalization and running-stat update in one call) and the activation in place on its output.
+    """
+    if use_triton(y):
+        y = y.contiguous()
+        mean, var = channel_stats_triton(y)
+        invstd = torch.rsqrt(var + eps)
+        out = bn_act_forward_triton(y, gamma, beta, mean, invstd, act)
+        if running_mean is not None:
+            count = y.numel() // y.shape[1]
+            with torch.no_grad():
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_((var * (count / max(count - 1, 1))).to(running_var.dtype), momentum)
+        return out, mean, invstd
+    out, mean, invstd = torch.ops.aten.native_batch_norm(
+        y, gamma, beta, running_mean, running_var, True, momentum, eps
+    )
+    return act.forward_(out), mean, invstd
 
 
 def _grad_coefficients(gamma, invstd, mean, sum_gz, sum_gzy, count):

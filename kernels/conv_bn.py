@@ -23,8 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.activations import Activation, get_activation
-from kernels.bn_act import bn_act_backward, bn_act_forward
-from kernels.bn_stats import channel_stats
+from kernels.bn_act import bn_act_backward, bn_act_train_forward
 
 
 class SaveMode(str, enum.Enum):
@@ -69,15 +68,8 @@ class _ConvBNActFunction(torch.autograd.Function):
             xc, wc = x.to(dtype), weight.to(dtype)
             bc = None if bias is None else bias.to(dtype)
             y = spec.conv(xc, wc, bc)  # (B, C, H, W)
-            mean, var = channel_stats(y)  # (C,), (C,) biased
-            invstd = torch.rsqrt(var + eps)
-            out = bn_act_forward(y, gamma, beta, mean, invstd, act)
-        if running_mean is not None:
-            count = y.numel() // y.shape[1]
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                unbiased = var * (count / max(count - 1, 1))
-                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+            # mean, invstd: (C,) batch statistics; running stats updated in place when given
+            out, mean, invstd = bn_act_train_forward(y, gamma, beta, running_mean, running_var, momentum, eps, act)
         saved_y = None if lean else y
         ctx.save_for_backward(xc, wc, bc, gamma, beta, mean, invstd, saved_y)
         ctx.spec, ctx.act, ctx.lean = spec, act, lean

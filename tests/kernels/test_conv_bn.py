@@ -1,0 +1,226 @@
+"""The unified operator against the eager Conv2d -> BatchNorm2d -> activation chain."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kernels.conv_bn import ConvBNAct, SaveMode, conv_bn_act
+
+ACTS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
+
+
+def make_pair(cin, cout, k, *, act="relu", save="lean", affine=True, momentum=0.1, dtype=torch.float32, **conv_kw):
+    """A ConvBNAct and the eager chain holding equal (independent) parameters, BN affine params randomized."""
+    torch.manual_seed(0)
+    fused = ConvBNAct(cin, cout, k, act=act, save=save, affine=affine, momentum=momentum, **conv_kw).to(dtype)
+    if affine:
+        with torch.no_grad():
+            fused.bn.weight.uniform_(0.5, 1.5)
+            fused.bn.bias.uniform_(-0.5, 0.5)
+    eager = nn.Sequential(copy.deepcopy(fused.conv), copy.deepcopy(fused.bn), ACTS[act]())
+    return fused, eager
+
+
+CASES = [
+    dict(cin=4, cout=6, k=3, padding=1),
+    dict(cin=4, cout=6, k=3, stride=2, padding=1, bias=True),
+    dict(cin=4, cout=8, k=3, padding=2, dilation=2, groups=2),
+    dict(cin=6, cout=6, k=3, padding=1, groups=6, affine=False),
+    dict(cin=3, cout=5, k=1, stride=2),
+]
+
+
+@pytest.mark.parametrize("save", ["lean", "fast"])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gradcheck_float64(case, act, save):
+    kw = dict(CASES[case])
+    cin, cout, k = kw.pop("cin"), kw.pop("cout"), kw.pop("k")
+    affine = kw.pop("affine", True)
+    bias = kw.pop("bias", False)
+    g = torch.Generator().manual_seed(case)
+    x = torch.randn(3, cin, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(cout, cin // kw.get("groups", 1), k, k, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(cout, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    gamma = (torch.rand(cout, dtype=torch.float64, generator=g) + 0.5).requires_grad_(affine)
+    beta = torch.randn(cout, dtype=torch.float64, generator=g).requires_grad_(affine)
+
+    def f(x, w, b, gamma, beta):
+        return conv_bn_act(x, w, b, gamma, beta, None, None, training=True, act=act, save=save, **kw)
+
+    assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("save", ["lean", "fast"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_train_mode_matches_eager_over_steps(case, momentum, save):
+    """Outputs, every gradient and the running statistics after several optimizer steps."""
+    kw = dict(CASES[case])
+    cin, cout, k = kw.pop("cin"), kw.pop("cout"), kw.pop("k")
+    fused, eager = make_pair(cin, cout, k, act="relu", save=save, momentum=momentum, **kw)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(4, cin, 9, 9, generator=g)
+        x_f, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_f, out_e = fused(x_f), eager(x_e)
+        torch.testing.assert_close(out_f, out_e, atol=1e-5, rtol=1e-5)
+        grad = torch.randn(out_f.shape, generator=g)
+        out_f.backward(grad)
+        out_e.backward(grad)
+        torch.testing.assert_close(x_f.grad, x_e.grad, atol=1e-5, rtol=1e-4)
+        for (name, p_f), p_e in zip(fused.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p_f.grad, p_e.grad, atol=1e-4, rtol=1e-4, msg=name)
+        opt_f.step()
+        opt_e.step()
+        opt_f.zero_grad()
+        opt_e.zero_grad()
+    bn_e = eager[1]
+    torch.testing.assert_close(fused.bn.running_mean, bn_e.running_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.bn.running_var, bn_e.running_var, atol=1e-5, rtol=1e-5)
+    assert int(fused.bn.num_batches_tracked) == int(bn_e.num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_eval_folded_matches_eager_and_refreshes_after_step(act):
+    fused, eager = make_pair(4, 6, 3, act=act, padding=1, bias=True)
+    x = torch.randn(8, 4, 7, 7)
+    fused(x), eager(x)  # one training step of running statistics
+    fused.eval(), eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), atol=1e-5, rtol=1e-5)
+        w_before = fused.folded()[0].clone()
+        assert fused.folded()[0] is fused.folded()[0], "folded weights must be cached between calls"
+    # an optimizer step on both: the cached folded weights must follow
+    for m in (fused, eager):
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        m(x).square().mean().backward()
+        opt.step()
+        m.eval()
+    with torch.no_grad():
+        assert not torch.equal(fused.folded()[0], w_before)
+        torch.testing.assert_close(fused(x), eager(x), atol=1e-5, rtol=1e-5)
+        # running statistics changed in place (load_state_dict copies into the same tensors)
+        state = eager.state_dict()
+        state["1.running_var"].mul_(3.0)
+        eager.load_state_dict(state)
+        fused.bn.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("1.")})
+        torch.testing.assert_close(fused(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_eval_grad_flows_through_fold():
+    """Fine-tuning with frozen BN statistics (eval mode, grad on) differentiates through the fold."""
+    fused, eager = make_pair(3, 4, 3, padding=1)
+    fused.eval(), eager.eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused(x).sum().backward()
+    eager(x).sum().backward()
+    torch.testing.assert_close(fused.conv.weight.grad, eager[0].weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.bn.weight.grad, eager[1].weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_untracked_running_stats_use_batch_stats_in_eval():
+    fused, eager = make_pair(3, 4, 3, padding=1, track_running_stats=False)
+    fused.eval(), eager.eval()
+    x = torch.randn(5, 3, 6, 6)
+    torch.testing.assert_close(fused(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_close_to_eager():
+    fused, eager = make_pair(8, 16, 3, padding=1, save="lean")
+    x = torch.randn(4, 8, 10, 10)
+    x_f, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_f, out_e = fused(x_f), eager(x_e)
+    assert out_f.dtype == torch.bfloat16
+    torch.testing.assert_close(out_f.float(), out_e.float(), atol=0.1, rtol=0.05)
+    out_f.float().sum().backward()
+    out_e.float().sum().backward()
+    assert x_f.grad.dtype == torch.float32 and fused.conv.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(fused.conv.weight.grad, eager[0].weight.grad, atol=0.5, rtol=0.1)
+
+
+def test_saved_tensors_lean_and_fast():
+    """lean keeps the conv input + stats; fast adds the conv output; eager also keeps BN input and ReLU output."""
+
+    def saved_bytes(module, x):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        return sum(seen.values())
+
+    x = torch.randn(8, 16, 16, 16, requires_grad=True)
+    act_bytes = x.numel() * 4
+    fused, eager = make_pair(16, 16, 3, padding=1)
+    lean = saved_bytes(fused, x)
+    fused.save = SaveMode.FAST
+    fast = saved_bytes(fused, x)
+    ref = saved_bytes(eager, x)
+    assert act_bytes <= lean < 1.1 * act_bytes
+    assert 2 * act_bytes <= fast < 2.1 * act_bytes
+    assert ref >= 3 * act_bytes
+
+
+@pytest.mark.parametrize(
+    "bad, err",
+    [
+        (torch.randn(4, 6, 6), "4-D"),
+        (torch.randn(2, 5, 6, 6), "4 channels"),
+    ],
+)
+def test_bad_input_raises(bad, err):
+    m = ConvBNAct(4, 8, 3)
+    with pytest.raises(ValueError, match=err):
+        m(bad)
+
+
+def test_bad_construction_raises():
+    with pytest.raises(ValueError, match="act must be one of"):
+        ConvBNAct(3, 4, 3, act="gelu")
+    with pytest.raises(ValueError, match="save mode must be one of"):
+        ConvBNAct(3, 4, 3, save="tiny")
+    with pytest.raises(ValueError, match="num_features"):
+        ConvBNAct.from_modules(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5))
+    with pytest.raises(ValueError, match="padding_mode"):
+        ConvBNAct.from_modules(nn.Conv2d(3, 4, 3, padding_mode="reflect"), nn.BatchNorm2d(4))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ConvBNAct(3, 4, 3)([1, 2, 3])
+
+
+def test_from_modules_keeps_parameter_objects():
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    m = ConvBNAct.from_modules(conv, bn, act="relu")
+    assert m.conv.weight is conv.weight and m.bn.running_mean is bn.running_mean
+    assert set(m.state_dict()) >= {"conv.weight", "conv.bias", "bn.weight", "bn.running_var"}
+
+
+@pytest.mark.parametrize("save", ["lean", "fast"])
+def test_triton_path_end_to_end(monkeypatch, save):
+    """The whole training op with its Triton kernels forced on (interpreter on CPU) equals the eager chain."""
+    import kernels.bn_act
+    import kernels.bn_stats
+
+    monkeypatch.setattr(kernels.bn_act, "use_triton", lambda t: True)
+    monkeypatch.setattr(kernels.bn_stats, "use_triton", lambda t: True)
+    fused, eager = make_pair(4, 6, 3, act="silu", save=save, padding=1)
+    x = torch.randn(3, 4, 7, 7)
+    x_f, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_f, out_e = fused(x_f), eager(x_e)
+    torch.testing.assert_close(out_f, out_e, atol=1e-5, rtol=1e-5)
+    out_f.square().sum().backward()
+    out_e.square().sum().backward()
+    torch.testing.assert_close(x_f.grad, x_e.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused.bn.weight.grad, eager[1].weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused.bn.running_var, eager[1].running_var, atol=1e-5, rtol=1e-5)
