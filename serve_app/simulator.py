@@ -269,6 +269,7 @@ def simulate(
     latency = [math.nan] * len(arrivals)
     queue: deque[int] = deque()
     executing: list[int] = []
+    executing_s = 0.0
     forming = False  # a batch is open, waiting to fill or time out
     batch_token = 0  # invalidates the CLOSE timer of a batch that closed early (full)
     open_settings = controller.settings
@@ -278,12 +279,12 @@ def simulate(
     rewards: list[float] = []
 
     def dispatch(now: float) -> None:
-        nonlocal forming, executing
+        nonlocal forming, executing, executing_s
         n = min(open_settings.max_batch_size, len(queue))
         executing = [queue.popleft() for _ in range(n)]
         forming = False
-        s = service.sample(n, rng)
-        recorder.batch(n, s)
+        s = executing_s = service.sample(n, rng)
+        recorder.batch_start(n)
         batch_sizes.append(n)
         push(now + s, _DONE)
 
@@ -300,8 +301,10 @@ def simulate(
     while events:
         now, kind, _, payload = heapq.heappop(events)
         if kind == _ARRIVAL:
+            # the replica's order: ask the gate with the queue as it stands, then record
+            admitted = admission is None or admission.check(recorder.queue_len, controller).admitted
             recorder.arrival()
-            if admission is not None and not admission.check(len(queue), controller).admitted:
+            if not admitted:
                 recorder.rejected()
                 rejected += 1
                 continue
@@ -314,6 +317,7 @@ def simulate(
             if forming and payload == batch_token:
                 dispatch(now)
         elif kind == _DONE:
+            recorder.batch_end(len(executing), executing_s)
             for i in executing:
                 latency[i] = now - arrivals[i]
                 recorder.done(latency[i])
@@ -321,7 +325,8 @@ def simulate(
             if queue:
                 open_batch(now)
         else:  # _TICK
-            stats = recorder.close(now, len(queue))
+            stats = recorder.close(now)
+            assert stats.queue_len == len(queue)
             r = window_reward(stats, slo, miss_penalty)
             if r is not None:
                 rewards.append(r)

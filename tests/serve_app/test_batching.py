@@ -86,20 +86,27 @@ def test_bad_controller_arguments_raise(make):
 
 def test_recorder_closes_windows_and_resets():
     rec = WindowRecorder(start=10.0)
-    for _ in range(5):
+    for _ in range(9):
         rec.arrival()
     rec.rejected()
-    rec.batch(4, 0.02)
+    rec.batch_start(4)
+    assert rec.queue_len == 4  # 9 arrived, 1 refused, 4 executing
+    rec.batch_end(4, 0.02)
     for x in (0.01, 0.02, 0.03, 0.2):
         rec.done(x)
-    s = rec.close(now=10.5, queue_len=3)
-    assert (s.duration_s, s.arrivals, s.queue_len, s.rejected) == (0.5, 5, 3, 1)
-    assert s.arrival_rate == 10.0
+    s = rec.close(now=10.5)
+    assert (s.duration_s, s.arrivals, s.queue_len, s.rejected) == (0.5, 9, 4, 1)
+    assert s.arrival_rate == 18.0
     assert list(s.batch_sizes) == [4] and list(s.service_times_s) == [0.02]
     assert s.latency_quantile(0.5) == 0.02 and s.latency_quantile(0.99) == 0.2
     assert s.slo_misses(0.1) == 2  # one late completion + one rejection
-    empty = rec.close(now=11.0, queue_len=0)
-    assert (empty.duration_s, empty.arrivals, empty.latency_quantile(0.99)) == (0.5, 0, None)
+    empty = rec.close(now=11.0)
+    assert (empty.duration_s, empty.arrivals, empty.queue_len, empty.latency_quantile(0.99)) == (
+        0.5,
+        0,
+        4,
+        None,
+    )
 
 
 def test_fit_recovers_linear_service_time():

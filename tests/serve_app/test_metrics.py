@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import urllib.request
 import pytest
 
 from serve_app.batching import BatchSettings, WindowStats
-from serve_app.metrics import rss_bytes
+from serve_app.metrics import METRICS, grafana_dashboard, rss_bytes
 
 
 def test_import_needs_no_ray():
@@ -21,6 +22,17 @@ def test_import_needs_no_ray():
 
 def test_rss_is_plausible():
     assert 10 * 2**20 < rss_bytes() < 64 * 2**30
+
+
+def test_dashboard_covers_every_metric():
+    dash = json.loads(json.dumps(grafana_dashboard()))  # plain JSON
+    exprs = [t["expr"] for panel in dash["panels"] for t in panel["targets"]]
+    for spec in METRICS.values():
+        exported = "ray_" + spec.name + ("_total" if spec.kind == "counter" else "")
+        assert any(exported in e for e in exprs), f"no panel shows {exported}"
+    ids = [panel["id"] for panel in dash["panels"]]
+    assert len(set(ids)) == len(ids)
+    assert all(e.count("(") == e.count(")") for e in exprs)
 
 
 def scrape(port: int) -> str:
