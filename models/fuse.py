@@ -1,0 +1,234 @@
+"""`fuse_`: replaces every Conv2d -> BatchNorm2d (-> ReLU/ReLU6/SiLU) chain of a user model by `ConvBNAct`.
+
+The rewrite is an attribute swap, so the user's forward keeps running unchanged: the conv's attribute becomes
+the `ConvBNAct` (which adopts the conv and BN modules, parameter objects included), the BN's attribute becomes
+`nn.Identity`, and so does the activation's when it is a module called only there. A functional activation
+(`F.relu(...)`) or a shared activation module (torchvision's BasicBlock calls one `self.relu` twice) stays
+where it is and the op gets `act="none"`.
+
+Chains are found with torch.fx: `conv -> bn -> act` as consecutive `call_module` nodes, each intermediate
+value with exactly one user, each module called exactly once and registered under exactly one name. The model
+is traced as it is, in train and in eval mode, since Python branches on `self.training` are baked into a
+trace; a chain is taken only if each trace either has the same chain or never touches its modules.
+A module fx cannot trace (data-dependent control flow, ...) is handled by its parts: each child is traced on
+its own and a plain `nn.Sequential` is scanned for consecutive conv/bn/act children; a warning names the
+module and the reason.
+
+Not handled (left as they are): convs with `padding_mode != 'zeros'` or uneven 'same' padding, BN not
+directly after the conv, a conv output used elsewhere, modules with hooks, subclasses of Conv2d/BatchNorm2d.
+A forward that reads a plain attribute of a chain module besides calling it (`self.conv.out_channels`) is not
+detected (fx bakes such values in); one that reads its tensors (`self.conv.weight`) is, and is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from kernels.activations import ACTIVATIONS
+from kernels.conv_bn import ConvBNAct, SaveMode
+
+logger = logging.getLogger(__name__)
+
+_ACT_NAMES: dict[type[nn.Module], str] = {a.module: a.name for a in ACTIVATIONS.values() if a.module}
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """One fusable chain, by qualified module name in the model."""
+
+    conv: str
+    bn: str
+    act: str | None
+    """The activation module absorbed into the op; None when there is none (or it must stay in place)."""
+
+    def paths(self) -> tuple[str, ...]:
+        return (self.conv, self.bn) if self.act is None else (self.conv, self.bn, self.act)
+
+
+def fuse_(model: nn.Module, *, save: str | SaveMode = SaveMode.LEAN) -> nn.Module:
+    """Replaces every fusable Conv2d -> BatchNorm2d (-> activation) chain in `model` by `ConvBNAct`, in place.
+
+    Outputs, gradients and running statistics stay those of the original model in train and eval mode.
+    `save` is the op's training memory mode ('lean' or 'fast'). Returns `model`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    save = SaveMode.parse(save)
+    chains = find_chains(model)
+    for chain in chains:
+        conv, bn = model.get_submodule(chain.conv), model.get_submodule(chain.bn)
+        act = "none" if chain.act is None else _ACT_NAMES[type(model.get_submodule(chain.act))]
+        conv.padding = _numeric_padding(conv)  # 'same'/'valid' resolved; ConvBNAct takes numbers only
+        fused = ConvBNAct.from_modules(conv, bn, act=act, save=save)
+        fused.train(bn.training)  # a BN frozen in eval() inside a training model stays frozen
+        _set_submodule(model, chain.conv, fused)
+        for path in chain.paths()[1:]:
+            _set_submodule(model, path, nn.Identity())
+    logger.info("fuse_: fused %d Conv2d->BatchNorm2d chains into ConvBNAct", len(chains))
+    return model
+
+
+def find_chains(model: nn.Module) -> list[Chain]:
+    """The chains `fuse_` would fuse, in forward order. Changes nothing; warns when fx cannot trace a part."""
+    registered = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    failures: list[tuple[str, str]] = []
+    chains = _find(model, "", registered, failures)
+    failed = [path for path, _ in failures]
+    for path, reason in failures:
+        # Only the innermost: its ancestors failed because they trace through it.
+        if not any(other.startswith(f"{path}.") or (not path and other) for other in failed):
+            warnings.warn(
+                f"fuse_: torch.fx cannot trace {path or 'the model'!r} ({reason}); fused only the chains in "
+                "its traceable submodules and plain nn.Sequential containers",
+                stacklevel=3,
+            )
+    return chains
+
+
+def _find(module: nn.Module, path: str, registered: Counter, failures: list[tuple[str, str]]) -> list[Chain]:
+    if next(module.children(), None) is None or not _has_conv(module):
+        return []
+    try:
+        graphs = [_trace(module, training) for training in (None, True, False)]
+    except Exception as e:  # user forwards fail under tracing in arbitrary ways; all mean "not traceable"
+        failures.append((path, f"{type(e).__name__}: {next(iter(str(e).splitlines()), '')}"))
+    else:
+        return _consistent_chains(module, path, graphs, registered)
+    plain_sequential = type(module).forward is nn.Sequential.forward
+    chains = _sequential_chains(module, path, registered) if plain_sequential else []
+    taken = {p for c in chains for p in c.paths()}
+    for name, child in module.named_children():
+        child_path = _join(path, name)
+        if child_path not in taken:
+            chains += _find(child, child_path, registered, failures)
+    return chains
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ConvBNAct) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(module: nn.Module, training: bool | None) -> fx.Graph:
+    """One fx graph of `module.forward`, with every `training` flag set to `training` (None: as they are).
+    The flags are set directly: a user's `train()` override may have side effects beyond them."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        for m, flag in flags:
+            m.training = flag if training is None else training
+        return _Tracer().trace(module)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _consistent_chains(
+    root: nn.Module, path: str, graphs: list[fx.Graph], registered: Counter
+) -> list[Chain]:
+    found = [_graph_chains(root, path, g, registered) for g in graphs]
+    out: dict[Chain, None] = {}
+    for chains, _ in found:
+        for chain in chains:
+            if all(chain in other or used.isdisjoint(chain.paths()) for other, used in found):
+                out[chain] = None
+    return list(out)
+
+
+def _graph_chains(
+    root: nn.Module, path: str, graph: fx.Graph, registered: Counter
+) -> tuple[list[Chain], set[str]]:
+    """(chains in one trace, qualified names of all modules the trace calls or reads attributes of)."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    read = {n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}  # owners of self.m.weight
+
+    def module_of(node: fx.Node, kinds: tuple[type, ...]) -> nn.Module | None:
+        """The module a one-argument call_module node calls, if of exactly one of `kinds` and swappable."""
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return None
+        m = root.get_submodule(node.target)
+        ok = type(m) in kinds
+        sole = calls[node.target] == 1 and node.target not in read and _swappable(m, registered)
+        return m if ok and sole else None
+
+    chains = []
+    for node in graph.nodes:
+        conv = module_of(node, (nn.Conv2d,))
+        if conv is None or len(node.users) != 1:
+            continue
+        (bn_node,) = node.users
+        bn = module_of(bn_node, (nn.BatchNorm2d,))
+        if bn is None or bn_node.args[0] is not node or not _fusable(conv, bn):
+            continue
+        act = None
+        if len(bn_node.users) == 1:
+            (act_node,) = bn_node.users
+            if module_of(act_node, tuple(_ACT_NAMES)) is not None and act_node.args[0] is bn_node:
+                act = _join(path, act_node.target)
+        chains.append(Chain(_join(path, node.target), _join(path, bn_node.target), act))
+    used = {_join(path, t) for t in calls} | {_join(path, t) for t in read if t}
+    return chains, used
+
+
+def _sequential_chains(seq: nn.Module, path: str, registered: Counter) -> list[Chain]:
+    children = list(seq.named_children())
+    chains = []
+    for i in range(len(children) - 1):
+        (conv_name, conv), (bn_name, bn) = children[i], children[i + 1]
+        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or not _fusable(conv, bn):
+            continue
+        if not (_swappable(conv, registered) and _swappable(bn, registered)):
+            continue
+        act = None
+        if i + 2 < len(children):
+            act_name, act_module = children[i + 2]
+            if type(act_module) in _ACT_NAMES and _swappable(act_module, registered):
+                act = _join(path, act_name)
+        chains.append(Chain(_join(path, conv_name), _join(path, bn_name), act))
+    return chains
+
+
+def _fusable(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    return (
+        conv.padding_mode == "zeros"
+        and _numeric_padding(conv) is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def _swappable(m: nn.Module, registered: Counter) -> bool:
+    """Registered under one name (so one attribute swap replaces every way the model reaches it), no hooks."""
+    return registered[id(m)] == 1 and not any(getattr(m, h, None) for h in _HOOKS)
+
+
+def _numeric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """conv.padding as numbers; None when 'same' needs uneven padding (F.conv2d pads one side more)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding != "same":
+        return tuple(conv.padding)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+    if any(t % 2 for t in total):
+        return None
+    return (total[0] // 2, total[1] // 2)
+
+
+def _has_conv(module: nn.Module) -> bool:
+    if isinstance(module, ConvBNAct):
+        return False
+    return type(module) is nn.Conv2d or any(_has_conv(c) for c in module.children())
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent), name, module)

@@ -1,0 +1,376 @@
+"""fuse_: which chains become ConvBNAct, and the fused model computes what the original did (train, eval)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.conv_bn import ConvBNAct, SaveMode
+from models.fuse import Chain, find_chains, fuse_
+
+# float64 throughout: the fused op reorders the arithmetic, and in float64 that stays far below these bounds.
+TOL = {"rtol": 1e-9, "atol": 1e-10}
+
+
+def cbr(cin: int, cout: int, act: nn.Module | None = None, **conv_kw) -> list[nn.Module]:
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False, **conv_kw)
+    return [conv, nn.BatchNorm2d(cout)] + ([act] if act else [])
+
+
+def user_sequential() -> nn.Module:
+    """What a user writes: one Sequential, every BN and activation flavour ConvBNAct supports."""
+    return nn.Sequential(
+        *cbr(3, 8, nn.ReLU(inplace=True)),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=True),
+        nn.BatchNorm2d(16, momentum=None),
+        nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, padding="same", dilation=2, groups=4),
+        nn.BatchNorm2d(16, affine=False),
+        nn.SiLU(),
+        nn.Conv2d(16, 16, 1, padding="valid"),
+        nn.BatchNorm2d(16, track_running_stats=False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: one ReLU module used twice, so it cannot be absorbed."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+class OwnActBlock(nn.Module):
+    """A residual block whose first activation is its own module (absorbed) and whose second is functional."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.SiLU()
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + x)
+
+
+class ResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*cbr(3, 8, nn.ReLU()))
+        self.blocks = nn.ModuleList([BasicBlock(8), OwnActBlock(8)])
+        self.conv_out, self.bn_out = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        x = torch.relu(self.bn_out(self.conv_out(x)))
+        return self.head(x.mean((2, 3)))
+
+
+RESIDUAL_CHAINS = [
+    Chain("stem.0", "stem.1", "stem.2"),
+    Chain("blocks.0.conv1", "blocks.0.bn1", None),
+    Chain("blocks.0.conv2", "blocks.0.bn2", None),
+    Chain("blocks.1.conv1", "blocks.1.bn1", "blocks.1.act1"),
+    Chain("blocks.1.conv2", "blocks.1.bn2", None),
+    Chain("conv_out", "bn_out", None),
+]
+
+
+def fused_ops(model: nn.Module) -> list[ConvBNAct]:
+    return [m for m in model.modules() if isinstance(m, ConvBNAct)]
+
+
+def assert_close_named(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def fuse_with_names(model: nn.Module, **kw) -> dict[str, str]:
+    """fuse_(model) and, for the comparison, the unfused name of each renamed tensor: a fused op at 'a' holds
+    the conv's 'a.weight' as 'a.conv.weight' and the BN's '<bn path>.running_mean' as 'a.bn.running_mean'."""
+    bn_paths = {id(m): path for path, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert fuse_(model, **kw) is model
+    names = {}
+    for path, op in model.named_modules():
+        if isinstance(op, ConvBNAct):
+            names |= {f"{path}.conv.{n}": f"{path}.{n}" for n in op.conv.state_dict()}
+            names |= {f"{path}.bn.{n}": f"{bn_paths[id(op.bn)]}.{n}" for n in op.bn.state_dict()}
+    return names
+
+
+def assert_same_model(
+    ref: nn.Module, model: nn.Module, names: dict[str, str], shape: tuple[int, ...], steps: int = 3
+) -> None:
+    """Train both `steps` SGD steps on the same batches comparing outputs and gradients, then every parameter
+    and buffer (`ref` is the unfused copy, `names` maps renamed tensors to it), then eval outputs."""
+    torch.manual_seed(1)
+    ref_params = dict(ref.named_parameters())
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        x = torch.randn(*shape, dtype=torch.float64)
+        ref.train(), model.train()
+        out_ref, out = ref(x), model(x)
+        torch.testing.assert_close(out, out_ref, **TOL)
+        weight = torch.randn_like(out)  # a loss whose gradient differs per element
+        (out_ref * weight).sum().backward()
+        (out * weight).sum().backward()
+        for name, p in model.named_parameters():
+            assert_close_named(name, p.grad, ref_params[names.get(name, name)].grad)
+        opt_ref.step(), opt.step()
+        opt_ref.zero_grad(), opt.zero_grad()
+    ref_state = ref.state_dict()
+    for name, t in model.state_dict().items():
+        assert_close_named(name, t, ref_state[names.get(name, name)])
+    ref.eval(), model.eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), **TOL)
+
+
+def test_sequential_model_fuses_every_chain_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = user_sequential().double()
+    ref = copy.deepcopy(model)
+    param_ids = {id(p) for p in model.parameters()}
+    names = fuse_with_names(model)
+    ops = fused_ops(model)
+    assert [op.act.name for op in ops] == ["relu", "relu6", "silu", "none"]
+    assert {id(p) for p in model.parameters()} == param_ids  # adopted, not copied
+    assert [type(model[i]) for i in (1, 2, 4, 5, 7, 8, 10)] == [nn.Identity] * 7
+    assert ops[2].conv.padding == (2, 2) and ops[3].conv.padding == (0, 0)  # 'same' (k=3, d=2), 'valid'
+    assert_same_model(ref, model, names, (4, 3, 12, 12))
+
+
+def test_residual_model_chains_found_by_fx():
+    assert find_chains(ResidualNet()) == RESIDUAL_CHAINS
+
+
+def test_residual_model_keeps_outputs_and_shared_relu():
+    torch.manual_seed(0)
+    model = ResidualNet().double()
+    ref = copy.deepcopy(model)
+    names = fuse_with_names(model, save="fast")
+    ops = fused_ops(model)
+    assert len(ops) == 6 and all(op.save is SaveMode.FAST for op in ops)
+    assert [op.act.name for op in ops] == ["relu", "none", "none", "silu", "none", "none"]
+    assert type(model.blocks[0].relu) is nn.ReLU  # shared: stays where it is
+    assert type(model.blocks[1].act1) is nn.Identity
+    assert_same_model(ref, model, names, (4, 3, 8, 8))
+
+
+def test_frozen_bn_stays_in_eval_mode():
+    torch.manual_seed(0)
+    model = ResidualNet().double()
+    model.blocks[0].bn1.eval()  # a user freezing one BN while training the rest
+    ref = copy.deepcopy(model)
+    fuse_(model)
+    assert not model.blocks[0].conv1.training and model.blocks[0].conv2.training
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(model(x), ref(x), **TOL)
+    torch.testing.assert_close(model.blocks[0].conv1.bn.running_mean, ref.blocks[0].bn1.running_mean, **TOL)
+
+
+def test_fuse_is_idempotent_and_quiet():
+    model = fuse_(ResidualNet())
+    mixed = nn.Sequential(ConvBNAct(3, 8, 3, padding=1), *cbr(8, 8, nn.ReLU()))  # a preset plus a user head
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # models holding ConvBNAct still trace (it is an fx leaf): no warning
+        assert find_chains(model) == []
+        fuse_(model)
+        assert find_chains(mixed) == [Chain("1", "2", "3")]
+    assert len(fused_ops(model)) == 6
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow at the top; a Sequential and a traceable block inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(*cbr(3, 8, nn.ReLU()), *cbr(8, 8))
+        self.block = BasicBlock(8)
+        self.conv, self.bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.block(self.features(x))
+        if x.sum() > 0:
+            x = x * 2
+        return self.bn(self.conv(x))
+
+
+def test_untraceable_model_falls_back_with_warning():
+    torch.manual_seed(0)
+    model = Untraceable().double()
+    ref = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"cannot trace 'the model' \(TraceError: .*control flow"):
+        names = fuse_with_names(model)
+    assert [op.act.name for op in fused_ops(model)] == ["relu", "none", "none", "none"]
+    assert type(model.conv) is nn.Conv2d  # called from the untraceable forward: unknown use, left alone
+    assert_same_model(ref, model, names, (4, 3, 8, 8))
+
+
+class UntraceableSequential(nn.Sequential):
+    pass
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_untraceable_sequential_is_scanned_and_innermost_module_named():
+    torch.manual_seed(0)
+    hooked_relu = nn.ReLU()
+    hooked_relu.register_forward_hook(lambda m, i, o: o + 1)  # must keep running: not absorbed
+    model = nn.Sequential(nn.Sequential(*cbr(3, 8, nn.SiLU()), Branchy(), *cbr(8, 4, hooked_relu))).double()
+    ref = copy.deepcopy(model)
+    with pytest.warns(UserWarning) as record:
+        names = fuse_with_names(model)
+    # One warning, for the innermost untraceable module (Branchy has no children, so it is never traced).
+    assert [str(w.message).split(" (")[0] for w in record] == ["fuse_: torch.fx cannot trace '0'"]
+    assert [op.act.name for op in fused_ops(model)] == ["silu", "none"]
+    assert model[0][6] is hooked_relu
+    assert_same_model(ref, model, names, (2, 3, 8, 8))
+
+
+class ConvUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv1(x)) + self.bn(self.conv2(x))
+
+
+class ReadsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.conv.weight.mean()
+
+
+class EvalOnlyBranch(nn.Module):
+    """conv -> bn in training, conv -> scale -> bn in eval: fusing by the train trace would break eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if not self.training:
+            y = y * 2
+        return self.bn(y)
+
+
+class SubConv(nn.Conv2d):
+    pass
+
+
+class Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.alias = self.seq[0]  # the same conv under a second name; a swap of one would miss the other
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+def hooked() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model[0].register_forward_hook(lambda m, i, o: o * 2)
+    return model
+
+
+UNFUSABLE = {
+    "bn_not_after_conv": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)),
+    "reflect_padding": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4)
+    ),
+    "same_even_kernel": lambda: nn.Sequential(nn.Conv2d(3, 4, 2, padding="same"), nn.BatchNorm2d(4)),
+    "conv_output_used_twice": ConvUsedTwice,
+    "shared_bn": SharedBN,
+    "reads_conv_weight": ReadsWeight,
+    "eval_only_branch": EvalOnlyBranch,
+    "conv_subclass": lambda: nn.Sequential(SubConv(3, 4, 3), nn.BatchNorm2d(4)),
+    "aliased_conv": Aliased,
+    "forward_hook": hooked,
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's, for same_even_kernel
+@pytest.mark.parametrize("name", list(UNFUSABLE))
+def test_unfusable_chains_stay(name):
+    torch.manual_seed(0)
+    model = UNFUSABLE[name]().double()
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fuse_with_names(model) == {}
+    assert fused_ops(model) == [] and list(model.state_dict()) == keys
+    assert_same_model(ref, model, {}, (2, 3, 6, 6), steps=1)
+
+
+class PreActivationUsed(nn.Module):
+    """The BN output feeds the ReLU and the sum: conv+bn fuse, the ReLU stays."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        z = self.bn(self.conv(x))
+        return self.relu(z) + z
+
+
+def test_activation_stays_when_bn_output_used_twice():
+    torch.manual_seed(0)
+    model = PreActivationUsed().double()
+    ref = copy.deepcopy(model)
+    assert find_chains(model) == [Chain("conv", "bn", None)]
+    names = fuse_with_names(model)
+    assert type(model.relu) is nn.ReLU
+    assert_same_model(ref, model, names, (2, 3, 6, 6))
+
+
+def test_mismatched_num_features_stays():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(4))  # would fail at run time anyway
+    assert find_chains(model) == [] and fused_ops(fuse_(model)) == []
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="save mode must be one of"):
+        fuse_(ResidualNet(), save="tiny")
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        fuse_("resnet")

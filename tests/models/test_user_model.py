@@ -1,0 +1,94 @@
+"""load_model: a user's `package.module:function` becomes an nn.Module; a bad spec says what is wrong."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch.nn as nn
+
+from models.user_model import load_model
+
+PACKAGE = "tandem_test_usermodels"
+
+NETS = """
+import torch.nn as nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+class Factory:
+    @staticmethod
+    def build():
+        return nn.Linear(2, 3)
+
+
+def not_a_model():
+    return "resnet"
+
+
+constant = 3
+"""
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A package `PACKAGE` on sys.path: `nets` (good and bad factories) and `broken` (a failing import)."""
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(textwrap.dedent(NETS))
+    (pkg / "broken.py").write_text("import tandem_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for name in [m for m in sys.modules if m == PACKAGE or m.startswith(f"{PACKAGE}.")]:
+        del sys.modules[name]
+
+
+def test_function_and_dotted_attribute(user_package):
+    model = load_model(f"{PACKAGE}.nets:build")
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert load_model(f"{PACKAGE}.nets:build") is not model  # a fresh model per call
+    assert isinstance(load_model(f"{PACKAGE}.nets:Factory.build"), nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "spec", ["nets.build", "", ":build", "nets:", "a:b:c", "pkg..nets:build", "pkg.nets:1build", "pkg nets:f"]
+)
+def test_malformed_spec(spec):
+    with pytest.raises(ValueError, match=r"model spec must look like 'package.module:function', got"):
+        load_model(spec)
+
+
+def test_spec_must_be_str():
+    with pytest.raises(TypeError, match="model spec must be a str 'package.module:function', got Sequential"):
+        load_model(nn.Sequential())
+
+
+def test_missing_module_is_named(user_package):
+    with pytest.raises(ImportError, match=rf"cannot import module '{PACKAGE}.nope' of model spec") as info:
+        load_model(f"{PACKAGE}.nope:build")
+    assert info.value.name == f"{PACKAGE}.nope"
+
+
+def test_failing_import_inside_user_module(user_package):
+    with pytest.raises(ImportError, match=rf"'{PACKAGE}.broken'.*tandem_no_such_dependency"):
+        load_model(f"{PACKAGE}.broken:build")
+
+
+def test_missing_function(user_package):
+    with pytest.raises(ImportError, match=rf"cannot import name 'missing' from module '{PACKAGE}.nets'"):
+        load_model(f"{PACKAGE}.nets:missing")
+
+
+def test_not_callable(user_package):
+    with pytest.raises(TypeError, match="must name a callable, got int"):
+        load_model(f"{PACKAGE}.nets:constant")
+
+
+def test_not_a_module(user_package):
+    with pytest.raises(TypeError, match=r"must return an nn.Module, got str"):
+        load_model(f"{PACKAGE}.nets:not_a_model")
