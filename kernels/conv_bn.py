@@ -15,6 +15,8 @@ statistics in fp32, and the backward recompute uses the same cast tensors, so it
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 from dataclasses import dataclass
 
@@ -24,6 +26,21 @@ import torch.nn.functional as F
 
 from kernels.activations import Activation, get_activation
 from kernels.bn_act import bn_act_backward, bn_act_train_forward
+
+
+_FREEZE_STATS = contextvars.ContextVar("tandem_freeze_running_stats", default=False)
+
+
+@contextlib.contextmanager
+def frozen_running_stats():
+    """Inside, training-mode ConvBNAct uses batch statistics but leaves running statistics and
+    num_batches_tracked alone: for the recompute pass of activation checkpointing, which would otherwise
+    update them a second time."""
+    token = _FREEZE_STATS.set(True)
+    try:
+        yield
+    finally:
+        _FREEZE_STATS.reset(token)
 
 
 class SaveMode(str, enum.Enum):
@@ -293,7 +310,7 @@ class ConvBNAct(nn.Module):
         if not self.training and bn.track_running_stats:
             w, b = self.folded()
             return self.act.forward(spec.conv(x, w, b))
-        update = self.training and bn.track_running_stats
+        update = self.training and bn.track_running_stats and not _FREEZE_STATS.get()
         return conv_bn_act(
             x,
             conv.weight,
