@@ -308,20 +308,34 @@ class ServiceTimeFit:
 
 
 class Controller(ABC):
-    """Common interface: `settings` (in force now) and `update(stats)`, called once per window."""
+    """Common interface: `settings` (in force now), `update(stats)` once per window, and optionally
+    `observe_batch(size, seconds)` after every batch.
+
+    The service-time fit (used by SLOModel and AdmissionControl) learns either from every batch as it ends,
+    through `observe_batch` - then admission control works from the first batch, not the first window - or,
+    when no batch was reported that way since the last window, from the window's batches in `update`.
+    """
 
     def __init__(self, config: BatchingConfig | None = None) -> None:
         self.config = config if config is not None else BatchingConfig()
         self.fit = ServiceTimeFit()
         self._settings = BatchSettings(self.config.initial_batch_size, self.config.initial_wait_s)
+        self._observed = 0  # batches reported through observe_batch since the last update
 
     @property
     def settings(self) -> BatchSettings:
         return self._settings
 
+    def observe_batch(self, size: int, service_s: float) -> None:
+        """One batch of `size` requests took `service_s` seconds to execute."""
+        self.fit.observe((size,), (service_s,))
+        self._observed += 1
+
     def update(self, stats: WindowStats) -> BatchSettings:
         """Learns from one window's observations and returns the (clamped) settings for the next window."""
-        self.fit.observe(stats.batch_sizes, stats.service_times_s)
+        if not self._observed:
+            self.fit.observe(stats.batch_sizes, stats.service_times_s)
+        self._observed = 0
         b, w = self._decide(stats)
         cfg = self.config
         self._settings = BatchSettings(
@@ -402,7 +416,8 @@ class SLOModel(Controller):
     latency. So the wait is 0 and the cap is the largest b whose worst case - a full batch executing when a
     request arrives, then its own: 2 * t_q(b) - fits the latency budget: the most capacity (b / t(b) grows
     with b when a > 0) that cannot by itself break the SLO. The budget is the SLO times a safety factor that
-    shrinks when a window's observed percentile misses the SLO and recovers slowly, absorbing model error. The
+    shrinks when a window's observed percentile misses the SLO without a backlog (model error, not load:
+    shrinking under a backlog would cut capacity when it is short) and recovers slowly. The
     rate (one window ahead: last rate plus its rise, plus the backlog drained within a window) gives the
     expected operating point `utilization` = rate * t(cap) / cap: above 1 the cap cannot keep up and
     AdmissionControl sheds the excess.
@@ -426,9 +441,10 @@ class SLOModel(Controller):
     def _decide(self, stats: WindowStats) -> tuple[int, float]:
         cfg = self.config
         p = stats.latency_quantile(cfg.quantile)
-        if p is not None and p > cfg.slo_s:
+        backlogged = stats.queue_len > self._settings.max_batch_size
+        if p is not None and p > cfg.slo_s and not backlogged:
             self.safety = max(self.min_safety, self.safety * 0.8)
-        else:
+        elif p is None or p <= cfg.slo_s:
             self.safety = min(1.0, self.safety + 0.05)
         rate = self.predicted_rate(stats)
         if not self.fit.ready:

@@ -318,6 +318,7 @@ def simulate(
                 dispatch(now)
         elif kind == _DONE:
             recorder.batch_end(len(executing), executing_s)
+            controller.observe_batch(len(executing), executing_s)
             for i in executing:
                 latency[i] = now - arrivals[i]
                 recorder.done(latency[i])

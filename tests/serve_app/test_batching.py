@@ -124,6 +124,16 @@ def test_fit_with_one_batch_size_assumes_proportional_time():
     assert (fit.a, fit.c) == (0.0, pytest.approx(0.002))
 
 
+def test_per_batch_observations_are_not_counted_twice():
+    ctl = SLOModel(BatchingConfig(slo_s=SLO))
+    ctl.observe_batch(4, 0.02)
+    assert ctl.fit.ready  # learns at once, before any window closes
+    ctl.update(window(batch_sizes=[4] * 10, service_times_s=[0.5] * 10))
+    assert ctl.fit.mean(4) == pytest.approx(0.02)  # the window repeats what observe_batch reported
+    ctl.update(window(batch_sizes=[4], service_times_s=[0.04]))  # nothing reported since: learn from stats
+    assert ctl.fit.mean(4) > 0.02
+
+
 def test_fit_forgets_an_old_model():
     fit = ServiceTimeFit(decay=0.99)
     sizes = [1, 4, 16] * 300
@@ -252,9 +262,9 @@ def test_admission_keeps_goodput_under_overload():
     guarded = simulate(
         ctl, overload, SERVICE, duration_s=30.0, seed=0, admission=AdmissionControl(ctl.config)
     )
-    assert guarded.rejected > 0
-    assert guarded.goodput_rps > 2 * static.goodput_rps
-    assert guarded.quantile(0.95) <= SLO
+    assert guarded.rejected > 0 and guarded.attainment >= 0.9
+    assert guarded.goodput_rps > 2 * static.goodput_rps  # the unbounded static queue collapses
+    assert guarded.p99_s <= SLO  # what it admits, it serves within the SLO
 
 
 # --------------------------------------------------------------------------------------------------- bandit
