@@ -47,7 +47,9 @@ class DataConfig:
         if self.image_shape is not None:
             shape = tuple(self.image_shape)
             if len(shape) != 3 or any(not isinstance(v, int) or v < 1 for v in shape):
-                raise ValueError(f"image_shape must be three positive ints (C, H, W), got {self.image_shape!r}")
+                raise ValueError(
+                    f"image_shape must be three positive ints (C, H, W), got {self.image_shape!r}"
+                )
             self.image_shape = shape
 
 
@@ -109,7 +111,7 @@ def write_digits(out_dir: str | os.PathLike, test_fraction: float = 0.2, seed: i
     return train, test
 
 
-def _files(path: str) -> list[str]:
+def parquet_files(path: str) -> list[str]:
     p = Path(path)
     if not p.exists():
         raise ValueError(f"parquet path does not exist: {path}")
@@ -139,13 +141,15 @@ def _shape_from(schema: pa.Schema, length: int, given: tuple[int, int, int] | No
             )
         shape = (1, side, side)
     if math.prod(shape) != length:
-        raise ValueError(f"{path}: image_shape {shape} needs {math.prod(shape)} values per image, rows have {length}")
+        raise ValueError(
+            f"{path}: image_shape {shape} needs {math.prod(shape)} values per image, rows have {length}"
+        )
     return shape
 
 
 def validate_parquet(path: str, image_shape: tuple[int, int, int] | None = None) -> DatasetInfo:
     """Checks columns, dtypes, image sizes and emptiness; raises ValueError naming the problem."""
-    files = _files(path)
+    files = parquet_files(path)
     try:
         table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     except (pa.ArrowInvalid, OSError) as e:
@@ -154,14 +158,16 @@ def validate_parquet(path: str, image_shape: tuple[int, int, int] | None = None)
     expected = {"sample_id": "int64", "image": "list of float32", "label": "int64"}
     missing = [c for c in expected if c not in schema.names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected columns {expected}, found {schema.names}")
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; expected columns {expected}, found {schema.names}"
+        )
     for col in ("sample_id", "label"):
         if schema.field(col).type != pa.int64():
             raise ValueError(f"{path}: column {col!r} must be int64, got {schema.field(col).type}")
     itype = schema.field("image").type
-    if not (pa.types.is_list(itype) or pa.types.is_fixed_size_list(itype) or pa.types.is_large_list(itype)) or (
-        itype.value_type != pa.float32()
-    ):
+    if not (
+        pa.types.is_list(itype) or pa.types.is_fixed_size_list(itype) or pa.types.is_large_list(itype)
+    ) or (itype.value_type != pa.float32()):
         raise ValueError(f"{path}: column 'image' must be a list of float32, got {itype}")
     if table.num_rows == 0:
         raise ValueError(f"{path}: no rows")
@@ -169,7 +175,11 @@ def validate_parquet(path: str, image_shape: tuple[int, int, int] | None = None)
     lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
     if lo != hi or lo is None or lo == 0:
         raise ValueError(f"{path}: images must all have the same non-zero length, got lengths {lo}..{hi}")
-    if table.column("image").null_count or table.column("label").null_count or table.column("sample_id").null_count:
+    if (
+        table.column("image").null_count
+        or table.column("label").null_count
+        or table.column("sample_id").null_count
+    ):
         raise ValueError(f"{path}: null values in sample_id, image or label")
     labels = table.column("label")
     if pc.min(labels).as_py() < 0:
@@ -177,12 +187,14 @@ def validate_parquet(path: str, image_shape: tuple[int, int, int] | None = None)
     if pc.count_distinct(table.column("sample_id")).as_py() != table.num_rows:
         raise ValueError(f"{path}: sample_id values must be unique")
     shape = _shape_from(schema, lo, image_shape, path)
-    return DatasetInfo(path=path, num_rows=table.num_rows, image_shape=shape, num_classes=pc.max(labels).as_py() + 1)
+    return DatasetInfo(
+        path=path, num_rows=table.num_rows, image_shape=shape, num_classes=pc.max(labels).as_py() + 1
+    )
 
 
 def load_tensors(info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sample_ids (N,), images (N, C, H, W) float32, labels (N,)) of a validated dataset."""
-    table = pa.concat_tables([pq.read_table(f) for f in _files(info.path)], promote_options="default")
+    table = pa.concat_tables([pq.read_table(f) for f in parquet_files(info.path)], promote_options="default")
     flat = pc.list_flatten(table.column("image")).to_numpy(zero_copy_only=False)
     images = torch.from_numpy(np.array(flat, dtype=np.float32)).view(-1, *info.image_shape)
     ids = torch.from_numpy(table.column("sample_id").to_numpy().copy())
@@ -208,7 +220,7 @@ def prepare_data(cfg: DataConfig, workdir: str | os.PathLike) -> DataSplits:
 def split_parquet(path: str, out_dir: str | os.PathLike, test_fraction: float) -> tuple[str, str]:
     """Deterministic split by a hash of sample_id (stable when rows are added or reordered)."""
     info = validate_parquet(path)
-    table = pa.concat_tables([pq.read_table(f) for f in _files(path)], promote_options="default")
+    table = pa.concat_tables([pq.read_table(f) for f in parquet_files(path)], promote_options="default")
     ids = table.column("sample_id").to_numpy()
     # splitmix64-style mix of the id, then a uniform draw in [0, 1)
     h = (ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)

@@ -117,7 +117,9 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> tuple[float, float]:
     """(mean loss, accuracy) of `model` in eval mode over tensors x (N, C, H, W), y (N,)."""
     model.eval()
     total_loss, correct = 0.0, 0
@@ -166,7 +168,12 @@ def fit_local(
         bar = tqdm(total=cfg.epochs * len(x), unit="sample", desc="train", leave=False)
     for epoch in range(cfg.epochs):
         stats = train_one_epoch(
-            model, shuffled_batches(x, y, cfg.batch_size, gen), opt, sched, policy, bar.update if bar else None
+            model,
+            shuffled_batches(x, y, cfg.batch_size, gen),
+            opt,
+            sched,
+            policy,
+            bar.update if bar else None,
         )
         test_loss, test_acc = evaluate(model, *test)
         history.append(

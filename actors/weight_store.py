@@ -47,7 +47,9 @@ class WeightRule:
         if not (self.up >= 1.0 and 0.0 < self.down <= 1.0):
             raise ValueError(f"up must be >= 1 and down in (0, 1], got up={self.up}, down={self.down}")
         if not 0.0 < self.floor <= self.initial <= self.cap:
-            raise ValueError(f"need 0 < floor <= initial <= cap, got {self.floor}, {self.initial}, {self.cap}")
+            raise ValueError(
+                f"need 0 < floor <= initial <= cap, got {self.floor}, {self.initial}, {self.cap}"
+            )
         if not isinstance(self.every_steps, int) or self.every_steps < 0:
             raise ValueError(f"every_steps must be an int >= 0, got {self.every_steps!r}")
 
@@ -68,7 +70,9 @@ class SampleWeightStore:
     state there atomically and a restarted actor reloads it, so an actor restart loses no weights.
     """
 
-    def __init__(self, sample_ids, rule: WeightRule | None = None, seed: int = 0, snapshot_path: str | None = None):
+    def __init__(
+        self, sample_ids, rule: WeightRule | None = None, seed: int = 0, snapshot_path: str | None = None
+    ):
         ids = np.asarray(sample_ids, dtype=np.int64)
         if ids.ndim != 1 or len(ids) == 0:
             raise ValueError(f"sample_ids must be a non-empty 1-D array, got shape {ids.shape}")
@@ -122,7 +126,9 @@ class SampleWeightStore:
         threshold = np.percentile(d, self.rule.percentile)
         w = self.weights[seen]
         hard = d > threshold
-        w = np.where(hard, np.minimum(self.rule.cap, w * self.rule.up), np.maximum(self.rule.floor, w * self.rule.down))
+        w = np.where(
+            hard, np.minimum(self.rule.cap, w * self.rule.up), np.maximum(self.rule.floor, w * self.rule.down)
+        )
         self.weights[seen] = w
         self.difficulty[:] = np.nan
         self.updates += 1
@@ -173,7 +179,9 @@ class SampleWeightStore:
             "weights": self.weights,
             "difficulty": self.difficulty,
             "draw_counts": self.draw_counts,
-            "scalars": np.array([self.epoch, self.updates, self.steps_since_update, self.seed], dtype=np.int64),
+            "scalars": np.array(
+                [self.epoch, self.updates, self.steps_since_update, self.seed], dtype=np.int64
+            ),
             "rule": np.array([v for v in asdict(self.rule).values()], dtype=np.float64),
         }
 

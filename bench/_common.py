@@ -19,7 +19,9 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
     """Median wall time in seconds of each callable, run round-robin `repeats` times after `warmup` rounds."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + repeats):
@@ -50,7 +52,11 @@ def write_result(name: str, data: dict, results_dir: Path | None = None) -> Path
     """Writes bench/results/<name>.json with the measured keys plus hardware and time."""
     out = (results_dir or RESULTS) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**data, "hardware": hardware(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    payload = {
+        **data,
+        "hardware": hardware(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     out.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return out
 

@@ -103,8 +103,15 @@ def run(batch: int, channels: int, size: int, repeats: int, device: str) -> dict
         "saved_bytes": bytes_,
         "train_step_ms": {k: v * 1e3 for k, v in train.items()},
         "infer_ms": {k: v * 1e3 for k, v in infer_t.items()},
-        "setup": {"batch": batch, "channels": channels, "size": size, "kernel": 3, "repeats": repeats,
-                  "device": device, "dtype": "float32"},
+        "setup": {
+            "batch": batch,
+            "channels": channels,
+            "size": size,
+            "kernel": 3,
+            "repeats": repeats,
+            "device": device,
+            "dtype": "float32",
+        },
     }
 
 
@@ -118,14 +125,27 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (7 if args.quick else 25)
     res = run(32, 64, 32, repeats, args.device)
     rows = [
-        {"metric": k, "measured": res[k], "goal": f"<= {GOALS[k]}", "met": "yes" if res[k] <= GOALS[k] else "NO"}
+        {
+            "metric": k,
+            "measured": res[k],
+            "goal": f"<= {GOALS[k]}",
+            "met": "yes" if res[k] <= GOALS[k] else "NO",
+        }
         for k in GOALS
     ]
     rows.append({"metric": "max_grad_rel_err", "measured": res["max_grad_rel_err"], "goal": "", "met": ""})
     print_table(rows, title=f"conv_bn ({args.device}, batch 32, 64->64, 32x32, 3x3, {repeats} repeats)")
-    print_table([{"variant": k, "train_step_ms": v, "saved_MB": res["saved_bytes"][k] / 2**20,
-                  "infer_ms": res["infer_ms"].get("folded" if k == "lean" else k, float("nan"))}
-                 for k, v in res["train_step_ms"].items()])
+    print_table(
+        [
+            {
+                "variant": k,
+                "train_step_ms": v,
+                "saved_MB": res["saved_bytes"][k] / 2**20,
+                "infer_ms": res["infer_ms"].get("folded" if k == "lean" else k, float("nan")),
+            }
+            for k, v in res["train_step_ms"].items()
+        ]
+    )
     path = write_result(args.name, res)
     print(f"wrote {path}")
     return res

@@ -3,8 +3,8 @@ integer code its Triton kernels use, and the oneDNN post-op name for the folded 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,12 @@ RELU6 = Activation(
     torch.nn.ReLU6,
 )
 SILU = Activation(
-    "silu", 3, F.silu, lambda z: F.silu(z, inplace=True), lambda g, z: torch.ops.aten.silu_backward(g, z), torch.nn.SiLU
+    "silu",
+    3,
+    F.silu,
+    lambda z: F.silu(z, inplace=True),
+    lambda g, z: torch.ops.aten.silu_backward(g, z),
+    torch.nn.SiLU,
 )
 
 ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (IDENTITY, RELU, RELU6, SILU)}

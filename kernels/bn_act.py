@@ -161,7 +161,9 @@ def bn_act_forward(y, gamma, beta, mean, invstd, act: Activation) -> torch.Tenso
     return bn_act_forward_reference(y, gamma, beta, mean, invstd, act)
 
 
-def bn_act_train_forward(y, gamma, beta, running_mean, running_var, momentum: float, eps: float, act: Activation):
+def bn_act_train_forward(
+    y, gamma, beta, running_mean, running_var, momentum: float, eps: float, act: Activation
+):
     """Training-mode BN + activation: (out, batch mean, batch invstd); updates running stats in place (given).
 
     Triton: the statistics kernel, then the epilogue kernel. Reference (CPU): aten's fused batch-norm forward
@@ -231,4 +233,3 @@ def bn_act_backward(g_out, y, gamma, beta, mean, invstd, act: Activation):
     if use_triton(y):
         return bn_act_backward_triton(g_out.contiguous(), y.contiguous(), gamma, beta, mean, invstd, act)
     return bn_act_backward_reference(g_out, y, gamma, beta, mean, invstd, act)
-

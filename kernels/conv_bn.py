@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from kernels.activations import Activation, get_activation
 from kernels.bn_act import bn_act_backward, bn_act_train_forward
 
-
 _FREEZE_STATS = contextvars.ContextVar("tandem_freeze_running_stats", default=False)
 
 
@@ -86,7 +85,9 @@ class _ConvBNActFunction(torch.autograd.Function):
             bc = None if bias is None else bias.to(dtype)
             y = spec.conv(xc, wc, bc)  # (B, C, H, W)
             # mean, invstd: (C,) batch statistics; running stats updated in place when given
-            out, mean, invstd = bn_act_train_forward(y, gamma, beta, running_mean, running_var, momentum, eps, act)
+            out, mean, invstd = bn_act_train_forward(
+                y, gamma, beta, running_mean, running_var, momentum, eps, act
+            )
         saved_y = None if lean else y
         ctx.save_for_backward(xc, wc, bc, gamma, beta, mean, invstd, saved_y)
         ctx.spec, ctx.act, ctx.lean = spec, act, lean
@@ -147,7 +148,9 @@ def fold_conv_bn(
 
 
 def _ones_zeros(c: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ones(c, device=like.device, dtype=like.dtype), torch.zeros(c, device=like.device, dtype=like.dtype)
+    return torch.ones(c, device=like.device, dtype=like.dtype), torch.zeros(
+        c, device=like.device, dtype=like.dtype
+    )
 
 
 def conv_bn_act(
@@ -237,9 +240,20 @@ class ConvBNAct(nn.Module):
     ):
         super().__init__()
         conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, device=device, dtype=dtype
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            device=device,
+            dtype=dtype,
         )
-        bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        bn = nn.BatchNorm2d(
+            out_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
         self._adopt(conv, bn, act, save)
 
     def _adopt(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, save: str | SaveMode) -> None:

@@ -62,7 +62,9 @@ class PrecisionConfig:
 
     def __post_init__(self) -> None:
         if self.train_dtype is not None and self.train_dtype not in _TRAIN_DTYPES:
-            raise ValueError(f"train_dtype must be one of {sorted(_TRAIN_DTYPES)} or None, got {self.train_dtype!r}")
+            raise ValueError(
+                f"train_dtype must be one of {sorted(_TRAIN_DTYPES)} or None, got {self.train_dtype!r}"
+            )
         if self.infer_target is not None and self.infer_target not in {t.value for t in QuantTarget}:
             raise ValueError(
                 f"infer_target must be one of {[t.value for t in QuantTarget]} or None, got {self.infer_target!r}"

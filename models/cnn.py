@@ -51,7 +51,9 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.widths, self.depths = tuple(self.widths), tuple(self.depths)
         if not self.widths or len(self.widths) != len(self.depths):
-            raise ValueError(f"widths and depths must be non-empty and of equal length, got {self.widths}, {self.depths}")
+            raise ValueError(
+                f"widths and depths must be non-empty and of equal length, got {self.widths}, {self.depths}"
+            )
         if any(not isinstance(w, int) or w < 1 for w in self.widths + self.depths):
             raise ValueError(f"widths and depths must be positive ints, got {self.widths}, {self.depths}")
         SaveMode.parse(self.save)
@@ -125,9 +127,7 @@ class CNN(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_last) pooled penultimate activations."""
         if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(
-                f"input must be (N, {self.cfg.in_channels}, H, W), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"input must be (N, {self.cfg.in_channels}, H, W), got shape {tuple(x.shape)}")
         return self.pool(self.blocks(self.stem(x))).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

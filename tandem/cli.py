@@ -30,7 +30,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--precision", choices=["fp32", "bf16", "fp16"], help="training dtype (default: chosen from the hardware)"
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="training dtype (default: chosen from the hardware)",
     )
     p.add_argument("--workdir", default="runs/latest", help="where data and reports go (default runs/latest)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: the whole job in seconds")

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from actors.dataset import DataConfig, DataSplits, load_tensors, prepare_data
 from actors.train_local import FitResult, TrainConfig, fit_local
-from models.cnn import ModelConfig, build_model
+from models.factory import ModelSpec
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,29 +38,18 @@ class RunConfig:
     """Tiny sizes so the whole job runs in seconds (tests, CI)."""
 
     def __post_init__(self) -> None:
-        if self.model is None and self.preset not in ModelConfig.preset_names():
-            raise ValueError(f"preset must be one of {ModelConfig.preset_names()}, got {self.preset!r}")
+        self.model_spec()  # validates preset / save
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(preset=self.preset, user=self.model, save=self.save)
 
 
 def build(cfg: RunConfig, splits: DataSplits) -> tuple[nn.Module, dict]:
     """The model to train and a description of it for the report."""
-    c, h, w = splits.image_shape
-    if cfg.model is not None:
-        from models.fuse import fuse_
-        from models.user_model import load_model
-
-        model = fuse_(load_model(cfg.model), save=cfg.save)
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.zeros(2, c, h, w))
-        if out.dim() != 2 or out.shape[1] < splits.num_classes:
-            raise ValueError(
-                f"model {cfg.model} must map (N, {c}, {h}, {w}) to (N, >= {splits.num_classes}) logits, "
-                f"got output shape {tuple(out.shape)}"
-            )
-        return model, {"model": cfg.model}
-    mcfg = ModelConfig.preset(cfg.preset, in_channels=c, num_classes=splits.num_classes, save=cfg.save)
-    return build_model(mcfg), {"model": f"preset:{cfg.preset}", "config": mcfg.to_dict()}
+    spec = cfg.model_spec()
+    model = spec.build(splits.image_shape, splits.num_classes)
+    mcfg = spec.config(splits.image_shape, splits.num_classes)
+    return model, {"model": spec.name, **({"config": mcfg.to_dict()} if mcfg else {})}
 
 
 def main(cfg: RunConfig) -> dict:
@@ -82,7 +71,11 @@ def main(cfg: RunConfig) -> dict:
     report = {
         **desc,
         "parameters": n_params,
-        "data": {"train": splits.train.path, "test": splits.test.path, "image_shape": list(splits.image_shape)},
+        "data": {
+            "train": splits.train.path,
+            "test": splits.test.path,
+            "image_shape": list(splits.image_shape),
+        },
         "precision": result.policy,
         "history": result.history,
         "test_accuracy": result.test_accuracy,
@@ -100,4 +93,6 @@ def _print_summary(report: dict) -> None:
             f"{h['epoch']:>5} {h['loss']:>8.4f} {h['train_accuracy']:>9.4f} {h['test_accuracy']:>9.4f} "
             f"{h['samples_per_s']:>10.0f}"
         )
-    print(f"test accuracy: {report['test_accuracy']:.4f}  ({report['seconds']:.1f} s, precision {report['precision']})")
+    print(
+        f"test accuracy: {report['test_accuracy']:.4f}  ({report['seconds']:.1f} s, precision {report['precision']})"
+    )

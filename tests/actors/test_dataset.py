@@ -31,7 +31,9 @@ def test_digits_written_and_loaded(tmp_path):
 
 def test_user_parquet_split_is_deterministic(tmp_path):
     rng = np.random.default_rng(0)
-    path = write_parquet(tmp_path / "u.parquet", np.arange(200), rng.random((200, 12)), rng.integers(0, 3, 200), (3, 2, 2))
+    path = write_parquet(
+        tmp_path / "u.parquet", np.arange(200), rng.random((200, 12)), rng.integers(0, 3, 200), (3, 2, 2)
+    )
     splits = prepare_data(DataConfig(train_path=path), tmp_path / "w1")
     again = prepare_data(DataConfig(train_path=path), tmp_path / "w2")
     assert splits.image_shape == (3, 2, 2)
@@ -88,7 +90,9 @@ def test_image_shape_inference_and_mismatch(tmp_path):
     assert validate_parquet(path).image_shape == (1, 2, 2)
     with pytest.raises(ValueError, match="needs 12 values"):
         validate_parquet(path, image_shape=(3, 2, 2))
-    odd = _write(tmp_path / "odd.parquet", **{**GOOD, "image": pa.array([[0.0] * 6] * 2, pa.list_(pa.float32()))})
+    odd = _write(
+        tmp_path / "odd.parquet", **{**GOOD, "image": pa.array([[0.0] * 6] * 2, pa.list_(pa.float32()))}
+    )
     with pytest.raises(ValueError, match="not a square"):
         validate_parquet(odd)
     assert validate_parquet(odd, image_shape=(1, 2, 3)).image_shape == (1, 2, 3)

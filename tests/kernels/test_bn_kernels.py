@@ -54,7 +54,9 @@ def test_bn_act_forward(shape, act, device):
     invstd = torch.rsqrt(var + 1e-5)
     a = ACTIVATIONS[act]
     out = bn_act_forward_triton(y, gamma, beta, mean, invstd, a, block=256)
-    torch.testing.assert_close(out, bn_act_forward_reference(y, gamma, beta, mean, invstd, a), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, bn_act_forward_reference(y, gamma, beta, mean, invstd, a), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -13,7 +13,9 @@ from kernels.conv_bn import ConvBNAct, SaveMode, conv_bn_act
 ACTS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
 
 
-def make_pair(cin, cout, k, *, act="relu", save="lean", affine=True, momentum=0.1, dtype=torch.float32, **conv_kw):
+def make_pair(
+    cin, cout, k, *, act="relu", save="lean", affine=True, momentum=0.1, dtype=torch.float32, **conv_kw
+):
     """A ConvBNAct and the eager chain holding equal (independent) parameters, BN affine params randomized."""
     torch.manual_seed(0)
     fused = ConvBNAct(cin, cout, k, act=act, save=save, affine=affine, momentum=momentum, **conv_kw).to(dtype)
@@ -44,7 +46,9 @@ def test_gradcheck_float64(case, act, save):
     bias = kw.pop("bias", False)
     g = torch.Generator().manual_seed(case)
     x = torch.randn(3, cin, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(cout, cin // kw.get("groups", 1), k, k, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(
+        cout, cin // kw.get("groups", 1), k, k, dtype=torch.float64, generator=g, requires_grad=True
+    )
     b = torch.randn(cout, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
     gamma = (torch.rand(cout, dtype=torch.float64, generator=g) + 0.5).requires_grad_(affine)
     beta = torch.randn(cout, dtype=torch.float64, generator=g).requires_grad_(affine)

@@ -11,7 +11,10 @@ def test_presets_shapes(preset):
     x = torch.randn(2, 3, 32, 32)
     assert model(x).shape == (2, 7)
     assert model.features(x).shape == (2, model.head.in_features)
-    assert all(not isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) or _inside_fused(model, m) for m in model.modules())
+    assert all(
+        not isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) or _inside_fused(model, m)
+        for m in model.modules()
+    )
 
 
 def _inside_fused(model, module):
