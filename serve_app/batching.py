@@ -10,7 +10,8 @@ Controllers (one class each, common interface `Controller`):
 - `Static`: fixed settings, what `@serve.batch` does today (`Static.serve_defaults()` = 10 / 0.01 s).
 - `AIMD`: Clipper (Crankshaw et al., NSDI'17): grow the batch size additively while batches run within the
   SLO's share, cut it multiplicatively when one does not.
-- `SLOModel` (the default): fits t(b) = a + c*b online; the largest cap whose worst case fits the SLO.
+- `SLOModel` (the default): fits t(b) = a + c*b online; the largest cap whose worst case fits the SLO, and
+  the wait that lets batches fill at the current rate when the model call does not block the loop.
 - `Bandit`: contextual epsilon-greedy bandit over a (batch size, wait) grid per load level; JSON save/load.
 
 Server model assumed by the latency estimates: one batch executes at a time (`max_concurrent_batches=1`, the
@@ -50,7 +51,7 @@ class BatchingConfig:
     """Smallest max_batch_size a controller may set."""
     max_batch_size: int = 64
     """Largest max_batch_size a controller may set (max_ongoing_requests must be at least this)."""
-    max_wait_s: float = 0.02
+    max_wait_s: float = 0.05
     """Largest batch_wait_timeout_s a controller may set; must be below slo_s (a wait alone never breaks
     it)."""
     initial_batch_size: int = SERVE_DEFAULT_BATCH_SIZE
@@ -60,7 +61,12 @@ class BatchingConfig:
     max_queue_len: int | None = 256
     """Bounded queue: requests beyond this many waiting are rejected (None: unbounded)."""
     target_utilization: float = 0.7
-    """SLOModel keeps arrival rate * t(b) / b at or below this (headroom for bursts within a window)."""
+    """With a non-blocking model call, SLOModel waits long enough that rate * t(b) / b stays below this."""
+    model_blocks_loop: bool = True
+    """True when the batch handler calls the model synchronously, holding the replica's event loop, so the
+    next batch forms only once it returns. False when it awaits the model (asyncio.to_thread, async GPU work):
+    Ray then closes batches while one executes, and a zero wait makes batches of one (see
+    serve_app/simulator)."""
 
     def __post_init__(self) -> None:
         _check(self.slo_s > 0, "slo_s must be > 0", self.slo_s)
@@ -82,8 +88,7 @@ class BatchingConfig:
             self.max_wait_s,
         )
         _check(
-            _is_int(self.initial_batch_size)
-            and self.min_batch_size <= self.initial_batch_size <= self.max_batch_size,
+            _is_int(self.initial_batch_size) and self.min_batch_size <= self.initial_batch_size <= self.max_batch_size,
             f"initial_batch_size must be an int in [{self.min_batch_size}, {self.max_batch_size}]",
             self.initial_batch_size,
         )
@@ -97,9 +102,7 @@ class BatchingConfig:
             "max_queue_len must be None or an int >= 1",
             self.max_queue_len,
         )
-        _check(
-            0 < self.target_utilization <= 1, "target_utilization must be in (0, 1]", self.target_utilization
-        )
+        _check(0 < self.target_utilization <= 1, "target_utilization must be in (0, 1]", self.target_utilization)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchingConfig:
@@ -249,6 +252,8 @@ class ServiceTimeFit:
         self._noise_cache: dict[float, float] = {}  # q -> quantile; cleared on every observation
         self.a = 0.0
         self.c = 0.0
+        self.typical_batch: float | None = None
+        """Moving average of executed batch sizes (None before any)."""
 
     @property
     def ready(self) -> bool:
@@ -265,12 +270,13 @@ class ServiceTimeFit:
             self._st = d * self._st + t
             self._sbb = d * self._sbb + b * b
             self._sbt = d * self._sbt + b * t
+            self.typical_batch = b if self.typical_batch is None else 0.9 * self.typical_batch + 0.1 * b
             self._solve()
 
     def _solve(self) -> None:
         mb, mt = self._sb / self._w, self._st / self._w
         var_b = self._sbb / self._w - mb * mb
-        if var_b < 0.25:  # one batch size only (variance of b below that of {b, b+1})
+        if var_b < 0.25:  # one batch size only (the variance of {b, b+1} is 0.25)
             self.a, self.c = 0.0, mt / mb
             return
         c = (self._sbt / self._w - mb * mt) / var_b
@@ -297,10 +303,13 @@ class ServiceTimeFit:
         return self.mean(b) * self.noise_quantile(q)
 
     def drain_time(self, n: int, max_batch_size: int, q: float) -> float:
-        """Time until the n-th waiting request finishes, when batches of max_batch_size are served back to
-        back, starting with a full batch already executing (the worst case a new arrival meets)."""
+        """Time until the n-th waiting request finishes: the batch executing now (of the typical size seen
+        lately, rather than a full one, which would refuse light bursts on a pessimistic extrapolation), then
+        batches of max_batch_size back to back, each at the q-quantile time."""
+        assert self.typical_batch is not None, "no batch observed yet"
+        running = min(max_batch_size, max(1, round(self.typical_batch)))
         full, rest = divmod(n, max_batch_size)
-        t = (1 + full) * self.high(max_batch_size, q)
+        t = self.high(running, q) + full * self.high(max_batch_size, q)
         return t + (self.high(rest, q) if rest else 0.0)
 
 
@@ -410,17 +419,21 @@ class AIMD(Controller):
 class SLOModel(Controller):
     """Picks the batch size and wait from the fitted t(b) = a + c*b, the SLO and the arrival rate.
 
-    In the server modelled here (one batch at a time; the next batch takes what queued while the last one ran)
-    the batch that forms is the load's own fixed point b* = rate * t(b*), i.e. small under light load and
-    larger under heavy load, as long as the cap allows it; waiting never raises throughput there, it only adds
-    latency. So the wait is 0 and the cap is the largest b whose worst case - a full batch executing when a
-    request arrives, then its own: 2 * t_q(b) - fits the latency budget: the most capacity (b / t(b) grows
-    with b when a > 0) that cannot by itself break the SLO. The budget is the SLO times a safety factor that
-    shrinks when a window's observed percentile misses the SLO without a backlog (model error, not load:
-    shrinking under a backlog would cut capacity when it is short) and recovers slowly. The
-    rate (one window ahead: last rate plus its rise, plus the backlog drained within a window) gives the
-    expected operating point `utilization` = rate * t(cap) / cap: above 1 the cap cannot keep up and
-    AdmissionControl sheds the excess.
+    Cap: the largest b whose worst case - a full batch executing when a request arrives, then its own:
+    2 * t_q(b) - fits the latency budget: the most capacity (b / t(b) grows with b when a > 0) that cannot by
+    itself break the SLO. Wait, when the model call blocks the loop (`model_blocks_loop`, the default): 0. The
+    next batch then forms while the last one runs and takes what queued meanwhile, so batch sizes follow the
+    load's own fixed point b* = rate * t(b*) - small under light load, larger under heavy load - and waiting
+    would only add latency. When the model call does not block, Ray closes batches while one executes, so
+    batches are as large as the wait lets them grow: the wait is the time the (predicted) rate needs to fill
+    the smallest batch b with rate * t(b) <= target_utilization * b - 0 under light load, longer under heavy
+    load - capped so that it plus 2 * t_q(b) stays within the budget (a wait never breaks the SLO by itself).
+
+    The budget is the SLO times a safety factor that shrinks when a window's observed percentile misses the
+    SLO without a backlog (model error, not load: shrinking under a backlog would cut capacity when it is
+    short) and recovers slowly. The rate, one window ahead (last rate plus its rise, plus the backlog drained
+    within a window), also gives the expected operating point `utilization` = rate * t(cap) / cap: above 1 the
+    cap cannot keep up and AdmissionControl sheds the excess.
     """
 
     def __init__(self, config: BatchingConfig | None = None, *, min_safety: float = 0.3) -> None:
@@ -455,7 +468,16 @@ class SLOModel(Controller):
             if 2 * self.fit.high(b, cfg.quantile) <= budget:
                 cap = b
         self.utilization = rate * self.fit.mean(cap) / cap
-        return cap, 0.0
+        if cfg.model_blocks_loop or rate <= 0:
+            return cap, 0.0
+        # Size the batch for the rate plus 3 sigma of a window's Poisson count: at low rates the count is noisy
+        # and one window of batches of one under a rate that needs two already builds a backlog.
+        hi = rate + 3 * math.sqrt(rate / cfg.window_s)
+        fill = next((b for b in range(1, cap + 1) if hi * self.fit.mean(b) <= cfg.target_utilization * b), cap)
+        # Overloaded, when even that wait plus two batches exceeds the budget: the largest batch that fits it.
+        while fill > 1 and (fill - 1) / hi + 2 * self.fit.high(fill, cfg.quantile) > budget:
+            fill -= 1
+        return cap, (fill - 1) / hi
 
 
 # ----------------------------------------------------------------------------------------------------- bandit

@@ -47,7 +47,7 @@ def window(**kw) -> WindowStats:
         {"max_batch_size": 2.5},
         {"max_wait_s": 0.1, "slo_s": 0.1},  # a wait alone would break the SLO
         {"initial_batch_size": 100},
-        {"initial_wait_s": 0.05},
+        {"initial_wait_s": 0.06},
         {"max_queue_len": 0},
         {"target_utilization": 1.5},
     ],
@@ -115,6 +115,7 @@ def test_fit_recovers_linear_service_time():
     fit.observe(sizes, [0.005 + 0.0007 * b for b in sizes])
     assert fit.a == pytest.approx(0.005, abs=1e-9) and fit.c == pytest.approx(0.0007, abs=1e-9)
     assert fit.noise_quantile(0.99) == pytest.approx(1.0)
+    fit.observe([10] * 40, [0.012] * 40)  # the batches now running are of 10
     assert fit.drain_time(25, 10, 0.99) == pytest.approx(3 * fit.mean(10) + fit.mean(5))
 
 
@@ -192,13 +193,30 @@ def test_slo_model_holds_p99_under_sine_swing_where_serve_defaults_do_not(seed):
     assert all(w.settings.batch_wait_timeout_s < SLO for w in adaptive.windows)
 
 
+def test_slo_model_waits_when_the_model_call_does_not_block():
+    # The handler awaits the model: Ray closes batches while one executes, so batches only grow by waiting.
+    def run(mean: float, blocks: bool):
+        ctl = SLOModel(BatchingConfig(slo_s=SLO, model_blocks_loop=blocks))
+        gate = AdmissionControl(ctl.config)
+        return simulate(ctl, Sine(mean=mean), SERVICE, duration_s=30.0, seed=0, admission=gate, blocking=False)
+
+    light, heavy = run(100.0, blocks=False), run(300.0, blocks=False)
+    assert light.p99_s <= SLO and heavy.p99_s <= SLO and heavy.attainment >= 0.99
+
+    def mean_wait(r) -> float:
+        return sum(w.settings.batch_wait_timeout_s for w in r.windows) / len(r.windows)
+
+    assert 0 < mean_wait(light) < mean_wait(heavy) < SLO / 2
+    assert max(w.settings.batch_wait_timeout_s for w in heavy.windows) <= BatchingConfig().max_wait_s
+    wrong = run(300.0, blocks=True)  # assumes a blocking call: no wait, batches of one, a backlog
+    assert wrong.attainment < 0.9
+
+
 def test_slo_model_cap_follows_the_slo_and_the_fit():
     def cap(slo_s: float, a: float, c: float) -> int:
         ctl = SLOModel(BatchingConfig(slo_s=slo_s, max_wait_s=0.0, initial_wait_s=0.0, max_batch_size=256))
         sizes = [1, 8, 32] * 10
-        return ctl.update(
-            window(batch_sizes=sizes, service_times_s=[a + c * b for b in sizes])
-        ).max_batch_size
+        return ctl.update(window(batch_sizes=sizes, service_times_s=[a + c * b for b in sizes])).max_batch_size
 
     # worst case 2 * t(b) <= SLO: b <= (SLO / 2 - a) / c
     assert cap(0.1, 0.01, 0.0009) == 44
@@ -209,13 +227,9 @@ def test_slo_model_cap_follows_the_slo_and_the_fit():
 def test_slo_model_tightens_after_a_miss():
     ctl = SLOModel(BatchingConfig(slo_s=SLO))
     sizes = [1, 8, 32] * 10
-    ok = window(
-        batch_sizes=sizes, service_times_s=[0.01 + 0.001 * b for b in sizes], latencies_s=[0.05] * 100
-    )
+    ok = window(batch_sizes=sizes, service_times_s=[0.01 + 0.001 * b for b in sizes], latencies_s=[0.05] * 100)
     before = ctl.update(ok).max_batch_size
-    missed = window(
-        batch_sizes=sizes, service_times_s=[0.01 + 0.001 * b for b in sizes], latencies_s=[0.2] * 100
-    )
+    missed = window(batch_sizes=sizes, service_times_s=[0.01 + 0.001 * b for b in sizes], latencies_s=[0.2] * 100)
     after = ctl.update(missed).max_batch_size
     assert ctl.safety < 1.0 and after < before
 
@@ -226,7 +240,7 @@ def test_slo_model_tightens_after_a_miss():
 def admission_setup(max_queue_len: int | None = 256) -> tuple[AdmissionControl, Static]:
     cfg = BatchingConfig(slo_s=SLO, max_queue_len=max_queue_len)
     ctl = Static(cfg)
-    sizes = [1, 10] * 20
+    sizes = [1, 10] * 20 + [10] * 40  # lately full batches of 10
     ctl.update(window(batch_sizes=sizes, service_times_s=[0.01 + 0.001 * b for b in sizes]))
     return AdmissionControl(cfg), ctl
 
@@ -259,9 +273,7 @@ def test_admission_keeps_goodput_under_overload():
     overload = Sine(mean=1000.0, swing=0.5, period_s=10.0)
     static = simulate(Static.serve_defaults(slo_s=SLO), overload, SERVICE, duration_s=30.0, seed=0)
     ctl = SLOModel(BatchingConfig(slo_s=SLO))
-    guarded = simulate(
-        ctl, overload, SERVICE, duration_s=30.0, seed=0, admission=AdmissionControl(ctl.config)
-    )
+    guarded = simulate(ctl, overload, SERVICE, duration_s=30.0, seed=0, admission=AdmissionControl(ctl.config))
     assert guarded.rejected > 0 and guarded.attainment >= 0.9
     assert guarded.goodput_rps > 2 * static.goodput_rps  # the unbounded static queue collapses
     assert guarded.p99_s <= SLO  # what it admits, it serves within the SLO

@@ -74,10 +74,7 @@ def test_metrics_reach_the_node_endpoint(ray_local):
     tags = {"deployment": "Model", "model": "tiny"}
     while time.monotonic() < deadline:  # Ray exports every ~5-10 s
         text = scrape(port)
-        if (
-            value(text, "ray_tandem_serve_max_batch_size", **tags) is not None
-            and "ray_tandem_serve_errors" in text
-        ):
+        if value(text, "ray_tandem_serve_max_batch_size", **tags) is not None and "ray_tandem_serve_errors" in text:
             break
         time.sleep(1)
     else:
