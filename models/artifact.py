@@ -1,0 +1,305 @@
+"""The saved-model format: what `tune/` exports and what the Serve app loads (and nothing else).
+
+An artifact is a directory:
+    manifest.json   the schema below (UTF-8 JSON)
+    weights.pt      torch.save({"packed": uint8 tensor}) - every tensor of the model, packed back to back
+    probe.pt        torch.save({"input": (N, C, H, W) float32, "logits": (N, classes) float32})
+Both .pt files are read with `torch.load(weights_only=True)` (plain tensors only, nothing is unpickled beyond
+that). `weights.pt` holds one byte buffer rather than a dict of tensors so that its size on disk is the
+size of the numbers (no per-tensor zip records) and an int8 model really is ~1/4 of its fp32 file.
+
+manifest.json (format_version 1):
+    format            "tandem.artifact"
+    format_version    1
+    created_utc       ISO 8601 time of saving
+    architecture      "models.cnn.CNN" (the only class `load_artifact` rebuilds)
+    model_config      models.cnn.ModelConfig.to_dict() (widths, depths, act, in_channels, num_classes, ...)
+    preset            ModelConfig.preset_name, or null
+    input_shape       [C, H, W] of one sample
+    num_classes       int; class_names: list of str or null (index i names class i)
+    pruning           null (unpruned) or {"channels": {ConvBNAct qualified name: out channels}, "ratio": float
+                      or null, and any counts given at save: "params_before", "params_after", "macs_before",
+                      "macs_after", ...}
+    quantization      {"scheme": "none" | "int8_ptq" | "int8_qat" | "fp8", "config": {fields of the config
+                      class}, "state": scheme-specific JSON (e.g. int8 activation ranges by observer name)}
+    accuracy          {"test_accuracy": float in [0, 1] or null, any other named float, e.g. "baseline"}
+    latency_ms        {"batch_1": float, "batch_32": float, ...} measured by whoever saved it, or {}
+    size_bytes        size of weights.pt in bytes
+    source_checkpoint str or null (where the trained weights came from)
+    tensors           {"file": "weights.pt", "sha256": hex digest of weights.pt, "entries": [{"name": str,
+                      "dtype": torch dtype name without "torch.", "shape": [int], "offset": byte offset}]}
+    probe             {"file": "probe.pt", "sha256": ..., "predictions": [argmax class per probe sample]}
+    extra             free-form JSON dict from the saver
+
+Loading rebuilds the model from `model_config` (+ `pruning.channels`, + the quantization scheme's own
+rebuild), loads the tensors, runs the probe inputs and checks that the predicted classes are identical to
+those recorded at save time (and the logits equal within 1e-5), so a loaded artifact is known to behave as
+the measured one. Every inconsistency raises `ArtifactError` (a ValueError) saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from models.cnn import CNN, ModelConfig, build_model
+from models.prune import channel_counts, resize_
+from models.quantize import QuantizedModel, restore_quantized
+
+FORMAT = "tandem.artifact"
+FORMAT_VERSION = 1
+ARCHITECTURE = "models.cnn.CNN"
+_ALIGN = 16  # byte alignment of each packed tensor (any dtype's view needs offset % itemsize == 0)
+_REQUIRED = (
+    "format",
+    "format_version",
+    "architecture",
+    "model_config",
+    "input_shape",
+    "num_classes",
+    "pruning",
+    "quantization",
+    "tensors",
+    "probe",
+)
+
+
+class ArtifactError(ValueError):
+    """A corrupt, incomplete or mismatched artifact."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[dict]]:
+    """(one uint8 buffer, entries) holding `tensors` back to back; inverse of `unpack_tensors`."""
+    entries, chunks, offset = [], [], 0
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        pad = -offset % _ALIGN
+        if pad:
+            chunks.append(torch.zeros(pad, dtype=torch.uint8))
+            offset += pad
+        entries.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                        "offset": offset})  # fmt: skip
+        chunks.append(raw)
+        offset += raw.numel()
+    buf = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+    return buf, entries
+
+
+def unpack_tensors(buf: torch.Tensor, entries: list[dict]) -> dict[str, torch.Tensor]:
+    """Tensors (copies) from a packed buffer; raises ArtifactError on entries that do not fit it."""
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise ArtifactError(f"packed weights must be a 1-D uint8 tensor, got {buf.dtype} {tuple(buf.shape)}")
+    out = {}
+    for e in entries:
+        try:
+            name, shape, offset = e["name"], [int(v) for v in e["shape"]], int(e["offset"])
+            dtype = getattr(torch, e["dtype"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ArtifactError(f"malformed tensor entry {e!r}: {err}") from None
+        if not isinstance(dtype, torch.dtype):
+            raise ArtifactError(f"tensor {name!r}: unknown dtype {e['dtype']!r}")
+        n = torch.Size(shape).numel() * dtype.itemsize
+        if offset < 0 or offset % dtype.itemsize or offset + n > buf.numel():
+            raise ArtifactError(
+                f"tensor {name!r} ({n} bytes at {offset}) does not fit the {buf.numel()}-byte buffer"
+            )
+        out[name] = buf[offset : offset + n].clone().view(dtype).reshape(shape)
+    return out
+
+
+def _describe(model: nn.Module) -> tuple[ModelConfig, dict[str, int]]:
+    """(architecture config, ConvBNAct channel counts) of a CNN or a QuantizedModel of one."""
+    if isinstance(model, QuantizedModel):
+        return model.model_config, model.channels
+    if isinstance(model, CNN):
+        return model.cfg, channel_counts(model)
+    raise TypeError(f"model must be a CNN or a QuantizedModel of one, got {type(model).__name__}")
+
+
+def default_probe(input_shape: tuple[int, ...], n: int = 16) -> torch.Tensor:
+    """Deterministic probe inputs, uniform in [0, 1) (the digits' pixel range)."""
+    return torch.rand(n, *input_shape, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(x).float()
+
+
+def save_artifact(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_shape: tuple[int, int, int],
+    accuracy: dict[str, float | None] | None = None,
+    latency_ms: dict[str, float] | None = None,
+    pruning: dict | None = None,
+    source_checkpoint: str | None = None,
+    class_names: list[str] | None = None,
+    probe: torch.Tensor | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Writes `model` (a `CNN`, pruned or not, or the `QuantizedModel` returned by `quantize_`) to directory
+    `path` (created; existing artifact files are replaced). `pruning` adds counts/ratio to the recorded
+    channels; `probe` (N, C, H, W) are the inputs whose predictions a load must reproduce (default: 16
+    deterministic random inputs). Returns the manifest."""
+    cfg, channels = _describe(model)
+    input_shape = tuple(int(v) for v in input_shape)
+    if len(input_shape) != 3 or input_shape[0] != cfg.in_channels:
+        raise ValueError(f"input_shape must be ({cfg.in_channels}, H, W), got {input_shape}")
+    if class_names is not None and len(class_names) != cfg.num_classes:
+        raise ValueError(f"class_names must have {cfg.num_classes} entries, got {len(class_names)}")
+    probe = default_probe(input_shape) if probe is None else probe.detach().float().cpu()
+    if tuple(probe.shape[1:]) != input_shape:
+        raise ValueError(f"probe must be (N, *{input_shape}), got {tuple(probe.shape)}")
+    logits = _run(model, probe)
+
+    if isinstance(model, QuantizedModel):
+        tensors, quant = model.artifact_state()
+    else:
+        tensors, quant = dict(model.state_dict()), {"scheme": "none", "config": {}, "state": {}}
+    pristine = channel_counts(build_model(cfg))
+    prune_info = None
+    if channels != pristine or pruning:
+        prune_info = {"ratio": None, **(pruning or {}), "channels": channels}
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    buf, entries = pack_tensors(tensors)
+    torch.save({"packed": buf}, out / "weights.pt")
+    torch.save({"input": probe, "logits": logits}, out / "probe.pt")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "architecture": ARCHITECTURE,
+        "model_config": cfg.to_dict(),
+        "preset": cfg.preset_name,
+        "input_shape": list(input_shape),
+        "num_classes": cfg.num_classes,
+        "class_names": class_names,
+        "pruning": prune_info,
+        "quantization": quant,
+        "accuracy": {"test_accuracy": None, **(accuracy or {})},
+        "latency_ms": dict(latency_ms or {}),
+        "size_bytes": (out / "weights.pt").stat().st_size,
+        "source_checkpoint": source_checkpoint,
+        "tensors": {"file": "weights.pt", "sha256": _sha256(out / "weights.pt"), "entries": entries},
+        "probe": {
+            "file": "probe.pt",
+            "sha256": _sha256(out / "probe.pt"),
+            "predictions": logits.argmax(1).tolist(),
+        },
+        "extra": dict(extra or {}),
+    }
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    os.replace(tmp, out / "manifest.json")  # the manifest appears last and atomically
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The validated manifest of artifact directory `path` (files not checked)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ArtifactError(f"artifact path must be a directory, got {str(p)!r}")
+    mpath = p / "manifest.json"
+    if not mpath.is_file():
+        raise ArtifactError(f"{p}: not an artifact (no manifest.json)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mpath}: must hold a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{mpath}: missing keys {missing}")
+    if manifest["format"] != FORMAT:
+        raise ArtifactError(f"{mpath}: format must be {FORMAT!r}, got {manifest['format']!r}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mpath}: format_version {manifest['format_version']!r} is not supported (this code reads "
+            f"{FORMAT_VERSION})"
+        )
+    if manifest["architecture"] != ARCHITECTURE:
+        got = manifest["architecture"]
+        raise ArtifactError(f"{mpath}: architecture must be {ARCHITECTURE!r}, got {got!r}")
+    return manifest
+
+
+def _load_file(p: Path, spec: dict, what: str) -> dict:
+    f = p / spec.get("file", "")
+    if not f.is_file():
+        raise ArtifactError(f"{p}: {what} file {spec.get('file')!r} is missing")
+    if _sha256(f) != spec.get("sha256"):
+        raise ArtifactError(f"{f}: checksum mismatch (file corrupt or replaced after saving)")
+    try:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad zip/pickle; all mean "unreadable"
+        raise ArtifactError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{f}: must hold a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def load_artifact(path: str | os.PathLike, *, verify: bool = True) -> tuple[nn.Module, dict]:
+    """(model in eval mode, manifest) from artifact directory `path`. The model is a `CNN` for scheme "none",
+    else a `QuantizedModel` (call its `compile_()` for the fast inductor path). `verify` runs the probe and
+    checks the predictions recorded at save time."""
+    p = Path(path)
+    manifest = read_manifest(p)
+    try:
+        cfg = ModelConfig.from_dict(manifest["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{p}: bad model_config ({e})") from None
+    input_shape = tuple(manifest["input_shape"])
+    shape_ok = len(input_shape) == 3 and input_shape[0] == cfg.in_channels
+    if cfg.num_classes != manifest["num_classes"] or not shape_ok:
+        raise ArtifactError(
+            f"{p}: num_classes/input_shape {manifest['num_classes']}/{list(input_shape)} disagree with "
+            f"model_config (num_classes={cfg.num_classes}, in_channels={cfg.in_channels})"
+        )
+    tensors = unpack_tensors(_load_file(p, manifest["tensors"], "weights").get("packed"),
+                             manifest["tensors"]["entries"])  # fmt: skip
+    model = build_model(cfg)
+    if manifest["pruning"] is not None:
+        try:
+            resize_(model, manifest["pruning"]["channels"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{p}: pruning.channels do not fit the architecture ({e})") from None
+    probe = _load_file(p, manifest["probe"], "probe")
+    quant = manifest["quantization"]
+    try:
+        if quant.get("scheme") == "none":
+            model.load_state_dict(tensors, strict=True)
+            model.eval()
+        else:
+            model = restore_quantized(model, quant, tensors, example=probe["input"][:2])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{p}: weights do not match the manifest's model ({e})") from None
+    if verify:
+        got = _run(model, probe["input"])
+        want = probe["logits"]
+        if got.argmax(1).tolist() != manifest["probe"]["predictions"] or got.shape != want.shape:
+            raise ArtifactError(f"{p}: the rebuilt model's predictions differ from those recorded when saved")
+        if not torch.allclose(got, want, rtol=0, atol=1e-5):
+            diff = (got - want).abs().max().item()
+            raise ArtifactError(f"{p}: rebuilt model's logits differ from the recorded ones by {diff:.3g}")
+    return model, manifest

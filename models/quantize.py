@@ -1,0 +1,522 @@
+"""`quantize_(model, Int8PTQ() | Int8QAT() | FP8(), calib=...)`: post-training and quantization-aware
+INT8, and FP8 (e4m3), for a `models.cnn.CNN` (pruned or not).
+
+Every scheme first folds BN into the convs (`fold_bn_`: each `ConvBNAct` becomes `Sequential(Conv2d, act)`),
+since inference never runs BN. Then:
+
+- INT8 (both schemes end in the same format): the conv/linear weights are snapped to their symmetric int8 grid
+  with `kernels.quant` (per output channel, or one scale per tensor), activations are calibrated, and the
+  model
+  is lowered through PT2E: `torch.export` -> `prepare_pt2e(X86InductorQuantizer)` -> calibration ->
+  `convert_pt2e`. That graph runs as is (reference int8 ops, exact, used to check artifacts) and through
+  `QuantizedModel.compile_()` (inductor with freezing: oneDNN int8 convs, the fast path on x86 CPUs).
+  Activation observers are min/max (not the default histogram) so that the whole calibration result is a
+  pair of floats per observer: an artifact stores int8 weights + scales + those ranges, and rebuilding runs
+  the same export/prepare/convert with the stored ranges, which reproduces the converted graph exactly
+  (PT2E re-derives its per-channel weight scales from the snapped weights; the snapped weights are stored,
+  not re-derived, so the rebuild sees bit-identical floats).
+- `Int8QAT` first fine-tunes the folded model with fake quantization in the loop (weights: int8 fake-quant
+  from `kernels.quant` with a straight-through gradient; activations: uint8 affine fake-quant on every
+  conv/linear input with moving-average ranges, as deployed), then takes the PTQ path above.
+- `FP8`: e4m3 weights (per output channel or per tensor) and static per-tensor e4m3 input scales calibrated
+  from amax; on a GPU with FP8 tensor cores (compute capability >= 8.9) convs run as im2col +
+  `torch._scaled_mm` (row-wise scales, bf16 out); elsewhere the same numbers are emulated in fp32
+  (fake-quant), which is what accuracy is measured with on CPU.
+
+Artifacts (models/artifact.py) store `QuantizedModel.artifact_state()` and rebuild with `restore_quantized`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.conv_bn import ConvBNAct
+from kernels.quant import dequantize, fake_quantize, quantize
+from models.cnn import CNN, ModelConfig
+from models.prune import channel_counts
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def _check_common(per_channel: bool, calib_samples: int) -> None:
+    if not isinstance(per_channel, bool):
+        raise TypeError(f"per_channel must be a bool, got {type(per_channel).__name__}")
+    if not isinstance(calib_samples, int) or calib_samples < 1:
+        raise ValueError(f"calib_samples must be a positive int, got {calib_samples!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class Int8PTQ:
+    """Post-training INT8: symmetric int8 weights, calibrated uint8 activations, run through PT2E/inductor."""
+
+    scheme: ClassVar[str] = "int8_ptq"
+    per_channel: bool = True
+    """One weight scale per output channel (True) or per tensor (False)."""
+    calib_samples: int = 256
+    """Calibration samples used (the first ones of `calib`)."""
+
+    def __post_init__(self) -> None:
+        _check_common(self.per_channel, self.calib_samples)
+
+
+@dataclass(kw_only=True, slots=True)
+class Int8QAT:
+    """INT8 after quantization-aware fine-tuning (fake quant in the loop); same end format as Int8PTQ."""
+
+    scheme: ClassVar[str] = "int8_qat"
+    per_channel: bool = True
+    """One weight scale per output channel (True) or per tensor (False)."""
+    calib_samples: int = 256
+    """Calibration samples used for the final activation ranges."""
+    epochs: int = 1
+    """Fine-tuning epochs with fake quantization."""
+    lr: float = 0.005
+    """SGD learning rate (momentum 0.9, cosine decay) of the fine-tuning."""
+    batch_size: int = 64
+    """Fine-tuning batch size."""
+    seed: int = 0
+    """Seed of the fine-tuning shuffles."""
+
+    def __post_init__(self) -> None:
+        _check_common(self.per_channel, self.calib_samples)
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.lr, int | float) or not (0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class FP8:
+    """FP8 e4m3 weights and activations: torch._scaled_mm on FP8 GPUs, fake-quant emulation elsewhere."""
+
+    scheme: ClassVar[str] = "fp8"
+    per_channel: bool = True
+    """One weight scale per output channel (True) or per tensor (False)."""
+    calib_samples: int = 256
+    """Calibration samples for the static activation scales."""
+
+    def __post_init__(self) -> None:
+        _check_common(self.per_channel, self.calib_samples)
+
+
+QuantConfig = Int8PTQ | Int8QAT | FP8
+CONFIGS: dict[str, type] = {c.scheme: c for c in (Int8PTQ, Int8QAT, FP8)}
+
+
+# ---------------------------------------------------------------------------------------------- BN folding
+
+
+def _conv_from(op: ConvBNAct) -> nn.Conv2d:
+    c = op.conv
+    conv = nn.Conv2d(
+        c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups, bias=True
+    )
+    with torch.no_grad():
+        w, b = op.folded()
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+    return conv
+
+
+@torch.no_grad()
+def fold_bn_(model: nn.Module) -> nn.Module:
+    """Replaces every `ConvBNAct` in `model` by `Sequential(Conv2d with BN folded in, activation)`, in place
+    (eval-mode function unchanged). Returns `model`."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, ConvBNAct):
+            act = ConvBNAct.activation_module(child.act.name)
+            setattr(model, name, nn.Sequential(_conv_from(child.eval()), act))
+        else:
+            fold_bn_(child)
+    return model.eval()
+
+
+def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+# ------------------------------------------------------------------------------------------ the wrapper
+
+
+class QuantizedModel(nn.Module):
+    """A quantized CNN: `runtime` computes the logits; `compile_()` switches to an inductor-compiled runtime.
+    Holds what an artifact needs to rebuild it (`artifact_state`)."""
+
+    def __init__(
+        self,
+        runtime: nn.Module,
+        config: QuantConfig,
+        model_config: ModelConfig,
+        channels: dict[str, int],
+        tensors: dict[str, torch.Tensor],
+        state: dict,
+    ):
+        super().__init__()
+        self.runtime = runtime
+        self.config = config
+        self.model_config = model_config
+        self.channels = dict(channels)
+        self._tensors = tensors
+        self._state = state
+        self._compiled = None
+
+    @property
+    def scheme(self) -> str:
+        return self.config.scheme
+
+    def artifact_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors to store, the manifest's "quantization" entry)."""
+        quant = {"scheme": self.scheme, "config": asdict(self.config), "state": self._state}
+        return dict(self._tensors), quant
+
+    def compile_(self) -> QuantizedModel:
+        """Routes forward through torch.compile (inductor, freezing: constant weights folded, int8 convs
+        lowered to oneDNN on CPU). First calls per input shape compile (tens of seconds on 2 cores)."""
+        self._compiled = torch.compile(self.runtime, options={"freezing": True}, dynamic=False)
+        return self
+
+    def train(self, mode: bool = True) -> QuantizedModel:
+        # Inference only; exported PT2E graphs refuse train()/eval(), so the flag is not propagated.
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (self.runtime if self._compiled is None else self._compiled)(x)
+
+
+# ------------------------------------------------------------------------------------------------ INT8
+
+
+def _snap_int8_(folded: nn.Module, per_channel: bool) -> dict[str, torch.Tensor]:
+    """Puts every conv/linear weight on its int8 grid (in place); returns the tensors an artifact stores."""
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, m in _quantizable(folded):
+            q, s = quantize(m.weight, torch.int8, per_channel)
+            m.weight.copy_(dequantize(q, s))
+            tensors[f"{name}.weight.q"], tensors[f"{name}.weight.scale"] = q, s
+            tensors[f"{name}.bias"] = m.bias.detach().clone()
+    return tensors
+
+
+def _check_shapes(folded: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    for name, m in _quantizable(folded):
+        for key, want in (("weight.q", m.weight.shape), ("bias", m.bias.shape)):
+            got = tensors[f"{name}.{key}"].shape
+            if got != want:
+                raise ValueError(f"{name}.{key} must have shape {tuple(want)}, got {tuple(got)}")
+
+
+def _load_int8_(folded: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, m in _quantizable(folded):
+            m.weight.copy_(dequantize(tensors[f"{name}.weight.q"], tensors[f"{name}.weight.scale"]))
+            m.bias.copy_(tensors[f"{name}.bias"])
+
+
+def _x86_quantizer():
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    default = get_default_x86_inductor_quantization_config()
+    act = QuantizationSpec(  # the default's uint8 affine spec, with a min/max observer (see module docstring)
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12),
+    )
+    cfg = QuantizationConfig(act, act, default.weight, default.bias, False)
+    return X86InductorQuantizer().set_global(cfg)
+
+
+def _prepare(folded: nn.Module, example: torch.Tensor):
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    exported = torch.export.export(folded.eval(), (example,), dynamic_shapes=({0: batch},)).module()
+    return prepare_pt2e(exported, _x86_quantizer())
+
+
+def _activation_observers(prepared: nn.Module) -> dict[str, nn.Module]:
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    return {n: m for n, m in prepared.named_modules() if type(m) is MinMaxObserver}
+
+
+def _int8_runtime(folded: nn.Module, ranges: dict[str, list[float]], example: torch.Tensor) -> nn.Module:
+    """The converted PT2E graph of `folded` (weights already on their int8 grid) with activation `ranges`."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    prepared = _prepare(folded, example)
+    with torch.no_grad():
+        prepared(example)  # the weight observers see the weights; activation ranges are set just below
+        observers = _activation_observers(prepared)
+        if set(observers) != set(ranges):
+            raise ValueError(f"activation observers {sorted(observers)} do not match ranges {sorted(ranges)}")
+        for name, (lo, hi) in ranges.items():
+            observers[name].min_val.fill_(lo)
+            observers[name].max_val.fill_(hi)
+    return convert_pt2e(prepared)
+
+
+def _calibrate_int8(folded: nn.Module, calib: torch.Tensor, batch: int = 128) -> dict[str, list[float]]:
+    prepared = _prepare(folded, calib[:2])
+    with torch.no_grad():
+        for i in range(0, len(calib), batch):
+            prepared(calib[i : i + batch])
+    return {n: [o.min_val.item(), o.max_val.item()] for n, o in _activation_observers(prepared).items()}
+
+
+class _ActFakeQuant:
+    """Forward pre-hook: uint8 affine fake-quant of a layer input with a moving-average range (QAT)."""
+
+    def __init__(self, momentum: float = 0.1):
+        self.lo = self.hi = None
+        self.momentum = momentum
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        (x,) = args
+        if module.training:
+            lo, hi = x.detach().min().item(), x.detach().max().item()
+            if self.lo is None:
+                self.lo, self.hi = lo, hi
+            else:
+                self.lo += self.momentum * (lo - self.lo)
+                self.hi += self.momentum * (hi - self.hi)
+        lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
+        scale = max(hi - lo, 2**-12) / 255.0
+        zero_point = int(min(255, max(0, round(-lo / scale))))
+        return (torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255),)
+
+
+class _WeightFakeQuant(nn.Module):
+    """Parametrization: the int8 fake-quantized weight (kernels.quant, straight-through gradient)."""
+
+    def __init__(self, per_channel: bool):
+        super().__init__()
+        self.per_channel = per_channel
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, torch.int8, self.per_channel)
+
+
+def _qat_finetune_(folded: nn.Module, cfg: Int8QAT, train: tuple[torch.Tensor, torch.Tensor]) -> None:
+    from torch.nn.utils import parametrize
+
+    x, y = train
+    layers = _quantizable(folded)
+    hooks = [m.register_forward_pre_hook(_ActFakeQuant()) for _, m in layers]
+    for _, m in layers:
+        parametrize.register_parametrization(m, "weight", _WeightFakeQuant(cfg.per_channel))
+    steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
+    opt = torch.optim.SGD(folded.parameters(), lr=cfg.lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    folded.train()
+    try:
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), cfg.batch_size):
+                idx = perm[i : i + cfg.batch_size]
+                loss = F.cross_entropy(folded(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for h in hooks:
+            h.remove()
+        for _, m in layers:
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        folded.eval()
+
+
+# ------------------------------------------------------------------------------------------------- FP8
+
+
+def _fp8_mm_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class FP8Layer(nn.Module):
+    """A conv or linear layer with e4m3 weights (per-channel or per-tensor scale) and a static e4m3 input
+    scale. FP8 tensor cores via torch._scaled_mm where present, else fp32 emulation of the same numbers."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, w_q: torch.Tensor, w_scale: torch.Tensor, in_scale):
+        super().__init__()
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        if self.is_conv:
+            self.geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+            self.kernel_size = layer.kernel_size
+            if layer.groups != 1:
+                raise ValueError(f"FP8 convs must have groups=1, got {layer.groups}")
+        self.register_buffer("weight_q", w_q)  # (C_out, C_in, kh, kw) or (out, in), float8_e4m3fn
+        self.register_buffer("weight_scale", w_scale.float())  # (C_out,) or (1,)
+        self.register_buffer("bias", layer.bias.detach().clone().float())
+        self.register_buffer("input_scale", in_scale.float().reshape(1))
+
+    def _emulated(self, x: torch.Tensor) -> torch.Tensor:
+        xq = fake_quantize(x.float(), FP8_DTYPE, per_channel=False, scale=self.input_scale)
+        w = dequantize(self.weight_q, self.weight_scale)
+        if self.is_conv:
+            return F.conv2d(xq, w, self.bias, **self.geometry)
+        return F.linear(xq, w, self.bias)
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        # rows = output positions, K = C_in * kh * kw; _scaled_mm wants A (M, K) row-major, B (K, N)
+        # column-major, K and N multiples of 16, and row-wise fp32 scales (M, 1) x (1, N) with bf16 output.
+        if self.is_conv:
+            b, _, _, w = x.shape
+            cols = F.unfold(x, self.kernel_size, **self.geometry)  # (B, K, L)
+            a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B * L, K)
+        else:
+            a = x.reshape(-1, x.shape[-1])
+        wt = self.weight_q.reshape(self.weight_q.shape[0], -1)  # (N, K)
+        m, k = a.shape
+        n = wt.shape[0]
+        kp, np_ = -k % 16, -n % 16
+        a_q, _ = quantize(F.pad(a, (0, kp)), FP8_DTYPE, per_channel=False, scale=self.input_scale)
+        w_pad = F.pad(wt.view(torch.uint8), (0, kp, 0, np_)).view(FP8_DTYPE)  # zero bytes are +0.0 in e4m3
+        scale_b = F.pad(self.weight_scale.expand(n), (0, np_), value=1.0).view(1, -1)
+        out = torch._scaled_mm(
+            a_q,
+            w_pad.t(),
+            scale_a=self.input_scale.expand(m).reshape(m, 1).contiguous(),
+            scale_b=scale_b.contiguous(),
+            out_dtype=torch.bfloat16,
+        )[:, :n].float() + self.bias
+        if self.is_conv:
+            g = self.geometry
+            span = g["dilation"][1] * (self.kernel_size[1] - 1) + 1
+            wo = (w + 2 * g["padding"][1] - span) // g["stride"][1] + 1
+            return out.reshape(b, -1, n).transpose(1, 2).reshape(b, n, -1, wo)
+        return out.reshape(*x.shape[:-1], n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fp8_mm_supported(x.device):
+            return self._scaled_mm(x)
+        return self._emulated(x)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+@torch.no_grad()
+def _calibrate_amax(folded: nn.Module, calib: torch.Tensor, batch: int = 128) -> dict[str, torch.Tensor]:
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args):
+            a = args[0].detach().abs().amax().float()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in _quantizable(folded)]
+    try:
+        for i in range(0, len(calib), batch):
+            folded(calib[i : i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+def _fp8_tensors(folded: nn.Module, per_channel: bool, amax: dict[str, torch.Tensor]) -> dict:
+    tensors = {}
+    for name, m in _quantizable(folded):
+        q, s = quantize(m.weight.detach(), FP8_DTYPE, per_channel)
+        tensors[f"{name}.weight.q"], tensors[f"{name}.weight.scale"] = q, s
+        tensors[f"{name}.bias"] = m.bias.detach().clone()
+        a = amax[name]
+        tensors[f"{name}.input_scale"] = torch.where(a > 0, a / 448.0, torch.ones_like(a)).reshape(1)
+    return tensors
+
+
+def _fp8_runtime(folded: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    for name, m in _quantizable(folded):
+        w_q, w_scale = tensors[f"{name}.weight.q"], tensors[f"{name}.weight.scale"]
+        layer = FP8Layer(m, w_q, w_scale, tensors[f"{name}.input_scale"])
+        layer.bias.copy_(tensors[f"{name}.bias"])
+        _set_submodule(folded, name, layer)
+    return folded.eval()
+
+
+# ------------------------------------------------------------------------------------------- the verbs
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    *,
+    calib: torch.Tensor,
+    train: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> QuantizedModel:
+    """Quantizes a `CNN` with `config`, returning the `QuantizedModel` to use in its place. `model` itself is
+    consumed: its BN is folded in place (and for QAT its weights fine-tuned). `calib` (N, C, H, W): samples
+    for calibration (the first `config.calib_samples`); `train` (x, y): the fine-tuning data of Int8QAT."""
+    if not isinstance(model, CNN):
+        raise TypeError(f"model must be a models.cnn.CNN, got {type(model).__name__}")
+    if not isinstance(config, Int8PTQ | Int8QAT | FP8):
+        raise TypeError(f"config must be Int8PTQ, Int8QAT or FP8, got {type(config).__name__}")
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 4 or len(calib) < 2:
+        raise ValueError(f"calib must be a (N >= 2, C, H, W) tensor, got {getattr(calib, 'shape', calib)!r}")
+    if isinstance(config, Int8QAT) and train is None:
+        raise ValueError("Int8QAT needs train=(x, y) for its fine-tuning")
+    cfg, channels = model.cfg, channel_counts(model)
+    calib = calib[: config.calib_samples].float()
+    folded = fold_bn_(model)
+    if isinstance(config, FP8):
+        tensors = _fp8_tensors(folded, config.per_channel, _calibrate_amax(folded, calib))
+        return QuantizedModel(_fp8_runtime(folded, tensors), config, cfg, channels, tensors, {})
+    if isinstance(config, Int8QAT):
+        _qat_finetune_(folded, config, train)
+    tensors = _snap_int8_(folded, config.per_channel)
+    ranges = _calibrate_int8(folded, calib)
+    runtime = _int8_runtime(folded, ranges, calib[:2])
+    return QuantizedModel(runtime, config, cfg, channels, tensors, {"activation_ranges": ranges})
+
+
+def restore_quantized(
+    model: CNN, quant: dict, tensors: dict[str, torch.Tensor], example: torch.Tensor
+) -> QuantizedModel:
+    """Rebuilds the `QuantizedModel` an artifact describes: `model` is the freshly built (and resized) CNN,
+    `quant` the manifest's "quantization" entry, `tensors` the stored ones, `example` one input batch."""
+    scheme = quant.get("scheme")
+    if scheme not in CONFIGS:
+        raise ValueError(f"quantization scheme must be one of {['none', *CONFIGS]}, got {scheme!r}")
+    config = CONFIGS[scheme](**quant.get("config", {}))
+    cfg, channels = model.cfg, channel_counts(model)
+    folded = fold_bn_(model)
+    expected = {f"{n}.{k}" for n, _ in _quantizable(folded) for k in ("weight.q", "weight.scale", "bias")}
+    if isinstance(config, FP8):
+        expected |= {f"{n}.input_scale" for n, _ in _quantizable(folded)}
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)
+        raise ValueError(f"stored tensors {odd} are missing or unexpected for scheme {scheme}")
+    _check_shapes(folded, tensors)
+    if isinstance(config, FP8):
+        return QuantizedModel(_fp8_runtime(folded, tensors), config, cfg, channels, tensors, {})
+    _load_int8_(folded, tensors)
+    ranges = quant.get("state", {}).get("activation_ranges")
+    if not isinstance(ranges, dict):
+        raise ValueError("int8 quantization state must hold activation_ranges")
+    runtime = _int8_runtime(folded, ranges, example)
+    return QuantizedModel(runtime, config, cfg, channels, tensors, {"activation_ranges": ranges})
