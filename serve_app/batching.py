@@ -14,10 +14,12 @@ Controllers (one class each, common interface `Controller`):
   the wait that lets batches fill at the current rate when the model call does not block the loop.
 - `Bandit`: contextual epsilon-greedy bandit over a (batch size, wait) grid per load level; JSON save/load.
 
-Server model assumed by the latency estimates: one batch executes at a time (`max_concurrent_batches=1`, the
-model call blocks the replica's loop); a batch opens when the server is free and a request waits, and closes
-when it holds `max_batch_size` requests or `batch_wait_timeout_s` after it opened (Ray's
-`_BatchQueue.wait_for_batch`).
+Server model behind the latency estimates: one batch executes at a time (`max_concurrent_batches=1`); a batch
+opens when a request waits, and closes when it holds `max_batch_size` requests or `batch_wait_timeout_s` after
+it opened (Ray's `_BatchQueue.wait_for_batch`). If the model call blocks the replica's event loop (a plain
+synchronous forward pass: `BatchingConfig.model_blocks_loop`, the default) the next batch opens only when it
+returns; if the handler awaits the model instead, Ray closes the next batch while one executes, and only the
+wait lets batches grow (serve_app/simulator.py simulates both).
 """
 
 from __future__ import annotations
@@ -497,14 +499,14 @@ class BanditConfig:
 
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     """Candidate max_batch_size values (clamped to BatchingConfig's bounds when applied)."""
-    waits_s: tuple[float, ...] = (0.0, 0.002, 0.005, 0.01)
+    waits_s: tuple[float, ...] = (0.0, 0.002, 0.005, 0.01, 0.02)
     """Candidate batch_wait_timeout_s values; each must be below the SLO."""
     rate_edges: tuple[float, ...] = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
     """Arrival-rate bin edges (requests/s) that define the load levels (contexts)."""
     epsilon: float = 0.2
     """Exploration probability for a load level never visited; decays as epsilon / sqrt(visits)."""
-    min_epsilon: float = 0.0
-    """Floor of the exploration probability (keep > 0 to keep learning online)."""
+    min_epsilon: float = 0.02
+    """Floor of the exploration probability, so it keeps exploring online (0: only the greedy arm learns)."""
     miss_penalty: float = 4.0
     """Reward = (completed - miss_penalty * SLO misses) / arrivals in the window."""
     seed: int = 0
