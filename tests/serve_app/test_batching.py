@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -31,6 +33,11 @@ def window(**kw) -> WindowStats:
     kw.setdefault("arrivals", 100)
     kw.setdefault("queue_len", 0)
     return WindowStats(**kw)
+
+
+def test_controllers_and_simulator_need_neither_ray_nor_torch():
+    code = "import sys, serve_app.batching, serve_app.simulator; assert not {'ray', 'torch'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ------------------------------------------------------------------------------------------------ config
