@@ -1,0 +1,357 @@
+"""Distributed training on Ray Train (V2): the unified-operator model, DDP with a pluggable gradient communication
+(plain allreduce, or the hierarchical compressed hook from collectives/), the weighted Ray Data stream, per-sample
+difficulty sent to the weight store, selective activation checkpointing, checkpoints and resume.
+
+Driver side: `fit_distributed(job, splits)`. Worker side: `train_loop(config)`, run by TorchTrainer on every worker.
+
+Checkpoint layout (one directory per epoch; every rank writes into the same one):
+    model.pt, optim.pt (optimizer + scheduler), meta.json (epoch, model spec), weights.npz (weight store) — rank 0
+    comm_rank{r}.pt — each rank's gradient-communication state (error-feedback residuals, counters)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.nn.parallel import DistributedDataParallel
+
+from actors.comm import CommConfig, build_comm
+from actors.dataset import DataSplits, load_tensors
+from actors.reports import CollectReports, ReportCollector
+from actors.train_local import TrainConfig, make_optimizer
+from actors.weight_store import SampleWeightStore, WeightRule, last_layer_grad_norm
+from actors.weighted_stream import StreamConfig, build_stream, read_sample_ids
+from kernels.precision import PrecisionPolicy
+from models.checkpointing import CheckpointConfig as ActivationCheckpointing
+from models.checkpointing import checkpoint_
+from models.factory import ModelSpec
+
+
+@dataclass(kw_only=True, slots=True)
+class DistConfig:
+    """How the training runs on the cluster."""
+
+    num_workers: int = 2
+    """Ray Train workers (one process each)."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs reserved per worker."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL) instead of CPU (gloo)."""
+    max_failures: int = 2
+    """Worker-group restarts (from the last checkpoint) before the run fails."""
+    checkpointing: str = "none"
+    """Selective activation checkpointing: 'none', 'all', or k (every k-th block)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps checkpoints (default: <workdir>/ray_results)."""
+    name: str = "tandem-train"
+    """Run name under storage_path."""
+    placement: str = "PACK"
+    """Placement group strategy for the workers: PACK (fill nodes in turn) or SPREAD (across nodes)."""
+    wait_for_resources: bool = False
+    """False: fail at once when the cluster cannot place the workers (no autoscaler); True: wait."""
+    comm: CommConfig = field(default_factory=CommConfig)
+    """Gradient communication: plain allreduce or the hierarchical compressed hook."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"num_workers must be a positive int, got {self.num_workers!r}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        if not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ValueError(f"max_failures must be an int >= 0, got {self.max_failures!r}")
+        ActivationCheckpointing.parse(self.checkpointing)
+        if self.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainJob:
+    """Everything a worker needs; pickled into the train loop config."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    rule: WeightRule = field(default_factory=WeightRule)
+
+
+class LastLayerTap:
+    """Captures the input of the model's last nn.Linear (the penultimate features) on every forward."""
+
+    def __init__(self, model: nn.Module):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear layer to compute difficulty from")
+        self.features: torch.Tensor | None = None
+        linears[-1].register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        self.features = inputs[0].detach()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _restore(ckpt: Checkpoint, model, opt, sched, comm, store, rank: int) -> int:
+    """Loads a checkpoint into this worker; returns the first epoch still to run."""
+    with ckpt.as_directory() as d:
+        d = Path(d)
+        model.load_state_dict(torch.load(d / "model.pt", weights_only=True))
+        optim = torch.load(d / "optim.pt", weights_only=True)
+        opt.load_state_dict(optim["optimizer"])
+        sched.load_state_dict(optim["scheduler"])
+        comm_file = d / f"comm_rank{rank}.pt"
+        if comm_file.exists():
+            comm.load_state_dict(torch.load(comm_file, weights_only=True))
+        meta = json.loads((d / "meta.json").read_text())
+        if rank == 0 and store is not None and (d / "weights.npz").exists():
+            with np.load(d / "weights.npz", allow_pickle=False) as z:
+                ray.get(store.load_state.remote({k: z[k] for k in z.files}))
+    return int(meta["epoch"]) + 1
+
+
+def _save(model, opt, sched, comm, store, rank: int, epoch: int, job: TrainJob) -> str:
+    d = tempfile.mkdtemp(prefix=f"tandem-ckpt-r{rank}-")
+    torch.save(comm.state_dict(), os.path.join(d, f"comm_rank{rank}.pt"))
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(d, "model.pt"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, os.path.join(d, "optim.pt"))
+        Path(d, "meta.json").write_text(json.dumps({"epoch": epoch, "model": job.model.name}))
+        if store is not None:
+            state = ray.get(store.state.remote())
+            np.savez(os.path.join(d, "weights.npz"), **state)
+    return d
+
+
+def _evaluate(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], rank: int, world: int, device):
+    """(accuracy, mean loss) on the held-out data: each worker scores rows rank, rank + world, ..., summed."""
+    x, y = test[0][rank::world].to(device), test[1][rank::world].to(device)
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(x), 512):
+            logits = model(x[i : i + 512]).float()
+            t = y[i : i + 512]
+            sums += torch.tensor(
+                [F.cross_entropy(logits, t, reduction="sum").item(), (logits.argmax(1) == t).sum().item(), len(t)],
+                dtype=torch.float64,
+            )
+    dist.all_reduce(sums)
+    model.train()
+    return sums[1].item() / max(sums[2].item(), 1), sums[0].item() / max(sums[2].item(), 1)
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    job: TrainJob = config["job"]
+    store = config["store"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(job.train.seed)
+    model = job.model.build(config["image_shape"], config["num_classes"]).to(device)
+    checkpoint_(model, ActivationCheckpointing.parse(job.dist.checkpointing))
+    tap = LastLayerTap(model)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    comm = build_comm(job.dist.comm, ctx, ddp)
+    policy = PrecisionPolicy.for_device(device, job.train.precision)
+    policy.apply_backend_flags()
+    scaler = policy.grad_scaler()
+    epoch_rows = job.stream.epoch_size or config["num_train"]
+    steps_per_epoch = max(1, epoch_rows // (world * job.train.batch_size))
+    opt, sched = make_optimizer(model, job.train, steps_per_epoch)
+    weighted = job.stream.weighted
+    _, test_x, test_y = load_tensors(config["test_info"])
+    start, restored = 0, False
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        start, restored = _restore(ckpt, model, opt, sched, comm, store if weighted else None, rank), True
+    for epoch in range(start, job.train.epochs):
+        if weighted and rank == 0:
+            ray.get(store.begin_epoch.remote(epoch, job.stream.epoch_size))
+        dist.barrier()  # the draw of this epoch is fixed before any worker reads
+        t0 = time.perf_counter()
+        comm.reset_counters()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+        pending, buf_ids, buf_d, steps = [], [], [], 0
+        shard = ray.train.get_dataset_shard("train")
+        batches = shard.iter_torch_batches(
+            batch_size=job.train.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=job.stream.shuffle_buffer,
+            local_shuffle_seed=job.train.seed * 1000 + epoch * world + rank,
+            device=device,
+        )
+        ddp.train()
+        for batch in batches:
+            x, y = batch["image"], batch["label"]
+            with policy.autocast():
+                logits = ddp(x)
+            per_sample = F.cross_entropy(logits.float(), y, reduction="none")
+            if job.stream.unbiased:
+                scale = batch["loss_scale"].float()
+                loss = (per_sample * (scale / scale.mean())).mean()
+            else:
+                loss = per_sample.mean()
+            opt.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            sched.step()
+            steps += 1
+            sums += torch.tensor(
+                [per_sample.sum().item(), (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64
+            )
+            if weighted:
+                buf_ids.append(batch["sample_id"].cpu().numpy())
+                buf_d.append(last_layer_grad_norm(logits, y, tap.features).cpu().numpy())
+                if len(buf_ids) >= 8:  # one actor call per 8 steps, not awaited here
+                    pending.append(store.record.remote(np.concatenate(buf_ids), np.concatenate(buf_d), len(buf_ids)))
+                    buf_ids, buf_d = [], []
+        if weighted and buf_ids:
+            pending.append(store.record.remote(np.concatenate(buf_ids), np.concatenate(buf_d), len(buf_ids)))
+        ray.get(pending)  # this epoch's difficulties have arrived before the next draw
+        dist.all_reduce(sums)
+        seconds = time.perf_counter() - t0
+        test_acc, test_loss = _evaluate(ddp, (test_x, test_y), rank, world, device)
+        metrics = {
+            "epoch": epoch,
+            "loss": sums[0].item() / max(sums[2].item(), 1),
+            "train_accuracy": sums[1].item() / max(sums[2].item(), 1),
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "samples_per_s": sums[2].item() / seconds,
+            "steps": steps,
+            "peak_rss_mb": _peak_rss_mb(),
+            "pid": os.getpid(),
+            "world_rank": rank,
+            "node_rank": ctx.get_node_rank(),
+            "local_rank": ctx.get_local_rank(),
+            "restored": restored,
+            **comm.metrics(steps),
+        }
+        if weighted and rank == 0:
+            metrics.update({f"weights_{k}": v for k, v in ray.get(store.stats.remote()).items() if k != "epoch"})
+        d = _save(model, opt, sched, comm, store if weighted else None, rank, epoch, job)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+@dataclass(slots=True)
+class DistResult:
+    history: list[dict]
+    """Rank 0's metrics per epoch (in report order; a resumed run repeats no epoch)."""
+    all_reports: list[list[dict]]
+    """Every report round, every worker."""
+    checkpoint_path: str | None
+    weights: np.ndarray | None
+    seconds: float
+
+
+def collector_name(run_name: str) -> str:
+    """Name of the run's report collector actor (readable from any driver in the namespace while it runs)."""
+    return f"tandem-reports:{run_name}"
+
+
+def check_resources(dist_cfg: DistConfig) -> None:
+    """Fails fast, with the numbers, when the cluster cannot place the workers (instead of hanging)."""
+    if dist_cfg.wait_for_resources:
+        return
+    total = ray.cluster_resources()
+    need_cpu = dist_cfg.num_workers * dist_cfg.cpus_per_worker + 1  # + 1 for Ray Data and the controller
+    if total.get("CPU", 0) < need_cpu:
+        raise ValueError(
+            f"the cluster has {total.get('CPU', 0):g} CPUs but {dist_cfg.num_workers} workers x "
+            f"{dist_cfg.cpus_per_worker:g} CPUs + 1 for data need {need_cpu:g}; use fewer workers, smaller "
+            "cpus_per_worker, over-declare CPUs (ray start --num-cpus) or set wait_for_resources for an autoscaler"
+        )
+    if dist_cfg.use_gpu and total.get("GPU", 0) < dist_cfg.num_workers:
+        raise ValueError(f"the cluster has {total.get('GPU', 0):g} GPUs, {dist_cfg.num_workers} workers need one each")
+
+
+def fit_distributed(job: TrainJob, splits: DataSplits, workdir: str, progress_bars: bool = False) -> DistResult:
+    """Trains `job` on the connected Ray cluster with the weighted stream; returns the history and weights."""
+    check_resources(job.dist)
+    ray.data.DataContext.get_current().enable_progress_bars = progress_bars
+    t0 = time.perf_counter()
+    store = None
+    if job.stream.weighted:
+        ids = read_sample_ids(splits.train)
+        snapshot = os.path.join(os.path.abspath(workdir), "weight_store.npz")
+        store = (
+            ray.remote(SampleWeightStore)
+            .options(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+            .remote(ids, job.rule, job.train.seed, snapshot)
+        )
+    collector = ReportCollector.options(name=collector_name(job.dist.name), get_if_exists=False).remote()
+    storage = job.dist.storage_path or os.path.join(os.path.abspath(workdir), "ray_results")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "job": job,
+            "store": store,
+            "image_shape": splits.image_shape,
+            "num_classes": splits.num_classes,
+            "num_train": splits.train.num_rows,
+            "test_info": splits.test,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=job.dist.num_workers,
+            use_gpu=job.dist.use_gpu,
+            resources_per_worker={"CPU": job.dist.cpus_per_worker},
+            placement_strategy=job.dist.placement,
+        ),
+        run_config=RunConfig(
+            name=job.dist.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=job.dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[CollectReports(collector)],
+        ),
+        datasets={"train": build_stream(splits.train, job.stream, store)},
+    )
+    result = trainer.fit()
+    reports = ray.get(collector.get.remote())
+    history, seen = [], set()
+    for rnd in reports:
+        m = rnd[0]
+        if m["epoch"] in seen:  # an epoch repeated after a restart: keep the later report
+            history = [h for h in history if h["epoch"] != m["epoch"]]
+        seen.add(m["epoch"])
+        history.append(m)
+    weights = ray.get(store.get_weights.remote()) if store is not None else None
+    return DistResult(
+        history=history,
+        all_reports=reports,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        weights=weights,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def load_trained(checkpoint_path: str, spec: ModelSpec, image_shape, num_classes: int) -> nn.Module:
+    """The trained model from a checkpoint directory written by `train_loop`."""
+    model = spec.build(tuple(image_shape), num_classes)
+    state = torch.load(Path(checkpoint_path) / "model.pt", weights_only=True)
+    # checkpointed blocks are saved under '...inner...': map them back onto the plain model
+    state = {k.replace(".inner.", "."): v for k, v in state.items()}
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,109 @@
+"""The weighted Ray Data stream: parquet -> decode -> rows drawn by per-sample weight -> shuffled torch batches.
+
+Per epoch the weight store draws how often each sample appears (multinomial over w / sum(w), `epoch_size` rows;
+`SampleWeightStore.begin_epoch`). The pipeline repeats each row of a block by its count, asking the store only for
+the counts of that block's ids, so it streams: no stage holds the dataset, and the driver never materializes it.
+Ray Train splits the stream among workers (`streaming_split(equal=True)`), and each worker shuffles locally.
+Ray Data has no weighted sampling of its own (ray-project/ray#31127), hence this stage.
+
+Weights changed during epoch e (difficulties recorded by the workers) shape the draw of epoch e + 1.
+Unbiased mode adds a `loss_scale` column, 1 / (N p_i) = mean(w) / w_i, to multiply each sample's loss with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from actors.dataset import DatasetInfo, parquet_files
+
+
+@dataclass(kw_only=True, slots=True)
+class StreamConfig:
+    """How the weighted stream draws and batches."""
+
+    weighted: bool = True
+    """Draw rows by weight; False streams every row once per epoch (uniform baseline)."""
+    epoch_size: int | None = None
+    """Rows drawn per epoch (all workers together); None = the dataset size."""
+    unbiased: bool = False
+    """Attach loss_scale = 1 / (N p_i) so the weighted draw gives an unbiased gradient."""
+    shuffle_buffer: int = 2048
+    """Rows in each worker's local shuffle buffer."""
+    block_rows: int = 1024
+    """Rows per map_batches call (one weight-store lookup each)."""
+
+    def __post_init__(self) -> None:
+        if self.epoch_size is not None and (not isinstance(self.epoch_size, int) or self.epoch_size < 1):
+            raise ValueError(f"epoch_size must be a positive int or None, got {self.epoch_size!r}")
+        for name in ("shuffle_buffer", "block_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.unbiased and not self.weighted:
+            raise ValueError("unbiased needs weighted=True")
+
+
+def decode_batch(batch: pa.Table, image_shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Arrow rows (image as a list column) -> numpy {'sample_id', 'image' (B, C, H, W) float32, 'label'}."""
+    flat = pc.list_flatten(batch.column("image")).to_numpy(zero_copy_only=False)
+    return {
+        "sample_id": batch.column("sample_id").to_numpy(),
+        "image": np.array(flat, dtype=np.float32).reshape(len(batch), *image_shape),
+        "label": batch.column("label").to_numpy(),
+    }
+
+
+def redraw_batch(batch: dict[str, np.ndarray], store, unbiased: bool) -> dict[str, np.ndarray]:
+    """Repeats each row by this epoch's draw count (0 drops it); adds loss_scale in unbiased mode."""
+    counts, scale = ray.get(store.counts_for.remote(batch["sample_id"]))
+    idx = np.repeat(np.arange(len(counts)), counts)
+    out = {k: v[idx] for k, v in batch.items()}
+    if unbiased:
+        out["loss_scale"] = scale[idx]
+    return out
+
+
+def build_stream(info: DatasetInfo, cfg: StreamConfig, store=None) -> ray.data.Dataset:
+    """The training dataset for Ray Train (pass `store` when cfg.weighted)."""
+    ds = ray.data.read_parquet(info.path).select_columns(["sample_id", "image", "label"])
+    ds = ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=cfg.block_rows,
+        fn_kwargs={"image_shape": info.image_shape},
+    )
+    if cfg.weighted:
+        if store is None:
+            raise ValueError("a weighted stream needs the sample-weight store actor")
+        ds = ds.randomize_block_order().map_batches(
+            redraw_batch,
+            batch_format="numpy",
+            batch_size=cfg.block_rows,
+            fn_kwargs={"store": store, "unbiased": cfg.unbiased},
+        )
+    return ds
+
+
+def build_eval_stream(info: DatasetInfo, block_rows: int = 1024) -> ray.data.Dataset:
+    """The held-out dataset, decoded, every row once."""
+    ds = ray.data.read_parquet(info.path).select_columns(["sample_id", "image", "label"])
+    return ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=block_rows,
+        fn_kwargs={"image_shape": info.image_shape},
+    )
+
+
+def read_sample_ids(info: DatasetInfo) -> np.ndarray:
+    """Only the sample_id column (8 bytes a row), for the weight store."""
+    import pyarrow.parquet as pq
+
+    files = parquet_files(info.path)
+    return np.concatenate(
+        [pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy() for f in files]
+    )

@@ -1,0 +1,47 @@
+"""The weighted Ray Data stage: rows repeated by the store's draw, streamed, with the unbiased loss scale."""
+
+import numpy as np
+import pytest
+
+from actors.dataset import DataConfig, prepare_data
+from actors.weight_store import SampleWeightStore
+from actors.weighted_stream import StreamConfig, build_stream, read_sample_ids
+
+
+@pytest.mark.timeout(180)
+def test_stream_follows_the_draw(ray_local, tmp_path):
+    ray = ray_local
+    splits = prepare_data(DataConfig(), tmp_path)
+    ids = read_sample_ids(splits.train)
+    store = ray.remote(SampleWeightStore).remote(ids, None, 0)
+    weights = np.where(ids % 2 == 0, 3.0, 0.5)  # even ids six times as likely
+    state = ray.get(store.state.remote())
+    state["weights"] = weights[np.argsort(ids)]
+    ray.get(store.load_state.remote(state))
+    ray.get(store.begin_epoch.remote(0, 5000))
+    ds = build_stream(splits.train, StreamConfig(unbiased=True, block_rows=256), store)
+    seen_ids, scales = [], []
+    for batch in ds.iter_batches(batch_size=512, batch_format="numpy"):
+        assert batch["image"].shape[1:] == (1, 8, 8) and batch["image"].dtype == np.float32
+        seen_ids.append(batch["sample_id"])
+        scales.append(batch["loss_scale"])
+    seen = np.concatenate(seen_ids)
+    assert len(seen) == 5000  # exactly the epoch size drawn
+    counts, _ = ray.get(store.counts_for.remote(ids))
+    got = np.bincount(np.searchsorted(np.sort(ids), seen), minlength=len(ids))
+    np.testing.assert_array_equal(got, counts[np.argsort(ids)])
+    even_share = np.isin(seen, ids[ids % 2 == 0]).mean()
+    n_even = (ids % 2 == 0).sum()
+    expected = 3.0 * n_even / (3.0 * n_even + 0.5 * (len(ids) - n_even))
+    assert abs(even_share - expected) < 0.03  # ~6 sigma at n = 5000
+    scale = np.concatenate(scales)
+    mean_w = weights.mean()
+    np.testing.assert_allclose(scale[np.isin(seen, ids[ids % 2 == 0])], mean_w / 3.0, rtol=1e-5)
+
+
+def test_uniform_stream_needs_no_store(ray_local, tmp_path):
+    splits = prepare_data(DataConfig(), tmp_path)
+    ds = build_stream(splits.train, StreamConfig(weighted=False), None)
+    assert ds.count() == splits.train.num_rows
+    with pytest.raises(ValueError, match="needs the sample-weight store"):
+        build_stream(splits.train, StreamConfig(), None)
