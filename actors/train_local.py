@@ -117,9 +117,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
-) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
     """(mean loss, accuracy) of `model` in eval mode over tensors x (N, C, H, W), y (N,)."""
     model.eval()
     total_loss, correct = 0.0, 0
@@ -178,7 +176,7 @@ def fit_local(
         test_loss, test_acc = evaluate(model, *test)
         history.append(
             dict(
-                epoch=epoch + 1,
+                epoch=epoch,
                 loss=stats.loss,
                 train_accuracy=stats.accuracy,
                 test_loss=test_loss,

@@ -1,4 +1,9 @@
-"""`tandem` command line: a thin shim that turns flags into configs and calls the job's main(cfg)."""
+"""`tandem` command line: a thin shim that turns flags into configs and calls the job's main(cfg).
+
+tandem run       the whole pipeline on an embedded local Ray (or --address)
+tandem train     data + distributed training only
+tandem bench     one of the benchmarks under bench/
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import sys
 
 from actors.dataset import DataConfig
 from actors.train_local import TrainConfig
+from actors.trainer import DistConfig
+from actors.weight_store import WeightRule
+from actors.weighted_stream import StreamConfig
 from kernels.precision import PrecisionConfig
 
 
@@ -19,21 +27,33 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="small", help="built-in model: tiny, small, resnet18 (default small)")
-    p.add_argument("--model", help="user model as package.module:function returning an nn.Module")
-    p.add_argument("--save", default="lean", choices=["lean", "fast"], help="memory mode of the fused op")
-    p.add_argument("--data", help="training parquet (file or directory); default: bundled digits")
-    p.add_argument("--test-data", help="held-out parquet; default: a split of --data")
-    p.add_argument("--image-shape", type=_shape, help="C,H,W when the parquet metadata does not say")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 8; 2 with --smoke)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "bf16", "fp16"],
-        help="training dtype (default: chosen from the hardware)",
-    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--preset", default="small", help="built-in model: tiny, small, resnet18 (default small)")
+    g.add_argument("--model", help="user model as package.module:function returning an nn.Module")
+    g.add_argument("--save", default="lean", choices=["lean", "fast"], help="memory mode of the fused op")
+    g.add_argument("--data", help="training parquet (file or directory); default: bundled digits")
+    g.add_argument("--test-data", help="held-out parquet; default: a split of --data")
+    g.add_argument("--image-shape", type=_shape, help="C,H,W when the parquet metadata does not say")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (default 8; 4 with --smoke)")
+    g.add_argument("--batch-size", type=int, default=None, help="samples per step and worker (64; 32 with --smoke)")
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="training dtype (default: from hardware)")
+    g.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    g.add_argument("--nodes", type=int, default=2, help="simulated nodes of the embedded Ray (default 2)")
+    g.add_argument("--workers", type=int, default=4, help="Ray Train workers (default 4)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g.add_argument("--placement", default="SPREAD", help="placement strategy of the workers (default SPREAD)")
+    g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from checkpoint")
+    g.add_argument("--checkpointing", default="none", help="activation checkpointing: none, all, or k")
+    g = p.add_argument_group("sample weighting")
+    g.add_argument("--uniform", action="store_true", help="no weighted sampling (every row once per epoch)")
+    g.add_argument("--unbiased", action="store_true", help="scale losses by 1/(N p) under weighted sampling")
+    g.add_argument("--epoch-size", type=int, help="rows drawn per epoch (default: dataset size)")
+    g.add_argument("--weight-every-steps", type=int, default=0, help="apply the weight rule every k steps too")
     p.add_argument("--workdir", default="runs/latest", help="where data and reports go (default runs/latest)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: the whole job in seconds")
 
@@ -41,7 +61,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def run_config(args: argparse.Namespace):
     from tandem.job import RunConfig
 
-    epochs = args.epochs if args.epochs is not None else (2 if args.smoke else 8)
+    epochs = args.epochs if args.epochs is not None else (4 if args.smoke else 8)
+    batch_size = args.batch_size if args.batch_size is not None else (32 if args.smoke else 64)
     return RunConfig(
         preset="tiny" if args.smoke and args.model is None and args.preset == "small" else args.preset,
         model=args.model,
@@ -49,30 +70,48 @@ def run_config(args: argparse.Namespace):
         data=DataConfig(train_path=args.data, test_path=args.test_data, image_shape=args.image_shape),
         train=TrainConfig(
             epochs=epochs,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             lr=args.lr,
             seed=args.seed,
             precision=PrecisionConfig(train_dtype=args.precision),
         ),
+        dist=DistConfig(
+            num_workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            placement=args.placement,
+            max_failures=args.max_failures,
+            checkpointing=args.checkpointing,
+        ),
+        stream=StreamConfig(weighted=not args.uniform, unbiased=args.unbiased, epoch_size=args.epoch_size),
+        rule=WeightRule(every_steps=args.weight_every_steps),
+        address=args.address,
+        nodes=args.nodes,
+        local=args.local,
         workdir=args.workdir,
         smoke=args.smoke,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tandem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="the end-to-end job on an embedded local Ray (default data: digits)")
-    _add_common(run)
+    _add_common(sub.add_parser("run", help="the whole pipeline on an embedded local Ray (default data: digits)"))
+    _add_common(sub.add_parser("train", help="prepare data and train on Ray Train"))
     bench = sub.add_parser("bench", help="run a benchmark under bench/")
     bench.add_argument("name", choices=["conv_bn"], help="benchmark name")
     bench.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "run":
-            from tandem.job import main as run_main
+    return parser
 
-            run_main(run_config(args))
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("run", "train"):
+            from tandem.job import main as job_main
+
+            job_main(run_config(args))
         elif args.command == "bench":
             import importlib
 

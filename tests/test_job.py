@@ -14,22 +14,22 @@ from tandem.job import RunConfig, main
 
 def test_tiny_preset_reaches_90_percent_in_under_a_minute(tmp_path):
     t0 = time.perf_counter()
-    report = main(RunConfig(preset="tiny", train=TrainConfig(epochs=6), workdir=str(tmp_path)))
+    report = main(RunConfig(preset="tiny", train=TrainConfig(epochs=6), local=True, workdir=str(tmp_path)))
     elapsed = time.perf_counter() - t0
     assert report["test_accuracy"] >= 0.90, report["history"]
     assert elapsed < 60, f"took {elapsed:.1f} s"
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["test_accuracy"] == report["test_accuracy"] and len(saved["history"]) == 6
+    assert saved["test_accuracy"] == report["test_accuracy"] and len(saved["train"]["history"]) == 6
 
 
 def test_cli_smoke_and_errors(tmp_path, capsys):
-    assert cli_main(["run", "--smoke", "--precision", "fp32", "--workdir", str(tmp_path)]) == 0
+    assert cli_main(["run", "--smoke", "--local", "--precision", "fp32", "--workdir", str(tmp_path)]) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert cli_main(["run", "--preset", "huge", "--workdir", str(tmp_path)]) == 2
     assert "preset must be one of" in capsys.readouterr().err
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"garbage")
-    assert cli_main(["run", "--smoke", "--data", str(bad), "--workdir", str(tmp_path / "w")]) == 2
+    assert cli_main(["run", "--smoke", "--local", "--data", str(bad), "--workdir", str(tmp_path / "w")]) == 2
     assert "not a readable parquet" in capsys.readouterr().err
     assert not (tmp_path / "w" / "report.json").exists()
 
