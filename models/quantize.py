@@ -28,7 +28,9 @@ Artifacts (models/artifact.py) store `QuantizedModel.artifact_state()` and rebui
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -146,9 +148,38 @@ def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
 # ------------------------------------------------------------------------------------------ the wrapper
 
 
+class BucketCompiled:
+    """Inductor with freezing (weights as constants; on x86 the int8 convs become oneDNN kernels) on static
+    shapes: freezing's int8 weight pre-packing needs concrete sizes, so one graph is built (`build(example)`)
+    and compiled per batch bucket (powers of two), inputs are zero-padded to their bucket and outputs sliced.
+    The first call of each bucket compiles (tens of seconds on 2 cores); `warmup` does it ahead."""
+
+    def __init__(self, build: Callable[[torch.Tensor], nn.Module]):
+        self.build = build
+        self._fns: dict[int, Callable] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        b = 1 << max(n - 1, 0).bit_length()
+        if b != n:
+            x = torch.cat([x, x.new_zeros(b - n, *x.shape[1:])])
+        fn = self._fns.get(b)
+        if fn is None:
+            fn = self._fns[b] = torch.compile(self.build(x), dynamic=False)
+        # freezing must be on while AOT autograd traces (the first call), not only inside inductor, or the
+        # weights stay graph inputs and the int8 pre-packing fails on fake tensors; so not via `options=`.
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            return fn(x)[:n]
+
+    def warmup(self, example: torch.Tensor, batch_sizes: Iterable[int]) -> None:
+        """Compiles the buckets of `batch_sizes` using rows of `example` (N >= 1, C, H, W)."""
+        for b in batch_sizes:
+            self(example[:1].expand(b, *example.shape[1:]).contiguous())
+
+
 class QuantizedModel(nn.Module):
-    """A quantized CNN: `runtime` computes the logits; `compile_()` switches to an inductor-compiled runtime.
-    Holds what an artifact needs to rebuild it (`artifact_state`)."""
+    """A quantized CNN: `runtime` computes the logits (reference graph); `compile_()` switches to the
+    inductor-compiled one (`BucketCompiled`). Holds what an artifact needs to rebuild it."""
 
     def __init__(
         self,
@@ -158,9 +189,11 @@ class QuantizedModel(nn.Module):
         channels: dict[str, int],
         tensors: dict[str, torch.Tensor],
         state: dict,
+        static_build: Callable[[torch.Tensor], nn.Module] | None = None,
     ):
         super().__init__()
         self.runtime = runtime
+        self._static_build = static_build or (lambda example: runtime)
         self.config = config
         self.model_config = model_config
         self.channels = dict(channels)
@@ -177,10 +210,12 @@ class QuantizedModel(nn.Module):
         quant = {"scheme": self.scheme, "config": asdict(self.config), "state": self._state}
         return dict(self._tensors), quant
 
-    def compile_(self) -> QuantizedModel:
-        """Routes forward through torch.compile (inductor, freezing: constant weights folded, int8 convs
-        lowered to oneDNN on CPU). First calls per input shape compile (tens of seconds on 2 cores)."""
-        self._compiled = torch.compile(self.runtime, options={"freezing": True}, dynamic=False)
+    def compile_(self, example: torch.Tensor | None = None, batch_sizes: Iterable[int] = ()) -> QuantizedModel:
+        """Routes forward through inductor (`BucketCompiled`); with an `example` input, the buckets of
+        `batch_sizes` are compiled now. CPU runtimes only (the FP8 GPU path runs eagerly)."""
+        self._compiled = BucketCompiled(self._static_build)
+        if example is not None:
+            self._compiled.warmup(example, batch_sizes)
         return self
 
     def train(self, mode: bool = True) -> QuantizedModel:
@@ -244,11 +279,11 @@ def _x86_quantizer():
     return X86InductorQuantizer().set_global(cfg)
 
 
-def _prepare(folded: nn.Module, example: torch.Tensor):
+def _prepare(folded: nn.Module, example: torch.Tensor, dynamic: bool = True):
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    exported = torch.export.export(folded.eval(), (example,), dynamic_shapes=({0: batch},)).module()
+    shapes = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},) if dynamic else None
+    exported = torch.export.export(folded.eval(), (example,), dynamic_shapes=shapes).module()
     return prepare_pt2e(exported, _x86_quantizer())
 
 
@@ -258,11 +293,14 @@ def _activation_observers(prepared: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in prepared.named_modules() if type(m) is MinMaxObserver}
 
 
-def _int8_runtime(folded: nn.Module, ranges: dict[str, list[float]], example: torch.Tensor) -> nn.Module:
-    """The converted PT2E graph of `folded` (weights already on their int8 grid) with activation `ranges`."""
+def _int8_runtime(
+    folded: nn.Module, ranges: dict[str, list[float]], example: torch.Tensor, dynamic: bool = True
+) -> nn.Module:
+    """The converted PT2E graph of `folded` (weights already on their int8 grid) with activation `ranges`;
+    any batch size when `dynamic`, else only that of `example` (what inductor's freezing needs)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    prepared = _prepare(folded, example)
+    prepared = _prepare(folded, example, dynamic)
     with torch.no_grad():
         prepared(example)  # the weight observers see the weights; activation ranges are set just below
         observers = _activation_observers(prepared)
@@ -490,8 +528,14 @@ def quantize_(
         _qat_finetune_(folded, config, train)
     tensors = _snap_int8_(folded, config.per_channel)
     ranges = _calibrate_int8(folded, calib)
-    runtime = _int8_runtime(folded, ranges, calib[:2])
-    return QuantizedModel(runtime, config, cfg, channels, tensors, {"activation_ranges": ranges})
+    return _int8_model(folded, ranges, calib[:2], config, cfg, channels, tensors)
+
+
+def _int8_model(folded, ranges, example, config, cfg, channels, tensors) -> QuantizedModel:
+    runtime = _int8_runtime(folded, ranges, example)
+    static = functools.partial(_int8_runtime, folded, ranges, dynamic=False)
+    state = {"activation_ranges": ranges}
+    return QuantizedModel(runtime, config, cfg, channels, tensors, state, static_build=static)
 
 
 def restore_quantized(
@@ -518,5 +562,4 @@ def restore_quantized(
     ranges = quant.get("state", {}).get("activation_ranges")
     if not isinstance(ranges, dict):
         raise ValueError("int8 quantization state must hold activation_ranges")
-    runtime = _int8_runtime(folded, ranges, example)
-    return QuantizedModel(runtime, config, cfg, channels, tensors, {"activation_ranges": ranges})
+    return _int8_model(folded, ranges, example, config, cfg, channels, tensors)

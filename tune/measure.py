@@ -1,0 +1,74 @@
+"""Latency of a model on this machine: median wall time of one forward at a given batch size.
+
+fp32 and quantized models are timed under the same compiler when `compile=True`: an fp32 `CNN` is BN-folded
+and wrapped in the same `BucketCompiled` (inductor, freezing) that `QuantizedModel.compile_()` uses.
+FP8 on a CPU is timed as what it is there: an fp32 emulation (slower than fp32, not a deployment target).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from models.quantize import BucketCompiled, QuantizedModel, fold_bn_
+
+
+@dataclass(kw_only=True, slots=True)
+class MeasureConfig:
+    """How latency is measured."""
+
+    batch_sizes: tuple[int, ...] = (1, 32)
+    """Batch sizes timed; the sweep's latency objective is the last one."""
+    compile: bool = True
+    """Time the inductor-compiled model (the deployment path); False times eager (fast to set up)."""
+    warmup: int = 5
+    """Untimed calls before timing."""
+    iters: int = 30
+    """Timed calls; the median is reported."""
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes must be positive ints, got {list(self.batch_sizes)}")
+        for name in ("warmup", "iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "warmup" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'warmup' else 'positive'} int")
+
+
+def inference_callable(model: nn.Module, compile: bool):
+    """What gets timed: the model itself, or its compiled form (BN folded for fp32, see module docstring)."""
+    if not compile:
+        return model.eval()
+    if isinstance(model, QuantizedModel):
+        return model.compile_()
+    folded = fold_bn_(copy.deepcopy(model).eval())
+    return BucketCompiled(lambda example: folded)
+
+
+def median_ms(fn, x: torch.Tensor, warmup: int, iters: int) -> float:
+    """Median milliseconds of `fn(x)` over `iters` calls after `warmup` calls."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(x)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], cfg: MeasureConfig) -> dict[str, float]:
+    """{"batch_<b>": median ms} for each batch size of `cfg`, on random inputs of `input_shape` (C, H, W)."""
+    fn = inference_callable(model, cfg.compile)
+    g = torch.Generator().manual_seed(0)
+    return {
+        f"batch_{b}": median_ms(fn, torch.rand(b, *input_shape, generator=g), cfg.warmup, cfg.iters)
+        for b in cfg.batch_sizes
+    }

@@ -1,0 +1,110 @@
+"""The sweep's result: the Pareto front over (accuracy up, latency down, size down), the chosen model, and the
+report files (a markdown table, the rows as JSON, and a PNG plot of accuracy vs latency, size as marker).
+
+A row is a dict holding at least "accuracy", "latency_ms", "size_bytes" (finished trials only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OBJECTIVES: dict[str, str] = {"accuracy": "max", "latency_ms": "min", "size_bytes": "min"}
+
+
+def _key(row: dict, name: str) -> float:
+    return row[name] if OBJECTIVES[name] == "max" else -row[name]
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """a is at least as good as b in every objective and strictly better in one."""
+    ka = [_key(a, n) for n in OBJECTIVES]
+    kb = [_key(b, n) for n in OBJECTIVES]
+    return all(x >= y for x, y in zip(ka, kb, strict=True)) and any(x > y for x, y in zip(ka, kb, strict=True))
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows no other row dominates, sorted by latency."""
+    front = [r for r in rows if not any(dominates(o, r) for o in rows if o is not r)]
+    return sorted(front, key=lambda r: (r["latency_ms"], -r["accuracy"]))
+
+
+def choose(rows: list[dict], baseline_accuracy: float, max_acc_drop_pts: float) -> dict | None:
+    """The fastest row whose accuracy is within `max_acc_drop_pts` points of the baseline (ties: smaller,
+    then more accurate); None when no row qualifies."""
+    ok = [r for r in rows if 100 * (baseline_accuracy - r["accuracy"]) <= max_acc_drop_pts + 1e-9]
+    if not ok:
+        return None
+    return min(ok, key=lambda r: (r["latency_ms"], r["size_bytes"], -r["accuracy"]))
+
+
+_COLUMNS = ("trial", "prune_ratio", "quant", "per_channel", "finetune_epochs", "calib_size", "accuracy",
+            "acc_drop_pts", "latency_ms", "size_bytes", "macs")  # fmt: skip
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], chosen: dict | None = None) -> str:
+    lines = ["| " + " | ".join(_COLUMNS) + " | chosen |", "|" + "---|" * (len(_COLUMNS) + 1)]
+    for r in rows:
+        mark = "*" if chosen is not None and r is chosen else ""
+        lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in _COLUMNS) + f" | {mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], front: list[dict], chosen: dict | None, path: Path, title: str) -> None:
+    """PNG: accuracy vs latency, marker area proportional to size, front joined by a line, chosen starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    biggest = max(r["size_bytes"] for r in rows)
+    colors = {"none": "tab:gray", "int8_ptq": "tab:blue", "int8_qat": "tab:green", "fp8": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for quant, color in colors.items():
+        sel = [r for r in rows if r.get("quant") == quant]
+        if sel:
+            ax.scatter([r["latency_ms"] for r in sel], [100 * r["accuracy"] for r in sel], c=color, alpha=0.7,
+                       s=[20 + 300 * r["size_bytes"] / biggest for r in sel], label=quant)  # fmt: skip
+    xs, ys = [r["latency_ms"] for r in front], [100 * r["accuracy"] for r in front]
+    ax.plot(xs, ys, "k--", lw=1, label="Pareto front")
+    if chosen is not None:
+        ax.scatter([chosen["latency_ms"]], [100 * chosen["accuracy"]], marker="*", s=250, c="red", label="chosen")
+    ax.set_xlabel("latency (ms per batch)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(
+    rows: list[dict], baseline_accuracy: float, max_acc_drop_pts: float, out_dir: Path, title: str
+) -> dict:
+    """Writes pareto.md, trials.json and pareto.png under `out_dir`; returns {front, chosen, paths}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    front = pareto_front(rows)
+    chosen = choose(rows, baseline_accuracy, max_acc_drop_pts)
+    text = (
+        f"# {title}\n\nbaseline accuracy {100 * baseline_accuracy:.2f}%, max drop {max_acc_drop_pts} points; "
+        f"chosen = fastest within it (marked *).\n\n## Pareto front\n\n{markdown_table(front, chosen)}\n"
+        f"## All finished trials\n\n{markdown_table(sorted(rows, key=lambda r: r['latency_ms']), chosen)}"
+    )
+    paths = {"table": out_dir / "pareto.md", "rows": out_dir / "trials.json", "plot": out_dir / "pareto.png"}
+    paths["table"].write_text(text)
+    summary = {
+        "baseline_accuracy": baseline_accuracy,
+        "trials": rows,
+        "front": [r["trial"] for r in front],
+        "chosen": None if chosen is None else chosen["trial"],
+    }
+    paths["rows"].write_text(json.dumps(summary, indent=2))
+    plot(rows, front, chosen, paths["plot"], title)
+    return {"front": front, "chosen": chosen, "paths": paths}

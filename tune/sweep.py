@@ -1,0 +1,205 @@
+"""The compression sweep: Ray Tune searches pruning and quantization settings (tune/space.py), each trial
+prunes, fine-tunes, quantizes and measures (tune/trial.py), and the result is the Pareto front over
+accuracy, latency and size with the chosen model exported as an artifact (tune/pareto.py).
+
+Search: Optuna's multi-objective TPE sampler through Tune's `OptunaSearch` (`OptunaMO`, the default), or
+Tune's random `BasicVariantGenerator` (`RandomSearch`). Early stopping: ASHA on the fine-tune accuracy that
+trials report each epoch. Outputs under `out_dir`: pareto.md, trials.json, pareto.png, artifact/ (the chosen
+model), ray/ (Tune's own run directory, trial checkpoints = trial artifacts).
+
+Entry point: `main(argv)` (`tandem tune`): --trials, --max-acc-drop, --smoke, --out, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tune.baseline import BaselineConfig, load_baseline
+from tune.measure import MeasureConfig
+from tune.pareto import OBJECTIVES, write_report
+from tune.space import SearchSpace
+from tune.trial import TrialContext, tune_trainable
+
+
+@dataclass(kw_only=True, slots=True)
+class OptunaMO:
+    """Multi-objective Optuna (TPE) through ray.tune.search.optuna.OptunaSearch (needs the optuna package)."""
+
+    seed: int = 0
+    """Sampler seed."""
+
+    def build(self):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = optuna.samplers.TPESampler(seed=self.seed)
+        return OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=sampler)
+
+
+@dataclass(kw_only=True, slots=True)
+class RandomSearch:
+    """Tune's built-in random search (no extra dependency)."""
+
+    seed: int = 0
+    """Random state of the variant generator."""
+
+    def build(self):
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=self.seed)
+
+
+@dataclass(kw_only=True, slots=True)
+class SweepConfig:
+    """A whole sweep."""
+
+    trials: int = 16
+    """Number of trials (Tune samples)."""
+    max_acc_drop_pts: float = 1.0
+    """The chosen model is the fastest whose accuracy is within this many points of the baseline."""
+    space: SearchSpace = field(default_factory=SearchSpace)
+    """What is searched."""
+    searcher: OptunaMO | RandomSearch = field(default_factory=OptunaMO)
+    """How the space is searched."""
+    asha: bool = True
+    """Stop unpromising fine-tunes early with ASHA (on per-epoch accuracy)."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """The trained model and data the trials start from."""
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    """Latency measurement of each trial."""
+    out_dir: str = "tune_results"
+    """Where the report, the chosen artifact and Tune's run directory go."""
+    concurrency: int = 1
+    """Trials run at once (1 keeps latency measurements undisturbed on a small machine)."""
+    verbose: int = 1
+    """Tune's progress output level (0 silent, 1 status table, 2 + trial results)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise ValueError(f"trials must be a positive int, got {self.trials!r}")
+        if not isinstance(self.max_acc_drop_pts, int | float) or not 0 <= self.max_acc_drop_pts <= 100:
+            raise ValueError(f"max_acc_drop_pts must be a number in [0, 100], got {self.max_acc_drop_pts!r}")
+        if not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise ValueError(f"concurrency must be a positive int, got {self.concurrency!r}")
+        if not isinstance(self.searcher, OptunaMO | RandomSearch):
+            raise TypeError(f"searcher must be OptunaMO or RandomSearch, got {type(self.searcher).__name__}")
+
+    @classmethod
+    def smoke(cls, out_dir: str, **overrides) -> SweepConfig:
+        """Seconds-sized: tiny preset, short fine-tunes, eager latency."""
+        defaults = dict(
+            trials=4,
+            space=SearchSpace(finetune_epochs=(0, 1), calib_size=(64,)),
+            baseline=BaselineConfig(preset="tiny", epochs=5),
+            measure=MeasureConfig(compile=False, warmup=1, iters=5),
+            out_dir=out_dir,
+            verbose=0,
+        )
+        return cls(**{**defaults, **overrides})
+
+
+@dataclass(slots=True)
+class SweepResult:
+    rows: list[dict]
+    """Finished trials (config + metrics + artifact path)."""
+    front: list[dict]
+    chosen: dict | None
+    baseline_accuracy: float
+    artifact: Path | None
+    """The chosen model's artifact (a copy under out_dir), None if no trial was within the accuracy drop."""
+    paths: dict[str, Path]
+
+
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Runs the sweep on the current Ray cluster (ray.init() first) and writes its report."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    out = Path(cfg.out_dir).resolve()
+    baseline = cfg.baseline
+    if baseline.cache_dir is None:  # trials in other processes must find the driver's cached checkpoint
+        baseline = BaselineConfig(**{**_fields(baseline), "cache_dir": str(baseline.cache_path().resolve())})
+    model, data = load_baseline(baseline)  # trained once here, loaded by every trial
+    base_acc = data.accuracy(model)
+    ctx = TrialContext(baseline=baseline, measure=cfg.measure)
+    scheduler = None
+    if cfg.asha:
+        scheduler = ASHAScheduler(
+            metric="accuracy", mode="max", time_attr="training_iteration", grace_period=1, reduction_factor=2,
+            max_t=cfg.space.finetune_epochs[1] + 1,
+        )  # fmt: skip
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), {"cpu": 1}),
+        param_space=cfg.space.to_tune(),
+        tune_config=tune.TuneConfig(
+            search_alg=cfg.searcher.build(),
+            scheduler=scheduler,
+            num_samples=cfg.trials,
+            max_concurrent_trials=cfg.concurrency,
+        ),
+        run_config=tune.RunConfig(name="compress", storage_path=str(out / "ray"), verbose=cfg.verbose),
+    )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        if result.error is not None or not m.get("final") or result.checkpoint is None:
+            continue  # failed or stopped early by ASHA
+        rows.append({"trial": m["trial_id"], **result.config, **{k: m[k] for k in _METRICS if k in m},
+                     "artifact": result.checkpoint.path})  # fmt: skip
+    if not rows:
+        raise RuntimeError(f"no trial finished; see Tune's logs under {out / 'ray'}")
+    title = f"compression sweep ({baseline.preset})"
+    report = write_report(rows, base_acc, cfg.max_acc_drop_pts, out, title=title)
+    artifact = None
+    if report["chosen"] is not None:
+        artifact = out / "artifact"
+        if artifact.exists():
+            shutil.rmtree(artifact)
+        shutil.copytree(report["chosen"]["artifact"], artifact)
+    return SweepResult(rows, report["front"], report["chosen"], base_acc, artifact, report["paths"])
+
+
+_METRICS = ("accuracy", "acc_drop_pts", "baseline_accuracy", "latency_ms", "latency_batch_1_ms",
+            "latency_batch_32_ms", "size_bytes", "params", "macs")  # fmt: skip
+
+
+def _fields(obj) -> dict:
+    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+
+
+def main(argv: list[str] | None = None) -> SweepResult:
+    """`tandem tune`: runs the sweep on a local (or the connected) Ray cluster and prints where things are."""
+    p = argparse.ArgumentParser(prog="tandem tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--max-acc-drop", type=float, default=1.0, help="accuracy points the chosen model may lose")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 4 trials, seconds per trial")
+    p.add_argument("--out", default="tune_results")
+    p.add_argument("--preset", default="small", help="model preset trained when no --checkpoint is given")
+    p.add_argument("--checkpoint", default=None, help="fp32 artifact directory of the trained model")
+    p.add_argument("--searcher", choices=("optuna", "random"), default="optuna")
+    p.add_argument("--concurrency", type=int, default=1)
+    args = p.parse_args(argv)
+    searcher = OptunaMO() if args.searcher == "optuna" else RandomSearch()
+    if args.smoke:
+        cfg = SweepConfig.smoke(args.out, max_acc_drop_pts=args.max_acc_drop, searcher=searcher, verbose=1)
+    else:
+        cfg = SweepConfig(
+            trials=args.trials,
+            max_acc_drop_pts=args.max_acc_drop,
+            searcher=searcher,
+            baseline=BaselineConfig(preset=args.preset, checkpoint=args.checkpoint),
+            out_dir=args.out,
+            concurrency=args.concurrency,
+        )
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(4, cfg.concurrency))
+    result = run_sweep(cfg)
+    print(result.paths["table"].read_text())
+    print(f"plot: {result.paths['plot']}\nchosen artifact: {result.artifact}")
+    return result
