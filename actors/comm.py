@@ -1,6 +1,7 @@
 """The gradient communication a Ray Train worker's DDP uses, chosen by config: DDP's own flat allreduce, or the
-hierarchical hook of collectives/ (exact inside a node, compressed between nodes). One small interface so the
-train loop does not care which: counters of bytes per step, and state for checkpoints."""
+hierarchical hook of collectives/ (exact inside a node, compressed between node peers). One small interface so
+the train loop does not care which: bytes per step by level, and state (error-feedback residuals) for
+checkpoints. The topology comes from the Ray Train context (node rank / local rank of every worker)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,36 @@ from dataclasses import dataclass
 
 from torch.nn.parallel import DistributedDataParallel
 
-_KINDS = ("allreduce",)
+KINDS = ("allreduce", "hierarchical")
+CODECS = ("2bit", "lowrank", "none")
 
 
 @dataclass(kw_only=True, slots=True)
 class CommConfig:
     """Gradient communication between workers."""
 
-    kind: str = "allreduce"
-    """'allreduce': DDP's flat allreduce (exact)."""
+    kind: str = "hierarchical"
+    """'hierarchical': collectives' hook (exact inside a node, `codec` between nodes); 'allreduce': DDP's own."""
+    codec: str = "2bit"
+    """Inter-node codec of the hierarchical hook: '2bit' (error feedback), 'lowrank' (PowerSGD-style), 'none'."""
+    mode: str = "always"
+    """'always' compress, 'never', or 'auto' (compress only where the probed inter-node link is slow)."""
+    warmup_steps: int = 0
+    """Exact allreduce steps before compressing."""
+    lowrank_rank: int = 4
+    """Rank of the low-rank codec."""
+    compiled_codec: bool = True
+    """Use the inductor-compiled CPU codec (fast after a one-off compile) instead of the plain torch one."""
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ValueError(f"comm kind must be one of {list(_KINDS)}, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"comm kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {list(CODECS)}, got {self.codec!r}")
+        if self.mode not in ("always", "auto", "never"):
+            raise ValueError(f"mode must be always, auto or never, got {self.mode!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
 
 
 class FlatAllreduce:
@@ -31,10 +49,7 @@ class FlatAllreduce:
         self.grad_bytes = sum(p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)
         self.world_size = world_size
 
-    def reset_counters(self) -> None:
-        pass
-
-    def metrics(self, steps: int) -> dict:
+    def metrics(self) -> dict:
         n = self.world_size
         return {"comm": "allreduce", "grad_bytes_per_step": 2 * (n - 1) / n * self.grad_bytes}
 
@@ -45,9 +60,46 @@ class FlatAllreduce:
         pass
 
 
-def build_comm(cfg: CommConfig, ctx, ddp: DistributedDataParallel):
-    """Registers the configured communication on `ddp`; `ctx` is the Ray Train context (topology)."""
-    return FlatAllreduce(ddp, ctx.get_world_size())
+class HierarchicalComm:
+    """collectives' hierarchical hook registered on the DDP model."""
+
+    def __init__(self, cfg: CommConfig, ddp: DistributedDataParallel, context):
+        from collectives.hook import HookConfig, register
+        from collectives.internode import LowRank, NoCompression, TwoBitEF
+        from collectives.topology import Topology
+
+        codec = {
+            "2bit": lambda: TwoBitEF(compiled=cfg.compiled_codec),
+            "lowrank": lambda: LowRank(rank=cfg.lowrank_rank),
+            "none": NoCompression,
+        }[cfg.codec]()
+        self.topology = Topology.from_ray_train(context)
+        self.state = register(
+            ddp, HookConfig(codec=codec, warmup_steps=cfg.warmup_steps, mode=cfg.mode), topology=self.topology
+        )
+        self.codec = cfg.codec
+
+    def metrics(self) -> dict:
+        b = self.state.last_step_bytes
+        return {
+            "comm": f"hierarchical/{self.codec}",
+            "compressing": self.state.compressing,
+            "nodes": self.topology.nodes,
+            "grad_bytes_intra_per_step": b.get("intra", 0),
+            "grad_bytes_inter_per_step": b.get("inter", 0),
+            "grad_bytes_flat_per_step": b.get("flat", 0),
+            "grad_bytes_per_step": sum(b.values()),
+        }
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)
 
 
-__all__ = ["CommConfig", "FlatAllreduce", "build_comm"]
+def build_comm(cfg: CommConfig, context, ddp: DistributedDataParallel) -> FlatAllreduce | HierarchicalComm:
+    """Registers the configured communication on `ddp`; `context` is the Ray Train context (topology)."""
+    if cfg.kind == "allreduce":
+        return FlatAllreduce(ddp, context.get_world_size())
+    return HierarchicalComm(cfg, ddp, context)

@@ -186,7 +186,6 @@ def train_loop(config: dict) -> None:
             ray.get(store.begin_epoch.remote(epoch, job.stream.epoch_size))
         dist.barrier()  # the draw of this epoch is fixed before any worker reads
         t0 = time.perf_counter()
-        comm.reset_counters()
         sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
         pending, buf_ids, buf_d, steps = [], [], [], 0
         shard = ray.train.get_dataset_shard("train")
@@ -247,7 +246,7 @@ def train_loop(config: dict) -> None:
             "node_rank": ctx.get_node_rank(),
             "local_rank": ctx.get_local_rank(),
             "restored": restored,
-            **comm.metrics(steps),
+            **comm.metrics(),
         }
         if weighted and rank == 0:
             metrics.update({f"weights_{k}": v for k, v in ray.get(store.stats.remote()).items() if k != "epoch"})

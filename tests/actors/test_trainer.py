@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from actors.comm import CommConfig
 from actors.dataset import DataConfig, prepare_data
 from actors.train_local import TrainConfig
 from actors.trainer import DistConfig, TrainJob, collector_name, fit_distributed
@@ -20,18 +21,19 @@ from models.factory import ModelSpec
 pytestmark = pytest.mark.timeout(420)
 
 
-def _job(epochs: int, workers: int, **dist) -> TrainJob:
+def _job(epochs: int, workers: int, comm: CommConfig | None = None, **dist) -> TrainJob:
     return TrainJob(
         model=ModelSpec(preset="tiny"),
         train=TrainConfig(epochs=epochs, batch_size=32, precision=PrecisionConfig(train_dtype="fp32")),
-        dist=DistConfig(num_workers=workers, **dist),
+        dist=DistConfig(num_workers=workers, comm=comm or CommConfig(kind="allreduce"), **dist),
         stream=StreamConfig(),
     )
 
 
 def test_two_nodes_four_workers(ray_two_nodes, tmp_path):
     splits = prepare_data(DataConfig(), tmp_path)
-    res = fit_distributed(_job(6, 4, placement="SPREAD", name="two-nodes"), splits, str(tmp_path))
+    comm = CommConfig(kind="hierarchical", codec="2bit", compiled_codec=False)
+    res = fit_distributed(_job(6, 4, comm, placement="SPREAD", name="two-nodes"), splits, str(tmp_path))
     last_round = res.all_reports[-1]
     placement = sorted((m["node_rank"], m["local_rank"]) for m in last_round)
     assert placement == [(0, 0), (0, 1), (1, 0), (1, 1)], placement
@@ -41,6 +43,10 @@ def test_two_nodes_four_workers(ray_two_nodes, tmp_path):
     assert len({m["steps"] for m in last_round}) == 1
     assert res.weights.min() < 1.0 < res.weights.max()
     assert res.history[-1]["weights_updates"] == 5
+    # the hook saw the same two nodes, compressed between them, and sent far fewer bytes across than inside
+    for m in last_round:
+        assert m["comm"] == "hierarchical/2bit" and m["nodes"] == 2 and m["compressing"]
+        assert 0 < 8 * m["grad_bytes_inter_per_step"] < m["grad_bytes_intra_per_step"]
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path):
