@@ -59,6 +59,8 @@ class DistConfig:
     """Where Ray Train keeps checkpoints (default: <workdir>/ray_results)."""
     name: str = "tandem-train"
     """Run name under storage_path."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra custom resources each worker needs, e.g. {"worker_slot": 1} to pin a fixed number per node."""
     placement: str = "PACK"
     """Placement group strategy for the workers: PACK (fill nodes in turn) or SPREAD (across nodes)."""
     wait_for_resources: bool = False
@@ -315,7 +317,7 @@ def fit_distributed(job: TrainJob, splits: DataSplits, workdir: str, progress_ba
         scaling_config=ScalingConfig(
             num_workers=job.dist.num_workers,
             use_gpu=job.dist.use_gpu,
-            resources_per_worker={"CPU": job.dist.cpus_per_worker},
+            resources_per_worker={"CPU": job.dist.cpus_per_worker, **job.dist.worker_resources},
             placement_strategy=job.dist.placement,
         ),
         run_config=RunConfig(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,11 @@ class RunConfig:
         return ModelSpec(preset=self.preset, user=self.model, save=self.save)
 
     def train_job(self) -> TrainJob:
-        return TrainJob(model=self.model_spec(), train=self.train, dist=self.dist, stream=self.stream, rule=self.rule)
+        dist = self.dist
+        if self.address is None and self.nodes > 1 and not dist.worker_resources:
+            # the embedded cluster offers ceil(workers / nodes) worker slots per simulated node
+            dist = replace(dist, worker_resources={"worker_slot": 1})
+        return TrainJob(model=self.model_spec(), train=self.train, dist=dist, stream=self.stream, rule=self.rule)
 
 
 def _train_local(cfg: RunConfig, splits: DataSplits) -> dict:
@@ -132,7 +136,8 @@ def main(cfg: RunConfig, steps: tuple[str, ...] = ("train",)) -> dict:
     else:
         from tandem.local_ray import ray_session
 
-        with ray_session(cfg.address, cfg.nodes) as session:
+        per_node = -(-cfg.dist.num_workers // cfg.nodes)
+        with ray_session(cfg.address, cfg.nodes, slots_per_node=per_node) as session:
             report["cluster"] = session
             report["train"] = train_step(cfg, splits)
     report["test_accuracy"] = report["train"]["test_accuracy"]

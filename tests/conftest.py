@@ -84,9 +84,12 @@ class _RayClusters:
         else:
             from ray.cluster_utils import Cluster
 
-            head = dict(num_cpus=6, include_dashboard=False, temp_dir=os.environ["RAY_TMPDIR"])
+            # `worker_slot`: 2 per node, so 4 Train workers asking for one each sit 2 + 2 (SPREAD is best effort)
+            head = dict(
+                num_cpus=6, resources={"worker_slot": 2}, include_dashboard=False, temp_dir=os.environ["RAY_TMPDIR"]
+            )
             self.cluster = Cluster(initialize_head=True, head_node_args=head)
-            self.cluster.add_node(num_cpus=6, node_ip_address="127.0.0.2")
+            self.cluster.add_node(num_cpus=6, resources={"worker_slot": 2}, node_ip_address="127.0.0.2")
             self.cluster.wait_for_nodes()
             ray.init(address=self.cluster.address, log_to_driver=False, configure_logging=False)
         self.kind = kind

@@ -33,7 +33,8 @@ def _job(epochs: int, workers: int, comm: CommConfig | None = None, **dist) -> T
 def test_two_nodes_four_workers(ray_two_nodes, tmp_path):
     splits = prepare_data(DataConfig(), tmp_path)
     comm = CommConfig(kind="hierarchical", codec="2bit", compiled_codec=False)
-    res = fit_distributed(_job(6, 4, comm, placement="SPREAD", name="two-nodes"), splits, str(tmp_path))
+    job = _job(6, 4, comm, placement="SPREAD", worker_resources={"worker_slot": 1}, name="two-nodes")
+    res = fit_distributed(job, splits, str(tmp_path))
     last_round = res.all_reports[-1]
     placement = sorted((m["node_rank"], m["local_rank"]) for m in last_round)
     assert placement == [(0, 0), (0, 1), (1, 0), (1, 1)], placement
