@@ -1,0 +1,157 @@
+"""Deploying the Serve app declaratively from Python: what `tandem serve` and `tandem loadtest` call.
+
+Everything goes through the declarative path (a `ServeDeploySchema` applied by the Serve controller, as
+`serve deploy serve_app/serve_config.yaml` does), never `serve.run`: re-applying a config whose import path,
+args and runtime env are unchanged keeps the application's code version, so Serve only pushes the changed
+`user_config`s to the running replicas through `reconfigure` (ray/serve/_private/application_state.py,
+`apply_app_config`). `serve.run` of a rebuilt app would get a fresh random version and restart every replica.
+So a hot update keeps `args` (they name the artifact the app was first deployed with) and overrides the
+deployments' `user_config`.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from serve_app.app import AppConfig, ModelUserConfig
+from serve_app.loadgen import LoadConfig, LoadReport, check_loopback, plot, run_load
+
+IMPORT_PATH = "serve_app.app:build_app"
+
+
+@dataclass(kw_only=True, slots=True)
+class DeployConfig:
+    """Where and how to serve; `app` holds `serve_app.app.AppConfig` fields other than `artifact`."""
+
+    host: str = "127.0.0.1"
+    """HTTP host of Serve's proxy (loopback by default)."""
+    port: int = 8000
+    """HTTP port of Serve's proxy."""
+    app_name: str = "tandem"
+    """Serve application name."""
+    address: str | None = None
+    """Ray cluster to deploy to ("auto", "ray://..."); None starts a local Ray in this process."""
+    num_cpus: int = 8
+    """Logical CPUs of a local Ray (over-declared: 2 real cores cannot run proxy, controller and replicas
+    otherwise, shared/ENV.md)."""
+    app: dict[str, Any] = field(default_factory=dict)
+    """AppConfig fields (name, controller, batching, canary, num_replicas, ...)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ValueError(f"port must be an int in (0, 65536), got {self.port!r}")
+        if "artifact" in self.app:
+            raise ValueError("app must not hold 'artifact': pass the artifact path to serve_artifact")
+
+    def app_config(self, artifact: str) -> AppConfig:
+        return AppConfig.from_dict({**self.app, "artifact": str(artifact)})
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _ensure_serve(cfg: DeployConfig):
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    if not ray.is_initialized():
+        if cfg.address is None:
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False)
+        else:
+            ray.init(address=cfg.address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return _get_global_client()
+
+
+def app_schema(artifact: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any]] | None = None):
+    """The declarative config of the app serving `artifact`, with `user_configs` (deployment name -> its whole
+    new user_config) overriding what `build_app` sets."""
+    from ray.serve.schema import ServeDeploySchema
+
+    app_cfg = cfg.app_config(artifact)
+    deployments = [{"name": name, "user_config": uc} for name, uc in (user_configs or {}).items()]
+    return ServeDeploySchema.parse_obj(
+        {
+            "http_options": {"host": cfg.host, "port": cfg.port},
+            "applications": [
+                {
+                    "name": cfg.app_name,
+                    "route_prefix": "/",
+                    "import_path": IMPORT_PATH,
+                    "args": app_cfg.to_dict(),
+                    "deployments": deployments,
+                }
+            ],
+        }
+    )
+
+
+def wait_ready(url: str, timeout_s: float = 60.0) -> None:
+    """Polls GET /v2/health/ready until it answers 200."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def serve_artifact(path: str, cfg: DeployConfig) -> str:
+    """Deploys the app serving artifact `path` (starting a local Ray unless `cfg.address`); returns its URL once
+    it answers /v2/health/ready."""
+    client = _ensure_serve(cfg)
+    client.deploy_apps(app_schema(str(path), cfg), _blocking=True)
+    wait_ready(cfg.url)
+    return cfg.url
+
+
+def update_user_configs(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any]]) -> None:
+    """Re-applies the app first deployed with artifact `path` and `cfg`, with new user_configs for the named
+    deployments ("Model", "Canary", "Router"): an in-place reconfigure, no replica restarted. Returns once the
+    controller has accepted the config (replicas reconfigure right after)."""
+    client = _ensure_serve(cfg)
+    merged = {**current_user_configs(client, cfg.app_name), **user_configs}  # keep earlier updates' overrides
+    client.deploy_apps(app_schema(str(path), cfg, merged), _blocking=True)
+
+
+def current_user_configs(client, app_name: str) -> dict[str, dict[str, Any]]:
+    """The user_config overrides of the config last applied to `app_name` (deployment name -> user_config)."""
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**client.get_serve_details())
+    app = details.applications.get(app_name)
+    if app is None or app.deployed_app_config is None:
+        return {}
+    return {d.name: d.user_config for d in app.deployed_app_config.deployments if isinstance(d.user_config, dict)}
+
+
+def hot_update(
+    path: str, cfg: DeployConfig, new_artifact: str, version: str | None = None, *, deployment: str = "Model"
+) -> dict[str, Any]:
+    """Rolls `new_artifact` (labelled `version`) out to `deployment` of the app first deployed with artifact
+    `path` and `cfg`, in place. Returns the user_config applied."""
+    app_cfg = cfg.app_config(path)
+    base = app_cfg.canary_user_config() if deployment == "Canary" else app_cfg.model_user_config()
+    user = asdict(base)
+    user.update(artifact=str(new_artifact), version=version)
+    ModelUserConfig.from_dict(user)  # validate before the controller sees it
+    update_user_configs(path, cfg, {deployment: user})
+    return user
+
+
+def run_loadtest(url: str, cfg: LoadConfig, plot_path: str | None = None) -> LoadReport:
+    """Runs one open-loop load test against the app at `url` (loopback only); writes the PNG if `plot_path`."""
+    report = run_load(check_loopback(url), cfg)
+    if plot_path is not None:
+        plot(report, plot_path)
+    return report

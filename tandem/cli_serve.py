@@ -1,0 +1,126 @@
+"""`tandem serve` and `tandem loadtest`: flags to configs, then serve_app.deploy (wired into tandem/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from serve_app.simulator import ArrivalPattern, Constant, Sine, Step
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Adds the `serve` and `loadtest` subcommands."""
+    s = subparsers.add_parser("serve", help="serve a model artifact over HTTP (Ray Serve, adaptive batching)")
+    s.add_argument("artifact", help="artifact directory (models/artifact.py format)")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--name", default="tandem", help="model name in the /v2/models/{name} routes")
+    s.add_argument("--version", help="version label (default: the weights' sha256 prefix)")
+    s.add_argument(
+        "--controller",
+        default="slo_model",
+        choices=["slo_model", "aimd", "bandit", "static", "unbatched"],
+        help="batching controller (default slo_model)",
+    )
+    s.add_argument("--slo-ms", type=float, default=100.0, help="latency objective for p99 (default 100)")
+    s.add_argument("--batching", type=json.loads, default={}, help="more BatchingConfig fields as JSON")
+    s.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    s.add_argument("--canary", help="canary artifact directory: adds a router splitting traffic to it")
+    s.add_argument("--canary-weight", type=float, default=0.1, help="canary traffic share (default 0.1)")
+    s.add_argument("--canary-window-s", type=float, default=10.0, help="canary comparison window (default 10)")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray and block until Ctrl-C)")
+    s.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray (default 8)")
+
+    lt = subparsers.add_parser("loadtest", help="open-loop Poisson load against a served model (loopback only)")
+    lt.add_argument("--url", default="http://127.0.0.1:8000", help="app URL (loopback only)")
+    lt.add_argument("--pattern", default="constant", choices=["constant", "step", "sine"])
+    lt.add_argument("--rate", type=float, default=100.0, help="mean requests/s (step: rate before the step)")
+    lt.add_argument("--step-to", type=float, help="step: rate after the step (default 2x --rate)")
+    lt.add_argument("--step-at", type=float, help="step: time of the step in s (default half the duration)")
+    lt.add_argument("--period", type=float, default=10.0, help="sine: period in s (default 10); swing +-50%%")
+    lt.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals (default 10)")
+    lt.add_argument("--max-requests", type=int, default=100_000, help="request bound (default 100000)")
+    lt.add_argument("--timeout", type=float, default=2.0, help="per-request timeout in s (default 2)")
+    lt.add_argument("--slo-ms", type=float, default=100.0, help="latency objective (default 100)")
+    lt.add_argument("--route", default="predict", choices=["predict", "infer"], help="/predict or OIP infer")
+    lt.add_argument("--model", default="tandem", help="model name (OIP route, metadata)")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--plot", default="loadtest.png", help="PNG of latency and rate over time ('' for none)")
+    lt.add_argument("--json", help="write the report as JSON here")
+
+
+def pattern(args: argparse.Namespace) -> ArrivalPattern:
+    """The arrival pattern named by --pattern (a class per variant, chosen once here at the boundary)."""
+    if args.pattern == "constant":
+        return Constant(args.rate)
+    if args.pattern == "step":
+        after = args.step_to if args.step_to is not None else 2 * args.rate
+        at = args.step_at if args.step_at is not None else args.duration / 2
+        return Step(args.rate, after, at)
+    return Sine(args.rate, 0.5, args.period)
+
+
+def deploy_config(args: argparse.Namespace):
+    from serve_app.deploy import DeployConfig
+
+    app = {
+        "name": args.name,
+        "version": args.version,
+        "controller": args.controller,
+        "batching": {"slo_s": args.slo_ms / 1e3, **args.batching},
+        "num_replicas": args.replicas,
+    }
+    if args.canary:
+        app["canary"] = {"artifact": args.canary, "weight": args.canary_weight, "window_s": args.canary_window_s}
+    return DeployConfig(host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus, app=app)
+
+
+def load_config(args: argparse.Namespace):
+    from serve_app.loadgen import LoadConfig
+
+    return LoadConfig(
+        pattern=pattern(args),
+        duration_s=args.duration,
+        max_requests=args.max_requests,
+        timeout_s=args.timeout,
+        slo_s=args.slo_ms / 1e3,
+        route=args.route,
+        model=args.model,
+        seed=args.seed,
+    )
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Runs `serve` or `loadtest`; returns the exit status (2 on bad input)."""
+    try:
+        if args.command == "serve":
+            from serve_app.deploy import serve_artifact
+
+            cfg = deploy_config(args)
+            url = serve_artifact(args.artifact, cfg)
+            print(f"serving {args.artifact} at {url} (POST /predict, /v2/models/{args.name}/infer)")
+            if args.address is None:  # the local Ray lives in this process
+                print("Ctrl-C to stop")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+            return 0
+        if args.command == "loadtest":
+            from serve_app.deploy import run_loadtest
+
+            report = run_loadtest(args.url, load_config(args), args.plot or None)
+            print(report.summary())
+            if args.plot:
+                print(f"plot: {args.plot}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(report.to_dict(), f, indent=2)
+            return 0
+    except (ValueError, TypeError) as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
+    raise ValueError(f"command must be serve or loadtest, got {args.command!r}")

@@ -1,0 +1,292 @@
+"""The Serve app: request parsing (no Ray), then one app on the shared Ray: /predict and OIP against the model run
+locally, every bad input's 4xx, a hot update under load, admission control's 503s, metrics on the node endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+import urllib.request
+from dataclasses import asdict
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from serve_app.app import AppConfig, BadRequest, ModelUserConfig, instances_to_array, oip_to_array, parse_json
+from serve_app.deploy import DeployConfig, hot_update, serve_artifact, update_user_configs
+from serve_app.loadgen import LoadConfig, run_load
+from serve_app.simulator import Constant
+
+SHAPE = (1, 8, 8)
+
+# ----------------------------------------------------------------------------------------------- no Ray
+
+
+def test_app_config_checks():
+    with pytest.raises(ValueError, match="unknown"):
+        AppConfig.from_dict({"artifact": "/a", "replicas": 2})
+    with pytest.raises(ValueError, match="controller must be one of"):
+        AppConfig(artifact="/a", controller="pid")
+    with pytest.raises(ValueError, match="batching config keys"):
+        AppConfig(artifact="/a", batching={"slo": 0.1})
+    with pytest.raises(ValueError, match="max_wait_s"):
+        ModelUserConfig(artifact="/a", batching={"slo_s": 0.01, "max_wait_s": 0.02})
+    cfg = AppConfig.from_dict({"artifact": "/a", "num_replicas": "2", "batching": '{"max_batch_size": 32}'})
+    assert cfg.num_replicas == 2 and cfg.max_ongoing_requests() == 32 + 256  # strings as `serve run` passes them
+    with pytest.raises(ValueError, match="canary"):
+        AppConfig(artifact="/a", canary={"weight": 0.5})
+    with pytest.raises(ValueError, match="weight"):
+        AppConfig(artifact="/a", canary={"artifact": "/b", "weight": 2})
+
+
+@pytest.mark.parametrize(
+    "instances, shape",
+    [([[[0.5] * 8] * 8], (1, 1, 8, 8)), ([[0.5] * 64] * 3, (3, 1, 8, 8)), ([[[[1] * 8] * 8]] * 2, (2, 1, 8, 8))],
+)
+def test_instances_accepted_layouts(instances, shape):
+    x = instances_to_array(instances, SHAPE, 64)
+    assert x.shape == shape and x.dtype == np.float32
+
+
+BAD_INSTANCES = [
+    ({"instances": "abc"}, "non-empty list"),
+    ({"instances": []}, "non-empty list"),
+    ({"instances": [[0.5] * 63]}, "shape"),
+    ({"instances": [[0.5] * 64, [0.5] * 63]}, "rectangular"),
+    ({"instances": [["0.5"] * 64]}, "numbers"),
+    ({"instances": [[True] * 64]}, "numbers"),
+    ({"instances": [[{"a": 1}] * 64]}, "numbers"),
+    ({"instances": [[1e39] * 64]}, "finite"),
+    ({"instances": [[0.5] * 64] * 65}, "at most 64"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_INSTANCES)
+def test_bad_instances_raise_422(body, message):
+    with pytest.raises(BadRequest, match=message) as e:
+        instances_to_array(body["instances"], SHAPE, 64)
+    assert e.value.status == 422
+
+
+def test_parse_json_limits():
+    with pytest.raises(BadRequest, match="at most 10 bytes") as e:
+        parse_json(b"{" + b" " * 20 + b"}", 10)
+    assert e.value.status == 413
+    with pytest.raises(BadRequest, match="JSON object"):
+        parse_json(b"[1]", 100)
+    assert parse_json(b'{"a": NaN}', 100)["a"] != 0  # NaN parses; the array check refuses it later
+
+
+def test_oip_layouts():
+    req = {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "UINT8", "data": [[3] * 64, [4] * 64]}]}
+    x = oip_to_array(req, SHAPE, 64)
+    assert x.shape == (2, 1, 8, 8) and x[1, 0, 7, 7] == 4
+    with pytest.raises(BadRequest, match="int numbers"):  # an integer datatype with float data
+        oip_to_array({"inputs": [{**req["inputs"][0], "data": [0.5] * 128}]}, SHAPE, 64)
+
+
+# ------------------------------------------------------------------------------------------ the live app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trained_artifact(path, workdir) -> tuple[str, torch.Tensor]:
+    """A `tiny` CNN trained one epoch on the digits, saved as an fp32 artifact; returns (path, test images)."""
+    from actors.dataset import DataConfig, load_tensors, prepare_data
+    from actors.train_local import TrainConfig, fit_local
+    from models.artifact import save_artifact
+    from models.cnn import ModelConfig, build_model
+
+    splits = prepare_data(DataConfig(), workdir)
+    _, x, y = load_tensors(splits.train)
+    _, xt, yt = load_tensors(splits.test)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=10))
+    fit = fit_local(model, (x, y), (xt, yt), TrainConfig(epochs=1, batch_size=32))
+    save_artifact(model, path, input_shape=SHAPE, accuracy={"test_accuracy": fit.test_accuracy})
+    return str(path), xt
+
+
+@pytest.fixture(scope="module")
+def served(_ray_clusters, tmp_path_factory):
+    """The app on the shared one-node Ray, deployed declaratively on a free loopback port; two artifacts."""
+    from ray import serve
+
+    from models.artifact import save_artifact
+    from models.cnn import ModelConfig, build_model
+
+    _ray_clusters.ensure("local")
+    root = tmp_path_factory.mktemp("serve")
+    art1, test_images = trained_artifact(root / "v1", root / "work")
+    torch.manual_seed(1)
+    art2 = str(root / "v2")
+    save_artifact(build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=10)), art2, input_shape=SHAPE)
+    cfg = DeployConfig(port=free_port(), app={"version": "v1", "max_body_bytes": 65536, "max_instances": 32})
+    url = serve_artifact(art1, cfg)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield {"url": url, "cfg": cfg, "art1": art1, "art2": art2, "images": test_images, "client": client}
+    serve.shutdown()
+
+
+def local_predictions(artifact: str, x: torch.Tensor) -> torch.Tensor:
+    from models.artifact import load_artifact
+
+    model, _ = load_artifact(artifact)
+    with torch.inference_mode():
+        return torch.softmax(model(x), dim=1)
+
+
+def test_predict_and_oip_match_the_local_model(ray_local, served):
+    c, x = served["client"], served["images"][:48]
+    want = local_predictions(served["art1"], x)
+    got_classes, got_probs = [], []
+    for chunk in x.split(16):
+        r = c.post("/predict", json={"instances": chunk.tolist()})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["version"] == "v1" and body["model"] == "tandem"
+        got_classes += body["classes"]
+        got_probs += body["probabilities"]
+    assert got_classes == want.argmax(1).tolist()
+    torch.testing.assert_close(torch.tensor(got_probs), want, rtol=0, atol=1e-5)
+
+    req = {"id": "r1", "inputs": [{"name": "input", "shape": [16, 64], "datatype": "FP32",
+                                   "data": x[:16].flatten().tolist()}]}  # fmt: skip
+    r = c.post("/v2/models/tandem/infer", json=req)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert r.json()["id"] == "r1" and r.json()["model_version"] == "v1"
+    assert out["class"]["data"] == want[:16].argmax(1).tolist() and out["class"]["shape"] == [16]
+    assert out["probabilities"]["shape"] == [16, 10] and out["probabilities"]["datatype"] == "FP32"
+    torch.testing.assert_close(torch.tensor(out["probabilities"]["data"]).view(16, 10), want[:16], rtol=0, atol=1e-5)
+
+
+def test_oip_health_and_metadata(ray_local, served):
+    c = served["client"]
+    assert c.get("/v2/health/live").json() == {"live": True}
+    assert c.get("/v2/health/ready").status_code == 200
+    assert c.get("/v2/models/tandem/ready").json()["ready"] is True
+    assert c.get("/v2").json()["name"] == "tandem"
+    meta = c.get("/v2/models/tandem").json()
+    assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8] and meta["versions"] == ["v1"]
+    assert {o["name"] for o in meta["outputs"]} == {"probabilities", "class"}
+    r = c.get("/v2/models/resnet")
+    assert r.status_code == 404 and "model must be 'tandem'" in r.json()["error"]
+
+
+GOOD = {"instances": [[0.5] * 64]}
+OIP = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+BAD_REQUESTS = [
+    ("/predict", b'{"instances": [[0.5, 0.5]', 400, "must be JSON"),
+    ("/predict", b"\xff\xfe", 400, "must be JSON"),
+    ("/predict", b"[1, 2]", 400, "JSON object"),
+    ("/predict", json.dumps({"inputs": []}).encode(), 422, "non-empty list"),
+    ("/predict", json.dumps({"instances": [[0.5] * 10]}).encode(), 422, "shape"),
+    ("/predict", json.dumps({"instances": [["a"] * 64]}).encode(), 422, "numbers"),
+    ("/predict", b'{"instances": [[NaN, 0.5]]}', 422, "finite"),
+    ("/predict", b'{"instances": [[Infinity]]}', 422, "finite"),
+    ("/predict", json.dumps({"instances": [[0.5] * 64] * 33}).encode(), 422, "at most 32"),
+    ("/predict", json.dumps({"instances": [[0.5] * 64] * 2, "pad": "x" * 70000}).encode(), 413, "at most 65536"),
+    ("/v2/models/tandem/infer", json.dumps({"inputs": [{**OIP, "shape": [1, 3, 8, 8]}]}).encode(), 422, "shape"),
+    ("/v2/models/tandem/infer", json.dumps({"inputs": [{**OIP, "datatype": "BYTES"}]}).encode(), 422, "datatype"),
+    ("/v2/models/tandem/infer", json.dumps({"inputs": [{**OIP, "data": [0.5] * 63}]}).encode(), 422, "prod(shape)"),
+    ("/v2/models/tandem/infer", json.dumps({"inputs": [{**OIP, "data": [None] * 64}]}).encode(), 422, "numbers"),
+    ("/v2/models/tandem/infer", json.dumps({"inputs": [OIP, OIP]}).encode(), 400, "exactly one"),
+    ("/v2/models/tandem/infer", json.dumps({"inputs": [{"name": "input"}]}).encode(), 400, "missing"),
+    ("/v2/models/other/infer", json.dumps({"inputs": [OIP]}).encode(), 404, "model must be"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, message", BAD_REQUESTS, ids=[f"{s}-{m}" for _, _, s, m in BAD_REQUESTS])
+def test_bad_input_gets_4xx_and_the_replica_keeps_serving(ray_local, served, path, body, status, message):
+    c = served["client"]
+    r = c.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert c.post("/predict", json=GOOD).status_code == 200
+
+
+def test_pickle_is_never_loaded(ray_local, served):
+    import pickle
+
+    evil = pickle.dumps({"instances": [[0.5] * 64]})
+    r = served["client"].post("/predict", content=evil, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 400 and "must be JSON" in r.json()["error"]
+
+
+def test_hot_update_under_load_loses_nothing(ray_local, served):
+    c, cfg = served["client"], served["cfg"]
+    replica = c.get("/v2/models/tandem").json()["parameters"]["replica"]
+    result = {}
+    load = LoadConfig(pattern=Constant(40.0), duration_s=6.0, timeout_s=10.0)
+    thread = threading.Thread(target=lambda: result.update(r=run_load(served["url"], load)))
+    thread.start()
+    time.sleep(1.5)
+    hot_update(served["art1"], cfg, served["art2"], "v2")
+    deadline, version = time.monotonic() + 20, "v1"
+    while version != "v2" and time.monotonic() < deadline:
+        version = c.post("/predict", json=GOOD).json()["version"]
+        time.sleep(0.05)
+    thread.join()
+    report = result["r"]
+    assert version == "v2"
+    assert report.sent > 100 and report.ok == report.sent, report.status_counts  # zero failed, no 503s
+    meta = c.get("/v2/models/tandem").json()
+    assert meta["versions"] == ["v2"] and meta["parameters"]["replica"] == replica  # reconfigured, not restarted
+
+
+def test_admission_control_answers_503_with_retry_after(ray_local, served):
+    """An SLO no batch can meet: with a backlog, requests are refused at once with Retry-After."""
+    c, cfg = served["client"], served["cfg"]
+    strict = {"slo_s": 0.0002, "max_wait_s": 0.0, "initial_wait_s": 0.0}
+    user = asdict(cfg.app_config(served["art1"]).model_user_config())
+    update_user_configs(served["art1"], cfg, {"Model": {**user, "artifact": served["art2"], "version": "v2",
+                                                        "batching": strict}})  # fmt: skip
+    deadline = time.monotonic() + 20
+    while c.get("/v2/models/tandem").json()["parameters"]["slo_s"] != strict["slo_s"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served["url"], timeout=30) as ac:
+            return await asyncio.gather(*(ac.post("/predict", json=GOOD) for _ in range(120)))
+
+    rs = asyncio.run(burst())
+    shed = [r for r in rs if r.status_code == 503]
+    assert {r.status_code for r in rs} <= {200, 503} and shed and len(shed) < len(rs)
+    assert all(int(r.headers["retry-after"]) >= 1 and "overloaded" in r.json()["error"] for r in shed)
+    hot_update(served["art1"], cfg, served["art2"], "v2")  # default batching again
+    assert c.post("/predict", json=GOOD).status_code == 200
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def test_metrics_reach_the_node_endpoint(ray_local, served):
+    port = ray_local.nodes()[0]["MetricsExportPort"]
+    wanted = [
+        r'ray_tandem_serve_requests_total\{[^}]*deployment="Model"[^}]*status="200"',
+        r'ray_tandem_serve_errors_total\{[^}]*status="422"',
+        r"ray_tandem_serve_batch_size_bucket\{",
+        r'ray_tandem_serve_model_version\{[^}]*version="v2"[^}]*\} 1',
+        r"ray_tandem_serve_max_batch_size\{",
+        r"ray_tandem_serve_replica_rss_bytes\{",
+    ]
+    deadline, missing = time.monotonic() + 40, wanted
+    while missing and time.monotonic() < deadline:  # Ray exports every ~5-10 s
+        served["client"].post("/predict", json=GOOD)
+        text = scrape(port)
+        missing = [w for w in wanted if not re.search(w, text)]
+        time.sleep(1)
+    assert not missing

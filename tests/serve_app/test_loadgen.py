@@ -1,0 +1,166 @@
+"""Load generator: arrival process, bounds, loopback only, report arithmetic, and a run against a local server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import threading
+
+import pytest
+
+from serve_app.loadgen import (
+    CONN_ERROR,
+    TIMEOUT,
+    LoadConfig,
+    arrival_times,
+    check_loopback,
+    plot,
+    request_body,
+    run_load,
+    summarize,
+)
+from serve_app.simulator import Constant, Sine, Step
+
+
+def test_poisson_count_and_bounds():
+    times = arrival_times(LoadConfig(pattern=Constant(200.0), duration_s=20.0, seed=1))
+    n = len(times)
+    assert abs(n - 4000) < 4 * math.sqrt(4000)  # Poisson: sd = sqrt(mean)
+    assert times == sorted(times) and 0 <= times[0] and times[-1] < 20.0
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    cv = (sum((g - 1 / 200) ** 2 for g in gaps) / len(gaps)) ** 0.5 * 200
+    assert 0.9 < cv < 1.1  # exponential gaps: coefficient of variation 1 (open loop, not evenly spaced)
+    capped = arrival_times(LoadConfig(pattern=Constant(200.0), duration_s=20.0, max_requests=100, seed=1))
+    assert capped == times[:100]
+
+
+def test_sine_and_step_follow_their_rate():
+    times = arrival_times(LoadConfig(pattern=Sine(400.0, 0.5, 4.0), duration_s=40.0))
+    # peak quarter-periods (rate ~1.45x mean) vs trough ones (~0.55x): ratio ~2.6
+    phase = [(t % 4.0) / 4.0 for t in times]
+    peak = sum(1 for p in phase if 0.125 <= p < 0.375)
+    trough = sum(1 for p in phase if 0.625 <= p < 0.875)
+    assert 2.2 < peak / trough < 3.1
+    times = arrival_times(LoadConfig(pattern=Step(100.0, 300.0, 5.0), duration_s=10.0))
+    before = sum(1 for t in times if t < 5.0)
+    assert 2.4 < (len(times) - before) / before < 3.6
+
+
+@pytest.mark.parametrize(
+    "url", ["http://10.0.0.1:8000", "https://127.0.0.1:8000", "http://example.com", "http://0.0.0.0:8000"]
+)
+def test_only_loopback(url):
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback(url)
+
+
+def test_loopback_accepted():
+    assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert check_loopback("http://localhost:1") == "http://localhost:1"
+    assert check_loopback("http://[::1]:80") == "http://[::1]:80"
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="duration_s"):
+        LoadConfig(duration_s=0)
+    with pytest.raises(ValueError, match="route"):
+        LoadConfig(route="grpc")
+    with pytest.raises(TypeError, match="pattern"):
+        LoadConfig(pattern="sine")
+
+
+def test_request_bodies_have_the_model_shape():
+    body = json.loads(request_body(LoadConfig(instances=3), (1, 8, 8)))
+    assert len(body["instances"]) == 3 and all(len(x) == 64 for x in body["instances"])
+    oip = json.loads(request_body(LoadConfig(route="infer", instances=2), (1, 8, 8)))
+    (t,) = oip["inputs"]
+    assert t["shape"] == [2, 1, 8, 8] and t["datatype"] == "FP32" and len(t["data"]) == 128
+
+
+def test_summary_arithmetic():
+    samples = [(i * 0.01, 0.010 * (i + 1), 200) for i in range(90)]  # latencies 10..900 ms
+    samples += [(1.0, 0.001, 503)] * 5 + [(1.5, 2.0, TIMEOUT)] * 3 + [(1.6, 0.002, 500), (1.7, 0.0, CONN_ERROR)]
+    r = summarize(samples, duration_s=2.0, slo_s=0.1)
+    assert (r.sent, r.ok, r.rejected_503, r.timeouts, r.errors) == (100, 90, 5, 3, 2)
+    assert r.slo_attainment == pytest.approx(10 / 100)  # 10 ms .. 100 ms answered within the SLO
+    assert r.goodput_rps == pytest.approx(5.0) and r.throughput_rps == pytest.approx(45.0)
+    assert r.p50_ms == pytest.approx(450.0) and r.p99_ms == pytest.approx(900.0)
+    assert r.status_counts == {"200": 90, "503": 5, "timeout": 3, "500": 1, "connection_error": 1}
+    assert [row["offered"] for row in r.timeline] == [90.0, 10.0]
+    assert "samples" not in r.to_dict() and json.dumps(r.to_dict(), allow_nan=True)
+
+
+@pytest.fixture
+def toy_server():
+    """An aiohttp server on 127.0.0.1 answering like the app: metadata, /predict (every 10th a 503)."""
+    from aiohttp import web
+
+    calls = {"n": 0}
+
+    async def metadata(request):
+        return web.json_response({"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]})
+
+    async def predict(request):
+        body = await request.json()
+        assert len(body["instances"][0]) == 64
+        calls["n"] += 1
+        if calls["n"] % 10 == 0:
+            return web.json_response({"error": "overloaded"}, status=503, headers={"Retry-After": "1"})
+        await asyncio.sleep(0.002)
+        return web.json_response({"classes": [0]})
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_get("/v2/models/tandem", metadata)
+    app.router.add_post("/predict", predict)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}", calls
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_run_against_a_server(toy_server, tmp_path):
+    url, calls = toy_server
+    cfg = LoadConfig(pattern=Sine(100.0, 0.5, 1.0), duration_s=2.0, timeout_s=2.0, seed=3)
+    report = run_load(url, cfg)
+    assert report.sent == len(arrival_times(cfg)) == calls["n"]
+    assert report.rejected_503 == report.sent // 10
+    assert report.ok == report.sent - report.rejected_503 and report.errors == report.timeouts == 0
+    assert 2.0 <= report.p50_ms <= report.p95_ms <= report.p99_ms < 2000
+    png = plot(report, tmp_path / "load.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unanswered_requests_are_connection_errors():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    report = run_load(f"http://127.0.0.1:{port}", LoadConfig(pattern=Constant(50.0), duration_s=0.5), (1, 8, 8))
+    assert report.sent > 0 and report.errors == report.sent and report.slo_attainment == 0
+
+
+def test_cli_parses_to_configs():
+    from tandem.cli_serve import add_parsers, deploy_config, load_config
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["loadtest", "--pattern", "sine", "--rate", "120", "--period", "5", "--slo-ms", "50"])
+    cfg = load_config(args)
+    assert cfg.pattern == Sine(120.0, 0.5, 5.0) and cfg.slo_s == 0.05
+    args = parser.parse_args(["loadtest", "--pattern", "step", "--rate", "10", "--duration", "4"])
+    assert load_config(args).pattern == Step(10.0, 20.0, 2.0)
+    args = parser.parse_args(["serve", "/tmp/a", "--port", "8123", "--canary", "/tmp/b", "--slo-ms", "80"])
+    d = deploy_config(args)
+    assert d.url == "http://127.0.0.1:8123" and d.app["canary"]["artifact"] == "/tmp/b"
+    assert d.app_config("/tmp/a").model_user_config().batching_config().slo_s == 0.08
