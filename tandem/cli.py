@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_common(sub.add_parser("run", help="the whole pipeline on an embedded local Ray (default data: digits)"))
     _add_common(sub.add_parser("train", help="prepare data and train on Ray Train"))
+    tune = sub.add_parser("tune", help="compression sweep with Ray Tune (see `tandem tune --help`)", add_help=False)
+    tune.add_argument("args", nargs=argparse.REMAINDER)
+    from tandem.cli_serve import add_parsers
+
+    add_parsers(sub)
     bench = sub.add_parser("bench", help="run a benchmark under bench/")
     bench.add_argument("name", choices=["conv_bn"], help="benchmark name")
     bench.add_argument("--quick", action="store_true")
@@ -106,7 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tune"]:  # the sweep owns its flags (tune/sweep.py)
+        from tune.sweep import main as tune_main
+
+        try:
+            tune_main(argv[1:])
+        except (ValueError, TypeError) as e:
+            print(f"tandem: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "loadtest"):
+        from tandem.cli_serve import dispatch
+
+        return dispatch(args)
     try:
         if args.command in ("run", "train"):
             from tandem.job import main as job_main

@@ -16,7 +16,7 @@ def _commands() -> list[str]:
 
 
 def test_all_expected_commands_exist():
-    assert {"run", "train", "bench"} <= set(_commands())
+    assert {"run", "train", "tune", "serve", "loadtest", "bench"} <= set(_commands())
 
 
 @pytest.mark.parametrize("command", _commands())
@@ -26,6 +26,7 @@ def test_help(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: tandem {command}")
+    assert "--" in out  # lists its options
 
 
 def test_top_level_help_runs_as_a_program():
