@@ -28,6 +28,7 @@ Artifacts (models/artifact.py) store `QuantizedModel.artifact_state()` and rebui
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -175,6 +176,15 @@ class BucketCompiled:
         """Compiles the buckets of `batch_sizes` using rows of `example` (N >= 1, C, H, W)."""
         for b in batch_sizes:
             self(example[:1].expand(b, *example.shape[1:]).contiguous())
+
+
+def compiled_for_inference(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fast CPU inference callable of a `QuantizedModel` (its `compile_()`) or of an fp32 `CNN` (BN folded
+    into a copy, then the same `BucketCompiled`), so fp32 and int8 run under the same compiler."""
+    if isinstance(model, QuantizedModel):
+        return model.compile_()
+    folded = fold_bn_(copy.deepcopy(model).eval())
+    return BucketCompiled(lambda example: folded)
 
 
 class QuantizedModel(nn.Module):

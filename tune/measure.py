@@ -7,7 +7,6 @@ FP8 on a CPU is timed as what it is there: an fp32 emulation (slower than fp32, 
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.quantize import BucketCompiled, QuantizedModel, fold_bn_
+from models.quantize import compiled_for_inference
 
 
 @dataclass(kw_only=True, slots=True)
@@ -42,13 +41,8 @@ class MeasureConfig:
 
 
 def inference_callable(model: nn.Module, compile: bool):
-    """What gets timed: the model itself, or its compiled form (BN folded for fp32, see module docstring)."""
-    if not compile:
-        return model.eval()
-    if isinstance(model, QuantizedModel):
-        return model.compile_()
-    folded = fold_bn_(copy.deepcopy(model).eval())
-    return BucketCompiled(lambda example: folded)
+    """What gets timed: the model itself (eval mode), or `compiled_for_inference(model)`."""
+    return compiled_for_inference(model) if compile else model.eval()
 
 
 def median_ms(fn, x: torch.Tensor, warmup: int, iters: int) -> float:

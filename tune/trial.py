@@ -42,7 +42,9 @@ class TrialContext:
     """torch threads per trial (trials may run side by side)."""
 
 
-def _finetune(model: nn.Module, data: EvalData, epochs: int, lr: float, on_epoch) -> None:
+def finetune(model: nn.Module, data: EvalData, epochs: int, lr: float, on_epoch) -> None:
+    """`epochs` of SGD on the train split (one cosine schedule over all of them, as after pruning), calling
+    `on_epoch(epoch, test_accuracy)` after each."""
     x, y = data.train
     cfg = TrainConfig(epochs=epochs, lr=lr)
     opt, sched = make_optimizer(model, cfg, math.ceil(len(x) / cfg.batch_size))
@@ -69,7 +71,7 @@ def run_trial(settings: TrialSettings, ctx: TrialContext, report, out_dir: str) 
         report({**pending, "accuracy": acc, "acc_drop_pts": 100 * (base_acc - acc), "epoch": epoch}, None)
 
     if settings.plain_finetune_epochs():
-        _finetune(model, data, settings.plain_finetune_epochs(), ctx.finetune_lr, on_epoch)
+        finetune(model, data, settings.plain_finetune_epochs(), ctx.finetune_lr, on_epoch)
     if (qcfg := settings.quant_config()) is not None:
         model = quantize_(model, qcfg, calib=data.train[0], train=data.train)
     acc = data.accuracy(model)

@@ -61,13 +61,15 @@ def test_int8_ptq_within_one_point(trained, per_channel):
 def test_int8_qat_within_one_point(trained):
     model, data = _fresh(trained)
     fp32 = data.accuracy(model)
-    before = [p.detach().clone() for p in model.parameters()]
+    ptq, _ = quantize_(copy.deepcopy(model), Int8PTQ(), calib=data.train[0]).artifact_state()
     q = quantize_(model, Int8QAT(epochs=1), calib=data.train[0], train=data.train)
     assert data.accuracy(q) >= fp32 - 0.01
     assert q.scheme == "int8_qat"
-    assert len(before) > 0  # fine-tuning ran on the folded model (weights moved off the PTQ point)
     tensors, _ = q.artifact_state()
-    assert all(t.abs().max() <= QMAX[torch.int8] for k, t in tensors.items() if k.endswith("weight.q"))
+    assert tensors.keys() == ptq.keys()  # same end format as PTQ ...
+    weights = [k for k in tensors if k.endswith("weight.q")]
+    assert all(tensors[k].dtype == torch.int8 and tensors[k].abs().max() <= QMAX[torch.int8] for k in weights)
+    assert any(not torch.equal(tensors[k], ptq[k]) for k in weights)  # ... with fine-tuned weights
 
 
 def test_fp8_emulation_error_bound(trained):

@@ -1,0 +1,128 @@
+"""Compression of the trained `small` model on digits, CPU, side by side in one run (issue 5):
+
+  int8_size_ratio          artifact weights.pt bytes, Int8PTQ / fp32                        goal <= 0.26
+  int8_latency_ratio       latency at batch 32, Int8PTQ / fp32, both inductor (freezing)    goal <= 0.40
+  int8_acc_delta_pts       test accuracy points, Int8PTQ - fp32                             goal >= -0.3
+  prune20_macs_ratio       MACs after pruning 20% of every channel group / before           goal <= 0.66
+  prune20_latency_ratio    latency at batch 32, pruned fp32 / fp32 (both compiled)
+  prune20_acc_delta_pts    accuracy points after pruning + 2 fine-tune epochs               goal >= -0.3
+  combined_size_ratio, combined_speedup, combined_acc_delta_pts   prune 20% + Int8PTQ (seed claims 4x
+                           smaller, 3.2x faster, -0.8 points)
+Latencies are medians of interleaved repeats (bench/_common.py), also reported at batch 1 and 256. The test
+split has 360 samples: one sample is 0.28 points. The trained baseline is cached (tune/baseline.py).
+Writes bench/results/compress.json. `--quick`: fewer repeats and no batch 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+from bench._common import interleaved_medians, print_table, write_result
+from models.artifact import save_artifact
+from models.macs import count_macs, count_params
+from models.prune import PruneConfig, prune_
+from models.quantize import FP8, Int8PTQ, compiled_for_inference, quantize_
+from tune.baseline import BaselineConfig, load_baseline
+from tune.trial import finetune
+
+GOALS = {  # metric: (kind, bound)
+    "int8_size_ratio": ("<=", 0.26),
+    "int8_latency_ratio": ("<=", 0.40),
+    "int8_acc_delta_pts": (">=", -0.3),
+    "prune20_macs_ratio": ("<=", 0.66),
+    "prune20_acc_delta_pts": (">=", -0.3),
+}
+CLAIMS = {"combined_size_ratio": 0.25, "combined_speedup": 3.2, "combined_acc_delta_pts": -0.8}
+
+
+def _size(model, input_shape, tmp: Path, name: str) -> int:
+    return save_artifact(model, tmp / name, input_shape=input_shape)["size_bytes"]
+
+
+def run(repeats: int, batch_sizes: tuple[int, ...], epochs: int) -> dict:
+    base, data = load_baseline(BaselineConfig(preset="small", epochs=epochs))
+    shape = data.input_shape
+    calib = data.train[0][:256]
+    acc = {"fp32": data.accuracy(base)}
+    models = {"fp32": base}
+
+    pruned = copy.deepcopy(base)
+    report = prune_(pruned, PruneConfig(ratio=0.2), input_shape=shape)
+    finetune(pruned, data, epochs=2, lr=0.05, on_epoch=lambda e, a: None)
+    models["prune20"], acc["prune20"] = pruned, data.accuracy(pruned)
+
+    models["int8"] = quantize_(copy.deepcopy(base), Int8PTQ(), calib=calib)
+    models["combined"] = quantize_(copy.deepcopy(pruned), Int8PTQ(), calib=calib)
+    acc["int8"], acc["combined"] = data.accuracy(models["int8"]), data.accuracy(models["combined"])
+    acc["fp8_emulated"] = data.accuracy(quantize_(copy.deepcopy(base), FP8(), calib=calib))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        size = {name: _size(m, shape, Path(tmp), name) for name, m in models.items()}
+
+    fns = {name: compiled_for_inference(m) for name, m in models.items()}
+    latency = {}
+    for b in batch_sizes:
+        x = data.test[0][:b]  # b <= 360
+        for fn in fns.values():
+            fn(x)  # compile this bucket outside the timing
+        med = interleaved_medians({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, repeats, warmup=3)
+        latency[f"batch_{b}"] = {name: t * 1e3 for name, t in med.items()}
+
+    lat32 = latency["batch_32"]
+    pts = lambda name: 100 * (acc[name] - acc["fp32"])
+    return {
+        "int8_size_ratio": size["int8"] / size["fp32"],
+        "int8_latency_ratio": lat32["int8"] / lat32["fp32"],
+        "int8_acc_delta_pts": pts("int8"),
+        "prune20_macs_ratio": report.macs_after / report.macs_before,
+        "prune20_params_ratio": report.params_after / report.params_before,
+        "prune20_latency_ratio": lat32["prune20"] / lat32["fp32"],
+        "prune20_acc_delta_pts": pts("prune20"),
+        "combined_size_ratio": size["combined"] / size["fp32"],
+        "combined_speedup": lat32["fp32"] / lat32["combined"],
+        "combined_acc_delta_pts": pts("combined"),
+        "fp8_emulated_acc_delta_pts": pts("fp8_emulated"),
+        "latency_ratios": {k: {n: v[n] / v["fp32"] for n in v} for k, v in latency.items()},
+        "latency_ms": latency,
+        "accuracy": acc,
+        "size_bytes": size,
+        "params": {"fp32": count_params(base), "prune20": report.params_after},
+        "macs": {"fp32": count_macs(base, shape), "prune20": report.macs_after},
+        "setup": {"preset": "small", "data": "digits 1x8x8, 360 test samples", "repeats": repeats,
+                  "compiler": "inductor, freezing, static batch buckets", "calib_samples": len(calib),
+                  "prune_finetune_epochs": 2, "baseline_epochs": epochs},  # fmt: skip
+    }
+
+
+def _met(value: float, kind: str, bound: float) -> str:
+    return "yes" if (value <= bound if kind == "<=" else value >= bound) else "NO"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats, batch 1 and 32 only")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=8, help="baseline training epochs (cached per value)")
+    p.add_argument("--name", default="compress", help="results file name (bench/results/<name>.json)")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (15 if args.quick else 60)
+    batch_sizes = (1, 32) if args.quick else (1, 32, 256)
+    res = run(repeats, batch_sizes, args.epochs)
+    rows = [{"metric": k, "measured": res[k], "goal": f"{kind} {b}", "met": _met(res[k], kind, b)}
+            for k, (kind, b) in GOALS.items()]  # fmt: skip
+    rows += [{"metric": k, "measured": res[k], "goal": f"claim {v}", "met": ""} for k, v in CLAIMS.items()]
+    rows += [{"metric": k, "measured": res[k], "goal": "", "met": ""}
+             for k in ("prune20_latency_ratio", "prune20_params_ratio", "fp8_emulated_acc_delta_pts")]  # fmt: skip
+    print_table(rows, title=f"compress (small, digits, CPU, {repeats} interleaved repeats)")
+    print_table([{"batch": k, **{n: f"{v:.3f} ms" for n, v in d.items()}} for k, d in res["latency_ms"].items()])
+    path = write_result(args.name, res)
+    print(f"wrote {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
