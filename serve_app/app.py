@@ -605,6 +605,8 @@ class _ModelIngress(ModelServer, http_routes(model_api)):
 
 
 Model = serve.deployment(name="Model")(serve.ingress(model_api)(_ModelIngress))
+# Behind the canary Router: the same replica without HTTP routes (Serve allows one FastAPI ingress per app).
+Backend = serve.deployment(name="Backend")(ModelServer)
 
 
 # ----------------------------------------------------------------------------------------------- builder
@@ -623,12 +625,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         model_opts["autoscaling_config"] = cfg.autoscaling
     else:
         model_opts["num_replicas"] = cfg.num_replicas
-    stable = Model.options(name="Model", user_config=asdict(cfg.model_user_config()), **model_opts)
     if cfg.canary is None:
-        return stable.bind(app_dict, "Model")
+        return Model.options(name="Model", user_config=asdict(cfg.model_user_config()), **model_opts).bind(
+            app_dict, "Model"
+        )
     from serve_app.router import Router
 
-    canary = Model.options(name="Canary", user_config=asdict(cfg.canary_user_config()), **model_opts)
+    stable = Backend.options(name="Model", user_config=asdict(cfg.model_user_config()), **model_opts)
+    canary = Backend.options(name="Canary", user_config=asdict(cfg.canary_user_config()), **model_opts)
     return Router.options(
         max_ongoing_requests=2 * cfg.max_ongoing_requests() * max(1, cfg.num_replicas),
         user_config=cfg.canary_policy(),

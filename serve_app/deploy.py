@@ -75,8 +75,8 @@ def app_schema(artifact: str, cfg: DeployConfig, user_configs: dict[str, dict[st
 
     app_cfg = cfg.app_config(artifact)
     deployments = [{"name": name, "user_config": uc} for name, uc in (user_configs or {}).items()]
-    return ServeDeploySchema.parse_obj(
-        {
+    return ServeDeploySchema(
+        **{
             "http_options": {"host": cfg.host, "port": cfg.port},
             "applications": [
                 {

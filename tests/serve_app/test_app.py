@@ -44,6 +44,21 @@ def test_app_config_checks():
         AppConfig(artifact="/a", canary={"artifact": "/b", "weight": 2})
 
 
+def test_serve_config_yaml_is_valid():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    import serve_app
+
+    text = (Path(serve_app.__file__).parent / "serve_config.yaml").read_text()
+    schema = ServeDeploySchema(**yaml.safe_load(text))
+    (app,) = schema.applications
+    assert app.import_path == "serve_app.app:build_app" and schema.http_options.host == "127.0.0.1"
+    AppConfig.from_dict(app.args)
+
+
 @pytest.mark.parametrize(
     "instances, shape",
     [([[[0.5] * 8] * 8], (1, 1, 8, 8)), ([[0.5] * 64] * 3, (3, 1, 8, 8)), ([[[[1] * 8] * 8]] * 2, (2, 1, 8, 8))],
