@@ -20,6 +20,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,13 +209,42 @@ def summarize(samples: list[tuple[float, float, int]], duration_s: float, slo_s:
 # ------------------------------------------------------------------------------------------------------ run
 
 
+async def open_loop(
+    times: list[float], send: Callable[[], Awaitable[int]], timeout_s: float
+) -> list[tuple[float, float, int]]:
+    """Calls `send()` (returning an HTTP status) at each of `times` (seconds from now) whether or not earlier
+    calls returned; returns sorted (scheduled time, latency from it, status) samples. A call still pending
+    `timeout_s` + 1 s after the last send is cancelled and counted as a timeout."""
+    loop = asyncio.get_running_loop()
+    samples: list[tuple[float, float, int]] = []
+    start = loop.time()
+
+    async def one(t: float) -> None:
+        try:
+            status = await asyncio.wait_for(send(), timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError):  # cancelled: still pending at the bound
+            status = TIMEOUT
+        samples.append((t, loop.time() - start - t, status))
+
+    tasks = []
+    for t in times:
+        delay = start + t - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(t)))
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s + 1.0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending)
+    return sorted(samples)
+
+
 async def _run(url: str, cfg: LoadConfig, input_shape: tuple[int, ...] | None) -> LoadReport:
     import aiohttp  # a dependency of ray[serve]; far less CPU per request than httpx here
 
-    times = arrival_times(cfg)
-    timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
     conn = aiohttp.TCPConnector(limit=cfg.max_connections)
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=cfg.timeout_s)) as session:
         if input_shape is None:
             async with session.get(f"{url}/v2/models/{cfg.model}") as r:
                 if r.status != 200:
@@ -223,34 +253,18 @@ async def _run(url: str, cfg: LoadConfig, input_shape: tuple[int, ...] | None) -
         body = request_body(cfg, input_shape)
         path = f"{url}/predict" if cfg.route == "predict" else f"{url}/v2/models/{cfg.model}/infer"
         headers = {"content-type": "application/json"}
-        samples: list[tuple[float, float, int]] = []
-        loop = asyncio.get_running_loop()
-        start = loop.time()
 
-        async def one(t: float) -> None:
-            status = CONN_ERROR
+        async def send() -> int:
             try:
                 async with session.post(path, data=body, headers=headers) as r:
                     await r.read()
-                    status = r.status
-            except (asyncio.TimeoutError, asyncio.CancelledError):  # cancelled: still pending at the bound
-                status = TIMEOUT
+                    return r.status
+            except asyncio.TimeoutError:  # aiohttp's own timeouts are ClientErrors too
+                return TIMEOUT
             except aiohttp.ClientError:
-                status = CONN_ERROR
-            samples.append((t, loop.time() - start - t, status))
+                return CONN_ERROR
 
-        tasks = []
-        for t in times:
-            delay = start + t - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(t)))
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=cfg.timeout_s + 1.0)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending)
-    samples.sort()
+        samples = await open_loop(arrival_times(cfg), send, cfg.timeout_s)
     return summarize(samples, cfg.duration_s, cfg.slo_s)
 
 
