@@ -55,12 +55,36 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epoch-size", type=int, help="rows drawn per epoch (default: dataset size)")
     g.add_argument("--weight-every-steps", type=int, default=0, help="apply the weight rule every k steps too")
     p.add_argument("--workdir", default="runs/latest", help="where data and reports go (default runs/latest)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: the whole job in seconds")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: the whole job in a few minutes on 2 cores")
+
+
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compression sweep, serving, load test")
+    g.add_argument("--skip", action="append", default=[], choices=["tune", "serve", "loadtest"],
+                   help="leave a pipeline step out (repeatable)")  # fmt: skip
+    g.add_argument("--trials", type=int, default=None, help="sweep trials (default 8; 4 with --smoke)")
+    g.add_argument("--max-acc-drop", type=float, default=1.0, help="accuracy points the chosen model may lose")
+    g.add_argument("--serve-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    g.add_argument("--load-rate", type=float, default=100.0, help="mean load-test rate, req/s (sine +-50%%)")
+    g.add_argument("--load-seconds", type=float, default=None, help="load-test duration (default 10; 5 smoke)")
+    g.add_argument("--keep-serving", action="store_true", help="leave the app running after the report")
 
 
 def run_config(args: argparse.Namespace):
-    from tandem.job import RunConfig
+    from tandem.job import STEPS, RunConfig
 
+    pipeline = {}
+    if args.command == "run":
+        skip = set(args.skip) | ({"loadtest"} if "serve" in args.skip else set())
+        pipeline = dict(
+            steps=tuple(s for s in STEPS if s not in skip),
+            trials=args.trials if args.trials is not None else (4 if args.smoke else 8),
+            max_acc_drop=args.max_acc_drop,
+            serve_port=args.serve_port,
+            load_rate=args.load_rate,
+            load_seconds=args.load_seconds if args.load_seconds is not None else (5.0 if args.smoke else 10.0),
+            keep_serving=args.keep_serving,
+        )
     epochs = args.epochs if args.epochs is not None else (4 if args.smoke else 8)
     batch_size = args.batch_size if args.batch_size is not None else (32 if args.smoke else 64)
     return RunConfig(
@@ -89,6 +113,7 @@ def run_config(args: argparse.Namespace):
         local=args.local,
         workdir=args.workdir,
         smoke=args.smoke,
+        **pipeline,
     )
 
 
@@ -97,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tandem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_common(sub.add_parser("run", help="the whole pipeline on an embedded local Ray (default data: digits)"))
+    run = sub.add_parser("run", help="the whole pipeline on an embedded local Ray (default data: digits)")
+    _add_common(run)
+    _add_pipeline(run)
     _add_common(sub.add_parser("train", help="prepare data and train on Ray Train"))
     tune = sub.add_parser("tune", help="compression sweep with Ray Tune (see `tandem tune --help`)", add_help=False)
     tune.add_argument("args", nargs=argparse.REMAINDER)

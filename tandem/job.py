@@ -1,9 +1,12 @@
 """The end-to-end job behind `tandem run` (and the training step alone, `tandem train`).
 
     prepare data (digits or the user's parquet, validated)
-    -> train: Ray Train workers, weighted Ray Data stream, DDP gradient communication (or in-process, --local)
-    -> report (terminal table + report.json)
-Later pipeline steps (the compression sweep, serving, the load test) plug in after training.
+    -> train: Ray Train workers, weighted Ray Data stream, hierarchical 2-bit gradient hook (or in-process, --local)
+    -> export the trained model as an fp32 artifact
+    -> tune: Ray Tune sweep over pruning x quantization, Pareto front, chosen artifact
+    -> serve the chosen artifact on Ray Serve (same cluster) -> short load test with adaptive batching
+    -> report: terminal table, report.json, report.md, PNG plots
+Tune/serve need a built-in preset (artifacts rebuild models.cnn.CNN); a user model stops after training.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from actors.trainer import DistConfig, TrainJob
 from actors.weight_store import WeightRule
 from actors.weighted_stream import StreamConfig
 from models.factory import ModelSpec
+
+STEPS = ("train", "tune", "serve", "loadtest")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -49,7 +54,21 @@ class RunConfig:
     nodes: int = 2
     """Simulated nodes of the embedded Ray (ignored with `address`)."""
     local: bool = False
-    """Train in this process without Ray (quick experiments)."""
+    """Train in this process without Ray (quick experiments; training only)."""
+    steps: tuple[str, ...] = ("train",)
+    """Pipeline steps: train, tune, serve, loadtest (`tandem run` takes all, `tandem train` only train)."""
+    trials: int = 8
+    """Compression sweep trials (4 with smoke)."""
+    max_acc_drop: float = 1.0
+    """Accuracy points the chosen compressed model may lose."""
+    serve_port: int = 8000
+    """HTTP port of Serve's proxy on 127.0.0.1."""
+    load_rate: float = 100.0
+    """Mean request rate of the load test (sine +-50 %)."""
+    load_seconds: float = 10.0
+    """Duration of the load test."""
+    keep_serving: bool = False
+    """Leave the Serve app running after the report (until Ctrl-C)."""
     workdir: str = "runs/latest"
     """Where data, checkpoints and reports are written."""
     smoke: bool = False
@@ -59,6 +78,17 @@ class RunConfig:
         self.model_spec()  # validates preset / save
         if not isinstance(self.nodes, int) or self.nodes < 1:
             raise ValueError(f"nodes must be a positive int, got {self.nodes!r}")
+        unknown = set(self.steps) - set(STEPS)
+        if unknown or "train" not in self.steps:
+            raise ValueError(f"steps must include 'train' and be among {STEPS}, got {self.steps!r}")
+        if self.local and set(self.steps) != {"train"}:
+            raise ValueError("local (in-process) runs train only; drop --local for the whole pipeline")
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise ValueError(f"trials must be a positive int, got {self.trials!r}")
+        if not 0 < self.serve_port < 65536:
+            raise ValueError(f"serve_port must be in (0, 65536), got {self.serve_port!r}")
+        if not (self.load_rate > 0 and self.load_seconds > 0):
+            raise ValueError(f"load_rate and load_seconds must be > 0, got {self.load_rate}, {self.load_seconds}")
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(preset=self.preset, user=self.model, save=self.save)
@@ -94,6 +124,7 @@ def _train_ray(cfg: RunConfig, splits: DataSplits) -> dict:
     res = fit_distributed(cfg.train_job(), splits, cfg.workdir)
     weights = res.weights
     return {
+        "_weights": weights,
         "history": res.history,
         "test_accuracy": res.history[-1]["test_accuracy"],
         "checkpoint": res.checkpoint_path,
@@ -115,16 +146,16 @@ def train_step(cfg: RunConfig, splits: DataSplits) -> dict:
     return _train_local(cfg, splits) if cfg.local else _train_ray(cfg, splits)
 
 
-def main(cfg: RunConfig, steps: tuple[str, ...] = ("train",)) -> dict:
-    """Runs the pipeline steps and returns the report (also written to `<workdir>/report.json`)."""
-    workdir = Path(cfg.workdir)
+def main(cfg: RunConfig) -> dict:
+    """Runs the configured pipeline steps; returns the report (also `<workdir>/report.json` and `report.md`)."""
+    workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     splits = prepare_data(cfg.data, workdir)
     spec = cfg.model_spec()
     print(
         f"tandem: {spec.name} on {splits.train.num_rows} train / {splits.test.num_rows} test samples of shape "
-        f"{splits.image_shape}, {splits.num_classes} classes; workdir {workdir}"
+        f"{splits.image_shape}, {splits.num_classes} classes; steps {', '.join(cfg.steps)}; workdir {workdir}"
     )
     report: dict = {
         "model": spec.name,
@@ -140,11 +171,67 @@ def main(cfg: RunConfig, steps: tuple[str, ...] = ("train",)) -> dict:
         with ray_session(cfg.address, cfg.nodes, slots_per_node=per_node) as session:
             report["cluster"] = session
             report["train"] = train_step(cfg, splits)
-    report["test_accuracy"] = report["train"]["test_accuracy"]
+            _after_training(cfg, splits, report, workdir)
+            report["seconds"] = time.perf_counter() - t0
+            _finish(report, workdir)
+            if cfg.keep_serving and "serve" in report:
+                _block_serving(report["serve"]["url"])
+            return report
     report["seconds"] = time.perf_counter() - t0
-    (workdir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    _print_summary(report)
+    _finish(report, workdir)
     return report
+
+
+def _after_training(cfg: RunConfig, splits: DataSplits, report: dict, workdir: Path) -> None:
+    from tandem import pipeline
+
+    weights = report["train"].pop("_weights", None)
+    report["plots"] = pipeline.plot_training(report["train"]["history"], weights, workdir)
+    if set(cfg.steps) == {"train"}:
+        return
+    if cfg.model is not None:
+        report["skipped"] = "tune/serve/loadtest need a built-in preset; a user model stops after training"
+        print(f"tandem: {report['skipped']}")
+        return
+    artifact, acc = pipeline.export_trained(report["train"]["checkpoint"], cfg.model_spec(), splits,
+                                            workdir / "artifacts" / "trained")  # fmt: skip
+    report["export"] = {"artifact": artifact, "test_accuracy": acc}
+    chosen = artifact
+    if "tune" in cfg.steps:
+        report["tune"] = pipeline.sweep(artifact, cfg, workdir / "tune")
+        chosen = report["tune"]["artifact"] or artifact
+        if report["tune"]["paths"].get("plot"):
+            report["plots"]["pareto_front"] = report["tune"]["paths"]["plot"]
+    if "serve" in cfg.steps:
+        url = pipeline.serve(chosen, cfg.serve_port)
+        report["serve"] = {"url": url, "artifact": chosen}
+        print(f"tandem: serving {chosen} at {url}")
+        if "loadtest" in cfg.steps:
+            report["loadtest"] = pipeline.loadtest(
+                url, cfg.load_rate, cfg.load_seconds, workdir / "latency_under_load.png"
+            )
+            report["plots"]["latency_under_load"] = report["loadtest"]["plot"]
+
+
+def _finish(report: dict, workdir: Path) -> None:
+    from tandem.pipeline import write_markdown
+
+    report["test_accuracy"] = report["train"]["test_accuracy"]
+    (workdir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if not report["config"]["local"]:
+        write_markdown(report, workdir / "report.md")
+    _print_summary(report)
+
+
+def _block_serving(url: str) -> None:
+    print(f"tandem: the app keeps serving at {url} (Ctrl-C to stop). Try:")
+    print(f"  curl -s -X POST {url}/predict -H 'content-type: application/json' -d '{{\"instances\": [[...]]}}'")
+    print(f"  curl -s {url}/v2/health/ready")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def _print_summary(report: dict) -> None:
@@ -156,3 +243,15 @@ def _print_summary(report: dict) -> None:
             f"{h['samples_per_s']:>10.0f}"
         )
     print(f"test accuracy: {report['test_accuracy']:.4f}  ({report['seconds']:.1f} s, {report['train']['mode']})")
+    if "tune" in report:
+        c = report["tune"]["chosen"]
+        keys = ("prune_ratio", "quant", "accuracy", "latency_batch_1_ms", "size_bytes")
+        print(f"sweep: {report['tune']['trials']} trials; chosen: {({k: c.get(k) for k in keys} if c else None)}")
+    if "loadtest" in report:
+        lt = report["loadtest"]
+        print(
+            f"load test at {report['serve']['url']}: p50 {lt.get('p50_ms')} ms, p99 {lt.get('p99_ms')} ms, "
+            f"SLO attainment {lt.get('slo_attainment')}"
+        )
+    if "plots" in report:
+        print("plots: " + ", ".join(report["plots"].values()))

@@ -23,13 +23,13 @@ def test_tiny_preset_reaches_90_percent_in_under_a_minute(tmp_path):
 
 
 def test_cli_smoke_and_errors(tmp_path, capsys):
-    assert cli_main(["run", "--smoke", "--local", "--precision", "fp32", "--workdir", str(tmp_path)]) == 0
+    assert cli_main(["train", "--smoke", "--local", "--precision", "fp32", "--workdir", str(tmp_path)]) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert cli_main(["run", "--preset", "huge", "--workdir", str(tmp_path)]) == 2
     assert "preset must be one of" in capsys.readouterr().err
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"garbage")
-    assert cli_main(["run", "--smoke", "--local", "--data", str(bad), "--workdir", str(tmp_path / "w")]) == 2
+    assert cli_main(["train", "--smoke", "--local", "--data", str(bad), "--workdir", str(tmp_path / "w")]) == 2
     assert "not a readable parquet" in capsys.readouterr().err
     assert not (tmp_path / "w" / "report.json").exists()
 
@@ -43,3 +43,7 @@ def test_bad_train_config():
         RunConfig(train=TrainConfig(precision=PrecisionConfig(train_dtype="int8")))
     with pytest.raises(ValueError, match="test_path needs train_path"):
         DataConfig(test_path="x.parquet")
+    with pytest.raises(ValueError, match="local .in-process. runs train only"):
+        RunConfig(local=True, steps=("train", "tune"))
+    with pytest.raises(ValueError, match="steps must include 'train'"):
+        RunConfig(steps=("tune",))

@@ -1,0 +1,173 @@
+"""The steps after training in `tandem run`: export the trained model as an artifact, the compression sweep,
+serving the chosen artifact on the same cluster, a short load test; and the final report with its plots.
+Each step calls into its package (models/, tune/, serve_app/); nothing here is an algorithm of its own."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from actors.dataset import DataSplits, load_tensors
+from actors.train_local import evaluate
+
+
+def export_trained(checkpoint: str, spec, splits: DataSplits, out: Path) -> tuple[str, float]:
+    """The trained model of a Ray Train checkpoint as an fp32 artifact; returns (path, test accuracy)."""
+    from actors.trainer import load_trained
+    from models.artifact import save_artifact
+
+    model = load_trained(checkpoint, spec, splits.image_shape, splits.num_classes)
+    _, x, y = load_tensors(splits.test)
+    _, acc = evaluate(model, x, y)
+    save_artifact(
+        model, out, input_shape=splits.image_shape, accuracy={"test_accuracy": acc}, source_checkpoint=checkpoint
+    )
+    return str(out), acc
+
+
+def sweep(trained_artifact: str, cfg, out: Path) -> dict:
+    """The pruning x quantization sweep starting from `trained_artifact`; returns its summary."""
+    from tune.baseline import BaselineConfig
+    from tune.sweep import SweepConfig, run_sweep
+
+    baseline = BaselineConfig(
+        preset=cfg.preset, checkpoint=trained_artifact, data=cfg.data, cache_dir=str(out / "cache")
+    )
+    if cfg.smoke:
+        scfg = SweepConfig.smoke(str(out), baseline=baseline, trials=cfg.trials, verbose=1)
+    else:
+        scfg = SweepConfig(trials=cfg.trials, baseline=baseline, out_dir=str(out), max_acc_drop_pts=cfg.max_acc_drop)
+    t0 = time.perf_counter()
+    res = run_sweep(scfg)
+    return {
+        "trials": len(res.rows),
+        "baseline_accuracy": res.baseline_accuracy,
+        "front": res.front,
+        "chosen": res.chosen,
+        "artifact": str(res.artifact) if res.artifact else None,
+        "paths": {k: str(v) for k, v in res.paths.items()},
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def serve(artifact: str, port: int) -> str:
+    """Deploys `artifact` on Serve on the connected cluster (proxy on the head only); returns the URL."""
+    from ray import serve as ray_serve
+
+    from serve_app.deploy import DeployConfig, serve_artifact
+
+    ray_serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    return serve_artifact(artifact, DeployConfig(port=port, address="auto"))
+
+
+def loadtest(url: str, rate: float, seconds: float, out: Path) -> dict:
+    """A short sine load (+-50 % around `rate`) against `url`; returns the report dict and writes the PNG."""
+    from serve_app.deploy import run_loadtest
+    from serve_app.loadgen import LoadConfig
+    from serve_app.simulator import Sine
+
+    cfg = LoadConfig(pattern=Sine(rate, 0.5, max(2.0, seconds / 2)), duration_s=seconds, slo_s=0.1)
+    report = run_loadtest(url, cfg, str(out))
+    print(report.summary())
+    return {**report.to_dict(), "plot": str(out)}
+
+
+def plot_training(history: list[dict], weights: np.ndarray | None, out_dir: Path) -> dict[str, str]:
+    """Training curves and the sample-weight histogram as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(epochs, [h["loss"] for h in history], marker="o", label="train loss")
+    a.plot(epochs, [h["test_loss"] for h in history if "test_loss" in h] or [np.nan] * len(epochs), marker="o",
+           label="test loss")  # fmt: skip
+    a.set_xlabel("epoch"), a.legend(), a.set_title("loss")
+    b.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train")
+    b.plot(epochs, [h["test_accuracy"] for h in history], marker="o", label="test")
+    b.set_xlabel("epoch"), b.legend(), b.set_title("accuracy")
+    fig.tight_layout()
+    paths["training_curves"] = str(out_dir / "training_curves.png")
+    fig.savefig(paths["training_curves"], dpi=100)
+    plt.close(fig)
+    if weights is not None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.hist(weights, bins=30, range=(0.5, 3.0))
+        ax.set_xlabel("sample weight"), ax.set_ylabel("samples"), ax.set_title("sample weights after training")
+        fig.tight_layout()
+        paths["weights_histogram"] = str(out_dir / "weights_histogram.png")
+        fig.savefig(paths["weights_histogram"], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    """report.md: every figure the run measured, with links to the plots."""
+    t = report["train"]
+    lines = [
+        "# tandem run report",
+        "",
+        f"- model: `{report['model']}`; data: `{report['data']['train']}` ({report['data']['image_shape']})",
+        f"- cluster: {report.get('cluster', {})}",
+        f"- total time: {report['seconds']:.1f} s",
+        "",
+        "## Training",
+        "",
+        "| epoch | loss | train acc | test acc | samples/s | grad bytes inter/step | grad bytes intra/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for h in t["history"]:
+        lines.append(
+            f"| {h['epoch']} | {h['loss']:.4f} | {h['train_accuracy']:.4f} | {h['test_accuracy']:.4f} | "
+            f"{h['samples_per_s']:.0f} | {_fmt(h.get('grad_bytes_inter_per_step'))} | "
+            f"{_fmt(h.get('grad_bytes_intra_per_step'))} |"
+        )
+    if t.get("weights_summary"):
+        w = t["weights_summary"]
+        lines += ["", f"Sample weights: mean {w['mean']:.3f}, min {w['min']:.3f}, max {w['max']:.3f}."]
+    if "export" in report:
+        lines += ["", f"Trained fp32 artifact: `{report['export']['artifact']}`, test accuracy "
+                  f"{report['export']['test_accuracy']:.4f}"]  # fmt: skip
+    if "tune" in report:
+        tu = report["tune"]
+        lines += [
+            "",
+            "## Compression sweep",
+            "",
+            f"{tu['trials']} trials, baseline accuracy {tu['baseline_accuracy']:.4f}.",
+        ]
+        if tu.get("paths", {}).get("table"):
+            lines += ["", Path(tu["paths"]["table"]).read_text()]
+        c = tu.get("chosen")
+        lines += [
+            "",
+            f"Chosen: { ({k: c[k] for k in c if k != 'artifact'} if c else 'none within the accuracy bound') }",
+        ]
+    if "serve" in report:
+        lines += ["", "## Serving", "", f"URL: {report['serve']['url']} (artifact `{report['serve']['artifact']}`)"]
+    if "loadtest" in report:
+        lt = report["loadtest"]
+        lines += [
+            "",
+            "## Load test",
+            "",
+            "| p50 ms | p95 ms | p99 ms | throughput /s | SLO attainment | errors |",
+            "|---|---|---|---|---|---|",
+            f"| {_fmt(lt.get('p50_ms'))} | {_fmt(lt.get('p95_ms'))} | {_fmt(lt.get('p99_ms'))} | "
+            f"{_fmt(lt.get('throughput_rps'))} | {_fmt(lt.get('slo_attainment'))} | {_fmt(lt.get('errors'))} |",
+        ]
+    plots = report.get("plots", {})
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
+    path.write_text("\n".join(lines) + "\n")
