@@ -7,7 +7,16 @@ import torch.nn as nn
 from kernels.conv_bn import ConvBNAct
 from kernels.quant import QMAX
 from models.cnn import ModelConfig, build_model
-from models.quantize import FP8, FP8Layer, Int8PTQ, Int8QAT, QuantizedModel, fold_bn_, quantize_
+from models.quantize import (
+    FP8,
+    BucketCompiled,
+    FP8Layer,
+    Int8PTQ,
+    Int8QAT,
+    QuantizedModel,
+    fold_bn_,
+    quantize_,
+)
 from tune.baseline import BaselineConfig, load_baseline
 
 SHAPE = (1, 8, 8)
@@ -137,3 +146,19 @@ def test_invalid_settings_raise(trained):
         quantize_(model, "int8", calib=data.train[0])
     with pytest.raises(TypeError, match="models.cnn.CNN"):
         quantize_(nn.Linear(2, 2), Int8PTQ(), calib=data.train[0])
+
+
+def test_bucket_compiled_pads_to_power_of_two_buckets(monkeypatch):
+    # One graph per power-of-two bucket (freezing needs static shapes); rows are zero-padded, outputs sliced.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the bucketing logic, not inductor
+    built, seen = [], []
+
+    def build(example):
+        built.append(example.shape[0])
+        return lambda x: (seen.append(x.shape[0]), x.sum((1, 2, 3)))[1]
+
+    fn = BucketCompiled(build)
+    x = torch.rand(5, *SHAPE)
+    torch.testing.assert_close(fn(x), x.sum((1, 2, 3)))
+    fn(x[:3]), fn(x[:1]), fn(x[:4])
+    assert built == [8, 4, 1] and seen == [8, 4, 1, 4]
