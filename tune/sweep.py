@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,3 +204,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
     print(result.paths["table"].read_text())
     print(f"plot: {result.paths['plot']}\nchosen artifact: {result.artifact}")
     return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
