@@ -102,8 +102,8 @@ def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[d
 
 def unpack_tensors(buf: torch.Tensor, entries: list[dict]) -> dict[str, torch.Tensor]:
     """Tensors (copies) from a packed buffer; raises ArtifactError on entries that do not fit it."""
-    if buf.dtype != torch.uint8 or buf.dim() != 1:
-        raise ArtifactError(f"packed weights must be a 1-D uint8 tensor, got {buf.dtype} {tuple(buf.shape)}")
+    if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise ArtifactError(f"packed weights must be a 1-D uint8 tensor, got {buf!r:.80}")
     out = {}
     for e in entries:
         try:
@@ -238,10 +238,40 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"{mpath}: format_version {manifest['format_version']!r} is not supported (this code reads "
             f"{FORMAT_VERSION})"
         )
+    _check_types(manifest, mpath)
     if manifest["architecture"] != ARCHITECTURE:
         got = manifest["architecture"]
         raise ArtifactError(f"{mpath}: architecture must be {ARCHITECTURE!r}, got {got!r}")
     return manifest
+
+
+_TYPES = {  # key: (allowed types, what the value must be)
+    "model_config": (dict, "an object"),
+    "input_shape": (list, "a list [C, H, W]"),
+    "num_classes": (int, "an int"),
+    "pruning": ((dict, type(None)), "null or an object"),
+    "quantization": (dict, "an object"),
+    "tensors": (dict, "an object"),
+    "probe": (dict, "an object"),
+}
+_SUBKEYS = {
+    "tensors": {"file": str, "sha256": str, "entries": list},
+    "probe": {"file": str, "sha256": str, "predictions": list},
+    "quantization": {"scheme": str},
+}
+
+
+def _check_types(manifest: dict, mpath: Path) -> None:
+    for key, (types, what) in _TYPES.items():
+        if not isinstance(manifest[key], types):
+            raise ArtifactError(f"{mpath}: {key} must be {what}, got {type(manifest[key]).__name__}")
+    for key, sub in _SUBKEYS.items():
+        for name, typ in sub.items():
+            if not isinstance(manifest[key].get(name), typ):
+                raise ArtifactError(f"{mpath}: {key}.{name} must be a {typ.__name__}")
+    pruning = manifest["pruning"]
+    if pruning is not None and not isinstance(pruning.get("channels"), dict):
+        raise ArtifactError(f"{mpath}: pruning.channels must be an object")
 
 
 def _load_file(p: Path, spec: dict, what: str) -> dict:

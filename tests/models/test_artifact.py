@@ -126,8 +126,11 @@ def test_missing_or_invalid_manifest(saved, tmp_path):
         (lambda m: m["model_config"].update(colour="red"), "bad model_config"),
         (lambda m: m.update(pruning={"channels": {"stem": 3}}), "pruning.channels do not fit"),
         (lambda m: m["quantization"].update(scheme="int4"), "scheme must be one of"),
+        (lambda m: m.update(tensors=[]), "tensors must be an object"),
+        (lambda m: m["probe"].pop("sha256"), "probe.sha256 must be a str"),
     ],
-    ids=["version", "missing-key", "architecture", "classes", "predictions", "offset", "config", "pruning", "scheme"],
+    ids=["version", "missing-key", "architecture", "classes", "predictions", "offset", "config", "pruning", "scheme",
+         "tensors-type", "probe-sha"],  # fmt: skip
 )
 def test_mismatched_manifest(saved, edit, message):
     _edit_manifest(saved, edit)
