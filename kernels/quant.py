@@ -121,10 +121,11 @@ def _check(x: torch.Tensor, dtype: torch.dtype) -> None:
 
 def quantize_triton(x, dtype, per_channel=True, scale=None, block: int = 1024):
     _check(x, dtype)
-    rows = _rows(x.contiguous(), per_channel)
-    r, k = rows.shape
     has_scale = scale is not None
-    scale = (
+    # A given per-tensor scale needs no reduction: split the rows anyway so that programs run in parallel.
+    rows = _rows(x.contiguous(), per_channel or (has_scale and scale.numel() == 1))
+    r, k = rows.shape
+    row_scale = (
         scale.to(device=x.device, dtype=torch.float32).reshape(-1).expand(r).contiguous()
         if has_scale
         else torch.empty(r, device=x.device, dtype=torch.float32)
@@ -132,9 +133,10 @@ def quantize_triton(x, dtype, per_channel=True, scale=None, block: int = 1024):
     q = torch.empty_like(rows, dtype=torch.int8 if dtype == torch.int8 else torch.float32)
     block = min(block, triton.next_power_of_2(k))
     _quantize_rows_kernel[(r,)](
-        rows, q, scale, k, QMAX=QMAX[dtype], FMT=_FMT[dtype], HAS_SCALE=has_scale, BLOCK=block
+        rows, q, row_scale, k, QMAX=QMAX[dtype], FMT=_FMT[dtype], HAS_SCALE=has_scale, BLOCK=block
     )
-    return q.to(dtype).reshape(x.shape), scale
+    out_scale = row_scale if not has_scale or per_channel else row_scale[:1]
+    return q.to(dtype).reshape(x.shape), out_scale
 
 
 def quantize_reference(x, dtype, per_channel=True, scale=None):

@@ -53,6 +53,11 @@ def test_given_scale_and_ties(dtype, device):
     q_ref, _ = quantize_reference(x, dtype, per_channel=False, scale=scale)
     torch.testing.assert_close(q.float(), q_ref.float(), rtol=0, atol=0)
     assert q.float().abs().max().item() <= QMAX[dtype]
+    rows = torch.cat([x, -x, 2 * x])  # a given per-tensor scale on several rows (run as parallel programs)
+    q3, s3 = quantize_triton(rows, dtype, per_channel=False, scale=scale)
+    q3_ref, s3_ref = quantize_reference(rows, dtype, per_channel=False, scale=scale)
+    assert s3.shape == s3_ref.shape == (1,)
+    torch.testing.assert_close(q3.float(), q3_ref.float(), rtol=0, atol=0)
 
 
 def test_fp8_dequantize_kernel_decodes_every_code(device):
