@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.conv_bn
+	$(BIN)/tandem bench all $(if $(QUICK),--quick,)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

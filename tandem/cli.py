@@ -117,6 +117,38 @@ def run_config(args: argparse.Namespace):
     )
 
 
+BENCHMARKS = ("conv_bn", "codec", "checkpointing", "train_throughput", "weighting", "compress", "serving",
+              "slow_link", "compression_accuracy", "scaling_model")  # fmt: skip
+
+
+def run_benchmarks(name: str, quick: bool) -> int:
+    """Runs benchmarks as `python -m bench.<name>` (one process each, so one failing does not stop the rest);
+    'all' then rewrites BENCHMARKS.md from bench/results/."""
+    import importlib.util
+    import subprocess
+
+    if name in ("claims", "regression"):
+        import importlib
+
+        return importlib.import_module(f"bench.{name}").main([])
+    names = BENCHMARKS if name == "all" else (name,)
+    failed = []
+    for n in names:
+        if importlib.util.find_spec(f"bench.{n}") is None:
+            print(f"tandem bench: bench/{n}.py is not there; skipped")
+            continue
+        print(f"== bench {n}", flush=True)
+        if subprocess.run([sys.executable, "-m", f"bench.{n}", *(["--quick"] if quick else [])]).returncode != 0:
+            failed.append(n)
+    if name == "all":
+        from bench.claims import write
+
+        print(f"wrote {write()}")
+    if failed:
+        print(f"tandem bench: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tandem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.cli_serve import add_parsers
 
     add_parsers(sub)
-    bench = sub.add_parser("bench", help="run a benchmark under bench/")
-    bench.add_argument("name", choices=["conv_bn"], help="benchmark name")
-    bench.add_argument("--quick", action="store_true")
+    bench = sub.add_parser("bench", help="run benchmarks under bench/ and write BENCHMARKS.md")
+    bench.add_argument("name", choices=["all", *BENCHMARKS, "regression", "claims"],
+                       help="a benchmark, 'all' (each in turn, then BENCHMARKS.md), the regression gate, or claims")  # fmt: skip
+    bench.add_argument("--quick", action="store_true", help="the short version of each benchmark")
     return parser
 
 
@@ -159,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
             job_main(run_config(args))
         elif args.command == "bench":
-            import importlib
-
-            importlib.import_module(f"bench.{args.name}").main(["--quick"] if args.quick else [])
+            return run_benchmarks(args.name, args.quick)
     except (ValueError, TypeError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
