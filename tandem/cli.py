@@ -164,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub)
     bench = sub.add_parser("bench", help="run benchmarks under bench/ and write BENCHMARKS.md")
-    bench.add_argument("name", choices=["all", *BENCHMARKS, "regression", "claims"],
-                       help="a benchmark, 'all' (each in turn, then BENCHMARKS.md), the regression gate, or claims")  # fmt: skip
+    bench.add_argument(
+        "name",
+        choices=["all", *BENCHMARKS, "regression", "claims"],
+        help="a benchmark; 'all' (each in turn, then BENCHMARKS.md); the regression gate; or claims",
+    )
     bench.add_argument("--quick", action="store_true", help="the short version of each benchmark")
     return parser
 
