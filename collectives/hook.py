@@ -7,13 +7,15 @@ The first `warmup_steps` steps use an exact flat allreduce (as PowerSGD's `start
 change fast and residuals would be stale). `mode="auto"` probes the inter-node bandwidth once at construction and
 compresses only below `auto_threshold_gbit`; where the link is fast the hook stays a plain allreduce. The state
 counts bytes sent per level each step and saves the error-feedback residuals (per rank) in `state_dict()`.
-Buckets are keyed by DDP's bucket index; a bucket whose size changed (DDP rebuilds buckets after the first
-step) starts from a zero residual.
+Residuals are keyed by DDP's bucket index and layout; a bucket whose layout changed starts from a zero residual.
+DDP rebuilds its buckets after the first step (in gradient-ready order), so a resumed run reproduces the
+uninterrupted one bit for bit only if its buckets match the saved ones: `find_unused_parameters=True` keeps the
+initial layout (no rebuild), as does a model whose ready order equals its parameter order.
 """
 
-from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -153,13 +155,20 @@ class HookState:
 # No annotations on `bucket` and the return: DDP's register_comm_hook rejects any annotation other than the objects
 # dist.GradBucket / torch.futures.Future[torch.Tensor] themselves, and with postponed evaluation (PEP 563, this
 # module's `from __future__ import annotations`) they would be strings. Returns a Future[Tensor].
+def bucket_key(bucket: dist.GradBucket) -> str:
+    """Bucket index plus a digest of its layout (parameter shapes in order): residuals are positions in the
+    flattened bucket, so a bucket whose layout changed must not reuse them."""
+    layout = ";".join("x".join(map(str, p.shape)) for p in bucket.parameters())
+    return f"{bucket.index()}-{zlib.crc32(layout.encode()):08x}"
+
+
 def hierarchical_hook(state: HookState, bucket):
     """DDP comm hook: averages the bucket over all ranks (exact flat allreduce while warming up or when
     compression is off; hierarchical with the inter-node codec otherwise)."""
     buf = bucket.buffer()
     if state.compressing:
         flat = buf if buf.dtype == torch.float32 and buf.is_contiguous() else buf.float()
-        state.hierarchical.allreduce_(flat.view(-1), key=str(bucket.index()), average=True)
+        state.hierarchical.allreduce_(flat.view(-1), key=bucket_key(bucket), average=True)
         if flat is not buf:
             buf.copy_(flat)
     else:
