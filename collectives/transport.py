@@ -153,6 +153,18 @@ class RayCollectiveTransport(Transport):
                 self._col.send(send[dst], dst, group_name=self.group_name)
 
 
+class SingleRank(Transport):
+    """A group of one rank (a node with one worker, or one node): every collective is a copy."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 0)
+
+    def _unreachable(self, *tensors):
+        raise AssertionError("a group of one never reaches the backend (Transport copies)")
+
+    _all_reduce_ = _reduce_scatter = _all_gather = _all_to_all = _unreachable
+
+
 def select_transport(group: dist.ProcessGroup | None = None, ray_group_name: str | None = None) -> Transport:
     """torch.distributed when it is initialised (gloo or NCCL, whichever the group uses), else the named
     ray.util.collective group."""
