@@ -158,6 +158,10 @@ class BucketCompiled:
     def __init__(self, build: Callable[[torch.Tensor], nn.Module]):
         self.build = build
         self._fns: dict[int, Callable] = {}
+        # freezing must be on while AOT autograd traces (the first call, and any recompile), not only inside
+        # inductor, or the weights stay graph inputs and int8 pre-packing fails on fake tensors: so a config
+        # patch around every call (built once: entering it costs microseconds), not `options=`.
+        self._freezing = torch._inductor.config.patch(freezing=True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -167,9 +171,7 @@ class BucketCompiled:
         fn = self._fns.get(b)
         if fn is None:
             fn = self._fns[b] = torch.compile(self.build(x), dynamic=False)
-        # freezing must be on while AOT autograd traces (the first call), not only inside inductor, or the
-        # weights stay graph inputs and the int8 pre-packing fails on fake tensors; so not via `options=`.
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        with torch.no_grad(), self._freezing:
             return fn(x)[:n]
 
     def warmup(self, example: torch.Tensor, batch_sizes: Iterable[int]) -> None:
