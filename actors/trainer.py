@@ -33,6 +33,7 @@ from actors.comm import CommConfig, build_comm
 from actors.dataset import DataSplits, load_tensors
 from actors.reports import CollectReports, ReportCollector
 from actors.train_local import TrainConfig, make_optimizer
+from actors.train_metrics import TrainMetrics
 from actors.weight_store import SampleWeightStore, WeightRule, last_layer_grad_norm
 from actors.weighted_stream import StreamConfig, build_stream, read_sample_ids
 from kernels.precision import PrecisionPolicy
@@ -183,6 +184,7 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         start, restored = _restore(ckpt, model, opt, sched, comm, store if weighted else None, rank), True
+    gauges = TrainMetrics(job.dist.name)
     for epoch in range(start, job.train.epochs):
         if weighted and rank == 0:
             ray.get(store.begin_epoch.remote(epoch, job.stream.epoch_size))
@@ -252,6 +254,8 @@ def train_loop(config: dict) -> None:
         }
         if weighted and rank == 0:
             metrics.update({f"weights_{k}": v for k, v in ray.get(store.stats.remote()).items() if k != "epoch"})
+        if rank == 0:
+            gauges.update(metrics)
         d = _save(model, opt, sched, comm, store if weighted else None, rank, epoch, job)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 

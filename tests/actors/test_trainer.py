@@ -99,3 +99,29 @@ def test_bad_dist_config():
         DistConfig(checkpointing="most")
     with pytest.raises(ValueError, match="unbiased needs weighted"):
         StreamConfig(weighted=False, unbiased=True)
+
+
+def test_train_metrics_reach_the_metrics_endpoint(ray_local):
+    """Gauges set from a Ray worker appear on the node's Prometheus export as ray_tandem_train_*."""
+    import urllib.request
+
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def set_gauges():
+        from actors.train_metrics import TrainMetrics
+
+        TrainMetrics("metrics-test").update({"loss": 0.125, "test_accuracy": 0.875, "restored": True})
+        time.sleep(12)  # export happens every few seconds
+
+    ray.get(set_gauges.remote())
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if "ray_tandem_train_test_accuracy" in text:
+            break
+        time.sleep(2)
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_tandem_train_test_accuracy{")]
+    assert lines and 'run="metrics-test"' in lines[0] and lines[0].endswith(" 0.875"), lines
