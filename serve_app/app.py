@@ -91,8 +91,13 @@ class ModelUserConfig:
     """Batching controller: static, aimd, slo_model (default), bandit, or unbatched."""
     batching: dict[str, Any] = field(default_factory=dict)
     """BatchingConfig fields (serve_app/batching.py); unknown keys are an error."""
+    admission: bool = True
+    """Admission control (503 + Retry-After when the SLO cannot be met); False serves like plain `@serve.batch`
+    (baselines in bench/serving.py)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.admission, bool):
+            raise ValueError(f"admission must be true or false, got {self.admission!r}")
         if not isinstance(self.artifact, str) or not self.artifact:
             raise ValueError(f"artifact must be a non-empty path string, got {self.artifact!r}")
         if self.version is not None and not isinstance(self.version, str):
@@ -348,6 +353,11 @@ class ModelServer:
         self.gate = AdmissionControl(self.ctl.config)
         self.rec = WindowRecorder(time.monotonic())
         self._control_task: asyncio.Task | None = None
+        # The controller learns t(b) from the batch's CPU time when the forward runs in this thread alone (one
+        # torch thread, a CPU model): on a shared machine wall time includes the replica being preempted, and
+        # outliers of 10-30x (measured under load here) drove the fit's p99 noise up, the cap to 1 and admission
+        # into refusing at light load. Queueing and preemption still show in the latencies the SLOModel watches.
+        self._clock = time.thread_time if self.cfg.torch_threads == 1 else time.perf_counter
 
     # -- hot update
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -361,7 +371,11 @@ class ModelServer:
         if new_model:
             model, manifest = load_artifact(user.artifact)
             version = user.version or manifest["tensors"]["sha256"][:12]
-        if not new_model and (user.controller, user.batching) == (self.user.controller, self.user.batching):
+        if not new_model and (user.controller, user.batching, user.admission) == (
+            self.user.controller,
+            self.user.batching,
+            self.user.admission,
+        ):
             return
         ctl = user.build_controller()
         self._warm_up(model, tuple(manifest["input_shape"]), ctl)
@@ -373,8 +387,7 @@ class ModelServer:
             self.metrics.model_version(version)
             logger.info("%s: serving %s version %s", self.deployment, user.artifact, version)
 
-    @staticmethod
-    def _warm_up(model, input_shape: tuple[int, ...], ctl: Controller, rounds: int = 3) -> None:
+    def _warm_up(self, model, input_shape: tuple[int, ...], ctl: Controller, rounds: int = 3) -> None:
         """Runs the model on every power-of-two batch size up to the cap, `rounds` times, and seeds the new
         controller's service-time fit with all but the first round: the first calls after a load are slow
         (allocation, lazy init), and admission control predicting from them alone would refuse everything."""
@@ -386,10 +399,10 @@ class ModelServer:
         with torch.inference_mode():
             for r in range(rounds):
                 for b in sizes:
-                    t0 = time.perf_counter()
+                    t0 = self._clock()
                     model(x[:b])
                     if r:
-                        ctl.observe_batch(b, time.perf_counter() - t0)
+                        ctl.observe_batch(b, self._clock() - t0)
 
     def _apply(self, st: BatchSettings) -> None:
         self._batched.set_max_batch_size(st.max_batch_size)
@@ -422,7 +435,7 @@ class ModelServer:
             self.rec.arrival()
             # Liveness: with nothing queued a rejection protects no one, and a replica refusing everything would
             # never observe another batch to correct the prediction that made it refuse.
-            if not verdict.admitted and queued > 0:
+            if not verdict.admitted and queued > 0 and self.user.admission:
                 self.rec.rejected()
                 raise Overloaded(verdict)
             probs, version = await self._batched(x)
@@ -435,11 +448,11 @@ class ModelServer:
     async def _batched(self, xs: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
         n = len(xs)
         self.rec.batch_start(n)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self._clock()
         out = self._forward(xs)
-        s = time.perf_counter() - t0
-        self.rec.batch_end(n, s)
-        self.ctl.observe_batch(n, s)
+        s, work = time.perf_counter() - t0, self._clock() - c0
+        self.rec.batch_end(n, work)
+        self.ctl.observe_batch(n, work)
         self.metrics.batch(n, s)
         return out
 
@@ -537,6 +550,7 @@ class ModelServer:
                 "quantization": self.manifest.get("quantization", {}).get("scheme"),
                 "test_accuracy": self.manifest.get("accuracy", {}).get("test_accuracy"),
                 "controller": self.user.controller if self.user else None,
+                "user_config": asdict(self.user) if self.user else None,
                 "batch_settings": asdict(self.ctl.settings),
                 "slo_s": self.ctl.config.slo_s,
             },

@@ -1,0 +1,382 @@
+"""Serving: adaptive batching (SLOModel, admission control) vs Serve's static `@serve.batch` and no batching (issue 6).
+
+One app on a local Ray (RAY_worker_niceness=0, so the proxy and replica are not at nice 15); each variant is a hot
+update of the same replica (its user_config), so variants are interleaved run by run on the same process:
+  nobatch          no @serve.batch, no admission control
+  static_default   @serve.batch with Serve's defaults (10 / 10 ms), no admission control
+  static_bN_wM     a small grid of static settings, no admission control (the best one is "best static")
+  adaptive         SLOModel controller + admission control (503 + Retry-After) - the default of serve_app
+  bandit           (full mode) the Bandit controller + admission control
+Open-loop Poisson arrivals from serve_app/loadgen, timeouts counted as misses; CPU used by other processes during
+each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (goals from the issue):
+  unbatched_capacity_rps                      closed-loop throughput (32 clients) of nobatch over HTTP
+  max_rate_ratio_adaptive_vs_static           highest sine mean (+-50%) held at >= 99% within the SLO,
+                                              adaptive / static_default                                 >= 1.2
+  max_rate_ratio_adaptive_vs_nobatch          same, adaptive / nobatch                                  >= 1.5
+  attainment_tight_adaptive_minus_best_static share within 25 ms at 1.0x capacity (constant rate),
+                                              adaptive minus the best static setting                    >= 0
+  overload_goodput_ratio                      answered within the SLO per second at a 1.5x sine mean,
+                                              adaptive / static_default                                 >= 2
+  max_rate_ratio_adaptive_vs_static_handle    the max-rate comparison through a DeploymentHandle (no proxy), with
+                                              the `small` CNN so that the model's cost dominates        >= 1.5
+Writes bench/results/serving.json. `--quick` (one repeat, 5 s runs) stays under 5 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench._common import print_table, write_result
+
+GOALS = {
+    "max_rate_ratio_adaptive_vs_static": (">=", 1.2),
+    "max_rate_ratio_adaptive_vs_nobatch": (">=", 1.5),
+    "attainment_tight_adaptive_minus_best_static": (">=", 0.0),
+    "overload_goodput_ratio": (">=", 2.0),
+    "max_rate_ratio_adaptive_vs_static_handle": (">=", 1.5),
+}
+SLO_S = 0.1
+TIGHT_S = 0.025
+NO_QUEUE_BOUND = {"max_queue_len": None}
+VARIANTS = {
+    "nobatch": {"controller": "unbatched", "admission": False, "batching": {}},
+    "static_default": {"controller": "static", "admission": False, "batching": NO_QUEUE_BOUND},
+    "adaptive": {"controller": "slo_model", "admission": True, "batching": {}},
+    "bandit": {"controller": "bandit", "admission": True, "batching": {}},
+}
+SHAPES = {"tiny": (1, 8, 8), "small": (1, 32, 32)}
+STATIC_GRID = [(8, 0.002), (16, 0.005), (32, 0.0), (32, 0.01)]
+for _b, _w in STATIC_GRID:
+    VARIANTS[f"static_b{_b}_w{round(_w * 1e3)}"] = {
+        "controller": "static",
+        "admission": False,
+        "batching": {**NO_QUEUE_BOUND, "initial_batch_size": _b, "initial_wait_s": _w, "max_wait_s": max(_w, 0.05)},
+    }
+
+
+# ------------------------------------------------------------------------------------------ CPU accounting
+
+
+class CpuMeter:
+    """Cores' worth of CPU used during a run by this process tree (driver, Ray, replicas) and by everything
+    else on the machine (/proc/stat minus our tree)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process()
+
+    def _ours(self) -> float:
+        total = 0.0
+        for p in [self._me, *self._me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except self._psutil.Error:
+                pass
+        return total
+
+    @staticmethod
+    def _busy() -> float:
+        with open("/proc/stat") as f:
+            v = [float(x) for x in f.readline().split()[1:]]
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+    def start(self) -> None:
+        self._t0, self._busy0, self._ours0 = time.monotonic(), self._busy(), self._ours()
+
+    def stop(self) -> dict[str, float]:
+        dt = time.monotonic() - self._t0
+        busy, ours = self._busy() - self._busy0, self._ours() - self._ours0
+        return {"our_cpu_cores": ours / dt, "other_cpu_cores": max(0.0, busy - ours) / dt}
+
+
+# ------------------------------------------------------------------------------------------------ the app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_artifacts(root: Path) -> dict[str, str]:
+    """Untrained `tiny` on 8x8 digits (HTTP runs: the proxy dominates, the model costs ~0.2-0.6 ms) and `small` on
+    32x32 images (handle runs: the model dominates) CNNs."""
+    import torch
+
+    from models.artifact import save_artifact
+    from models.cnn import ModelConfig, build_model
+
+    out = {}
+    for preset, shape in SHAPES.items():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.preset(preset, in_channels=1, num_classes=10))
+        save_artifact(model, root / preset, input_shape=shape)
+        out[preset] = str(root / preset)
+    return out
+
+
+class Bench:
+    def __init__(self, artifacts: dict[str, str], meter: CpuMeter) -> None:
+        from serve_app.deploy import DeployConfig, serve_artifact
+
+        self.artifacts = artifacts
+        self.meter = meter
+        self.cfg = DeployConfig(port=free_port(), app={"version": "tiny"})
+        self.url = serve_artifact(artifacts["tiny"], self.cfg)
+        self.model = "tiny"
+        self.variant = None
+        self.runs: list[dict] = []
+
+    def use(self, variant: str, model: str | None = None) -> None:
+        """Switches the replica to `variant` (and `model`) in place, then lets it settle for a window."""
+        import httpx
+
+        from serve_app.deploy import update_user_configs
+
+        model = model or self.model
+        if (variant, model) == (self.variant, self.model):
+            return
+        user = {"artifact": self.artifacts[model], "version": model, **VARIANTS[variant]}
+        update_user_configs(self.artifacts["tiny"], self.cfg, {"Model": user})
+        deadline = time.monotonic() + 30
+        while True:
+            p = httpx.get(f"{self.url}/v2/models/tandem", timeout=10).json()
+            if p["parameters"]["user_config"] == user:
+                break
+            assert time.monotonic() < deadline, f"replica did not switch to {variant}/{model}"
+            time.sleep(0.2)
+        self.variant, self.model = variant, model
+        time.sleep(1.0)
+
+    def http(self, variant: str, pattern, duration_s: float, slo_s: float = SLO_S, tag: str = "") -> dict:
+        from serve_app.loadgen import LoadConfig, run_load
+
+        self.use(variant, "tiny")
+        self.meter.start()
+        r = run_load(self.url, LoadConfig(pattern=pattern, duration_s=duration_s, timeout_s=2.0, slo_s=slo_s))
+        return self._record(variant, "http", tag, pattern, r)
+
+    def handle(self, variant: str, pattern, duration_s: float, tag: str = "") -> dict:
+        from ray import serve
+
+        from serve_app.loadgen import LoadConfig, arrival_times, open_loop, request_body, summarize
+
+        self.use(variant, "small")
+        cfg = LoadConfig(pattern=pattern, duration_s=duration_s, timeout_s=2.0, slo_s=SLO_S)
+        body = request_body(cfg, SHAPES["small"])
+        h = serve.get_app_handle(self.cfg.app_name)
+
+        async def send() -> int:
+            return (await h.respond.remote("predict", body, None)).status
+
+        self.meter.start()
+        samples = asyncio.run(open_loop(arrival_times(cfg), send, cfg.timeout_s))
+        return self._record(variant, "handle", tag, pattern, summarize(samples, duration_s, SLO_S))
+
+    def _record(self, variant, path, tag, pattern, report) -> dict:
+        row = {"variant": variant, "path": path, "tag": tag, "pattern": repr(pattern), **self.meter.stop()}
+        row.update({k: v for k, v in report.to_dict().items() if k not in ("timeline", "status_counts")})
+        self.runs.append(row)
+        print(
+            f"  {path:6s} {variant:16s} {tag:10s} offered {report.offered_rps:6.1f}/s  ok {report.ok:5d}  "
+            f"503 {report.rejected_503:4d}  to {report.timeouts:4d}  p99 {report.p99_ms or float('nan'):7.1f} ms  "
+            f"attain {report.slo_attainment:.3f}  other cpu {row['other_cpu_cores']:.2f}",
+            flush=True,
+        )
+        return row
+
+    def closed_loop_capacity(self, variant: str, path: str, seconds: float, clients: int = 32) -> float:
+        """Requests/s answered by `clients` back-to-back callers: the saturated throughput."""
+        import aiohttp
+        from ray import serve
+
+        from serve_app.loadgen import LoadConfig, request_body
+
+        self.use(variant, "tiny" if path == "http" else "small")
+        body = request_body(LoadConfig(), SHAPES["tiny" if path == "http" else "small"])
+        h = serve.get_app_handle(self.cfg.app_name)
+
+        async def run() -> int:
+            done = 0
+            stop = time.monotonic() + seconds
+            async with aiohttp.ClientSession() as session:
+
+                async def client() -> None:
+                    nonlocal done
+                    while time.monotonic() < stop:
+                        if path == "http":
+                            async with session.post(f"{self.url}/predict", data=body) as r:
+                                await r.read()
+                                done += r.status == 200
+                        else:
+                            done += (await h.respond.remote("predict", body, None)).status == 200
+
+                await asyncio.gather(*(client() for _ in range(clients)))
+            return done
+
+        return asyncio.run(run()) / seconds
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+
+
+def max_rate_held(
+    bench: Bench,
+    variants: list[str],
+    cap: float,
+    mults: list[float],
+    repeats: int,
+    dur: float,
+    path: str,
+    period_s: float,
+) -> tuple[dict[str, float], dict[tuple[str, float], list[dict]]]:
+    """Highest sine mean (multiples of `cap`) whose median attainment over `repeats` is >= 99%, per variant;
+    variants interleaved at each rate. Also returns the runs by (variant, multiple)."""
+    from serve_app.simulator import Sine
+
+    runs: dict[tuple[str, float], list[dict]] = {}
+    for m in mults:
+        for _ in range(repeats):
+            for v in variants:
+                pattern = Sine(m * cap, 0.5, period_s)
+                run = bench.http if path == "http" else bench.handle
+                runs.setdefault((v, m), []).append(run(v, pattern, dur, tag=f"sine {m:.2f}x"))
+    held = {}
+    for v in variants:
+        ok = [m for m in mults if statistics.median(r["slo_attainment"] for r in runs[(v, m)]) >= 0.99]
+        held[v] = max(ok) * cap if ok else 0.0
+    return held, runs
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one repeat, 5 s runs (< 5 minutes)")
+    p.add_argument("--repeats", type=int, default=None, help="repeats per point (default 3; 1 with --quick)")
+    p.add_argument("--name", default="serving", help="results file name (bench/results/<name>.json)")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    dur = 5.0 if args.quick else 20.0
+    period = 5.0 if args.quick else 10.0
+    mults = [0.6, 0.9, 1.2, 1.5] if args.quick else [0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 1.8, 2.1]
+
+    os.environ["RAY_worker_niceness"] = "0"  # before Ray starts: proxy and replicas at normal priority
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    t_start = time.monotonic()
+    load_before = os.getloadavg()
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench = Bench(make_artifacts(Path(tmp)), CpuMeter())
+            res = run(bench, repeats, dur, period, mults, args.quick)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    res.update(
+        slo_ms=SLO_S * 1e3,
+        quick=args.quick,
+        repeats=repeats,
+        run_seconds=dur,
+        sine_period_s=period,
+        wall_s=time.monotonic() - t_start,
+        loadavg_before=list(load_before),
+        loadavg_after=list(os.getloadavg()),
+        other_cpu_cores_median=statistics.median(r["other_cpu_cores"] for r in bench.runs),
+        runs=bench.runs,
+    )
+    rows = []
+    for k, (op, goal) in GOALS.items():
+        v = res[k]
+        met = v is not None and v >= goal
+        rows.append({"metric": k, "measured": v if v is not None else "n/a", "goal": f"{op} {goal}",
+                     "met": "yes" if met else "NO"})  # fmt: skip
+    print_table(rows, title=f"serving ({'quick, ' if args.quick else ''}{repeats} repeat(s), {dur:.0f} s runs)")
+    print(f"other processes used {res['other_cpu_cores_median']:.2f} cores (median over runs); load {load_before}")
+    path = write_result(args.name, res)
+    print(f"wrote {path}")
+    return res
+
+
+def run(bench: Bench, repeats: int, dur: float, period: float, mults: list[float], quick: bool) -> dict:
+    from serve_app.simulator import Constant
+
+    cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if quick else 8.0)
+    print(f"unbatched HTTP capacity {cap:.1f}/s", flush=True)
+    variants = ["nobatch", "static_default", "adaptive"] + ([] if quick else ["bandit"])
+    held, runs = max_rate_held(bench, variants, cap, mults, repeats, dur, "http", period)
+
+    # Tight latency at 1.0x capacity: the static grid against adaptive, interleaved.
+    tight: dict[str, list[float]] = {}
+    grid = [f"static_b{b}_w{round(w * 1e3)}" for b, w in STATIC_GRID] + ["static_default", "adaptive"]
+    for _ in range(repeats):
+        for v in grid:
+            r = bench.http(v, Constant(cap), dur, slo_s=TIGHT_S, tag="tight 1.0x")
+            tight.setdefault(v, []).append(r["slo_attainment"])
+    tight_med = {v: statistics.median(xs) for v, xs in tight.items()}
+    best_static = max((v for v in tight_med if v.startswith("static")), key=tight_med.get)
+
+    over = min(mults, key=lambda m: abs(m - 1.5))
+    goodput = {v: statistics.median(r["goodput_rps"] for r in runs[(v, over)]) for v in variants}
+
+    hcap = bench.closed_loop_capacity("nobatch", "handle", 3.0 if quick else 8.0)
+    print(f"unbatched handle capacity (small CNN) {hcap:.1f}/s", flush=True)
+    hheld, hruns = max_rate_held(bench, ["static_default", "adaptive"], hcap, mults, repeats, dur, "handle", period)
+
+    def summary(rs: dict[tuple[str, float], list[dict]], m: float) -> dict[str, dict]:
+        keys = ("p50_ms", "p99_ms", "throughput_rps", "goodput_rps", "errors", "timeouts", "rejected_503",
+                "slo_attainment")  # fmt: skip
+        out = {}
+        for (v, mm), xs in rs.items():
+            if mm == m:
+                out[v] = {k: statistics.median(x[k] if x[k] is not None else float("nan") for x in xs) for k in keys}
+        return out
+
+    ref = min(mults, key=lambda m: abs(m - 0.9))
+    print_table(
+        [{"variant": v, **{k: x for k, x in s.items()}} for v, s in summary(runs, ref).items()],
+        title=f"HTTP, sine mean {ref:.2f}x unbatched capacity ({ref * cap:.0f}/s)",
+    )
+    print_table(
+        [{"variant": v, "held_rps": held[v]} for v in variants]
+        + [{"variant": f"{v} (handle)", "held_rps": hheld[v]} for v in hheld],
+        title="highest sine mean held at >= 99% within 100 ms",
+    )
+    return {
+        "unbatched_capacity_rps": cap,
+        "unbatched_capacity_handle_rps": hcap,
+        "max_rate_held_rps": held,
+        "max_rate_held_handle_rps": hheld,
+        "max_rate_ratio_adaptive_vs_static": ratio(held["adaptive"], held["static_default"]),
+        "max_rate_ratio_adaptive_vs_nobatch": ratio(held["adaptive"], held["nobatch"]),
+        "attainment_tight": tight_med,
+        "best_static": best_static,
+        "attainment_tight_adaptive_minus_best_static": tight_med["adaptive"] - tight_med[best_static],
+        "overload_mult": over,
+        "overload_goodput_rps": goodput,
+        "overload_goodput_ratio": ratio(goodput["adaptive"], goodput["static_default"]),
+        "max_rate_ratio_adaptive_vs_static_handle": ratio(hheld["adaptive"], hheld["static_default"]),
+        "variants_http": {f"{m:.2f}x": summary(runs, m) for m in mults},
+        "variants_handle": {f"{m:.2f}x": summary(hruns, m) for m in mults},
+    }
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)
