@@ -366,17 +366,13 @@ class ModelServer:
         from models.artifact import load_artifact
 
         user = ModelUserConfig.from_dict(user_config)
+        if self.user is not None and asdict(user) == asdict(self.user):
+            return
         model, manifest, version = self.model, self.manifest, self.version
         new_model = self.user is None or (user.artifact, user.version) != (self.user.artifact, self.user.version)
         if new_model:
             model, manifest = load_artifact(user.artifact)
             version = user.version or manifest["tensors"]["sha256"][:12]
-        if not new_model and (user.controller, user.batching, user.admission) == (
-            self.user.controller,
-            self.user.batching,
-            self.user.admission,
-        ):
-            return
         ctl = user.build_controller()
         self._warm_up(model, tuple(manifest["input_shape"]), ctl)
         self.model, self.manifest, self.version = model, manifest, version

@@ -11,6 +11,7 @@ deployments' `user_config`.
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -147,6 +148,23 @@ def hot_update(
     ModelUserConfig.from_dict(user)  # validate before the controller sees it
     update_user_configs(path, cfg, {deployment: user})
     return user
+
+
+def finish_rollout(path: str, cfg: DeployConfig) -> str:
+    """Ends a canary rollout that the Router has decided: when promoted, the stable `Model` is hot-updated to
+    the canary's model (in place); either way the Router starts a new policy with weight 0, so all traffic goes
+    to `Model` until the next canary. Returns the decision ("promoted" or "rolled_back")."""
+    client = _ensure_serve(cfg)
+    with urllib.request.urlopen(f"{cfg.url}/canary", timeout=10) as r:
+        status = json.load(r)
+    if status["state"] not in ("promoted", "rolled_back"):
+        raise ValueError(f"canary rollout must be decided (promoted or rolled_back), got {status['state']!r}")
+    updates = {"Router": {**status["config"], "weight": 0.0}}
+    if status["state"] == "promoted":
+        current = current_user_configs(client, cfg.app_name)
+        updates["Model"] = current.get("Canary") or asdict(cfg.app_config(path).canary_user_config())
+    update_user_configs(path, cfg, updates)
+    return status["state"]
 
 
 def run_loadtest(url: str, cfg: LoadConfig, plot_path: str | None = None) -> LoadReport:

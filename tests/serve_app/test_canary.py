@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from serve_app.deploy import DeployConfig, serve_artifact, update_user_configs
+from serve_app.deploy import DeployConfig, finish_rollout, serve_artifact, update_user_configs
 from serve_app.loadgen import LoadConfig, run_load
 from serve_app.router import CANARY, PROMOTED, ROLLED_BACK, RUNNING, STABLE, CanaryConfig, CanaryPolicy
 from serve_app.simulator import Constant
@@ -171,6 +171,9 @@ def test_failing_canary_is_rolled_back(ray_local, canary_app):
     assert result["r"].errors > 0  # the canary did fail requests before the rollback
     after = [c.post("/predict", json=GOOD) for _ in range(20)]
     assert all(r.status_code == 200 and r.json()["version"] == "s1" for r in after)
+    assert finish_rollout(paths["stable"], cfg) == ROLLED_BACK
+    status = c.get("/canary").json()
+    assert status["state"] == RUNNING and status["weight"] == 0.0  # all traffic to Model until the next canary
 
     port = ray_local.nodes()[0]["MetricsExportPort"]
     wanted = [
