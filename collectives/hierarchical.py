@@ -28,6 +28,7 @@ class HierarchicalAllreduce:
         self.inter = inter
         self.codec = codec if codec is not None else NoCompression()
         self.reducer = self.codec.build()
+        self._scratch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def world_size(self) -> int:
@@ -37,17 +38,25 @@ class HierarchicalAllreduce:
         unit = self.intra.size * self.inter.size * self.codec.alignment
         return -(-numel // unit) * unit
 
+    def _buffers(self, key: str, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded working buffer and shard, kept per key: a fresh 45 MB tensor per step costs page faults."""
+        padded = self.padded_numel(n)
+        bufs = self._scratch.get(key)
+        if bufs is None or bufs[0].numel() != padded or bufs[0].device != device:
+            buf = torch.empty(padded, dtype=torch.float32, device=device)
+            bufs = self._scratch[key] = (buf, torch.empty(padded // self.intra.size, device=device))
+        return bufs
+
     def allreduce_(self, flat: torch.Tensor, key: str, average: bool = False) -> torch.Tensor:
         """flat (n,) fp32 contiguous -> sum (mean with `average`) over all ranks, written into flat."""
         assert flat.dim() == 1 and flat.is_contiguous() and flat.dtype == torch.float32
         n = flat.numel()
-        padded = self.padded_numel(n)
-        buf = torch.zeros(padded, dtype=flat.dtype, device=flat.device)
+        buf, shard = self._buffers(key, n, flat.device)
         if average:
             torch.div(flat, self.world_size, out=buf[:n])
         else:
             buf[:n] = flat
-        shard = torch.empty(padded // self.intra.size, dtype=flat.dtype, device=flat.device)
+        buf[n:] = 0.0
         self.intra.reduce_scatter(buf, shard)  # (n / L,) exact node sum of shard l
         self.reducer.reduce_(shard, self.inter, key)  # sum over nodes
         self.intra.all_gather(shard, buf)

@@ -86,6 +86,14 @@ def _zeros(shape, device, dtype=torch.float32):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+def _scratch_bytes(shape, device):
+    return torch.empty(shape, dtype=torch.uint8, device=device)
+
+
+def _scratch_floats(shape, device):
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 class _StatefulReducer:
     """Keeps named tensors per key; `state_dict` flattens them to "key/name"."""
 
@@ -102,8 +110,16 @@ class _StatefulReducer:
             t = slot[name] = t.to(device)
         return t
 
+    # Names of persistent state; anything else in a slot is reusable scratch (not saved).
+    persistent: tuple[str, ...] = ()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{key}/{name}": t for key, slot in self.state.items() for name, t in slot.items()}
+        return {
+            f"{key}/{name}": t
+            for key, slot in self.state.items()
+            for name, t in slot.items()
+            if name in self.persistent
+        }
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         self.state = {}
@@ -118,6 +134,8 @@ class ExactReducer(_StatefulReducer):
 
 
 class TwoBitEFReducer(_StatefulReducer):
+    persistent = ("worker_residual", "server_residual")
+
     def __init__(self, cfg: TwoBitEF) -> None:
         super().__init__()
         self.cfg = cfg
@@ -132,24 +150,25 @@ class TwoBitEFReducer(_StatefulReducer):
         chunks = shard.view(n, c)  # chunk j is reduced by peer j
         worker = self._tensor(key, "worker_residual", (n, c), shard.device)
         server = self._tensor(key, "server_residual", c, shard.device)
-        send = torch.empty((n, nbytes), dtype=torch.uint8, device=shard.device)
+        send = self._tensor(key, "send", (n, nbytes), shard.device, init=_scratch_bytes)
         for j in range(n):
             if j != me:  # our own chunk is added exactly, never coded
                 codec2bit.encode(
                     chunks[j], worker[j], block, residual_out=worker[j], payload_out=send[j],
                     compiled=self.cfg.compiled,
                 )  # fmt: skip
-        recv = torch.empty_like(send)
+        recv = self._tensor(key, "recv", (n, nbytes), shard.device, init=_scratch_bytes)
         peers.all_to_all(send.view(-1), recv.view(-1))
-        total = chunks[me].clone()
+        total = self._tensor(key, "total", c, shard.device, init=_scratch_floats)
+        total.copy_(chunks[me])
         for j in range(n):
             if j != me:
                 codec2bit.decode_add_(total, recv[j], block, compiled=self.cfg.compiled)
-        mine = torch.empty(nbytes, dtype=torch.uint8, device=shard.device)
+        mine = self._tensor(key, "mine", nbytes, shard.device, init=_scratch_bytes)
         codec2bit.encode(
             total, server, block, residual_out=server, payload_out=mine, compiled=self.cfg.compiled
         )
-        gathered = torch.empty_like(send)
+        gathered = self._tensor(key, "gathered", (n, nbytes), shard.device, init=_scratch_bytes)
         peers.all_gather(mine, gathered.view(-1))
         for j in range(n):
             codec2bit.decode(gathered[j], c, block, out=chunks[j], compiled=self.cfg.compiled)
@@ -157,6 +176,8 @@ class TwoBitEFReducer(_StatefulReducer):
 
 
 class LowRankReducer(_StatefulReducer):
+    persistent = ("residual", "q")
+
     def __init__(self, cfg: LowRank) -> None:
         super().__init__()
         self.cfg = cfg
