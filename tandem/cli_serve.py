@@ -65,11 +65,13 @@ def pattern(args: argparse.Namespace) -> ArrivalPattern:
 def deploy_config(args: argparse.Namespace):
     from serve_app.deploy import DeployConfig
 
+    slo = args.slo_ms / 1e3
+    max_wait = min(0.05, slo / 2)  # BatchingConfig: a wait alone must stay below the SLO
     app = {
         "name": args.name,
         "version": args.version,
         "controller": args.controller,
-        "batching": {"slo_s": args.slo_ms / 1e3, **args.batching},
+        "batching": {"slo_s": slo, "max_wait_s": max_wait, "initial_wait_s": min(0.01, max_wait), **args.batching},
         "num_replicas": args.replicas,
     }
     if args.canary:

@@ -164,3 +164,5 @@ def test_cli_parses_to_configs():
     d = deploy_config(args)
     assert d.url == "http://127.0.0.1:8123" and d.app["canary"]["artifact"] == "/tmp/b"
     assert d.app_config("/tmp/a").model_user_config().batching_config().slo_s == 0.08
+    args = parser.parse_args(["serve", "/tmp/a", "--slo-ms", "10"])  # below Serve's 10 ms default wait
+    assert deploy_config(args).app_config("/tmp/a").model_user_config().batching_config().max_wait_s == 0.005
