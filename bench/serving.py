@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (1 if args.quick else 3)
     dur = 5.0 if args.quick else 20.0
     period = 5.0 if args.quick else 10.0
-    mults = [0.6, 0.9, 1.2, 1.5] if args.quick else [0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 1.8, 2.1]
+    mults = [0.3, 0.6, 0.9, 1.2, 1.5] if args.quick else [0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 1.8, 2.1]
 
     os.environ["RAY_worker_niceness"] = "0"  # before Ray starts: proxy and replicas at normal priority
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
