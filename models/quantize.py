@@ -6,8 +6,7 @@ since inference never runs BN. Then:
 
 - INT8 (both schemes end in the same format): the conv/linear weights are snapped to their symmetric int8 grid
   with `kernels.quant` (per output channel, or one scale per tensor), activations are calibrated, and the
-  model
-  is lowered through PT2E: `torch.export` -> `prepare_pt2e(X86InductorQuantizer)` -> calibration ->
+  model is lowered through PT2E: `torch.export` -> `prepare_pt2e(X86InductorQuantizer)` -> calibration ->
   `convert_pt2e`. That graph runs as is (reference int8 ops, exact, used to check artifacts) and through
   `QuantizedModel.compile_()` (inductor with freezing: oneDNN int8 convs, the fast path on x86 CPUs).
   Activation observers are min/max (not the default histogram) so that the whole calibration result is a

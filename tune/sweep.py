@@ -13,6 +13,7 @@ Entry point: `main(argv)` (`tandem tune`): --trials, --max-acc-drop, --smoke, --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     out = Path(cfg.out_dir).resolve()
     baseline = cfg.baseline
     if baseline.cache_dir is None:  # trials in other processes must find the driver's cached checkpoint
-        baseline = BaselineConfig(**{**_fields(baseline), "cache_dir": str(baseline.cache_path().resolve())})
+        baseline = dataclasses.replace(baseline, cache_dir=str(baseline.cache_path().resolve()))
     model, data = load_baseline(baseline)  # trained once here, loaded by every trial
     base_acc = data.accuracy(model)
     ctx = TrialContext(baseline=baseline, measure=cfg.measure)
@@ -166,10 +167,6 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 
 _METRICS = ("accuracy", "acc_drop_pts", "baseline_accuracy", "latency_ms", "latency_batch_1_ms",
             "latency_batch_32_ms", "size_bytes", "params", "macs")  # fmt: skip
-
-
-def _fields(obj) -> dict:
-    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
 
 
 def main(argv: list[str] | None = None) -> SweepResult:
