@@ -20,15 +20,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Median wall time in seconds of each callable, run round-robin `repeats` times after `warmup` rounds."""
+    """Median time in seconds of each callable, run round-robin `repeats` times after `warmup` rounds.
+    `clock`: wall time by default; `time.thread_time` measures this thread's CPU time, which other processes on a
+    shared machine do not inflate (use it with single-threaded work, torch.set_num_threads(1))."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if i >= warmup:
                 times[name].append(dt)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -50,8 +51,22 @@ def grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[torch.Ten
     return [x.grad] + [p.grad for p in module.parameters()]
 
 
-def run(batch: int, channels: int, size: int, repeats: int, device: str) -> dict:
+def run(batch: int, channels: int, size: int, repeats: int, device: str, clock: str = "cpu") -> dict:
+    """`clock='cpu'`: one torch thread, timed by this thread's CPU time (robust on a shared machine);
+    'wall': wall time with torch's default threads. CUDA always uses wall time with synchronization."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    timer = time.perf_counter
+    if clock == "cpu" and device == "cpu":
+        torch.set_num_threads(1)
+        timer = time.thread_time
+    try:
+        return _run(batch, channels, size, repeats, device, timer) | {"clock": clock if device == "cpu" else "wall"}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(batch: int, channels: int, size: int, repeats: int, device: str, timer) -> dict:
     lean = ConvBNAct(channels, channels, 3, padding=1, act="relu", save="lean").to(device)
     fast = copy.deepcopy(lean)
     fast.save = SaveMode.FAST
@@ -69,7 +84,7 @@ def run(batch: int, channels: int, size: int, repeats: int, device: str) -> dict
 
         return f
 
-    train = interleaved_medians({"eager": step(eager), "lean": step(lean), "fast": step(fast)}, repeats)
+    train = interleaved_medians({"eager": step(eager), "lean": step(lean), "fast": step(fast)}, repeats, clock=timer)
 
     ref = grads(eager, x, g)
     rel_err = 0.0
@@ -89,7 +104,7 @@ def run(batch: int, channels: int, size: int, repeats: int, device: str) -> dict
 
         return f
 
-    infer_t = interleaved_medians({"eager": infer(eager), "folded": infer(lean)}, repeats * 2)
+    infer_t = interleaved_medians({"eager": infer(eager), "folded": infer(lean)}, repeats * 2, clock=timer)
     with torch.inference_mode():
         torch.testing.assert_close(lean(xi), eager(xi), atol=1e-4, rtol=1e-4)
 
@@ -121,9 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--name", default="conv_bn", help="results file name (bench/results/<name>.json)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="cpu: 1 thread, thread CPU time")
     args = p.parse_args(argv)
     repeats = args.repeats or (7 if args.quick else 25)
-    res = run(32, 64, 32, repeats, args.device)
+    res = run(32, 64, 32, repeats, args.device, args.clock)
     rows = [
         {
             "metric": k,
