@@ -11,6 +11,7 @@
 Latency: one thread (`torch.set_num_threads(1)`, also while compiling), timed by that thread's CPU time
 (`time.thread_time`), so other jobs on a shared machine do not count against it; medians of interleaved
 repeats of `INNER` calls each, also at batch 1 and 256; wall-clock medians are reported as latency_wall_ms.
+int8_latency_ratio_32x32: the same at 32x32 inputs (untrained weights), where compute, not overhead, dominates.
 The test split has 360 samples: one sample is 0.28 points. The trained baseline is cached (tune/baseline.py).
 Writes bench/results/compress.json. `--quick`: fewer repeats and no batch 256.
 """
@@ -29,6 +30,7 @@ import torch
 
 from bench._common import print_table, write_result
 from models.artifact import save_artifact
+from models.cnn import ModelConfig, build_model
 from models.macs import count_macs, count_params
 from models.prune import PruneConfig, prune_
 from models.quantize import FP8, Int8PTQ, compiled_for_inference, quantize_
@@ -63,6 +65,20 @@ def cpu_and_wall_ms(fns: dict, repeats: int, warmup: int = 3) -> tuple[dict, dic
                 wall[name].append((time.perf_counter() - w0) * 1e3 / INNER)
     med = lambda d: {k: statistics.median(v) for k, v in d.items()}
     return med(cpu), med(wall)
+
+
+def compute_bound_int8(repeats: int, side: int = 32, batch: int = 32) -> dict[str, float]:
+    """fp32 vs Int8PTQ latency of the `small` layout on 1 x side x side inputs (16x the pixels of digits, so
+    convolutions rather than per-call overheads dominate); untrained weights, timing only."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("small")).eval()
+    x = torch.rand(batch, 1, side, side)
+    fns = {"fp32": compiled_for_inference(model)}
+    int8 = quantize_(copy.deepcopy(model), Int8PTQ(), calib=torch.rand(64, 1, side, side))
+    fns["int8"] = compiled_for_inference(int8)
+    for fn in fns.values():
+        fn(x)
+    return cpu_and_wall_ms({n: (lambda fn=fn: fn(x)) for n, fn in fns.items()}, repeats)[0]
 
 
 def _size(model, input_shape, tmp: Path, name: str) -> int:
@@ -100,6 +116,7 @@ def run(repeats: int, batch_sizes: tuple[int, ...], epochs: int) -> dict:
         latency[f"batch_{b}"], wall[f"batch_{b}"] = cpu_and_wall_ms(calls, repeats)
 
     lat32 = latency["batch_32"]
+    big = compute_bound_int8(repeats)
     pts = lambda name: 100 * (acc[name] - acc["fp32"])
     return {
         "int8_size_ratio": size["int8"] / size["fp32"],
@@ -114,6 +131,8 @@ def run(repeats: int, batch_sizes: tuple[int, ...], epochs: int) -> dict:
         "combined_acc_delta_pts": pts("combined"),
         "fp8_emulated_acc_delta_pts": pts("fp8_emulated"),
         "latency_ratios": {k: {n: v[n] / v["fp32"] for n in v} for k, v in latency.items()},
+        "int8_latency_ratio_32x32": big["int8"] / big["fp32"],
+        "latency_32x32_batch_32_ms": big,
         "latency_ms": latency,
         "latency_wall_ms": wall,
         "accuracy": acc,
@@ -145,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
             for k, (kind, b) in GOALS.items()]  # fmt: skip
     rows += [{"metric": k, "measured": res[k], "goal": f"claim {v}", "met": ""} for k, v in CLAIMS.items()]
     rows += [{"metric": k, "measured": res[k], "goal": "", "met": ""}
-             for k in ("prune20_latency_ratio", "prune20_params_ratio", "fp8_emulated_acc_delta_pts")]  # fmt: skip
+             for k in ("prune20_latency_ratio", "prune20_params_ratio", "fp8_emulated_acc_delta_pts",
+                       "int8_latency_ratio_32x32")]  # fmt: skip
     print_table(rows, title=f"compress (small, digits, CPU, {repeats} interleaved repeats)")
     print_table([{"batch": k, **{n: f"{v:.3f} ms" for n, v in d.items()}} for k, d in res["latency_ms"].items()])
     path = write_result(args.name, res)
