@@ -1,0 +1,186 @@
+"""Training throughput with the unified Conv+BN+ReLU operator vs the same network built of eager
+Conv2d -> BatchNorm2d -> ReLU (issue: distributed training, "Benchmarks"; the seed claims +22%).
+
+The network: the `small` preset's layout (bench/_eager_cnn.py), 3x16x16 inputs, 10 classes, batch 64 per worker.
+Unified = that eager model after `fuse_` (what tandem does with a user model); eager = the same model with a Conv2d
+subclass `fuse_` leaves alone. Same initial weights, same data (synthetic class templates + noise, parquet).
+  unified_vs_eager_throughput          Ray Train loop (actors/trainer.py, 2 workers x 1 CPU, DDP allreduce, plain
+                                       stream, the default precision policy): median over epochs after the first
+                                       and over alternating runs of samples/s, unified / eager     seed claims 1.22
+  local_unified_vs_eager_{fp32,bf16}   the project's train_one_epoch in this process (1 thread, like one worker),
+                                       fp32 and bf16 autocast, interleaved chunks of steps, median samples/s ratio
+  local_unified_fast_vs_eager_{...}    the same with the unified op's save='fast' (keeps the conv output)
+Writes bench/results/train_throughput.json. `--quick`: one Ray run per variant, fewer local repeats. `--no-ray`
+measures the local ratios only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from actors.dataset import write_parquet
+from actors.train_local import TrainConfig, make_optimizer, train_one_epoch
+from bench._common import interleaved_medians, print_table, write_result
+from bench._eager_cnn import build_eager
+from kernels.precision import PrecisionConfig, PrecisionPolicy
+from models.cnn import ModelConfig
+from models.fuse import fuse_
+
+USER_MODELS = {"unified": "bench._eager_cnn:build_small_rgb", "eager": "bench._eager_cnn:build_small_rgb_unfused"}
+SEED_CLAIM = 1.22
+
+
+def synthetic_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3, size, size) float32 images = one fixed random template per class + noise, and labels (n,)."""
+    rng = np.random.default_rng(seed)
+    templates = np.random.default_rng(1234).standard_normal((10, 3, size, size)).astype(np.float32)
+    labels = rng.integers(0, 10, n)
+    return templates[labels] + rng.standard_normal((n, 3, size, size)).astype(np.float32), labels
+
+
+def local_throughput(size: int, batch: int, steps: int, repeats: int, dtype: str) -> dict:
+    """Samples/s of `train_one_epoch` on chunks of `steps` batches: eager, unified (lean, the default) and
+    unified with save='fast', interleaved."""
+    cfg = ModelConfig.preset("small", in_channels=3)
+    models = {}
+    for name in ("eager", "unified", "unified_fast"):
+        torch.manual_seed(0)  # same construction order: same initial weights
+        models[name] = build_eager(cfg, fusable=name != "eager")
+    fuse_(models["unified"], save="lean")
+    fuse_(models["unified_fast"], save="fast")
+    images, labels = synthetic_images(steps * batch, size, seed=0)
+    batches = [
+        (torch.from_numpy(images[i : i + batch]), torch.from_numpy(labels[i : i + batch]))
+        for i in range(0, steps * batch, batch)
+    ]
+    policy = PrecisionPolicy.for_device("cpu", PrecisionConfig(train_dtype=dtype))
+    train_cfg = TrainConfig(epochs=100, batch_size=batch)
+
+    def chunk(model: torch.nn.Module):
+        opt, sched = make_optimizer(model, train_cfg, steps)
+        return lambda: train_one_epoch(model, batches, opt, sched, policy)
+
+    t = interleaved_medians({name: chunk(m) for name, m in models.items()}, repeats, warmup=1)
+    sps = {name: steps * batch / s for name, s in t.items()}
+    return {
+        "samples_per_s": sps,
+        "ratio": sps["unified"] / sps["eager"],
+        "ratio_fast": sps["unified_fast"] / sps["eager"],
+    }
+
+
+def ray_throughput(size: int, n: int, epochs: int, runs: int, workdir: str) -> dict:
+    """Samples/s of the Ray Train loop (2 workers), alternating unified and eager runs on one local cluster."""
+    from actors.comm import CommConfig
+    from actors.dataset import DataConfig, prepare_data
+    from actors.trainer import DistConfig, TrainJob, fit_distributed
+    from actors.weighted_stream import StreamConfig
+    from models.factory import ModelSpec
+    from tandem.local_ray import ray_session
+
+    images, labels = synthetic_images(n + n // 4, size, seed=1)
+    shape = (3, size, size)
+    train = write_parquet(os.path.join(workdir, "train.parquet"), np.arange(n), images[:n], labels[:n], shape)
+    test = write_parquet(
+        os.path.join(workdir, "test.parquet"), np.arange(n, len(images)), images[n:], labels[n:], shape
+    )
+    splits = prepare_data(DataConfig(train_path=train, test_path=test), workdir)
+    per_epoch: dict[str, list[float]] = {name: [] for name in USER_MODELS}
+    with ray_session(nodes=1, cpus_per_node=8):
+        for r in range(runs):
+            for name, user in USER_MODELS.items():
+                job = TrainJob(
+                    model=ModelSpec(user=user),
+                    train=TrainConfig(epochs=epochs, batch_size=64),
+                    dist=DistConfig(
+                        num_workers=2,
+                        comm=CommConfig(kind="allreduce"),
+                        name=f"throughput-{name}-{r}",
+                        storage_path=os.path.join(workdir, "ray_results"),
+                    ),
+                    stream=StreamConfig(weighted=False),
+                )
+                res = fit_distributed(job, splits, workdir)
+                sps = [h["samples_per_s"] for h in res.history if h["epoch"] > 0]  # epoch 0 warms up
+                per_epoch[name] += sps
+                print(f"  ray run {r} {name}: samples/s per epoch {[round(v, 1) for v in sps]}", flush=True)
+    med = {name: statistics.median(v) for name, v in per_epoch.items()}
+    return {"samples_per_s": med, "per_epoch": per_epoch, "ratio": med["unified"] / med["eager"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one Ray run per variant, fewer local repeats")
+    p.add_argument("--no-ray", action="store_true", help="local (in-process) ratios only")
+    p.add_argument("--size", type=int, default=16, help="input height and width (3 channels)")
+    p.add_argument("--samples", type=int, default=2048, help="training rows of the Ray Train runs")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per Ray Train run (the first is not counted)")
+    p.add_argument("--name", default="train_throughput", help="results file name (bench/results/<name>.json)")
+    args = p.parse_args(argv)
+    repeats = 9 if args.quick else 31
+    torch.set_num_threads(1)  # as one Ray Train worker with 1 CPU
+    result: dict = {}
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        local = local_throughput(args.size, 64, steps=4, repeats=repeats, dtype=dtype)
+        result[f"local_unified_vs_eager_{dtype}"] = local["ratio"]
+        result[f"local_unified_fast_vs_eager_{dtype}"] = local["ratio_fast"]
+        result[f"local_{dtype}"] = local
+        rows.append(
+            {"measurement": f"local train_one_epoch, {dtype}", **local["samples_per_s"], "ratio": local["ratio"]}
+        )
+    if not args.no_ray:
+        # Ray's files in a private temp dir (so no other cluster on this machine is joined), auth off for it.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        with tempfile.TemporaryDirectory(prefix="tbt", dir="/tmp") as workdir:
+            os.environ["RAY_TMPDIR"] = os.path.join(workdir, "ray")
+            os.makedirs(os.path.join(workdir, "ray", "ray"), exist_ok=True)
+            ray_res = ray_throughput(args.size, args.samples, args.epochs, 1 if args.quick else 2, workdir)
+        result["unified_vs_eager_throughput"] = ray_res["ratio"]
+        result["ray_train"] = ray_res
+        rows.append(
+            {
+                "measurement": "Ray Train, 2 workers, default precision",
+                **ray_res["samples_per_s"],
+                "ratio": ray_res["ratio"],
+            }
+        )
+    print_table(
+        rows,
+        columns=["measurement", "unified", "unified_fast", "eager", "ratio", "ratio_fast"],
+        title=f"train throughput, samples/s (small layout, 3x{args.size}x{args.size}, batch 64; "
+        f"seed claims {SEED_CLAIM}x)",
+    )
+    result["measured"] = (
+        "unified_vs_eager_throughput: Ray Train loop, 2 workers; local_*: in-process train_one_epoch"
+        if not args.no_ray
+        else "in-process train_one_epoch only (no Ray Train run); no unified_vs_eager_throughput key"
+    )
+    result["setup"] = {
+        "model": "small layout (widths 16,32,64; depths 1,1,1), user model fused vs kept eager",
+        "input": [3, args.size, args.size],
+        "batch_per_worker": 64,
+        "ray_train_rows": args.samples,
+        "ray_epochs": args.epochs,
+        "ray_precision": PrecisionPolicy.for_device("cpu", PrecisionConfig()).describe()["train_dtype"],
+        "local_repeats": repeats,
+    }
+    result["notes"] = (
+        "Shared, heavily loaded 2-core machine "
+        f"(load average {os.getloadavg()[0]:.1f} at the end): variants alternate so load hits both alike, "
+        "but the ratios carry that noise."
+    )
+    path = write_result(args.name, result)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,92 @@
+"""Smoke tests of the training benchmarks' core functions on tiny settings: they run and return their keys."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import checkpointing, train_throughput, weighting
+from bench._eager_cnn import build_eager, eager_state_dict
+from models.cnn import ModelConfig, build_model
+from models.fuse import fuse_
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops: one thread avoids OpenMP spin-waits when the machine is oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_digits() -> weighting.Data:
+    d = weighting.load_digits_data()
+    return weighting.Data(d.train_x[:320], d.train_y[:320], d.test_x[:120], d.test_y[:120])
+
+
+def test_weighting_keys_and_pairing():
+    setting = weighting.Setting(dataset="digits", epochs=2, evals_per_epoch=2, batch_size=32)
+    res = weighting.run_dataset(setting, seeds=[0, 1], data=_tiny_digits(), progress=False)
+    for key in (
+        "seed_rule_ratio",
+        "best_ratio",
+        "best_ratio_ci_high",
+        "best_ratio_vs_replacement_ci_high",
+        "final_acc_delta_pts",
+        "target_acc",
+    ):
+        assert math.isfinite(res[key]), key
+    assert res["best_variant"] in weighting.VARIANTS
+    assert set(res["variants"]) == set(weighting.VARIANTS)
+    control = res["variants"]["uniform_permutation"]
+    assert control["ratio_vs_uniform_permutation"] == 1.0 and control["ci_vs_uniform_permutation"] == [1.0, 1.0]
+    assert res["best_ratio"] <= res["best_ratio_ci_high"]
+
+
+def test_weighting_samplers_draw_what_they_claim():
+    n, batch = 100, 10
+    perm = weighting.VARIANTS["uniform_permutation"].build(n, batch, seed=0)
+    epoch = np.concatenate([perm.next_batch()[0] for _ in range(n // batch)])
+    assert np.array_equal(np.sort(epoch), np.arange(n))  # each sample exactly once per epoch
+    mix = weighting.VARIANTS["difficulty_mix"].build(n, batch, seed=0)
+    mix.record(np.arange(n), np.where(np.arange(n) < 10, 100.0, 1.0))
+    mix.queue = mix.queue[:0]  # force a redraw from the recorded difficulties
+    idx, scale = mix.next_batch()
+    assert scale is not None and len(idx) == batch
+    d = np.where(np.arange(n) < 10, 100.0, 1.0)
+    p = 0.5 / n + 0.5 * d / d.sum()
+    np.testing.assert_allclose(scale, 1.0 / (n * p[idx]), rtol=1e-6)
+    ratio, lo, hi = weighting.bootstrap_ratio(np.array([2.0, 4.0]), np.array([2.0, 4.0]))
+    assert (ratio, lo, hi) == (1.0, 1.0, 1.0)
+
+
+def test_checkpointing_keys():
+    res = checkpointing.run_preset("tiny", batch=8, size=8, repeats=1)
+    for name in checkpointing.SETTINGS:
+        assert 0.0 < res[f"activation_mem_ratio_{name}"] < 1.0
+        assert 0.0 < res[f"recompute_macs_fraction_{name}"] <= 1.0
+        assert res[f"step_time_ratio_{name}"] > 0.0
+        assert res[f"max_grad_rel_err_{name}"] < 1e-5
+    assert res["activation_mem_ratio"] == min(res[f"activation_mem_ratio_{n}"] for n in checkpointing.SETTINGS)
+
+
+def test_throughput_local_keys():
+    res = train_throughput.local_throughput(size=8, batch=8, steps=2, repeats=1, dtype="fp32")
+    assert set(res["samples_per_s"]) == {"unified", "unified_fast", "eager"}
+    assert res["ratio"] > 0.0 and res["ratio_fast"] > 0.0
+
+
+def test_eager_twin_matches_the_preset():
+    cfg = ModelConfig.preset("tiny", in_channels=3)
+    torch.manual_seed(0)
+    unified = build_model(cfg)
+    eager = build_eager(cfg)
+    eager.load_state_dict(eager_state_dict(unified.state_dict()))
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(eager(x), unified(x), atol=1e-5, rtol=1e-5)
+    assert not any(type(m).__name__ == "ConvBNAct" for m in fuse_(build_eager(cfg)).modules())  # stays eager
+    assert any(type(m).__name__ == "ConvBNAct" for m in fuse_(build_eager(cfg, fusable=True)).modules())
