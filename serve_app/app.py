@@ -330,6 +330,14 @@ class Overloaded(Exception):
         self.verdict = verdict
 
 
+@dataclass(slots=True)
+class _Queued:
+    """A request's images while it waits for a batch; `started` once Ray hands it to the batch handler."""
+
+    x: np.ndarray
+    started: bool = False
+
+
 class ModelServer:
     """One replica: the model, its batching controller, admission control, metrics, and the routes' logic.
 
@@ -434,15 +442,27 @@ class ModelServer:
             if not verdict.admitted and queued > 0 and self.user.admission:
                 self.rec.rejected()
                 raise Overloaded(verdict)
-            probs, version = await self._batched(x)
+            item = _Queued(x)
+            try:
+                probs, version = await self._batched(item)
+            except asyncio.CancelledError:  # the client gave up (timeout, disconnect)
+                if not item.started:
+                    # Ray drops cancelled requests from the next batch, so batch_start never counts this one:
+                    # take it out of the queue here, or queue_len leaks upwards and admission refuses on a
+                    # phantom backlog. (Counted as a rejection: it left unserved, an SLO miss either way.)
+                    self.rec.rejected()
+                raise
         self.rec.done(time.monotonic() - t0)
         if not np.isfinite(probs).all():
             raise ModelFault(f"model version {version} produced non-finite probabilities")
         return probs, version
 
     @serve.batch(max_batch_size=10, batch_wait_timeout_s=0.01)
-    async def _batched(self, xs: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
-        n = len(xs)
+    async def _batched(self, items: list[_Queued]) -> list[tuple[np.ndarray, str]]:
+        n = len(items)
+        for it in items:
+            it.started = True
+        xs = [it.x for it in items]
         self.rec.batch_start(n)
         t0, c0 = time.perf_counter(), self._clock()
         out = self._forward(xs)

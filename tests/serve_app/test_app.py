@@ -283,6 +283,32 @@ def test_admission_control_answers_503_with_retry_after(ray_local, served):
     assert c.post("/predict", json=GOOD).status_code == 200
 
 
+def test_cancelled_requests_leave_the_queue(ray_local, served, monkeypatch):
+    """Ray drops a request cancelled while it waits for a batch; the replica's queue count must drop it too,
+    or admission control would go on refusing on a phantom backlog. (The replica object runs here, outside
+    Serve: only the batch queue's check against the replica's max_ongoing_requests needs a replica context.)"""
+    from ray.serve import batching
+
+    from serve_app.app import ModelServer
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+
+    async def scenario() -> int:
+        srv = ModelServer(AppConfig(artifact=served["art1"]).to_dict())
+        srv.reconfigure({"artifact": served["art1"], "controller": "static", "batching": {"initial_wait_s": 0.05}})
+        x = np.zeros((1, *SHAPE), np.float32)
+        tasks = [asyncio.create_task(srv.infer(x)) for _ in range(3)]
+        await asyncio.sleep(0.005)  # all three queued, the batch still waiting to fill
+        assert srv.rec.queue_len == 3
+        tasks[0].cancel()
+        tasks[1].cancel()
+        probs, _ = await tasks[2]
+        assert probs.shape == (1, 10)
+        return srv.rec.queue_len
+
+    assert asyncio.run(scenario()) == 0
+
+
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
