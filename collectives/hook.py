@@ -13,7 +13,6 @@ uninterrupted one bit for bit only if its buckets match the saved ones: `find_un
 initial layout (no rebuild), as does a model whose ready order equals its parameter order.
 """
 
-
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -46,7 +45,9 @@ class HookConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.codec, TwoBitEF | LowRank | NoCompression):
-            raise TypeError(f"codec must be TwoBitEF, LowRank or NoCompression, got {type(self.codec).__name__}")
+            raise TypeError(
+                f"codec must be TwoBitEF, LowRank or NoCompression, got {type(self.codec).__name__}"
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.warmup_steps < 0:
@@ -82,7 +83,11 @@ class HookState:
         self.topology = topology
         if transports is None:
             node_group, peer_group = topology.build_groups()
-            transports = (TorchDistTransport(), TorchDistTransport(node_group), TorchDistTransport(peer_group))
+            transports = (
+                TorchDistTransport(),
+                TorchDistTransport(node_group),
+                TorchDistTransport(peer_group),
+            )
         self.flat, intra, inter = transports
         self.hierarchical = HierarchicalAllreduce(intra, inter, config.codec)
         self.step = 0
@@ -166,18 +171,17 @@ def hierarchical_hook(state: HookState, bucket):
     """DDP comm hook: averages the bucket over all ranks (exact flat allreduce while warming up or when
     compression is off; hierarchical with the inter-node codec otherwise)."""
     buf = bucket.buffer()
-    if state.compressing:
+    if not state.compressing:  # as DDP's own allreduce hook: async, overlapping the rest of the backward pass
+        fut = state.flat.all_reduce_async_(buf.div_(state.flat.size))
+    else:
         flat = buf if buf.dtype == torch.float32 and buf.is_contiguous() else buf.float()
         state.hierarchical.allreduce_(flat.view(-1), key=bucket_key(bucket), average=True)
         if flat is not buf:
             buf.copy_(flat)
-    else:
-        buf.div_(state.flat.size)
-        state.flat.all_reduce_(buf)
+        fut = torch.futures.Future()
+        fut.set_result(buf)
     if bucket.is_last():
-        state.end_step()
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(buf)
+        state.end_step()  # traffic is counted when issued: this step's counters are complete
     return fut
 
 

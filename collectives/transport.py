@@ -32,6 +32,12 @@ class Traffic:
         return self.bytes_sent, self.calls
 
 
+def _completed(t: torch.Tensor) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(t)
+    return fut
+
+
 class Transport(ABC):
     """One group of `size` ranks; this rank has index `rank` in it. Tensors are contiguous and 1-D."""
 
@@ -50,6 +56,17 @@ class Transport(ABC):
             self._count(t.numel() * t.element_size(), factor=2)
             self._all_reduce_(t)
         return t
+
+    def all_reduce_async_(self, t: torch.Tensor) -> torch.futures.Future:
+        """`all_reduce_` that returns at once with a future of `t` (DDP overlaps it with the backward pass)."""
+        if self.size == 1:
+            return _completed(t)
+        self._count(t.numel() * t.element_size(), factor=2)
+        return self._all_reduce_async_(t)
+
+    def _all_reduce_async_(self, t: torch.Tensor) -> torch.futures.Future:
+        self._all_reduce_(t)  # backends without async collectives complete it here
+        return _completed(t)
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (k,) = sum over the group of inp[rank * k : (rank + 1) * k]; inp is (size * k,)."""
@@ -105,6 +122,9 @@ class TorchDistTransport(Transport):
 
     def _all_reduce_(self, t):
         dist.all_reduce(t, group=self.group)
+
+    def _all_reduce_async_(self, t):
+        return dist.all_reduce(t, group=self.group, async_op=True).get_future().then(lambda _: t)
 
     def _reduce_scatter(self, inp, out):
         _reduce_scatter_single(out, inp, group=self.group)
