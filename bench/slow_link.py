@@ -291,7 +291,7 @@ def main(args) -> int:
             "bench/slow_link needs root (network namespaces, tc); not root: nothing measured, nothing written."
         )
         return 0
-    from bench._common import print_table, write_result
+    from bench._common import RESULTS, print_table, write_result
 
     nets = Namespaces()
 
@@ -301,12 +301,28 @@ def main(args) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     started = time.monotonic()
     runs: dict = {}
+    measured_at: dict = {}
+    saved = RESULTS / "slow_link.json"
+    if set(args.links) != set(LINKS) and saved.exists():  # re-measure some links, keep the others
+        old_result = json.loads(saved.read_text())
+        for link, per_wl in old_result.get("step_s", {}).items():
+            runs[link] = {
+                wl: {
+                    m: {"step_s": t, "link_bytes_per_step": old_result["link_bytes_per_step"][link][wl][m]}
+                    for m, t in per_m.items()
+                }
+                for wl, per_m in per_wl.items()
+            }
+        first = {link: old_result.get("timestamp") for link in old_result.get("step_s", {})}
+        measured_at.update(old_result.get("measured_at") or first)
     try:
         with tempfile.TemporaryDirectory(prefix="tdm-slowlink-") as tmp_name:
             tmp = Path(tmp_name)
             _warm_codec_cache(tmp / "inductor")
             nets.open()
             for i, (link, shape) in enumerate(LINKS.items()):
+                if link not in args.links:
+                    continue
                 if time.monotonic() - started > args.time_limit:
                     print(f"time limit reached, skipping {link}", flush=True)
                     continue
@@ -315,6 +331,7 @@ def main(args) -> int:
                 res = _run_link(nets, link, args, tmp, port=29500 + os.getpid() % 1000 + i)
                 if res:
                     runs[link] = res
+                    measured_at[link] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     finally:
         nets.close()
         for s, h in old.items():
@@ -337,6 +354,7 @@ def main(args) -> int:
     summary.update(
         goals={"speedup_100mbit": 5.0, "speedup_1gbit": 1.5, "auto_mode_fast_link_ratio": 1.05},
         quick=args.quick,
+        measured_at=measured_at,
         warmup=args.warmup,
         steps=args.steps,
         load_average_1min_at_end=os.getloadavg()[0],
@@ -363,6 +381,10 @@ def _parse(argv=None):
     )
     p.add_argument("--time-limit", type=float, default=1500.0, help="seconds for the whole benchmark")
     p.add_argument("--collective-timeout", type=float, default=300.0, help="gloo timeout, seconds")
+    p.add_argument(
+        "--links", type=lambda v: v.split(","), default=list(LINKS),
+        help="comma list of links to (re)measure; the others are kept from bench/results/slow_link.json",
+    )  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--ifname", help=argparse.SUPPRESS)
