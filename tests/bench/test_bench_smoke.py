@@ -29,7 +29,7 @@ def _tiny_digits() -> weighting.Data:
 
 
 def test_weighting_keys_and_pairing():
-    setting = weighting.Setting(dataset="digits", epochs=2, evals_per_epoch=2, batch_size=32)
+    setting = weighting.Setting(dataset="digits", epochs=1, evals_per_epoch=2, batch_size=32)
     res = weighting.run_dataset(setting, seeds=[0, 1], data=_tiny_digits(), progress=False)
     for key in (
         "seed_rule_ratio",
