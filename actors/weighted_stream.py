@@ -36,6 +36,9 @@ class StreamConfig:
     """Rows in each worker's local shuffle buffer."""
     block_rows: int = 1024
     """Rows per map_batches call (one weight-store lookup each)."""
+    cache_max_bytes: int = 256 << 20
+    """Decoded datasets up to this size are read once and kept in the object store (materialized), so an epoch
+    only re-runs the draw; larger ones stream from parquet every epoch. 0 never caches."""
 
     def __post_init__(self) -> None:
         if self.epoch_size is not None and (not isinstance(self.epoch_size, int) or self.epoch_size < 1):
@@ -43,6 +46,8 @@ class StreamConfig:
         for name in ("shuffle_buffer", "block_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.cache_max_bytes, int) or self.cache_max_bytes < 0:
+            raise ValueError(f"cache_max_bytes must be an int >= 0, got {self.cache_max_bytes!r}")
         if self.unbiased and not self.weighted:
             raise ValueError("unbiased needs weighted=True")
 
@@ -86,6 +91,12 @@ def build_stream(info: DatasetInfo, cfg: StreamConfig, store=None) -> ray.data.D
             fn_kwargs={"store": store, "unbiased": cfg.unbiased},
         )
     return ds
+
+
+def decoded_nbytes(info: DatasetInfo) -> int:
+    """Bytes of the decoded dataset: float32 images plus two int64 columns per row."""
+    c, h, w = info.image_shape
+    return info.num_rows * (4 * c * h * w + 16)
 
 
 def build_eval_stream(info: DatasetInfo, block_rows: int = 1024) -> ray.data.Dataset:
