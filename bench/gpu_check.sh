@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU checks: the gpu-marked tests and the benchmarks with CUDA variants, with Triton kernels compiled for real.
-# Harmless without a GPU: says so and exits 0. Bounded: each step has its own timeout (< 5 minutes in all).
+# GPU checks: the gpu-marked tests and the benchmarks with CUDA variants, with Triton kernels compiled for real
+# (unified operator, 2-bit codec, int8/fp8 quantization, FP8 inference via _scaled_mm in the gpu tests, TF32).
+# Results are written with the GPU named. Harmless without a GPU: says so and exits 0. Bounded: each step has its
+# own timeout (< 8 minutes in all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -13,4 +15,9 @@ fi
 status=0
 timeout 180 "$PY" -m pytest -q -m gpu tests || status=1
 timeout 90 "$PY" -m bench.conv_bn --quick --device cuda --name conv_bn_cuda || status=1
+timeout 120 "$PY" -m bench.gpu_kernels --quick || status=1
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.device_count() >= 2 else 1)"; then
+  timeout 60 "$PY" -m pytest -q tests/collectives -k "cupy or nccl or gpu" || status=1
+fi
+"$PY" -m bench.claims > /dev/null || status=1
 exit $status
