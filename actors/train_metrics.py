@@ -44,3 +44,34 @@ class TrainMetrics:
             v = metrics.get(k)
             if isinstance(v, int | float) and not isinstance(v, bool):
                 g.set(float(v))
+
+
+def grafana_panels(first_id: int, first_row: int) -> list[dict[str, Any]]:
+    """Grafana timeseries panels over the training gauges (Prometheus names `ray_tandem_train_*`), laid out two
+    per row starting at grid row `first_row`."""
+    p = "ray_" + PREFIX
+    specs = [
+        ("Training loss / accuracy", "short", [(f"max({p}loss) by (run)", "loss {{run}}"),
+                                               (f"max({p}test_accuracy) by (run)", "test acc {{run}}")]),
+        ("Training throughput (samples/s)", "short", [(f"max({p}samples_per_s) by (run)", "{{run}}")]),
+        ("Gradient bytes per step and worker", "bytes",
+         [(f"max({p}grad_bytes_{level}_per_step) by (run)", f"{level}-node") for level in ("intra", "inter")]),
+        ("Sample weights", "short", [(f"max({p}weights_weight_{k}) by (run)", k) for k in ("mean", "min", "max")]),
+        ("Training worker peak memory (MiB)", "short", [(f"max({p}peak_rss_mb) by (run)", "{{run}}")]),
+    ]  # fmt: skip
+    ds = {"type": "prometheus", "uid": "${datasource}"}
+    return [
+        {
+            "id": first_id + i,
+            "type": "timeseries",
+            "title": title,
+            "datasource": ds,
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (first_row + i // 2)},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [
+                {"refId": chr(ord("A") + k), "datasource": ds, "expr": expr, "legendFormat": legend}
+                for k, (expr, legend) in enumerate(targets)
+            ],
+        }
+        for i, (title, unit, targets) in enumerate(specs)
+    ]

@@ -149,6 +149,24 @@ def run_benchmarks(name: str, quick: bool) -> int:
     return 1 if failed else 0
 
 
+def write_dashboard(path: str) -> str:
+    """One Grafana dashboard: Serve's panels (serve_app/metrics.py) followed by training's (actors/train_metrics.py)."""
+    import json
+    from pathlib import Path
+
+    from actors.train_metrics import grafana_panels
+    from serve_app.metrics import grafana_dashboard
+
+    dash = grafana_dashboard(title="tandem: training and serving")
+    dash["uid"] = "tandem"
+    rows = max((p["gridPos"]["y"] + p["gridPos"]["h"]) // 8 for p in dash["panels"])
+    dash["panels"] += grafana_panels(first_id=len(dash["panels"]) + 1, first_row=rows)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dash, indent=2) + "\n")
+    return str(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tandem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.cli_serve import add_parsers
 
     add_parsers(sub)
+    dash = sub.add_parser("dashboard", help="write the Grafana dashboard JSON (training + serving panels)")
+    dash.add_argument("--out", default="grafana/tandem.json", help="output path (default grafana/tandem.json)")
     bench = sub.add_parser("bench", help="run benchmarks under bench/ and write BENCHMARKS.md")
     bench.add_argument(
         "name",
@@ -196,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             job_main(run_config(args))
         elif args.command == "bench":
             return run_benchmarks(args.name, args.quick)
+        elif args.command == "dashboard":
+            print(f"wrote {write_dashboard(args.out)}")
     except (ValueError, TypeError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2

@@ -66,3 +66,19 @@ def test_bad_values_fail_fast(argv, message, capsys, tmp_path):
     assert main([*argv, "--workdir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert time.monotonic() - t0 < 15
+
+
+def test_dashboard_covers_training_and_serving(tmp_path):
+    import json
+
+    from actors.train_metrics import GAUGES, PREFIX
+    from serve_app.metrics import METRICS
+
+    out = tmp_path / "dash.json"
+    assert main(["dashboard", "--out", str(out)]) == 0
+    dash = json.loads(out.read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for key in ("loss", "samples_per_s", "grad_bytes_inter_per_step", "weights_weight_mean"):
+        assert key in GAUGES and f"ray_{PREFIX}{key}" in exprs
+    assert "request_latency_ms" in METRICS and "ray_tandem_serve_request_latency_ms" in exprs or "request_latency" in exprs
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
