@@ -82,6 +82,19 @@ class EpochStats:
         return self.samples / max(self.seconds, 1e-9)
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, scaler) -> None:
+    """Backward, optimizer and scheduler step (through the GradScaler for fp16 training when given)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    sched.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -98,15 +111,7 @@ def train_one_epoch(
         with policy.autocast():
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        sched.step()
+        optimizer_step(loss, opt, sched, scaler)
         n = y.shape[0]
         total_loss += loss.item() * n
         correct += (logits.argmax(1) == y).sum().item()

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from actors.comm import CommConfig, build_comm
 from actors.dataset import DataSplits, load_tensors
 from actors.reports import CollectReports, ReportCollector
-from actors.train_local import TrainConfig, make_optimizer
+from actors.train_local import TrainConfig, make_optimizer, optimizer_step
 from actors.train_metrics import TrainMetrics
 from actors.weight_store import SampleWeightStore, WeightRule, last_layer_grad_norm
 from actors.weighted_stream import StreamConfig, build_stream, read_sample_ids
@@ -211,15 +211,7 @@ def train_loop(config: dict) -> None:
                 loss = (per_sample * (scale / scale.mean())).mean()
             else:
                 loss = per_sample.mean()
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            sched.step()
+            optimizer_step(loss, opt, sched, scaler)
             steps += 1
             sums += torch.tensor(
                 [per_sample.sum().item(), (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64
