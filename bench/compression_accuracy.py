@@ -2,9 +2,11 @@
 
 Datasets: scikit-learn's 8x8 digits (actors/dataset.py) and MNIST-1D (the `mnist1d` package generates it offline;
 signals of 40 values as (1, 1, 40) images; it needs many epochs, so differences between methods show).
-Model: the `small` CNN preset (`--quick`: `tiny`). Methods: exact allreduce (DDP default), hierarchical 2-bit
-with error feedback (collectives/hook.py, TwoBitEF), torch's PowerSGD hook (rank 4, futures waited for gloo),
-torch's fp16_compress_hook. SGD with momentum, identical data order on every method.
+Model: the `small` CNN preset (`--quick`: `tiny`); 15 epochs on digits, 12 on MNIST-1D by default (what a shared
+2-core machine finishes in ~10 minutes; one seed, so differences of a point are within run-to-run noise).
+Methods: exact allreduce (DDP default), hierarchical 2-bit with error feedback (collectives/hook.py, TwoBitEF),
+torch's PowerSGD hook (rank 4, futures waited for gloo), torch's fp16_compress_hook.
+SGD with momentum, identical data order on every method.
 
 Keys per dataset: acc_exact, acc_2bit, acc_powersgd, acc_fp16 (test accuracy after the last epoch),
 acc_delta_pts (2-bit minus exact, points; goal >= -0.3), epochs_to_target per method (first epoch reaching the
@@ -130,16 +132,24 @@ def run_dataset(name: str, cfg: dict) -> dict:
     return res
 
 
-def main(quick: bool) -> dict:
+def main(quick: bool, epochs_digits: int = 15, epochs_mnist1d: int = 12) -> dict:
     from bench._common import print_table, write_result
 
     started = time.monotonic()
     configs = {
         "digits": dict(
-            preset="tiny" if quick else "small", epochs=3 if quick else 30, lr=0.05, batch=32, seed=0
+            preset="tiny" if quick else "small",
+            epochs=3 if quick else epochs_digits,
+            lr=0.05,
+            batch=32,
+            seed=0,
         ),
         "mnist1d": dict(
-            preset="tiny" if quick else "small", epochs=3 if quick else 60, lr=0.05, batch=32, seed=0
+            preset="tiny" if quick else "small",
+            epochs=3 if quick else epochs_mnist1d,
+            lr=0.05,
+            batch=32,
+            seed=0,
         ),
     }
     results = {name: run_dataset(name, cfg) for name, cfg in configs.items()}
@@ -162,4 +172,9 @@ def main(quick: bool) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 3 epochs; writes no results")
-    main(parser.parse_args().quick)
+    parser.add_argument("--epochs-digits", type=int, default=15)
+    parser.add_argument(
+        "--epochs-mnist1d", type=int, default=12, help="MNIST-1D keeps improving to ~60 epochs"
+    )
+    a = parser.parse_args()
+    main(a.quick, a.epochs_digits, a.epochs_mnist1d)
