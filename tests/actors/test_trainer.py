@@ -120,8 +120,10 @@ def test_train_metrics_reach_the_metrics_endpoint(ray_local):
     text = ""
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        if "ray_tandem_train_test_accuracy" in text:
+        if 'run="metrics-test"' in text:
             break
         time.sleep(2)
-    lines = [ln for ln in text.splitlines() if ln.startswith("ray_tandem_train_test_accuracy{")]
-    assert lines and 'run="metrics-test"' in lines[0] and lines[0].endswith(" 0.875"), lines
+    lines = [
+        ln for ln in text.splitlines() if ln.startswith("ray_tandem_train_test_accuracy{") and 'run="metrics-test"' in ln
+    ]
+    assert lines and float(lines[0].rsplit(" ", 1)[1]) == 0.875, lines
