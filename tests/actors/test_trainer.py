@@ -123,7 +123,6 @@ def test_train_metrics_reach_the_metrics_endpoint(ray_local):
         if 'run="metrics-test"' in text:
             break
         time.sleep(2)
-    lines = [
-        ln for ln in text.splitlines() if ln.startswith("ray_tandem_train_test_accuracy{") and 'run="metrics-test"' in ln
-    ]
+    mine = 'run="metrics-test"'
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_tandem_train_test_accuracy{") and mine in ln]
     assert lines and float(lines[0].rsplit(" ", 1)[1]) == 0.875, lines
