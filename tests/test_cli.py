@@ -73,6 +73,7 @@ def test_dashboard_covers_training_and_serving(tmp_path):
 
     from actors.train_metrics import GAUGES, PREFIX
     from serve_app.metrics import METRICS
+    from serve_app.metrics import PREFIX as SERVE_PREFIX
 
     out = tmp_path / "dash.json"
     assert main(["dashboard", "--out", str(out)]) == 0
@@ -80,5 +81,5 @@ def test_dashboard_covers_training_and_serving(tmp_path):
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     for key in ("loss", "samples_per_s", "grad_bytes_inter_per_step", "weights_weight_mean"):
         assert key in GAUGES and f"ray_{PREFIX}{key}" in exprs
-    assert "request_latency_ms" in METRICS and "ray_tandem_serve_request_latency_ms" in exprs or "request_latency" in exprs
+    assert "request_latency_ms" in METRICS and f"ray_{SERVE_PREFIX}request_latency_ms_bucket" in exprs
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])

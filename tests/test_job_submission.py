@@ -63,11 +63,22 @@ def head():
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     gcs, dash, agent, agent_grpc, nm, om, metrics, rtenv, client = _free_ports(9)
     cmd = [
-        str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rtenv}",
-        f"--ray-client-server-port={client}", "--num-cpus=8", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={rtenv}",
+        f"--ray-client-server-port={client}",
+        "--num-cpus=8",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
     ]
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -80,7 +91,17 @@ def head():
 
 
 def _submit(head: dict, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(ROOT), "--", *entrypoint]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head["address"],
+        "--working-dir",
+        str(ROOT),
+        "--",
+        *entrypoint,
+    ]
     deadline = time.monotonic() + 60
     while True:  # the dashboard agent takes a few seconds after `ray start` to accept jobs
         out = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -93,8 +114,19 @@ def _submit(head: dict, *entrypoint: str, timeout: float) -> subprocess.Complete
 def test_job_submit_tandem_train(head, tmp_path):
     out = _submit(
         head,
-        "tandem", "train", "--smoke", "--address", "auto", "--workers", "2", "--epochs", "1",
-        "--batch-size", "32", "--workdir", str(tmp_path / "work"),
+        "tandem",
+        "train",
+        "--smoke",
+        "--address",
+        "auto",
+        "--workers",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--workdir",
+        str(tmp_path / "work"),
         timeout=480,
     )
     text = out.stdout + out.stderr
@@ -107,6 +139,9 @@ def test_job_submit_without_token_is_refused(head):
     env = {**head["env"], "HOME": str(Path(head["env"]["HOME"]).parent / "elsewhere")}
     out = subprocess.run(
         [str(BIN / "ray"), "job", "list", "--address", head["address"]],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode != 0
