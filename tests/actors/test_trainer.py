@@ -45,8 +45,19 @@ def test_two_nodes_four_workers(ray_two_nodes, tmp_path):
     assert res.weights.min() < 1.0 < res.weights.max()
     assert res.history[-1]["weights_updates"] == 5
     # the hook saw the same two nodes, compressed between them, and sent far fewer bytes across than inside
+    # inter-node bytes per step = the codec's formula: each rank reduces shard = padded / L values with its N - 1
+    # peers as N chunks, all-to-all then all-gather of one payload per peer: 2 (N - 1) payload_nbytes(shard / N)
+    from kernels.codec2bit import DEFAULT_BLOCK, payload_nbytes
+    from models.factory import ModelSpec as Spec
+
+    n = sum(p.numel() for p in Spec(preset="tiny").build((1, 8, 8), 10).parameters())  # one DDP bucket
+    nodes, per_node = 2, 2
+    unit = nodes * per_node * DEFAULT_BLOCK
+    padded = -(-n // unit) * unit
+    expected_inter = 2 * (nodes - 1) * payload_nbytes(padded // (per_node * nodes), DEFAULT_BLOCK)
     for m in last_round:
         assert m["comm"] == "hierarchical/2bit" and m["nodes"] == 2 and m["compressing"]
+        assert m["grad_bytes_inter_per_step"] == expected_inter
         assert 0 < 8 * m["grad_bytes_inter_per_step"] < m["grad_bytes_intra_per_step"]
 
 
@@ -80,6 +91,35 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path):
     # the weight rule was applied once per epoch boundary: the restored store neither lost nor repeated one
     assert res.history[-1]["weights_updates"] == 4
     assert np.isfinite(res.weights).all() and res.weights.std() > 0
+
+
+def test_weight_store_actor_survives_a_restart(ray_local, tmp_path):
+    """The store actor is killed (Ray restarts it, max_restarts=-1) and reloads its snapshot: no weight is lost."""
+    ray = ray_local
+    from actors.weight_store import SampleWeightStore
+
+    ids = np.arange(1000)
+    store = (
+        ray.remote(SampleWeightStore)
+        .options(max_restarts=-1, max_task_retries=-1)
+        .remote(ids, None, 0, str(tmp_path / "w.npz"))
+    )
+    ray.get(store.begin_epoch.remote(0))
+    ray.get(store.record.remote(ids[:500], np.linspace(0, 1, 500)))
+    ray.get(store.begin_epoch.remote(1))  # applies the rule and snapshots
+    before = ray.get(store.get_weights.remote())
+    assert before.std() > 0
+    ray.kill(store, no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            after = ray.get(store.get_weights.remote(), timeout=10)
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            assert time.monotonic() < deadline, "the store actor did not come back"
+            time.sleep(0.5)
+    np.testing.assert_array_equal(after, before)
+    assert ray.get(store.stats.remote())["epoch"] == 1
 
 
 def test_more_workers_than_cluster_fails_fast(ray_local, tmp_path):
