@@ -302,6 +302,7 @@ def main(args) -> int:
     started = time.monotonic()
     runs: dict = {}
     measured_at: dict = {}
+    measured_steps: dict = {}
     saved = RESULTS / "slow_link.json"
     if set(args.links) != set(LINKS) and saved.exists():  # re-measure some links, keep the others
         old_result = json.loads(saved.read_text())
@@ -315,6 +316,7 @@ def main(args) -> int:
             }
         first = {link: old_result.get("timestamp") for link in old_result.get("step_s", {})}
         measured_at.update(old_result.get("measured_at") or first)
+        measured_steps.update(old_result.get("measured_steps") or {link: old_result["steps"] for link in first})
     try:
         with tempfile.TemporaryDirectory(prefix="tdm-slowlink-") as tmp_name:
             tmp = Path(tmp_name)
@@ -332,6 +334,7 @@ def main(args) -> int:
                 if res:
                     runs[link] = res
                     measured_at[link] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                    measured_steps[link] = args.steps
     finally:
         nets.close()
         for s, h in old.items():
@@ -356,7 +359,7 @@ def main(args) -> int:
         quick=args.quick,
         measured_at=measured_at,
         warmup=args.warmup,
-        steps=args.steps,
+        measured_steps=measured_steps,
         load_average_1min_at_end=os.getloadavg()[0],
         wall_s=time.monotonic() - started,
     )
