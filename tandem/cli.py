@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from actors.comm import CommConfig
 from actors.dataset import DataConfig
 from actors.train_local import TrainConfig
 from actors.trainer import DistConfig
@@ -105,6 +106,8 @@ def run_config(args: argparse.Namespace):
             placement=args.placement,
             max_failures=args.max_failures,
             checkpointing=args.checkpointing,
+            # the compiled CPU codec pays a 20-60 s compile per worker on first use: not worth it for smoke sizes
+            comm=CommConfig(compiled_codec=not args.smoke),
         ),
         stream=StreamConfig(weighted=not args.uniform, unbiased=args.unbiased, epoch_size=args.epoch_size),
         rule=WeightRule(every_steps=args.weight_every_steps),
