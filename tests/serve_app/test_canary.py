@@ -155,11 +155,17 @@ def test_failing_canary_is_rolled_back(ray_local, canary_app):
     policy = {"weight": 0.5, "window_s": 1.5, "min_requests": 5, "max_error_rate_delta": 0.05}
     canary_user = {"artifact": paths["broken"], "version": "c2", "controller": "slo_model", "batching": {}}
     update_user_configs(paths["stable"], cfg, {"Canary": canary_user, "Router": policy})
+    # replicas reconfigure after the controller accepts the config (load + verify + warm up the new artifact): wait
+    # until the broken canary answers before the load starts, or a slow machine runs the load against the old one
+    deadline, canary_errors = time.monotonic() + 90, 0
+    while time.monotonic() < deadline and canary_errors == 0:
+        canary_errors += c.post("/predict", json=GOOD).status_code >= 500
+    assert canary_errors, "the broken canary never answered"
     result = {}
     load = LoadConfig(pattern=Constant(30.0), duration_s=8.0, timeout_s=10.0)
     thread = threading.Thread(target=lambda: result.update(r=run_load(canary_app["url"], load)))
     thread.start()
-    deadline, status = time.monotonic() + 30, {}
+    deadline, status = time.monotonic() + 60, {}
     while time.monotonic() < deadline:
         status = c.get("/canary").json()
         if status["state"] != RUNNING:
@@ -168,12 +174,9 @@ def test_failing_canary_is_rolled_back(ray_local, canary_app):
     thread.join()
     assert status["state"] == ROLLED_BACK, status
     assert "error rate" in status["decision"]["reason"] and status["weight"] == 0.0
-    assert result["r"].errors > 0  # the canary did fail requests before the rollback
+    assert result["r"].errors + canary_errors > 0  # the canary did fail requests before the rollback
     after = [c.post("/predict", json=GOOD) for _ in range(20)]
     assert all(r.status_code == 200 and r.json()["version"] == "s1" for r in after)
-    assert finish_rollout(paths["stable"], cfg) == ROLLED_BACK
-    status = c.get("/canary").json()
-    assert status["state"] == RUNNING and status["weight"] == 0.0  # all traffic to Model until the next canary
 
     port = ray_local.nodes()[0]["MetricsExportPort"]
     wanted = [
@@ -187,3 +190,8 @@ def test_failing_canary_is_rolled_back(ray_local, canary_app):
         missing = [w for w in wanted if not re.search(w, text)]
         time.sleep(1)
     assert not missing
+
+    # only now (the state gauge reads -1 until then) end the rollout: the stable model keeps all traffic
+    assert finish_rollout(paths["stable"], cfg) == ROLLED_BACK
+    status = c.get("/canary").json()
+    assert status["state"] == RUNNING and status["weight"] == 0.0  # all traffic to Model until the next canary
