@@ -81,6 +81,8 @@ def build_stream(info: DatasetInfo, cfg: StreamConfig, store=None) -> ray.data.D
         batch_size=cfg.block_rows,
         fn_kwargs={"image_shape": info.image_shape},
     )
+    if decoded_nbytes(info) <= cfg.cache_max_bytes:
+        ds = ds.materialize()  # small: decode once; each epoch then only redraws from the cached blocks
     if cfg.weighted:
         if store is None:
             raise ValueError("a weighted stream needs the sample-weight store actor")
@@ -97,17 +99,6 @@ def decoded_nbytes(info: DatasetInfo) -> int:
     """Bytes of the decoded dataset: float32 images plus two int64 columns per row."""
     c, h, w = info.image_shape
     return info.num_rows * (4 * c * h * w + 16)
-
-
-def build_eval_stream(info: DatasetInfo, block_rows: int = 1024) -> ray.data.Dataset:
-    """The held-out dataset, decoded, every row once."""
-    ds = ray.data.read_parquet(info.path).select_columns(["sample_id", "image", "label"])
-    return ds.map_batches(
-        decode_batch,
-        batch_format="pyarrow",
-        batch_size=block_rows,
-        fn_kwargs={"image_shape": info.image_shape},
-    )
 
 
 def read_sample_ids(info: DatasetInfo) -> np.ndarray:
