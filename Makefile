@@ -7,6 +7,9 @@ EXTRAS ?= dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tandem-installed
 PYTEST_ARGS ?=
+# Line coverage of kernels/ + collectives/ that the whole suite must keep (issue 8; measured 94.5% on CPU, where
+# the CUDA-only branches cannot run). Only checked when the whole suite runs (no PYTEST_ARGS).
+COV_FLOOR ?= 90
 
 .PHONY: demo test install bench lint clean-venv
 
@@ -14,7 +17,9 @@ demo: $(STAMP)
 	$(BIN)/tandem run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --cov --cov-report=term $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),,@echo "kernels/ + collectives/ line coverage, % (must be >= $(COV_FLOOR)):" && \
+	  $(BIN)/python -m coverage report --include="kernels/*,collectives/*" --fail-under=$(COV_FLOOR) --format=total)
 
 install: $(STAMP)
 

@@ -40,10 +40,15 @@ class DeployConfig:
     otherwise, shared/ENV.md)."""
     app: dict[str, Any] = field(default_factory=dict)
     """AppConfig fields (name, controller, batching, canary, num_replicas, ...)."""
+    access_log: bool = False
+    """Serve's per-request access log lines (proxy and replicas). Off by default: a formatted log line per
+    request is work on the request path, and tandem's metrics count every request and error already."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise ValueError(f"port must be an int in (0, 65536), got {self.port!r}")
+        if not isinstance(self.access_log, bool):
+            raise ValueError(f"access_log must be true or false, got {self.access_log!r}")
         if "artifact" in self.app:
             raise ValueError("app must not hold 'artifact': pass the artifact path to serve_artifact")
 
@@ -65,8 +70,12 @@ def _ensure_serve(cfg: DeployConfig):
             ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False)
         else:
             ray.init(address=cfg.address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=_logging(cfg))
     return _get_global_client()
+
+
+def _logging(cfg: DeployConfig) -> dict[str, Any]:
+    return {"enable_access_log": cfg.access_log}
 
 
 def app_schema(artifact: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any]] | None = None):
@@ -79,6 +88,7 @@ def app_schema(artifact: str, cfg: DeployConfig, user_configs: dict[str, dict[st
     return ServeDeploySchema(
         **{
             "http_options": {"host": cfg.host, "port": cfg.port},
+            "logging_config": _logging(cfg),
             "applications": [
                 {
                     "name": cfg.app_name,
@@ -86,6 +96,7 @@ def app_schema(artifact: str, cfg: DeployConfig, user_configs: dict[str, dict[st
                     "import_path": IMPORT_PATH,
                     "args": app_cfg.to_dict(),
                     "deployments": deployments,
+                    "logging_config": _logging(cfg),
                 }
             ],
         }

@@ -32,6 +32,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--canary-window-s", type=float, default=10.0, help="canary comparison window (default 10)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray and block until Ctrl-C)")
     s.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray (default 8)")
+    s.add_argument("--access-log", action="store_true", help="Serve's per-request access log lines (default off)")
 
     lt = subparsers.add_parser("loadtest", help="open-loop Poisson load against a served model (loopback only)")
     lt.add_argument("--url", default="http://127.0.0.1:8000", help="app URL (loopback only)")
@@ -76,7 +77,10 @@ def deploy_config(args: argparse.Namespace):
     }
     if args.canary:
         app["canary"] = {"artifact": args.canary, "weight": args.canary_weight, "window_s": args.canary_window_s}
-    return DeployConfig(host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus, app=app)
+    return DeployConfig(
+        host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus, app=app,
+        access_log=args.access_log,
+    )  # fmt: skip
 
 
 def load_config(args: argparse.Namespace):

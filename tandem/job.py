@@ -242,16 +242,25 @@ def _print_summary(report: dict) -> None:
             f"{h['epoch']:>5} {h['loss']:>8.4f} {h['train_accuracy']:>9.4f} {h['test_accuracy']:>9.4f} "
             f"{h['samples_per_s']:>10.0f}"
         )
-    print(f"test accuracy: {report['test_accuracy']:.4f}  ({report['seconds']:.1f} s, {report['train']['mode']})")
+    print(f"test accuracy: {report['test_accuracy']:.4f} (training on {report['train']['mode']})")
     if "tune" in report:
-        c = report["tune"]["chosen"]
+        from tandem import pipeline
+
+        tu = report["tune"]
+        c = tu["chosen"]
         keys = ("prune_ratio", "quant", "accuracy", "latency_batch_1_ms", "size_bytes")
-        print(f"sweep: {report['tune']['trials']} trials; chosen: {({k: c.get(k) for k in keys} if c else None)}")
+        print(f"sweep: {tu['trials']} trials ({pipeline.trial_outcomes(tu)}); chosen: "
+              f"{({k: c.get(k) for k in keys} if c else None)}")  # fmt: skip
     if "loadtest" in report:
         lt = report["loadtest"]
+
+        def ms(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.1f} ms"
+
         print(
-            f"load test at {report['serve']['url']}: p50 {lt.get('p50_ms')} ms, p99 {lt.get('p99_ms')} ms, "
-            f"SLO attainment {lt.get('slo_attainment')}"
+            f"load test at {report['serve']['url']}: p50 {ms(lt.get('p50_ms'))}, p99 {ms(lt.get('p99_ms'))}, "
+            f"SLO attainment {lt.get('slo_attainment', float('nan')):.3f}"
         )
+    print(f"total {report['seconds']:.1f} s")
     if "plots" in report:
         print("plots: " + ", ".join(report["plots"].values()))

@@ -42,7 +42,10 @@ def sweep(trained_artifact: str, cfg, out: Path) -> dict:
     t0 = time.perf_counter()
     res = run_sweep(scfg)
     return {
-        "trials": len(res.rows),
+        "trials": len(res.rows) + res.stopped_early + res.failed,
+        "finished": len(res.rows),
+        "stopped_early": res.stopped_early,
+        "failed": res.failed,
         "baseline_accuracy": res.baseline_accuracy,
         "front": res.front,
         "chosen": res.chosen,
@@ -50,6 +53,13 @@ def sweep(trained_artifact: str, cfg, out: Path) -> dict:
         "paths": {k: str(v) for k, v in res.paths.items()},
         "seconds": time.perf_counter() - t0,
     }
+
+
+def trial_outcomes(tune_summary: dict) -> str:
+    """'5 finished, 3 stopped early by ASHA, 0 failed' from a sweep summary."""
+    t = tune_summary
+    return f"{t.get('finished', t['trials'])} finished, {t.get('stopped_early', 0)} stopped early by ASHA, " \
+        f"{t.get('failed', 0)} failed"
 
 
 def serve(artifact: str, port: int) -> str:
@@ -145,7 +155,7 @@ def write_markdown(report: dict, path: Path) -> None:
             "",
             "## Compression sweep",
             "",
-            f"{tu['trials']} trials, baseline accuracy {tu['baseline_accuracy']:.4f}.",
+            f"{tu['trials']} trials ({trial_outcomes(tu)}), baseline accuracy {tu['baseline_accuracy']:.4f}.",
         ]
         if tu.get("paths", {}).get("table"):
             lines += ["", Path(tu["paths"]["table"]).read_text()]

@@ -113,6 +113,10 @@ class SweepResult:
     artifact: Path | None
     """The chosen model's artifact (a copy under out_dir), None if no trial was within the accuracy drop."""
     paths: dict[str, Path]
+    stopped_early: int = 0
+    """Trials the ASHA scheduler stopped before their last fine-tuning epoch (not in `rows`)."""
+    failed: int = 0
+    """Trials that raised (not in `rows`; Tune's logs under out_dir/ray say why)."""
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
@@ -146,10 +150,15 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     )
     grid = tuner.fit()
     rows = []
+    stopped = failed = 0
     for result in grid:
         m = result.metrics or {}
-        if result.error is not None or not m.get("final") or result.checkpoint is None:
-            continue  # failed or stopped early by ASHA
+        if result.error is not None:
+            failed += 1
+            continue
+        if not m.get("final") or result.checkpoint is None:
+            stopped += 1  # stopped early by ASHA
+            continue
         rows.append({"trial": m["trial_id"], **result.config, **{k: m[k] for k in _METRICS if k in m},
                      "artifact": result.checkpoint.path})  # fmt: skip
     if not rows:
@@ -162,7 +171,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         if artifact.exists():
             shutil.rmtree(artifact)
         shutil.copytree(report["chosen"]["artifact"], artifact)
-    return SweepResult(rows, report["front"], report["chosen"], base_acc, artifact, report["paths"])
+    return SweepResult(rows, report["front"], report["chosen"], base_acc, artifact, report["paths"], stopped, failed)
 
 
 _METRICS = ("accuracy", "acc_drop_pts", "baseline_accuracy", "latency_ms", "latency_batch_1_ms",
