@@ -431,6 +431,7 @@ class ModelServer:
         ModelFault when the model's output is not finite."""
         self._ensure_control_loop()
         t0 = time.monotonic()
+        verdict = None
         if self.user is not None and self.user.controller == UNBATCHED:
             probs, version = self._forward([x])[0]
         else:
@@ -452,7 +453,10 @@ class ModelServer:
                     # phantom backlog. (Counted as a rejection: it left unserved, an SLO miss either way.)
                     self.rec.rejected()
                 raise
-        self.rec.done(time.monotonic() - t0)
+        latency = time.monotonic() - t0
+        self.rec.done(latency)
+        if verdict is not None and verdict.model_latency_s is not None:
+            self.gate.calibration.observe(verdict.model_latency_s, latency)
         if not np.isfinite(probs).all():
             raise ModelFault(f"model version {version} produced non-finite probabilities")
         return probs, version
@@ -569,6 +573,11 @@ class ModelServer:
                 "user_config": asdict(self.user) if self.user else None,
                 "batch_settings": asdict(self.ctl.settings),
                 "slo_s": self.ctl.config.slo_s,
+                "admission_calibration": {
+                    "alpha": self.gate.calibration.alpha,
+                    "beta_s": self.gate.calibration.beta,
+                    "samples": self.gate.calibration.samples,
+                },
             },
         }
 

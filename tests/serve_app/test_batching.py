@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from serve_app.batching import (
     Bandit,
     BanditConfig,
     BatchingConfig,
+    LatencyCalibration,
     ServiceTimeFit,
     SLOModel,
     Static,
@@ -364,3 +366,39 @@ def test_bandit_load_rejects_foreign_state(tmp_path):
     d["counts"] = d["counts"][:-1]
     with pytest.raises(ValueError, match="counts must have shape"):
         Bandit.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------- latency calibration
+
+
+def test_calibration_is_identity_until_fed_then_learns_overhead_and_stretch():
+    cal = LatencyCalibration(decay=1.0, min_samples=10)
+    assert cal(0.02) == 0.02
+    rng = random.Random(0)
+    for _ in range(200):  # observed = 3 * predicted + 5 ms
+        x = rng.uniform(0.001, 0.03)
+        cal.observe(x, 3 * x + 0.005)
+    assert cal.alpha == pytest.approx(3.0) and cal.beta == pytest.approx(0.005)
+    assert cal(0.02) == pytest.approx(0.065)
+
+
+def test_calibration_never_predicts_below_the_batch_model():
+    cal = LatencyCalibration(decay=1.0, min_samples=10)
+    for i in range(50):  # observed faster than predicted: clamped to the identity
+        x = 0.001 * (i + 1)
+        cal.observe(x, 0.5 * x)
+    assert cal.alpha == 1.0 and cal.beta == 0.0 and cal(0.04) == 0.04
+    flat = LatencyCalibration(decay=1.0, min_samples=10)
+    for _ in range(50):  # one predicted value only: the overhead is the mean difference
+        flat.observe(0.002, 0.010)
+    assert flat.alpha == 1.0 and flat.beta == pytest.approx(0.008)
+
+
+def test_admission_uses_the_calibrated_prediction():
+    gate, ctl = admission_setup()
+    assert gate.check(10, ctl).admitted  # 1 running + 1 full batch + itself = 51 ms on the batch model
+    for _ in range(60):
+        gate.calibration.observe(0.01, 0.07)  # every request took 60 ms more than predicted
+    v = gate.check(10, ctl)
+    assert not v.admitted and v.model_latency_s == pytest.approx(0.051)
+    assert v.predicted_latency_s == pytest.approx(0.111)
