@@ -737,12 +737,14 @@ class AdmissionControl:
     """Maps the batch model's prediction to observed latency; the server feeds it (`observe`) per answered
     request. Left unfed (the simulator, where the batch model is the whole server) it is the identity."""
 
-    def check(self, queue_len: int, controller: Controller) -> Verdict:
+    def check(self, queue_len: int, controller: Controller, waited_s: float = 0.0) -> Verdict:
+        """`waited_s`: delay the request has met before reaching this check that the queue does not show (the
+        server passes the standing lag of its event loop), added to the prediction."""
         cfg = self.config
         b = controller.settings.max_batch_size
         fit = controller.fit
         raw = fit.drain_time(queue_len + 1, b, cfg.quantile) if fit.ready else None
-        pred = self.calibration(raw) if raw is not None else None
+        pred = self.calibration(raw) + waited_s if raw is not None else None
         if cfg.max_queue_len is not None and queue_len >= cfg.max_queue_len:
             return Verdict(
                 False,

@@ -402,3 +402,10 @@ def test_admission_uses_the_calibrated_prediction():
     v = gate.check(10, ctl)
     assert not v.admitted and v.model_latency_s == pytest.approx(0.051)
     assert v.predicted_latency_s == pytest.approx(0.111)
+
+
+def test_admission_adds_the_wait_the_queue_does_not_show():
+    gate, ctl = admission_setup()
+    assert gate.check(10, ctl).admitted  # 51 ms predicted
+    v = gate.check(10, ctl, waited_s=0.06)  # the replica's event loop is 60 ms behind
+    assert not v.admitted and v.predicted_latency_s == pytest.approx(0.111)
