@@ -21,9 +21,11 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
                                               the `resnet18` preset on 8x8 images, where the model's cost
                                               dominates and batching pays (1 thread: t(1) 5 ms,
                                               t(10) 8.7 ms, t(64) 23 ms)                                >= 1.5
-  overload_goodput_ratio_handle               overload_goodput_ratio on that handle path at the top of its grid
-                                              (5x or 6x the unbatched capacity; reported, no goal)
-Writes bench/results/serving.json. `--quick` (one repeat, 5 s runs) stays under 5 minutes.
+  overload_goodput_ratio_handle               overload_goodput_ratio on that handle path at 3x its unbatched
+                                              capacity (~1.5x what static batching holds; reported, no goal)
+Writes bench/results/serving.json. `--quick` (one repeat, 4 s runs, coarser rate grids: 0.2x steps) stays around
+5 minutes; `--quick --fine --repeats 3` keeps 4 s runs but the full grids and the protocol's 3 repeats (what
+bench/results/serving.json holds, ~30 minutes).
 """
 
 from __future__ import annotations
@@ -271,8 +273,13 @@ def max_rate_held(
                 runs.setdefault((v, m), []).append(run(v, pattern, dur, tag=f"sine {m:.2f}x"))
     held = {}
     for v in variants:
-        ok = [m for m in mults if statistics.median(r["slo_attainment"] for r in runs[(v, m)]) >= 0.99]
-        held[v] = max(ok) * cap if ok else 0.0
+        # Held up to the first rate that fails (a lucky pass above a failure is noise, not capacity).
+        top = 0.0
+        for m in mults:
+            if statistics.median(r["slo_attainment"] for r in runs[(v, m)]) < 0.99:
+                break
+            top = m
+        held[v] = top * cap
     return held, runs
 
 
@@ -282,18 +289,20 @@ def ratio(a: float, b: float) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one repeat, 5 s runs (< 5 minutes)")
+    p.add_argument("--quick", action="store_true", help="one repeat, 4 s runs, coarse grids (~5 minutes)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per point (default 3; 1 with --quick)")
+    p.add_argument("--fine", action="store_true", help="with --quick: the full rate grids (0.1x steps)")
     p.add_argument("--name", default="serving", help="results file name (bench/results/<name>.json)")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
-    dur = 5.0 if args.quick else 20.0
+    dur = 4.0 if args.quick else 20.0
     period = 5.0 if args.quick else 10.0
     # Sine means in multiples of the unbatched capacity; steps of 0.1 near the cliff so that a 1.2x difference
     # in the rate held shows. The handle path's grid reaches further: batching holds several times the
     # unbatched capacity there.
-    mults = [0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.5] if args.quick else [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5]
-    hmults = [1.0, 2.0, 3.0, 4.0, 5.0] if args.quick else [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0]
+    coarse = args.quick and not args.fine
+    mults = [0.4, 0.6, 0.8, 1.0, 1.5] if coarse else [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5]
+    hmults = [1.0, 2.0, 3.0, 4.0] if coarse else [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0]
 
     os.environ["RAY_worker_niceness"] = "0"  # before Ray starts: proxy and replicas at normal priority
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -313,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     res.update(
         slo_ms=SLO_S * 1e3,
         quick=args.quick,
+        fine_grid=not coarse,
         repeats=repeats,
         run_seconds=dur,
         sine_period_s=period,
@@ -347,7 +357,8 @@ def run(
 
     # Tight latency at 1.0x capacity: the static grid against adaptive, interleaved.
     tight: dict[str, list[float]] = {}
-    grid = [f"static_b{b}_w{round(w * 1e3)}" for b, w in STATIC_GRID] + ["static_default", "adaptive"]
+    static_grid = [(16, 0.005), (32, 0.0)] if quick else STATIC_GRID
+    grid = [f"static_b{b}_w{round(w * 1e3)}" for b, w in static_grid] + ["static_default", "adaptive"]
     for _ in range(repeats):
         for v in grid:
             r = bench.http(v, Constant(cap), dur, slo_s=TIGHT_S, tag="tight 1.0x")
@@ -362,7 +373,10 @@ def run(
     print(f"unbatched handle capacity ({HANDLE_MODEL}) {hcap:.1f}/s", flush=True)
     hheld, hruns = max_rate_held(bench, ["static_default", "adaptive"], hcap, hmults, repeats, dur, "handle", period)
 
-    hover = hmults[-1]  # the handle path's overload point: the top of its grid
+    # The handle path's overload point: 3x the unbatched capacity, ~1.5x what static batching holds there (as
+    # 1.5x is on HTTP). Higher, the load generator itself (same process, same 2 cores) saturates and every
+    # variant collapses whatever the replica does (measured at 5x and 6x).
+    hover = min(hmults, key=lambda m: abs(m - 3.0))
     hgoodput = {v: statistics.median(r["goodput_rps"] for r in hruns[(v, hover)]) for v in hheld}
 
     def summary(rs: dict[tuple[str, float], list[dict]], m: float) -> dict[str, dict]:
