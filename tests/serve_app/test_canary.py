@@ -1,5 +1,6 @@
 """Canary router: the policy without Ray (split, rollback on errors or p99, promotion), then a live canary app whose
-split follows its weight and whose broken canary is rolled back automatically, with the decision exported."""
+split follows its weight, whose broken canary is rolled back automatically with the decision exported, and whose
+healthy canary is promoted and then becomes the stable model."""
 
 from __future__ import annotations
 
@@ -195,3 +196,38 @@ def test_failing_canary_is_rolled_back(ray_local, canary_app):
     assert finish_rollout(paths["stable"], cfg) == ROLLED_BACK
     status = c.get("/canary").json()
     assert status["state"] == RUNNING and status["weight"] == 0.0  # all traffic to Model until the next canary
+
+
+def test_healthy_canary_is_promoted_and_becomes_the_stable_model(ray_local, canary_app):
+    # After the rollback test: a good canary, judged on errors only (p99 bounds wide: a loaded CI machine makes
+    # either side's tail slow at random), promoted after 2 healthy windows; finish_rollout hot-updates Model to it.
+    c, cfg, paths = canary_app["client"], canary_app["cfg"], canary_app["paths"]
+    policy = {"weight": 0.5, "window_s": 1.5, "min_requests": 5, "promote_after": 2, "max_p99_ratio": 50.0,
+              "p99_slack_s": 1.0}  # fmt: skip
+    canary_user = {"artifact": paths["good"], "version": "c3", "controller": "slo_model", "batching": {}}
+    update_user_configs(paths["stable"], cfg, {"Canary": canary_user, "Router": policy})
+    deadline, seen = time.monotonic() + 90, set()
+    while time.monotonic() < deadline and "c3" not in seen:  # the canary reconfigured and takes traffic
+        seen.add(c.post("/predict", json=GOOD).json().get("version"))
+    assert "c3" in seen, seen
+    load = LoadConfig(pattern=Constant(30.0), duration_s=10.0, timeout_s=10.0)  # ~15 req/s a side: 2 windows in 3 s
+    thread = threading.Thread(target=lambda: run_load(canary_app["url"], load))
+    thread.start()
+    deadline, status = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        status = c.get("/canary").json()
+        if status["state"] != RUNNING:
+            break
+        time.sleep(0.25)
+    thread.join()
+    assert status["state"] == PROMOTED, status
+    assert finish_rollout(paths["stable"], cfg) == PROMOTED
+    deadline, versions = time.monotonic() + 60, []
+    while time.monotonic() < deadline:  # Model reconfigures in place to the canary's artifact
+        versions = [c.post("/predict", json=GOOD).json()["version"] for _ in range(20)]
+        if set(versions) == {"c3"}:
+            break
+        time.sleep(0.5)
+    assert set(versions) == {"c3"}, versions
+    status = c.get("/canary").json()
+    assert status["state"] == RUNNING and status["weight"] == 0.0
