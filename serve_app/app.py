@@ -596,6 +596,11 @@ class ModelServer:
                 "user_config": asdict(self.user) if self.user else None,
                 "batch_settings": asdict(self.ctl.settings),
                 "slo_s": self.ctl.config.slo_s,
+                "service_time_fit": {
+                    "a_s": self.ctl.fit.a,
+                    "c_s": self.ctl.fit.c,
+                    "noise_quantile": self.ctl.fit.noise_quantile(self.ctl.config.quantile),
+                },
                 "admission_calibration": {
                     "alpha": self.gate.calibration.alpha,
                     "beta_s": self.gate.calibration.beta,
