@@ -145,6 +145,9 @@ class AppConfig:
     """Images per request above this get 422."""
     num_cpus: float = 1.0
     """Logical CPUs per model replica."""
+    max_queued_requests: int | None = None
+    """Serve's caller-side bound (proxy, handles): requests waiting for a replica beyond this many are answered 503
+    (with Retry-After) by the proxy itself, before any replica sees them. None: unbounded (Serve's default)."""
     torch_threads: int = 1
     """torch intra-op threads per replica (small CNNs on small batches: 1 is fastest and leaves cores to the
     proxy)."""
@@ -157,6 +160,11 @@ class AppConfig:
                 setattr(self, name, v)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.max_queued_requests, str) and self.max_queued_requests.isdigit():
+            self.max_queued_requests = int(self.max_queued_requests)
+        q = self.max_queued_requests
+        if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q < 1):
+            raise ValueError(f"max_queued_requests must be null or an int >= 1, got {q!r}")
         self.num_cpus = float(self.num_cpus)
         if not self.num_cpus >= 0:
             raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus!r}")
@@ -689,6 +697,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "ray_actor_options": {"num_cpus": cfg.num_cpus},
         "health_check_period_s": 2,
     }
+    if cfg.max_queued_requests is not None:
+        model_opts["max_queued_requests"] = cfg.max_queued_requests
+        model_opts["backpressure_config"] = {"status_code": 503, "retry_after_s": 1}
     if cfg.autoscaling is not None:
         model_opts["autoscaling_config"] = cfg.autoscaling
     else:

@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.app import AppConfig, BadRequest, ModelUserConfig, instances_to_array, oip_to_array, parse_json
+from serve_app.app import (
+    AppConfig,
+    BadRequest,
+    ModelUserConfig,
+    build_app,
+    instances_to_array,
+    oip_to_array,
+    parse_json,
+)
 from serve_app.deploy import DeployConfig, hot_update, serve_artifact, update_user_configs
 from serve_app.loadgen import LoadConfig, run_load
 from serve_app.simulator import Constant
@@ -38,10 +46,19 @@ def test_app_config_checks():
         ModelUserConfig(artifact="/a", batching={"slo_s": 0.01, "max_wait_s": 0.02})
     cfg = AppConfig.from_dict({"artifact": "/a", "num_replicas": "2", "batching": '{"max_batch_size": 32}'})
     assert cfg.num_replicas == 2 and cfg.max_ongoing_requests() == 32 + 256  # strings as `serve run` passes them
+    with pytest.raises(ValueError, match="max_queued_requests"):
+        AppConfig(artifact="/a", max_queued_requests=0)
     with pytest.raises(ValueError, match="canary"):
         AppConfig(artifact="/a", canary={"weight": 0.5})
     with pytest.raises(ValueError, match="weight"):
         AppConfig(artifact="/a", canary={"artifact": "/b", "weight": 2})
+
+
+def test_proxy_side_bound_reaches_the_deployment():
+    # Serve's own caller-side bound: the proxy answers 503 + Retry-After itself once this many wait for a replica.
+    d = build_app({"artifact": "/a", "max_queued_requests": "16"})._bound_deployment._deployment_config
+    assert d.max_queued_requests == 16 and d.backpressure_config.retry_after_s == 1
+    assert build_app({"artifact": "/a"})._bound_deployment._deployment_config.max_queued_requests == -1
 
 
 def test_serve_config_yaml_is_valid():
