@@ -21,6 +21,10 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
                                               the `resnet18` preset on 8x8 images, where the model's cost
                                               dominates and batching pays (1 thread: t(1) 5 ms,
                                               t(10) 8.7 ms, t(64) 23 ms)                                >= 1.5
+  overload_goodput_ratio_bounded              overload_goodput_ratio with adaptive on a deployment with Serve's
+                                              proxy-side bound (BOUNDED), interleaved with static defaults on
+                                              the unbounded one (redeploys between runs; `--overload-only` runs
+                                              just this, ~3 minutes, into serving_overload.json)
   overload_goodput_ratio_handle               overload_goodput_ratio on that handle path at 3x its unbatched
                                               capacity (~1.5x what static batching holds; reported, no goal)
 Writes bench/results/serving.json. `--quick` (one repeat, 4 s runs, coarser rate grids: 0.2x steps) stays around
@@ -57,7 +61,12 @@ VARIANTS = {
     "static_default": {"controller": "static", "admission": False, "batching": NO_QUEUE_BOUND},
     "adaptive": {"controller": "slo_model", "admission": True, "batching": {}},
     "bandit": {"controller": "bandit", "admission": True, "batching": {}},
+    # adaptive on a deployment with Serve's proxy-side bound (BOUNDED): only in the overload section
+    "adaptive_bounded": {"controller": "slo_model", "admission": True, "batching": {"max_queue_len": 16}},
 }
+# App args of the bounded deployment: the proxy answers 503 itself beyond 16 waiting for the replica, which holds
+# at most max_batch_size + 16 (README, "Serving").
+BOUNDED = {"max_queued_requests": 16, "batching": {"max_queue_len": 16}}
 SHAPES = {"tiny": (1, 8, 8), "resnet18": (1, 8, 8)}
 HANDLE_MODEL = "resnet18"
 STATIC_GRID = [(8, 0.002), (16, 0.005), (32, 0.0), (32, 0.01)]
@@ -144,6 +153,18 @@ class Bench:
         self.model = "tiny"
         self.variant = None
         self.runs: list[dict] = []
+        self.app_extra: dict = {}
+
+    def redeploy(self, app_extra: dict) -> None:
+        """Re-applies the app with other args (deployment options such as max_queued_requests): the replica
+        restarts; a no-op when they are the current ones."""
+        from serve_app.deploy import DeployConfig, serve_artifact
+
+        if app_extra == self.app_extra:
+            return
+        self.cfg = DeployConfig(port=self.cfg.port, app={"version": "tiny", **app_extra})
+        self.url = serve_artifact(self.artifacts["tiny"], self.cfg)
+        self.app_extra, self.variant, self.model = dict(app_extra), None, "tiny"
 
     def use(self, variant: str, model: str | None = None) -> None:
         """Switches the replica to `variant` (and `model`) in place, then lets it settle for a window."""
@@ -283,6 +304,28 @@ def max_rate_held(
     return held, runs
 
 
+def overload_bounded(bench: Bench, cap: float, repeats: int, dur: float, period: float) -> dict:
+    """At a 1.5x sine mean over HTTP, interleaved: static defaults and adaptive on the unbounded deployment, and
+    adaptive on the BOUNDED one (redeployed between them). Medians of goodput and the other figures."""
+    from serve_app.simulator import Sine
+
+    plan = (("static_default", {}), ("adaptive", {}), ("adaptive_bounded", BOUNDED))
+    runs: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for v, extra in plan:
+            bench.redeploy(extra)
+            runs.setdefault(v, []).append(bench.http(v, Sine(1.5 * cap, 0.5, period), dur, tag="overload 1.5x"))
+    bench.redeploy({})
+    keys = ("goodput_rps", "slo_attainment", "timeouts", "rejected_503")
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in runs.items()}
+    good = {v: m["goodput_rps"] for v, m in med.items()}
+    return {
+        "overload_bounded": med,
+        "overload_goodput_ratio_bounded": ratio(good["adaptive_bounded"], good["static_default"]),
+        "overload_goodput_ratio_unbounded_interleaved": ratio(good["adaptive"], good["static_default"]),
+    }
+
+
 def ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
@@ -292,7 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="one repeat, 4 s runs, coarse grids (~5 minutes)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per point (default 3; 1 with --quick)")
     p.add_argument("--fine", action="store_true", help="with --quick: the full rate grids (0.1x steps)")
-    p.add_argument("--name", default="serving", help="results file name (bench/results/<name>.json)")
+    p.add_argument("--name", default=None, help="results file name (default serving, serving_overload)")
+    p.add_argument("--overload-only", action="store_true", help="only the interleaved overload section "
+                   "(static defaults, adaptive, adaptive with the proxy-side bound; ~3 minutes)")  # fmt: skip
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     dur = 4.0 if args.quick else 20.0
@@ -315,7 +360,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             bench = Bench(make_artifacts(Path(tmp)), CpuMeter())
-            res = run(bench, repeats, dur, period, mults, hmults, args.quick)
+            if args.overload_only:
+                cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if args.quick else 8.0)
+                res = {"unbatched_capacity_rps": cap, **overload_bounded(bench, cap, repeats, dur, period)}
+            else:
+                res = run(bench, repeats, dur, period, mults, hmults, args.quick)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -332,15 +381,22 @@ def main(argv: list[str] | None = None) -> dict:
         other_cpu_cores_median=statistics.median(r["other_cpu_cores"] for r in bench.runs),
         runs=bench.runs,
     )
+    print_table(
+        [{"variant": v, **m} for v, m in res["overload_bounded"].items()],
+        title="HTTP, sine mean 1.5x unbatched capacity, interleaved (medians)",
+    )
+    print(f"overload goodput ratio: bounded adaptive / static defaults {res['overload_goodput_ratio_bounded']}")
     rows = []
     for k, (op, goal) in GOALS.items():
+        if k not in res:
+            continue
         v = res[k]
         met = v is not None and v >= goal
         rows.append({"metric": k, "measured": v if v is not None else "n/a", "goal": f"{op} {goal}",
                      "met": "yes" if met else "NO"})  # fmt: skip
     print_table(rows, title=f"serving ({'quick, ' if args.quick else ''}{repeats} repeat(s), {dur:.0f} s runs)")
     print(f"other processes used {res['other_cpu_cores_median']:.2f} cores (median over runs); load {load_before}")
-    path = write_result(args.name, res)
+    path = write_result(args.name or ("serving_overload" if args.overload_only else "serving"), res)
     print(f"wrote {path}")
     return res
 
@@ -368,6 +424,8 @@ def run(
 
     over = min(mults, key=lambda m: abs(m - 1.5))
     goodput = {v: statistics.median(r["goodput_rps"] for r in runs[(v, over)]) for v in variants}
+
+    bounded = overload_bounded(bench, cap, repeats, dur, period)
 
     hcap = bench.closed_loop_capacity("nobatch", "handle", 3.0 if quick else 8.0)
     print(f"unbatched handle capacity ({HANDLE_MODEL}) {hcap:.1f}/s", flush=True)
@@ -411,6 +469,7 @@ def run(
         "overload_mult": over,
         "overload_goodput_rps": goodput,
         "overload_goodput_ratio": ratio(goodput["adaptive"], goodput["static_default"]),
+        **bounded,
         "max_rate_ratio_adaptive_vs_static_handle": ratio(hheld["adaptive"], hheld["static_default"]),
         # Where the replica is the bottleneck (no proxy in front), admission control is what decides overload.
         "overload_goodput_rps_handle": hgoodput,
