@@ -141,6 +141,23 @@ def canary_app(_ray_clusters, tmp_path_factory):
 GOOD = {"instances": [[0.5] * 64]}
 
 
+def decide_under_load(canary_app: dict, seconds: float):
+    """Runs 30 req/s for `seconds` while polling GET /canary until the router decides; returns (load report,
+    the last status)."""
+    result = {}
+    load = LoadConfig(pattern=Constant(30.0), duration_s=seconds, timeout_s=10.0)
+    thread = threading.Thread(target=lambda: result.update(r=run_load(canary_app["url"], load)))
+    thread.start()
+    deadline, status = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        status = canary_app["client"].get("/canary").json()
+        if status["state"] != RUNNING:
+            break
+        time.sleep(0.25)
+    thread.join()
+    return result["r"], status
+
+
 def test_split_follows_the_weight(ray_local, canary_app):
     c = canary_app["client"]
     versions = [c.post("/predict", json=GOOD).json()["version"] for _ in range(200)]
@@ -162,20 +179,10 @@ def test_failing_canary_is_rolled_back(ray_local, canary_app):
     while time.monotonic() < deadline and canary_errors == 0:
         canary_errors += c.post("/predict", json=GOOD).status_code >= 500
     assert canary_errors, "the broken canary never answered"
-    result = {}
-    load = LoadConfig(pattern=Constant(30.0), duration_s=8.0, timeout_s=10.0)
-    thread = threading.Thread(target=lambda: result.update(r=run_load(canary_app["url"], load)))
-    thread.start()
-    deadline, status = time.monotonic() + 60, {}
-    while time.monotonic() < deadline:
-        status = c.get("/canary").json()
-        if status["state"] != RUNNING:
-            break
-        time.sleep(0.25)
-    thread.join()
+    report, status = decide_under_load(canary_app, seconds=8.0)
     assert status["state"] == ROLLED_BACK, status
     assert "error rate" in status["decision"]["reason"] and status["weight"] == 0.0
-    assert result["r"].errors + canary_errors > 0  # the canary did fail requests before the rollback
+    assert report.errors + canary_errors > 0  # the canary did fail requests before the rollback
     after = [c.post("/predict", json=GOOD) for _ in range(20)]
     assert all(r.status_code == 200 and r.json()["version"] == "s1" for r in after)
 
@@ -210,16 +217,7 @@ def test_healthy_canary_is_promoted_and_becomes_the_stable_model(ray_local, cana
     while time.monotonic() < deadline and "c3" not in seen:  # the canary reconfigured and takes traffic
         seen.add(c.post("/predict", json=GOOD).json().get("version"))
     assert "c3" in seen, seen
-    load = LoadConfig(pattern=Constant(30.0), duration_s=10.0, timeout_s=10.0)  # ~15 req/s a side: 2 windows in 3 s
-    thread = threading.Thread(target=lambda: run_load(canary_app["url"], load))
-    thread.start()
-    deadline, status = time.monotonic() + 60, {}
-    while time.monotonic() < deadline:
-        status = c.get("/canary").json()
-        if status["state"] != RUNNING:
-            break
-        time.sleep(0.25)
-    thread.join()
+    _, status = decide_under_load(canary_app, seconds=10.0)  # ~15 req/s a side: 2 windows in ~3 s
     assert status["state"] == PROMOTED, status
     assert finish_rollout(paths["stable"], cfg) == PROMOTED
     deadline, versions = time.monotonic() + 60, []
