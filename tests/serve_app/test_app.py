@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -16,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from _serve import GOOD, free_port
 
 from serve_app.app import (
     AppConfig,
@@ -125,12 +125,6 @@ def test_oip_layouts():
 # ------------------------------------------------------------------------------------------ the live app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def trained_artifact(path, workdir) -> tuple[str, torch.Tensor]:
     """A `tiny` CNN trained briefly on the digits, saved as an fp32 artifact; returns (path, test images)."""
     from actors.dataset import DataConfig, load_tensors, prepare_data
@@ -220,7 +214,6 @@ def test_oip_health_and_metadata(ray_local, served):
     assert r.status_code == 404 and "model must be 'tandem'" in r.json()["error"]
 
 
-GOOD = {"instances": [[0.5] * 64]}
 OIP = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
 BAD_REQUESTS = [
     ("/predict", b'{"instances": [[0.5, 0.5]', 400, "must be JSON"),

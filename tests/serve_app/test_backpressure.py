@@ -4,21 +4,13 @@ the replica's own admission control answers the rest of the excess, and the app 
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import httpx
 import pytest
 import torch
+from _serve import GOOD, free_port
 
 from serve_app.deploy import DeployConfig, serve_artifact
-
-GOOD = {"instances": [[0.5] * 64]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ healthy canary is promoted and then becomes the stable model."""
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -13,6 +12,7 @@ import urllib.request
 import httpx
 import pytest
 import torch
+from _serve import GOOD, free_port
 
 from serve_app.deploy import DeployConfig, finish_rollout, serve_artifact, update_user_configs
 from serve_app.loadgen import LoadConfig, run_load
@@ -112,12 +112,6 @@ def artifact(path, *, broken: bool = False, seed: int = 0) -> str:
     return str(path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def canary_app(_ray_clusters, tmp_path_factory):
     from ray import serve
@@ -136,9 +130,6 @@ def canary_app(_ray_clusters, tmp_path_factory):
     with httpx.Client(base_url=url, timeout=30) as client:
         yield {"url": url, "cfg": cfg, "paths": paths, "client": client}
     serve.shutdown()
-
-
-GOOD = {"instances": [[0.5] * 64]}
 
 
 def decide_under_load(canary_app: dict, seconds: float):
