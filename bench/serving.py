@@ -22,9 +22,11 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
                                               dominates and batching pays (1 thread: t(1) 5 ms,
                                               t(10) 8.7 ms, t(64) 23 ms)                                >= 1.5
   overload_goodput_ratio_bounded              overload_goodput_ratio with adaptive on a deployment with Serve's
-                                              proxy-side bound (BOUNDED), interleaved with static defaults on
-                                              the unbounded one (redeploys between runs; `--overload-only` runs
-                                              just this, ~3 minutes, into serving_overload.json)
+                                              proxy-side bound (the first of `--bounds`), interleaved with static
+                                              defaults on the unbounded one (redeploys between runs)
+  hot_update_lost                             requests lost in a hot update under constant load, unbounded and
+                                              at each bound (`--overload-only` runs just these two sections
+                                              into serving_overload.json)
   overload_goodput_ratio_handle               overload_goodput_ratio on that handle path at 3x its unbatched
                                               capacity (~1.5x what static batching holds; reported, no goal)
 Writes bench/results/serving.json. `--quick` (one repeat, 4 s runs, coarser rate grids: 0.2x steps) stays around
@@ -61,13 +63,12 @@ VARIANTS = {
     "static_default": {"controller": "static", "admission": False, "batching": NO_QUEUE_BOUND},
     "adaptive": {"controller": "slo_model", "admission": True, "batching": {}},
     "bandit": {"controller": "bandit", "admission": True, "batching": {}},
-    # adaptive on a deployment with Serve's proxy-side bound (BOUNDED): only in the overload section
+    # adaptive on a deployment with Serve's proxy-side bound (`bounded`): only in the overload section
     "adaptive_bounded": {"controller": "slo_model", "admission": True, "batching": {"max_queue_len": 16}},
 }
-# App args of the bounded deployment: the proxy answers 503 itself beyond 16 waiting for the replica, which holds
-# at most max_batch_size + 16 (README, "Serving").
-BOUNDED = {"max_queued_requests": 16, "batching": {"max_queue_len": 16}}
+BOUNDS = (16,)  # proxy-side bounds the overload section compares (`--bounds`)
 SHAPES = {"tiny": (1, 8, 8), "resnet18": (1, 8, 8)}
+UPDATE_TO = "tiny_b"  # a second `tiny` (other weights) that the hot-update section rolls out and back
 HANDLE_MODEL = "resnet18"
 STATIC_GRID = [(8, 0.002), (16, 0.005), (32, 0.0), (32, 0.01)]
 for _b, _w in STATIC_GRID:
@@ -134,11 +135,11 @@ def make_artifacts(root: Path) -> dict[str, str]:
     from models.cnn import ModelConfig, build_model
 
     out = {}
-    for preset, shape in SHAPES.items():
-        torch.manual_seed(0)
+    for seed, (name, preset) in enumerate([*((p, p) for p in SHAPES), (UPDATE_TO, "tiny")]):
+        torch.manual_seed(seed)
         model = build_model(ModelConfig.preset(preset, in_channels=1, num_classes=10))
-        save_artifact(model, root / preset, input_shape=shape)
-        out[preset] = str(root / preset)
+        save_artifact(model, root / name, input_shape=SHAPES[preset])
+        out[name] = str(root / name)
     return out
 
 
@@ -166,21 +167,28 @@ class Bench:
         self.url = serve_artifact(self.artifacts["tiny"], self.cfg)
         self.app_extra, self.variant, self.model = dict(app_extra), None, "tiny"
 
-    def use(self, variant: str, model: str | None = None) -> None:
-        """Switches the replica to `variant` (and `model`) in place, then lets it settle for a window."""
+    def use(self, variant: str, model: str | None = None, roll_out: bool = False) -> None:
+        """Switches the replica to `variant` (and `model`) in place, then lets it settle for a window.
+        `roll_out`: through serve_app.deploy.roll_out (lifts the proxy-side bound for the update), not a plain
+        re-apply of the config."""
+        from dataclasses import asdict
+
         import httpx
 
+        from serve_app.app import ModelUserConfig
+        from serve_app.deploy import roll_out as bound_safe_update
         from serve_app.deploy import update_user_configs
 
         model = model or self.model
         if (variant, model) == (self.variant, self.model):
             return
         user = {"artifact": self.artifacts[model], "version": model, **VARIANTS[variant]}
-        update_user_configs(self.artifacts["tiny"], self.cfg, {"Model": user})
+        (bound_safe_update if roll_out else update_user_configs)(self.artifacts["tiny"], self.cfg, {"Model": user})
+        applied = asdict(ModelUserConfig.from_dict(user))  # what the replica reports, defaults filled in
         deadline = time.monotonic() + 30
         while True:
-            p = httpx.get(f"{self.url}/v2/models/tandem", timeout=10).json()
-            if p["parameters"]["user_config"] == user:
+            r = httpx.get(f"{self.url}/v2/models/tandem", timeout=10)  # a bounded proxy may answer 503 under load
+            if r.status_code == 200 and r.json()["parameters"]["user_config"] == applied:
                 break
             assert time.monotonic() < deadline, f"replica did not switch to {variant}/{model}"
             time.sleep(0.2)
@@ -304,25 +312,92 @@ def max_rate_held(
     return held, runs
 
 
-def overload_bounded(bench: Bench, cap: float, repeats: int, dur: float, period: float) -> dict:
+REPLICA_QUEUE = 16  # the bounded deployments' replica-side max_queue_len (`--replica-queue`)
+
+
+def set_replica_queue(n: int) -> None:
+    global REPLICA_QUEUE
+    REPLICA_QUEUE = VARIANTS["adaptive_bounded"]["batching"]["max_queue_len"] = n
+
+
+def bounded(queued: int) -> dict:
+    """App args of a deployment with Serve's proxy-side bound: the proxy answers 503 itself beyond `queued`
+    waiting for the replica, which holds at most max_batch_size + REPLICA_QUEUE (README, "Serving")."""
+    return {"max_queued_requests": queued, "batching": {"max_queue_len": REPLICA_QUEUE}}
+
+
+def overload_bounded(
+    bench: Bench, cap: float, repeats: int, dur: float, period: float, bounds: tuple[int, ...] = BOUNDS
+) -> dict:
     """At a 1.5x sine mean over HTTP, interleaved: static defaults and adaptive on the unbounded deployment, and
-    adaptive on the BOUNDED one (redeployed between them). Medians of goodput and the other figures."""
+    adaptive on deployments bounded at each of `bounds` (redeployed between them). Medians of goodput and the
+    other figures; the headline ratio is at the first bound (the app's default)."""
     from serve_app.simulator import Sine
 
-    plan = (("static_default", {}), ("adaptive", {}), ("adaptive_bounded", BOUNDED))
+    plan = [("static_default", "static_default", {}), ("adaptive", "adaptive", {})]
+    plan += [(f"adaptive_q{q}", "adaptive_bounded", bounded(q)) for q in bounds]
     runs: dict[str, list[dict]] = {}
     for _ in range(repeats):
-        for v, extra in plan:
+        for name, v, extra in plan:
             bench.redeploy(extra)
-            runs.setdefault(v, []).append(bench.http(v, Sine(1.5 * cap, 0.5, period), dur, tag="overload 1.5x"))
+            runs.setdefault(name, []).append(bench.http(v, Sine(1.5 * cap, 0.5, period), dur, tag=name))
     bench.redeploy({})
     keys = ("goodput_rps", "slo_attainment", "timeouts", "rejected_503")
     med = {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in runs.items()}
     good = {v: m["goodput_rps"] for v, m in med.items()}
     return {
         "overload_bounded": med,
-        "overload_goodput_ratio_bounded": ratio(good["adaptive_bounded"], good["static_default"]),
+        "overload_bound": bounds[0],
+        "overload_goodput_ratio_bounded": ratio(good[f"adaptive_q{bounds[0]}"], good["static_default"]),
+        "overload_goodput_ratio_by_bound": {q: ratio(good[f"adaptive_q{q}"], good["static_default"]) for q in bounds},
         "overload_goodput_ratio_unbounded_interleaved": ratio(good["adaptive"], good["static_default"]),
+    }
+
+
+def hot_update_loss(
+    bench: Bench, cap: float, repeats: int, bounds: tuple[int, ...], mults: tuple[float, ...] = (0.33, 0.66)
+) -> dict:
+    """Requests lost (not answered 200) when the artifact is hot-updated 1.5 s into an 8 s constant load, on the
+    unbounded deployment and on each bounded one, at each rate (multiples of the unbatched capacity). While Serve
+    reconfigures the only replica it routes nothing to it: the requests of that window wait in the proxy, where
+    a bound smaller than the window's arrivals answers the excess 503. On bounded deployments both ways: a plain
+    re-apply of the config (`serve deploy`) and serve_app.deploy.roll_out (what `hot_update` does: the bound
+    lifted for the update). Each update run has a control run without the update (`steady_lost`): a bounded
+    replica queue sheds now and then at these rates whether or not anything is updated."""
+    import threading
+
+    from serve_app.loadgen import LoadConfig, run_load
+    from serve_app.simulator import Constant
+
+    plan = [("adaptive", "adaptive", {}, False)]
+    for q in bounds:
+        plan += [(f"adaptive_q{q}", "adaptive_bounded", bounded(q), False)]
+        plan += [(f"adaptive_q{q}_roll_out", "adaptive_bounded", bounded(q), True)]
+    runs: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for name, v, extra, via_roll_out in plan:
+            bench.redeploy(extra)
+            for m in mults:
+                for update in (True, False):  # and a control run without the update: steady-state shedding
+                    bench.use(v, "tiny")
+                    out: dict = {}
+                    load = LoadConfig(pattern=Constant(m * cap), duration_s=8.0, timeout_s=10.0)
+                    th = threading.Thread(target=lambda out=out, load=load: out.update(r=run_load(bench.url, load)))
+                    bench.meter.start()
+                    th.start()
+                    time.sleep(1.5)
+                    if update:
+                        bench.use(v, UPDATE_TO, roll_out=via_roll_out)
+                    th.join()
+                    tag = f"{'update' if update else 'steady'} {m:.2f}x"
+                    row = bench._record(name, "http", tag, load.pattern, out["r"])
+                    row["lost"] = out["r"].sent - out["r"].ok
+                    runs.setdefault((update, f"{name} {m:.2f}x"), []).append(row)
+    bench.redeploy({})
+    return {
+        "hot_update_lost": {k: [r["lost"] for r in rs] for (u, k), rs in runs.items() if u},
+        "steady_lost": {k: [r["lost"] for r in rs] for (u, k), rs in runs.items() if not u},
+        "hot_update_sent": {k: [r["sent"] for r in rs] for (u, k), rs in runs.items() if u},
     }
 
 
@@ -338,7 +413,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--name", default=None, help="results file name (default serving, serving_overload)")
     p.add_argument("--overload-only", action="store_true", help="only the interleaved overload section "
                    "(static defaults, adaptive, adaptive with the proxy-side bound; ~3 minutes)")  # fmt: skip
+    p.add_argument("--replica-queue", type=int, default=REPLICA_QUEUE,
+                   help="the bounded deployments' replica-side max_queue_len")  # fmt: skip
+    p.add_argument(
+        "--bounds",
+        default=",".join(map(str, BOUNDS)),
+        help="proxy-side bounds (max_queued_requests) the overload section compares, comma-separated",
+    )
     args = p.parse_args(argv)
+    try:
+        bounds = tuple(int(b) for b in args.bounds.split(","))
+    except ValueError:
+        p.error(f"--bounds must be comma-separated ints, got {args.bounds!r}")
+    if not bounds or min(bounds) < 1:
+        p.error(f"--bounds must be ints >= 1, got {args.bounds!r}")
+    if args.replica_queue < 1:
+        p.error(f"--replica-queue must be >= 1, got {args.replica_queue}")
+    set_replica_queue(args.replica_queue)
     repeats = args.repeats or (1 if args.quick else 3)
     dur = 4.0 if args.quick else 20.0
     period = 5.0 if args.quick else 10.0
@@ -362,9 +453,10 @@ def main(argv: list[str] | None = None) -> dict:
             bench = Bench(make_artifacts(Path(tmp)), CpuMeter())
             if args.overload_only:
                 cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if args.quick else 8.0)
-                res = {"unbatched_capacity_rps": cap, **overload_bounded(bench, cap, repeats, dur, period)}
+                res = {"unbatched_capacity_rps": cap, **overload_bounded(bench, cap, repeats, dur, period, bounds)}
+                res.update(hot_update_loss(bench, cap, repeats, bounds))
             else:
-                res = run(bench, repeats, dur, period, mults, hmults, args.quick)
+                res = run(bench, repeats, dur, period, mults, hmults, args.quick, bounds)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -385,7 +477,21 @@ def main(argv: list[str] | None = None) -> dict:
         [{"variant": v, **m} for v, m in res["overload_bounded"].items()],
         title="HTTP, sine mean 1.5x unbatched capacity, interleaved (medians)",
     )
-    print(f"overload goodput ratio: bounded adaptive / static defaults {res['overload_goodput_ratio_bounded']}")
+    print(f"overload goodput ratio, bounded adaptive / static defaults, by bound: "
+          f"{res['overload_goodput_ratio_by_bound']}")  # fmt: skip
+    lost = res["hot_update_lost"]
+    print_table(
+        [
+            {
+                "deployment, rate": k,
+                "lost": v,
+                "lost, no update": res["steady_lost"][k],
+                "sent": res["hot_update_sent"][k],
+            }
+            for k, v in lost.items()
+        ],  # fmt: skip
+        title="hot update under constant load: requests lost per repeat",
+    )
     rows = []
     for k, (op, goal) in GOALS.items():
         if k not in res:
@@ -402,7 +508,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(
-    bench: Bench, repeats: int, dur: float, period: float, mults: list[float], hmults: list[float], quick: bool
+    bench: Bench,
+    repeats: int,
+    dur: float,
+    period: float,
+    mults: list[float],
+    hmults: list[float],
+    quick: bool,
+    bounds: tuple[int, ...] = BOUNDS,
 ) -> dict:
     from serve_app.simulator import Constant
 
@@ -425,7 +538,8 @@ def run(
     over = min(mults, key=lambda m: abs(m - 1.5))
     goodput = {v: statistics.median(r["goodput_rps"] for r in runs[(v, over)]) for v in variants}
 
-    bounded = overload_bounded(bench, cap, repeats, dur, period)
+    over_bounded = overload_bounded(bench, cap, repeats, dur, period, bounds)
+    over_bounded.update(hot_update_loss(bench, cap, repeats, bounds))
 
     hcap = bench.closed_loop_capacity("nobatch", "handle", 3.0 if quick else 8.0)
     print(f"unbatched handle capacity ({HANDLE_MODEL}) {hcap:.1f}/s", flush=True)
@@ -469,7 +583,7 @@ def run(
         "overload_mult": over,
         "overload_goodput_rps": goodput,
         "overload_goodput_ratio": ratio(goodput["adaptive"], goodput["static_default"]),
-        **bounded,
+        **over_bounded,
         "max_rate_ratio_adaptive_vs_static_handle": ratio(hheld["adaptive"], hheld["static_default"]),
         # Where the replica is the bottleneck (no proxy in front), admission control is what decides overload.
         "overload_goodput_rps_handle": hgoodput,

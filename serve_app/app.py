@@ -95,10 +95,19 @@ class ModelUserConfig:
     admission: bool = True
     """Admission control (503 + Retry-After when the SLO cannot be met); False serves like plain `@serve.batch`
     (baselines in bench/serving.py)."""
+    update_grace_s: float = 2.0
+    """Seconds after this config is applied during which admission control refuses nothing (Serve's
+    max_ongoing_requests still bounds the replica). While Serve reconfigures a replica it routes nothing to it,
+    so the requests that arrived meanwhile reach it at once; refusing that backlog would turn a planned update
+    into errors (measured: 105-226 of 1458 requests answered 503 in a hot update at 300 req/s with
+    max_queue_len 16)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.admission, bool):
             raise ValueError(f"admission must be true or false, got {self.admission!r}")
+        g = self.update_grace_s
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 600:
+            raise ValueError(f"update_grace_s must be a number of seconds in [0, 600], got {g!r}")
         if not isinstance(self.artifact, str) or not self.artifact:
             raise ValueError(f"artifact must be a non-empty path string, got {self.artifact!r}")
         if self.version is not None and not isinstance(self.version, str):
@@ -372,6 +381,7 @@ class ModelServer:
         self._control_task: asyncio.Task | None = None
         self._lag_task: asyncio.Task | None = None
         self._lags: deque[float] = deque(maxlen=20)
+        self._grace_until = 0.0
         # The controller learns t(b) from the batch's CPU time when the forward runs in this thread alone (one
         # torch thread, a CPU model): on a shared machine wall time includes the replica being preempted, and
         # outliers of 10-30x (measured under load here) drove the fit's p99 noise up, the cap to 1 and admission
@@ -397,6 +407,7 @@ class ModelServer:
         self.model, self.manifest, self.version = model, manifest, version
         self.input_shape = tuple(manifest["input_shape"])
         self.ctl, self.gate, self.user = ctl, AdmissionControl(ctl.config), user
+        self._grace_until = time.monotonic() + user.update_grace_s
         self._apply(ctl.settings)
         if new_model:
             self.metrics.model_version(version)
@@ -471,7 +482,8 @@ class ModelServer:
             # never observe another batch to correct the prediction that made it refuse - unless the event loop
             # itself is far behind (measured all the time, admitted requests or not).
             saturated = lag > self.ctl.config.slo_s / 2
-            if not verdict.admitted and (queued > 0 or saturated) and self.user.admission:
+            in_grace = time.monotonic() < self._grace_until  # just updated (ModelUserConfig.update_grace_s)
+            if not verdict.admitted and (queued > 0 or saturated) and self.user.admission and not in_grace:
                 self.rec.rejected()
                 raise Overloaded(verdict)
             item = _Queued(x)

@@ -78,13 +78,21 @@ def _logging(cfg: DeployConfig) -> dict[str, Any]:
     return {"enable_access_log": cfg.access_log}
 
 
-def app_schema(artifact: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any]] | None = None):
+def app_schema(
+    artifact: str,
+    cfg: DeployConfig,
+    user_configs: dict[str, dict[str, Any]] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+):
     """The declarative config of the app serving `artifact`, with `user_configs` (deployment name -> its whole
-    new user_config) overriding what `build_app` sets."""
+    new user_config) and other deployment `options` (name -> {option: value}) overriding what `build_app` sets."""
     from ray.serve.schema import ServeDeploySchema
 
     app_cfg = cfg.app_config(artifact)
-    deployments = [{"name": name, "user_config": uc} for name, uc in (user_configs or {}).items()]
+    overrides: dict[str, dict[str, Any]] = {n: {"user_config": uc} for n, uc in (user_configs or {}).items()}
+    for name, opts in (options or {}).items():
+        overrides.setdefault(name, {}).update(opts)
+    deployments = [{"name": name, **o} for name, o in overrides.items()]
     return ServeDeploySchema(
         **{
             "http_options": {"host": cfg.host, "port": cfg.port},
@@ -127,13 +135,70 @@ def serve_artifact(path: str, cfg: DeployConfig) -> str:
     return cfg.url
 
 
-def update_user_configs(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any]]) -> None:
+def update_user_configs(
+    path: str,
+    cfg: DeployConfig,
+    user_configs: dict[str, dict[str, Any]],
+    options: dict[str, dict[str, Any]] | None = None,
+) -> None:
     """Re-applies the app first deployed with artifact `path` and `cfg`, with new user_configs for the named
     deployments ("Model", "Canary", "Router"): an in-place reconfigure, no replica restarted. Returns once the
-    controller has accepted the config (replicas reconfigure right after)."""
+    controller has accepted the config (replicas reconfigure right after). `options`: other deployment options
+    for this config only (the next update drops them)."""
     client = _ensure_serve(cfg)
     merged = {**current_user_configs(client, cfg.app_name), **user_configs}  # keep earlier updates' overrides
-    client.deploy_apps(app_schema(str(path), cfg, merged), _blocking=True)
+    client.deploy_apps(app_schema(str(path), cfg, merged, options), _blocking=True)
+
+
+def roll_out(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any]], timeout_s: float = 60.0) -> None:
+    """`update_user_configs` for model deployments, without losing requests to Serve's caller-side bound.
+
+    While Serve reconfigures a replica it routes nothing to it, so the requests of that window wait in the
+    proxy's (and handles') queue, where `max_queued_requests` answers the excess 503: measured with one replica
+    and a bound of 16, 13-18 of 1151 requests in a hot update at 230 req/s (0 at 118 req/s; 0 without a bound).
+    `max_queued_requests` is a light-weight option in Serve (changing it touches no replica), so the bound is
+    lifted for the update and restored once the updated replicas have served their grace period
+    (ModelUserConfig.update_grace_s), in which they admit the backlog."""
+    bound = cfg.app_config(path).max_queued_requests
+    models = [n for n in user_configs if n in ("Model", "Canary")]
+    if bound is None or not models:
+        update_user_configs(path, cfg, user_configs)
+        return
+    lifted = {n: {"max_queued_requests": -1} for n in models}
+    # Lifted in a config of its own first, so that the callers' routers have it (a long-poll push) before the
+    # update takes any replica out of their routing; in one step with the update, 1 request in 3 runs was still
+    # refused.
+    update_user_configs(path, cfg, {}, options=lifted)
+    time.sleep(0.5)
+    update_user_configs(path, cfg, user_configs, options=lifted)
+    grace = max(ModelUserConfig.from_dict(user_configs[n]).update_grace_s for n in models)
+    for name in models:
+        wait_reconfigured(cfg, name, user_configs[name], timeout_s)
+    time.sleep(grace)
+    update_user_configs(path, cfg, {})  # the same user_configs, the bound back (no replica touched)
+
+
+def wait_reconfigured(cfg: DeployConfig, deployment: str, user_config: dict[str, Any], timeout_s: float = 60.0) -> None:
+    """Waits until the controller targets `user_config` for `deployment` and every replica of it is RUNNING
+    again (reconfigured) with the deployment HEALTHY."""
+    from ray.serve.schema import ServeInstanceDetails
+
+    client = _ensure_serve(cfg)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = ServeInstanceDetails(**client.get_serve_details()).applications.get(cfg.app_name)
+        d = app.deployments.get(deployment) if app is not None else None
+        if (
+            d is not None
+            and d.deployment_config.user_config == user_config
+            and d.status == "HEALTHY"
+            and all(r.state == "RUNNING" for r in d.replicas)
+        ):
+            return
+        if time.monotonic() > deadline:
+            state = None if d is None else (d.status, [r.state for r in d.replicas])
+            raise TimeoutError(f"{deployment} not reconfigured after {timeout_s:.0f} s: {state}")
+        time.sleep(0.1)
 
 
 def current_user_configs(client, app_name: str) -> dict[str, dict[str, Any]]:
@@ -157,7 +222,7 @@ def hot_update(
     user = asdict(base)
     user.update(artifact=str(new_artifact), version=version)
     ModelUserConfig.from_dict(user)  # validate before the controller sees it
-    update_user_configs(path, cfg, {deployment: user})
+    roll_out(path, cfg, {deployment: user})
     return user
 
 
@@ -174,7 +239,7 @@ def finish_rollout(path: str, cfg: DeployConfig) -> str:
     if status["state"] == "promoted":
         current = current_user_configs(client, cfg.app_name)
         updates["Model"] = current.get("Canary") or asdict(cfg.app_config(path).canary_user_config())
-    update_user_configs(path, cfg, updates)
+    roll_out(path, cfg, updates)
     return status["state"]
 
 

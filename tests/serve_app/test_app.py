@@ -280,7 +280,7 @@ def test_admission_control_answers_503_with_retry_after(ray_local, served):
     strict = {"slo_s": 0.0002, "max_wait_s": 0.0, "initial_wait_s": 0.0}
     user = asdict(cfg.app_config(served["art1"]).model_user_config())
     update_user_configs(served["art1"], cfg, {"Model": {**user, "artifact": served["art2"], "version": "v2",
-                                                        "batching": strict}})  # fmt: skip
+                                                        "batching": strict, "update_grace_s": 0}})  # fmt: skip
     deadline = time.monotonic() + 20
     while c.get("/v2/models/tandem").json()["parameters"]["slo_s"] != strict["slo_s"]:
         assert time.monotonic() < deadline
@@ -298,15 +298,24 @@ def test_admission_control_answers_503_with_retry_after(ray_local, served):
     assert c.post("/predict", json=GOOD).status_code == 200
 
 
-def test_cancelled_requests_leave_the_queue(ray_local, served, monkeypatch):
-    """Ray drops a request cancelled while it waits for a batch; the replica's queue count must drop it too,
-    or admission control would go on refusing on a phantom backlog. (The replica object runs here, outside
-    Serve: only the batch queue's check against the replica's max_ongoing_requests needs a replica context.)"""
+@pytest.fixture
+def outside_serve(monkeypatch):
+    """For ModelServer objects run here, outside Serve: the batch queue's check against the replica's
+    max_ongoing_requests needs a replica context, and @serve.batch keeps one queue per decorated method (one
+    replica per process in Serve), bound to the event loop of its first call: a fresh one for each test."""
     from ray.serve import batching
 
     from serve_app.app import ModelServer
 
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    monkeypatch.setattr(ModelServer._batched.set_max_batch_size.__self__, "_queue", None)
+
+
+def test_cancelled_requests_leave_the_queue(ray_local, served, outside_serve):
+    """Ray drops a request cancelled while it waits for a batch; the replica's queue count must drop it too,
+    or admission control would go on refusing on a phantom backlog."""
+    from serve_app.app import ModelServer
+
 
     async def scenario() -> int:
         srv = ModelServer(AppConfig(artifact=served["art1"]).to_dict())
@@ -322,6 +331,31 @@ def test_cancelled_requests_leave_the_queue(ray_local, served, monkeypatch):
         return srv.rec.queue_len
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_admission_refuses_nothing_in_the_grace_after_an_update(served, outside_serve):
+    """The backlog that built up while Serve reconfigured the replica (it routes nothing to a replica being
+    updated) is admitted for `update_grace_s`; after that the same burst is shed."""
+    from serve_app.app import ModelServer, Overloaded
+
+    strict = {"slo_s": 0.0002, "max_wait_s": 0.0, "initial_wait_s": 0.0, "max_queue_len": 4}
+
+    async def scenario() -> list[int]:
+        # One event loop for both bursts (see outside_serve).
+        srv = ModelServer(AppConfig(artifact=served["art1"]).to_dict())
+        x = np.zeros((1, *SHAPE), np.float32)
+        shed = []
+        for grace_s in (30.0, 0.0):
+            srv.reconfigure({"artifact": served["art1"], "batching": strict, "update_grace_s": grace_s})
+            rs = await asyncio.gather(*(srv.infer(x) for _ in range(40)), return_exceptions=True)
+            assert all(isinstance(r, (tuple, Overloaded)) for r in rs), rs
+            shed.append(sum(isinstance(r, Overloaded) for r in rs))
+        return shed
+
+    in_grace, after = asyncio.run(scenario())
+    assert in_grace == 0 and after > 0
+    with pytest.raises(ValueError, match="update_grace_s"):
+        ModelUserConfig.from_dict({"artifact": served["art1"], "update_grace_s": -1})
 
 
 def scrape(port: int) -> str:

@@ -1,16 +1,21 @@
 """Serve's proxy-side bound (`max_queued_requests`): under a burst the proxy itself answers 503 + Retry-After,
-the replica's own admission control answers the rest of the excess, and the app keeps serving."""
+the replica's own admission control answers the rest of the excess, and the app keeps serving; a hot update
+under load loses nothing to the bound."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import httpx
 import pytest
 import torch
 from _serve import GOOD, free_port
 
-from serve_app.deploy import DeployConfig, serve_artifact
+from serve_app.deploy import DeployConfig, hot_update, serve_artifact
+from serve_app.loadgen import LoadConfig, run_load
+from serve_app.simulator import Constant
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +26,24 @@ def bounded_app(_ray_clusters, tmp_path_factory):
     from models.cnn import ModelConfig, build_model
 
     _ray_clusters.ensure("local")
-    path = tmp_path_factory.mktemp("bp") / "tiny"
-    torch.manual_seed(0)
-    save_artifact(build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=10)), path, input_shape=(1, 8, 8))
+    root = tmp_path_factory.mktemp("bp")
+    for seed, name in enumerate(("tiny", "tiny_b")):
+        torch.manual_seed(seed)
+        model = build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=10))
+        save_artifact(model, root / name, input_shape=(1, 8, 8))
     # One request executing and one waiting per replica (max_ongoing_requests 2), two waiting in the proxy.
     batching = {"max_batch_size": 1, "initial_batch_size": 1, "max_queue_len": 1}
     cfg = DeployConfig(port=free_port(), app={"version": "bp", "batching": batching, "max_queued_requests": 2})
-    url = serve_artifact(str(path), cfg)
-    yield url
+    url = serve_artifact(str(root / "tiny"), cfg)
+    yield {"url": url, "cfg": cfg, "path": str(root / "tiny"), "update": str(root / "tiny_b")}
     serve.shutdown()
 
 
 def test_proxy_answers_503_with_retry_after_beyond_its_bound(ray_local, bounded_app):
+    url = bounded_app["url"]
+
     async def burst(n: int) -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=bounded_app, timeout=30) as c:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
             return await asyncio.gather(*(c.post("/predict", json=GOOD) for _ in range(n)))
 
     replies = asyncio.run(burst(80))
@@ -45,6 +54,33 @@ def test_proxy_answers_503_with_retry_after_beyond_its_bound(ray_local, bounded_
     assert refused and all(r.headers.get("retry-after") == "1" for r in refused)
     by_proxy = [r for r in refused if "overloaded:" not in r.text]  # the replica's own 503s say "overloaded: ..."
     assert by_proxy, [r.text for r in refused[:3]]
-    with httpx.Client(base_url=bounded_app, timeout=30) as c:  # and it keeps serving
+    with httpx.Client(base_url=url, timeout=30) as c:  # and it keeps serving
         r = c.post("/predict", json=GOOD)
         assert r.status_code == 200 and r.json()["version"] == "bp"
+
+
+def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app):
+    """While Serve reconfigures the only replica, the requests of that window (~0.1-0.3 s) wait in the proxy,
+    beyond its bound of 8 here at 120 req/s; `hot_update` lifts the bound for the update (and the replica admits
+    the backlog in its grace period), then puts it back. Redeployed with the replica's default batching: the
+    fixture's one-request replica sheds at this rate whether or not anything is updated, and so does a bound of
+    2 (Serve counts requests being assigned to a replica as queued)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    url, old = bounded_app["url"], bounded_app["cfg"]
+    cfg = DeployConfig(port=old.port, app={"version": "bp", "max_queued_requests": 8})
+    serve_artifact(bounded_app["path"], cfg)
+    result = {}
+    load = LoadConfig(pattern=Constant(120.0), duration_s=8.0, timeout_s=10.0)
+    thread = threading.Thread(target=lambda: result.update(r=run_load(url, load)))
+    thread.start()
+    time.sleep(1.5)
+    hot_update(bounded_app["path"], cfg, bounded_app["update"], "bp2")
+    thread.join()
+    report = result["r"]
+    assert report.sent > 800 and report.ok == report.sent, report.status_counts
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/predict", json=GOOD).json()["version"] == "bp2"
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    assert details.applications[cfg.app_name].deployments["Model"].deployment_config.max_queued_requests == 8
