@@ -56,6 +56,7 @@ from serve_app.batching import (
     Static,
     Verdict,
     WindowRecorder,
+    load_bandit_policy,
 )
 from serve_app.metrics import ServeMetrics
 
@@ -95,6 +96,10 @@ class ModelUserConfig:
     admission: bool = True
     """Admission control (503 + Retry-After when the SLO cannot be met); False serves like plain `@serve.batch`
     (baselines in bench/serving.py)."""
+    bandit_policy: str | None = None
+    """With controller "bandit": a policy saved by `tandem pretrain-bandit` (Bandit.save, JSON) that the
+    replica's bandit starts from instead of empty tables; it keeps learning online. Its SLO must be this
+    config's (its rewards counted misses against it)."""
     update_grace_s: float = 2.0
     """Seconds after this config is applied during which admission control refuses nothing (Serve's
     max_ongoing_requests still bounds the replica). While Serve reconfigures a replica it routes nothing to it,
@@ -105,6 +110,11 @@ class ModelUserConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.admission, bool):
             raise ValueError(f"admission must be true or false, got {self.admission!r}")
+        p = self.bandit_policy
+        if p is not None and (not isinstance(p, str) or not p):
+            raise ValueError(f"bandit_policy must be a non-empty path string or null, got {p!r}")
+        if p is not None and self.controller != "bandit":
+            raise ValueError(f"bandit_policy is read only by controller 'bandit', got controller {self.controller!r}")
         g = self.update_grace_s
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 600:
             raise ValueError(f"update_grace_s must be a number of seconds in [0, 600], got {g!r}")
@@ -125,6 +135,8 @@ class ModelUserConfig:
 
     def build_controller(self) -> Controller:
         cfg = self.batching_config()
+        if self.bandit_policy is not None:
+            return load_bandit_policy(self.bandit_policy, cfg)
         return CONTROLLERS[self.controller if self.controller != UNBATCHED else "static"](cfg)
 
 
@@ -142,6 +154,8 @@ class AppConfig:
     """Batching controller: static, aimd, slo_model, bandit, unbatched."""
     batching: dict[str, Any] = field(default_factory=dict)
     """BatchingConfig fields."""
+    bandit_policy: str | None = None
+    """With controller "bandit": a pre-trained policy (ModelUserConfig.bandit_policy)."""
     canary: dict[str, Any] | None = None
     """{"artifact", "version"?, plus serve_app.router.CanaryConfig fields}: adds a Canary deployment and a Router."""
     num_replicas: int = 1
@@ -199,7 +213,11 @@ class AppConfig:
 
     def model_user_config(self) -> "ModelUserConfig":
         return ModelUserConfig(
-            artifact=self.artifact, version=self.version, controller=self.controller, batching=dict(self.batching)
+            artifact=self.artifact,
+            version=self.version,
+            controller=self.controller,
+            batching=dict(self.batching),
+            bandit_policy=self.bandit_policy,
         )
 
     def canary_user_config(self) -> "ModelUserConfig":
@@ -209,6 +227,7 @@ class AppConfig:
             version=self.canary.get("version"),
             controller=self.controller,
             batching=dict(self.batching),
+            bandit_policy=self.bandit_policy,
         )
 
     def canary_policy(self) -> dict[str, Any]:

@@ -662,6 +662,29 @@ class Bandit(Controller):
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def load_bandit_policy(path: str | Path, config: BatchingConfig) -> Bandit:
+    """A saved Bandit's tables (arms, load levels, values) under `config`, the serving side's batching config
+    (its bounds, window, quantile); ValueError naming the problem when the file is missing or not a policy, or
+    was trained for another SLO (its rewards counted misses against that one)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"bandit_policy {str(path)!r} cannot be read: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"bandit_policy {str(path)!r} is not JSON: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("batching"), dict):
+        raise ValueError(f"bandit_policy {str(path)!r} is not a saved bandit (tandem.bandit/1)")
+    slo = d["batching"].get("slo_s")
+    if not isinstance(slo, (int, float)) or not math.isclose(slo, config.slo_s, rel_tol=1e-9):
+        raise ValueError(
+            f"bandit_policy {str(path)!r} was trained for slo_s={slo!r}, the replica's is {config.slo_s!r}: "
+            f"pre-train it for this SLO (tandem pretrain-bandit --slo-ms {config.slo_s * 1e3:g})"
+        )
+    # Start at the replica's initial settings, not where training ended (they may exceed this config's bounds).
+    initial = [config.initial_batch_size, config.initial_wait_s]
+    return Bandit.from_dict({**d, "batching": asdict(config), "settings": initial, "pending": None})
+
+
 # -------------------------------------------------------------------------------------------------- admission
 
 

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     args = build_parser().parse_args(argv)
-    if args.command in ("serve", "loadtest"):
+    if args.command in ("serve", "pretrain-bandit", "loadtest"):
         from tandem.cli_serve import dispatch
 
         return dispatch(args)

@@ -39,6 +39,23 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         " 16 with --batching '{\"max_queue_len\": 16}' kept goodput under 1.5x overload on 2 cores)",
     )  # fmt: skip
 
+    s.add_argument("--bandit-policy", help="with --controller bandit: a policy from `tandem pretrain-bandit`")
+
+    pb = subparsers.add_parser(
+        "pretrain-bandit", help="pre-train the bandit batching controller in the simulator for an artifact"
+    )
+    pb.add_argument("artifact", help="artifact directory: its forward pass is timed per batch size (1 thread)")
+    pb.add_argument("--out", default="bandit_policy.json", help="policy JSON to write (default bandit_policy.json)")
+    pb.add_argument("--slo-ms", type=float, default=100.0, help="latency objective, as `tandem serve` (default 100)")
+    pb.add_argument(
+        "--max-rate", type=float,
+        help="requests/s the deployment will see at most: the load levels span it (default: the model's capacity"
+        " alone, far above what Serve's proxy passes; measure it, e.g. with tandem loadtest)",
+    )  # fmt: skip
+    pb.add_argument("--episodes", type=int, default=48, help="simulated episodes (default 48)")
+    pb.add_argument("--episode-s", type=float, default=20.0, help="simulated seconds per episode (default 20)")
+    pb.add_argument("--seed", type=int, default=0)
+
     lt = subparsers.add_parser("loadtest", help="open-loop Poisson load against a served model (loopback only)")
     lt.add_argument("--url", default="http://127.0.0.1:8000", help="app URL (loopback only)")
     lt.add_argument("--pattern", default="constant", choices=["constant", "step", "sine"])
@@ -81,6 +98,10 @@ def deploy_config(args: argparse.Namespace):
         "num_replicas": args.replicas,
         "max_queued_requests": args.max_queued_requests,
     }
+    if args.bandit_policy:
+        if args.controller != "bandit":
+            raise ValueError("--bandit-policy needs --controller bandit")
+        app["bandit_policy"] = args.bandit_policy
     if args.canary:
         app["canary"] = {"artifact": args.canary, "weight": args.canary_weight, "window_s": args.canary_window_s}
     return DeployConfig(
@@ -121,6 +142,8 @@ def dispatch(args: argparse.Namespace) -> int:
                 except KeyboardInterrupt:
                     pass
             return 0
+        if args.command == "pretrain-bandit":
+            return pretrain(args)
         if args.command == "loadtest":
             from serve_app.deploy import run_loadtest
 
@@ -135,4 +158,37 @@ def dispatch(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
-    raise ValueError(f"command must be serve or loadtest, got {args.command!r}")
+    raise ValueError(f"command must be serve, pretrain-bandit or loadtest, got {args.command!r}")
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    """`tandem pretrain-bandit`: times the artifact, trains a Bandit in the simulator, writes the policy."""
+    from serve_app.pretrain import PretrainConfig, capacity, measure_service_time, pretrain_bandit
+
+    cfg = PretrainConfig(
+        slo_s=args.slo_ms / 1e3,
+        max_rate=args.max_rate,
+        episodes=args.episodes,
+        duration_s=args.episode_s,
+        seed=args.seed,
+    )
+    service = measure_service_time(args.artifact)
+    ms = ", ".join(f"t({b}) {t * 1e3:.2f}" for b, t in zip(service.batch_sizes, service.seconds, strict=True))
+    print(f"service time (ms, 1 thread): {ms}; capacity {capacity(service):.0f} items/s")
+    if args.max_rate is None:
+        print("load levels span the model's capacity (no --max-rate); through Serve's proxy far less is reachable")
+    step = max(1, cfg.episodes // 8)
+
+    def progress(e: int, reward: float) -> None:
+        if (e + 1) % step == 0 or e + 1 == cfg.episodes:
+            print(f"  episode {e + 1}/{cfg.episodes}: mean reward {reward:.3f}", flush=True)
+
+    bandit, curve = pretrain_bandit(service, cfg, progress)
+    bandit.save(args.out)
+    k = max(1, len(curve) // 4)
+    print(
+        f"wrote {args.out}: mean reward {sum(curve[:k]) / k:.3f} over the first {k} episodes, "
+        f"{sum(curve[-k:]) / k:.3f} over the last {k}; serve it with "
+        f"`tandem serve ARTIFACT --controller bandit --bandit-policy {args.out} --slo-ms {args.slo_ms:g}`"
+    )
+    return 0
