@@ -155,7 +155,8 @@ def roll_out(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any
 
     While Serve reconfigures a replica it routes nothing to it, so the requests of that window wait in the
     proxy's (and handles') queue, where `max_queued_requests` answers the excess 503: measured with one replica
-    and a bound of 16, 13-18 of 1151 requests in a hot update at 230 req/s (0 at 118 req/s; 0 without a bound).
+    and a bound of 16, 11-13 of 1448 requests in a hot update at 181 req/s (0 in control runs without the update;
+    0 with this function).
     `max_queued_requests` is a light-weight option in Serve (changing it touches no replica), so the bound is
     lifted for the update and restored once the updated replicas have served their grace period
     (ModelUserConfig.update_grace_s), in which they admit the backlog."""
@@ -166,8 +167,8 @@ def roll_out(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any
         return
     lifted = {n: {"max_queued_requests": -1} for n in models}
     # Lifted in a config of its own first, so that the callers' routers have it (a long-poll push) before the
-    # update takes any replica out of their routing; in one step with the update, 1 request in 3 runs was still
-    # refused.
+    # update takes any replica out of their routing (in one step with the update, 1 request in 3 runs was
+    # refused; those runs had no control, so it may have been a steady-state refusal).
     update_user_configs(path, cfg, {}, options=lifted)
     time.sleep(0.5)
     update_user_configs(path, cfg, user_configs, options=lifted)
