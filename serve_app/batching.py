@@ -106,6 +106,13 @@ class BatchingConfig:
         )
         _check(0 < self.target_utilization <= 1, "target_utilization must be in (0, 1]", self.target_utilization)
 
+    @staticmethod
+    def slo_fields(slo_s: float) -> dict[str, float]:
+        """The fields `tandem serve --slo-ms` sets: the SLO, and waits kept well below it (a wait alone must
+        stay below the SLO)."""
+        max_wait = min(0.05, slo_s / 2)
+        return {"slo_s": slo_s, "max_wait_s": max_wait, "initial_wait_s": min(0.01, max_wait)}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchingConfig:
         """Builds a config from a dict (a Serve user_config); unknown keys are an error, not silently

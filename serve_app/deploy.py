@@ -170,13 +170,15 @@ def roll_out(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any
     # update takes any replica out of their routing (in one step with the update, 1 request in 3 runs was
     # refused; those runs had no control, so it may have been a steady-state refusal).
     update_user_configs(path, cfg, {}, options=lifted)
-    time.sleep(0.5)
-    update_user_configs(path, cfg, user_configs, options=lifted)
-    grace = max(ModelUserConfig.from_dict(user_configs[n]).update_grace_s for n in models)
-    for name in models:
-        wait_reconfigured(cfg, name, user_configs[name], timeout_s)
-    time.sleep(grace)
-    update_user_configs(path, cfg, {})  # the same user_configs, the bound back (no replica touched)
+    try:
+        time.sleep(0.5)
+        update_user_configs(path, cfg, user_configs, options=lifted)
+        grace = max(ModelUserConfig.from_dict(user_configs[n]).update_grace_s for n in models)
+        for name in models:
+            wait_reconfigured(cfg, name, user_configs[name], timeout_s)
+        time.sleep(grace)
+    finally:  # the bound back even when the update failed (no replica touched)
+        update_user_configs(path, cfg, {})
 
 
 def wait_reconfigured(cfg: DeployConfig, deployment: str, user_config: dict[str, Any], timeout_s: float = 60.0) -> None:

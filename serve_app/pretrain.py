@@ -99,9 +99,8 @@ def pretrain_bandit(
     (default: its capacity); its load levels (rate bins) are spread over the same range. Returns it and the mean
     reward per episode; `progress(episode, reward)` is called after each episode."""
     top = cfg.max_rate if cfg.max_rate is not None else capacity(service)
-    max_wait = min(0.05, cfg.slo_s / 2)
-    batching = BatchingConfig(slo_s=cfg.slo_s, max_wait_s=max_wait, initial_wait_s=min(0.01, max_wait))
-    waits = tuple(w for w in (0.0, 0.002, 0.005, 0.01, 0.02) if w <= max_wait)
+    batching = BatchingConfig(**BatchingConfig.slo_fields(cfg.slo_s))
+    waits = tuple(w for w in (0.0, 0.002, 0.005, 0.01, 0.02) if w <= batching.max_wait_s)
     # Load-level edges half-way between the trained means (and beyond the top one), so each level is trained.
     means = sorted(f * top for f in cfg.load_fractions)
     edges = tuple((a + b) / 2 for a, b in zip(means, means[1:], strict=False)) + (means[-1] * 1.5,)

@@ -86,15 +86,14 @@ def pattern(args: argparse.Namespace) -> ArrivalPattern:
 
 
 def deploy_config(args: argparse.Namespace):
+    from serve_app.batching import BatchingConfig
     from serve_app.deploy import DeployConfig
 
-    slo = args.slo_ms / 1e3
-    max_wait = min(0.05, slo / 2)  # BatchingConfig: a wait alone must stay below the SLO
     app = {
         "name": args.name,
         "version": args.version,
         "controller": args.controller,
-        "batching": {"slo_s": slo, "max_wait_s": max_wait, "initial_wait_s": min(0.01, max_wait), **args.batching},
+        "batching": {**BatchingConfig.slo_fields(args.slo_ms / 1e3), **args.batching},
         "num_replicas": args.replicas,
         "max_queued_requests": args.max_queued_requests,
     }
