@@ -333,7 +333,7 @@ def overload_bounded(
 ) -> dict:
     """At a 1.5x sine mean over HTTP, interleaved: static defaults and adaptive on the unbounded deployment, and
     adaptive on deployments bounded at each of `bounds` (redeployed between them). Medians of goodput and the
-    other figures; the headline ratio is at the first bound (the app's default)."""
+    other figures; the headline ratio is at the first bound (the app itself is unbounded by default)."""
     from serve_app.simulator import Sine
 
     plan = [("static_default", "static_default", {}), ("adaptive", "adaptive", {})]
@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fine", action="store_true", help="with --quick: the full rate grids (0.1x steps)")
     p.add_argument("--name", default=None, help="results file name (default serving, serving_overload)")
     p.add_argument("--overload-only", action="store_true", help="only the interleaved overload section "
-                   "(static defaults, adaptive, adaptive with the proxy-side bound; ~3 minutes)")  # fmt: skip
+                   "(static defaults, adaptive, adaptive with the proxy-side bound) and the hot-update section "
+                   "(~10 minutes with 3 repeats)")  # fmt: skip
     p.add_argument("--replica-queue", type=int, default=REPLICA_QUEUE,
                    help="the bounded deployments' replica-side max_queue_len")  # fmt: skip
     p.add_argument(
