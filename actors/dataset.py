@@ -111,6 +111,24 @@ def write_digits(out_dir: str | os.PathLike, test_fraction: float = 0.2, seed: i
     return train, test
 
 
+def colour_images(n: int, image_shape: tuple[int, int, int] = (3, 16, 16), num_classes: int = 6, seed: int = 0):
+    """A generated colour set like a user's small photo data: (images (n, C, H, W) float32 in [0, 1], labels (n,)).
+    Class k is a grating at angle pi k / num_classes of random phase and frequency, tinted with a random colour
+    per sample, plus pixel noise: learnable by a small CNN in a few epochs, not by colour alone."""
+    c, h, w = image_shape
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    angle = np.pi * labels / num_classes  # (n,)
+    freq = rng.uniform(0.5, 1.0, n)
+    phase = rng.uniform(0, 2 * np.pi, n)
+    proj = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy  # (n, H, W)
+    pattern = 0.5 + 0.5 * np.sin(freq[:, None, None] * proj + phase[:, None, None])
+    tint = rng.uniform(0.3, 1.0, (n, c, 1, 1))
+    images = tint * pattern[:, None] + 0.15 * rng.standard_normal((n, c, h, w))
+    return np.clip(images, 0.0, 1.0).astype(np.float32), labels.astype(np.int64)
+
+
 def parquet_files(path: str) -> list[str]:
     p = Path(path)
     if not p.exists():
@@ -207,7 +225,9 @@ def prepare_data(cfg: DataConfig, workdir: str | os.PathLike) -> DataSplits:
     if cfg.train_path is None:
         train_path, test_path = write_digits(Path(workdir) / "data", cfg.test_fraction)
     elif cfg.test_path is None:
-        train_path, test_path = split_parquet(cfg.train_path, Path(workdir) / "data", cfg.test_fraction)
+        train_path, test_path = split_parquet(
+            cfg.train_path, Path(workdir) / "data", cfg.test_fraction, image_shape=cfg.image_shape
+        )
     else:
         train_path, test_path = cfg.train_path, cfg.test_path
     train = validate_parquet(train_path, cfg.image_shape)
@@ -217,9 +237,12 @@ def prepare_data(cfg: DataConfig, workdir: str | os.PathLike) -> DataSplits:
     return DataSplits(train=train, test=test)
 
 
-def split_parquet(path: str, out_dir: str | os.PathLike, test_fraction: float) -> tuple[str, str]:
-    """Deterministic split by a hash of sample_id (stable when rows are added or reordered)."""
-    info = validate_parquet(path)
+def split_parquet(
+    path: str, out_dir: str | os.PathLike, test_fraction: float, image_shape: tuple[int, int, int] | None = None
+) -> tuple[str, str]:
+    """Deterministic split by a hash of sample_id (stable when rows are added or reordered); `image_shape`
+    (C, H, W) as for `validate_parquet` (both halves record it in their metadata)."""
+    info = validate_parquet(path, image_shape)
     table = pa.concat_tables([pq.read_table(f) for f in parquet_files(path)], promote_options="default")
     ids = table.column("sample_id").to_numpy()
     # splitmix64-style mix of the id, then a uniform draw in [0, 1)

@@ -109,3 +109,26 @@ def test_bad_data_config():
         DataConfig(test_fraction=1.5)
     with pytest.raises(ValueError, match="image_shape must be"):
         DataConfig(image_shape=(8, 8))
+
+
+def test_image_shape_flag_reaches_the_split(tmp_path):
+    """A plain pyarrow file of 3x16x16 images (768 values, not a square, no metadata) splits and validates
+    with only DataConfig.image_shape given (the split used to validate without it)."""
+    from actors.dataset import colour_images
+
+    x, y = colour_images(300)
+    table = pa.table(
+        {
+            "sample_id": pa.array(np.arange(300), pa.int64()),
+            "image": pa.array(list(x.reshape(300, -1)), pa.list_(pa.float32())),
+            "label": pa.array(y, pa.int64()),
+        }
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match="not a square"):
+        prepare_data(DataConfig(train_path=str(tmp_path / "d.parquet")), tmp_path / "w0")
+    splits = prepare_data(DataConfig(train_path=str(tmp_path / "d.parquet"), image_shape=(3, 16, 16)), tmp_path)
+    assert splits.image_shape == (3, 16, 16) and splits.num_classes == 6
+    assert splits.train.num_rows + splits.test.num_rows == 300
+    _, xt, _ = load_tensors(splits.train)
+    assert xt.shape[1:] == (3, 16, 16)
