@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 KINDS = ("allreduce", "hierarchical")
 CODECS = ("2bit", "lowrank", "none")
+TRANSPORTS = ("torch", "ray")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -29,6 +30,9 @@ class CommConfig:
     """Rank of the low-rank codec."""
     compiled_codec: bool = True
     """Use the inductor-compiled CPU codec (fast after a one-off compile) instead of the plain torch one."""
+    transport: str = "torch"
+    """Inter-node exchange of the hierarchical hook: 'torch' (torch.distributed: gloo on CPU, NCCL on GPU) or
+    'ray' (CuPy/NCCL through ray.util.collective; GPUs only)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -39,6 +43,8 @@ class CommConfig:
             raise ValueError(f"mode must be always, auto or never, got {self.mode!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {list(TRANSPORTS)}, got {self.transport!r}")
 
 
 class FlatAllreduce:
@@ -74,15 +80,21 @@ class HierarchicalComm:
             "none": NoCompression,
         }[cfg.codec]()
         self.topology = Topology.from_ray_train(context)
+        transports = _ray_transports(self.topology, context) if cfg.transport == "ray" else None
         self.state = register(
-            ddp, HookConfig(codec=codec, warmup_steps=cfg.warmup_steps, mode=cfg.mode), topology=self.topology
+            ddp,
+            HookConfig(codec=codec, warmup_steps=cfg.warmup_steps, mode=cfg.mode),
+            topology=self.topology,
+            transports=transports,
         )
         self.codec = cfg.codec
+        self.transport = cfg.transport
 
     def metrics(self) -> dict:
         b = self.state.last_step_bytes
         return {
             "comm": f"hierarchical/{self.codec}",
+            "inter_transport": self.transport,
             "compressing": self.state.compressing,
             "nodes": self.topology.nodes,
             "grad_bytes_intra_per_step": b.get("intra", 0),
@@ -96,6 +108,19 @@ class HierarchicalComm:
 
     def load_state_dict(self, state: dict) -> None:
         self.state.load_state_dict(state)
+
+
+def _ray_transports(topology, context):
+    """(flat, intra-node, inter-node) transports with the inter-node peers on a ray.util.collective NCCL group:
+    one group per local rank, holding that local rank of every node, ranked by node (the peers of the hook)."""
+    from ray.util import collective
+
+    from collectives.transport import RayCollectiveTransport, TorchDistTransport
+
+    node_group, _ = topology.build_groups()  # collective: every rank builds both torch groups
+    name = f"tandem-inter-{context.get_experiment_name()}-{context.get_local_rank()}"
+    collective.init_collective_group(topology.nodes, context.get_node_rank(), backend="nccl", group_name=name)
+    return TorchDistTransport(), TorchDistTransport(node_group), RayCollectiveTransport(name)
 
 
 def build_comm(cfg: CommConfig, context, ddp: DistributedDataParallel) -> FlatAllreduce | HierarchicalComm:

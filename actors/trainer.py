@@ -16,7 +16,7 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
 from actors.comm import CommConfig, build_comm
-from actors.dataset import DataSplits, load_tensors
+from actors.dataset import DatasetInfo, DataSplits, load_tensors
 from actors.reports import CollectReports, ReportCollector
 from actors.train_local import TrainConfig, make_optimizer, optimizer_step
 from actors.train_metrics import TrainMetrics
@@ -50,16 +50,19 @@ class DistConfig:
     """Ray Train workers (one process each)."""
     cpus_per_worker: float = 1.0
     """Logical CPUs reserved per worker."""
-    use_gpu: bool = False
-    """One GPU per worker (NCCL) instead of CPU (gloo)."""
+    gpus_per_worker: float = 0.0
+    """GPUs reserved per worker; > 0 trains on CUDA with NCCL inside the worker group, 0 on CPU with gloo."""
     max_failures: int = 2
     """Worker-group restarts (from the last checkpoint) before the run fails."""
     checkpointing: str = "none"
     """Selective activation checkpointing: 'none', 'all', or k (every k-th block)."""
     storage_path: str | None = None
-    """Where Ray Train keeps checkpoints (default: <workdir>/ray_results)."""
+    """Storage URI (models/storage.py) under which Ray Train keeps this run's checkpoints; None: the run URI."""
     name: str = "tandem-train"
-    """Run name under storage_path."""
+    """Run name: Ray Train's run under storage_path, the report collector's actor name, the metrics' label."""
+    workers_per_node: int | None = None
+    """Workers on every node the run uses (the hierarchical allreduce needs the same number on each); None: as
+    Ray places them."""
     worker_resources: dict[str, float] = field(default_factory=dict)
     """Extra custom resources each worker needs, e.g. {"worker_slot": 1} to pin a fixed number per node."""
     placement: str = "PACK"
@@ -79,6 +82,25 @@ class DistConfig:
         ActivationCheckpointing.parse(self.checkpointing)
         if self.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"placement must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement!r}")
+        if not isinstance(self.gpus_per_worker, int | float) or self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker must be a number >= 0, got {self.gpus_per_worker!r}")
+        if self.workers_per_node is not None:
+            k = self.workers_per_node
+            if not isinstance(k, int) or k < 1 or self.num_workers % k:
+                raise ValueError(
+                    f"workers_per_node must be a positive int dividing num_workers ({self.num_workers}), got {k!r}"
+                )
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def worker_resources_request(self) -> dict[str, float]:
+        """What each Train worker asks Ray for (ScalingConfig.resources_per_worker)."""
+        res = {"CPU": self.cpus_per_worker, **self.worker_resources}
+        if self.gpus_per_worker:
+            res["GPU"] = self.gpus_per_worker
+        return res
 
 
 @dataclass(kw_only=True, slots=True)
@@ -104,6 +126,17 @@ class LastLayerTap:
 
     def _hook(self, module, inputs, output) -> None:
         self.features = inputs[0].detach()
+
+
+def _local_info(info: DatasetInfo) -> DatasetInfo:
+    """`info` readable here: a dataset on an object store is downloaded once per worker process (the test split
+    is small; the training split streams through Ray Data, which reads URIs itself)."""
+    from models import storage
+
+    if not storage.is_remote(info.path):
+        return info
+    local = storage.download_dir(info.path) if storage.is_dir(info.path) else storage.download_file(info.path)
+    return replace(info, path=local)
 
 
 def _peak_rss_mb() -> float:
@@ -179,7 +212,7 @@ def train_loop(config: dict) -> None:
     steps_per_epoch = max(1, epoch_rows // (world * job.train.batch_size))
     opt, sched = make_optimizer(model, job.train, steps_per_epoch)
     weighted = job.stream.weighted
-    _, test_x, test_y = load_tensors(config["test_info"])
+    _, test_x, test_y = load_tensors(_local_info(config["test_info"]))
     start, restored = 0, False
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -268,38 +301,76 @@ def collector_name(run_name: str) -> str:
     return f"tandem-reports:{run_name}"
 
 
-def check_resources(dist_cfg: DistConfig) -> None:
-    """Fails fast, with the numbers, when the cluster cannot place the workers (instead of hanging)."""
-    if dist_cfg.wait_for_resources:
-        return
+def check_resources(dist_cfg: DistConfig) -> list[dict[str, str]] | None:
+    """Fails fast, with the numbers, when the cluster cannot place the workers (instead of hanging). With
+    `workers_per_node`, returns one label selector per worker pinning `workers_per_node` of them to each of
+    num_workers / workers_per_node nodes (Ray's default `ray.io/node-id` label), or raises when too few nodes
+    can hold that many."""
+    if dist_cfg.comm.transport == "ray" and not dist_cfg.use_gpu:
+        raise ValueError("inter_transport 'ray' (CuPy/NCCL through ray.util.collective) needs gpus_per_worker > 0")
     total = ray.cluster_resources()
-    need_cpu = dist_cfg.num_workers * dist_cfg.cpus_per_worker + 1  # + 1 for Ray Data and the controller
-    if total.get("CPU", 0) < need_cpu:
+    if not dist_cfg.wait_for_resources:
+        need_cpu = dist_cfg.num_workers * dist_cfg.cpus_per_worker + 1  # + 1 for Ray Data and the controller
+        if total.get("CPU", 0) < need_cpu:
+            raise ValueError(
+                f"the cluster has {total.get('CPU', 0):g} CPUs but {dist_cfg.num_workers} workers x "
+                f"{dist_cfg.cpus_per_worker:g} CPUs + 1 for data need {need_cpu:g}; use fewer workers, smaller "
+                "cpus_per_worker, over-declare CPUs (ray start --num-cpus) or set wait_for_resources for an "
+                "autoscaler"
+            )
+        need_gpu = dist_cfg.num_workers * dist_cfg.gpus_per_worker
+        if total.get("GPU", 0) < need_gpu:
+            raise ValueError(
+                f"the cluster has {total.get('GPU', 0):g} GPUs but {dist_cfg.num_workers} workers x "
+                f"{dist_cfg.gpus_per_worker:g} GPUs need {need_gpu:g}; pass --gpus-per-worker 0 to train on CPU"
+            )
+    if dist_cfg.workers_per_node is None:
+        return None
+    return plan_nodes(dist_cfg, [n for n in ray.nodes() if n.get("Alive")])
+
+
+def plan_nodes(dist_cfg: DistConfig, nodes: list[dict]) -> list[dict[str, str]]:
+    """Label selectors (one per worker, node by node) placing exactly `workers_per_node` workers on each of the
+    first nodes (by node id) whose total resources can hold that many; `nodes` as `ray.nodes()` lists them."""
+    k = dist_cfg.workers_per_node
+    assert k is not None
+    want = dist_cfg.num_workers // k
+    per_worker = dist_cfg.worker_resources_request()
+    fits = sorted(
+        n["NodeID"] for n in nodes if all(n.get("Resources", {}).get(r, 0) >= k * v for r, v in per_worker.items() if v)
+    )
+    if len(fits) < want:
+        ask = ", ".join(f"{k * v:g} {r}" for r, v in per_worker.items() if v)
         raise ValueError(
-            f"the cluster has {total.get('CPU', 0):g} CPUs but {dist_cfg.num_workers} workers x "
-            f"{dist_cfg.cpus_per_worker:g} CPUs + 1 for data need {need_cpu:g}; use fewer workers, smaller "
-            "cpus_per_worker, over-declare CPUs (ray start --num-cpus) or set wait_for_resources for an autoscaler"
+            f"workers_per_node={k} with {dist_cfg.num_workers} workers needs {want} nodes with {ask} each; the "
+            f"cluster has {len(fits)} such node(s) of {len(nodes)}. Use fewer workers, fewer per node, or add nodes"
         )
-    if dist_cfg.use_gpu and total.get("GPU", 0) < dist_cfg.num_workers:
-        raise ValueError(f"the cluster has {total.get('GPU', 0):g} GPUs, {dist_cfg.num_workers} workers need one each")
+    return [{"ray.io/node-id": node} for node in fits[:want] for _ in range(k)]
 
 
-def fit_distributed(job: TrainJob, splits: DataSplits, workdir: str, progress_bars: bool = False) -> DistResult:
-    """Trains `job` on the connected Ray cluster with the weighted stream; returns the history and weights."""
-    check_resources(job.dist)
+def fit_distributed(job: TrainJob, splits: DataSplits, run_uri: str, progress_bars: bool = False) -> DistResult:
+    """Trains `job` on the connected Ray cluster with the weighted stream; returns the history and weights.
+
+    `run_uri`: the run's storage (models/storage.py URI: a directory, file://, s3://, gs://). Ray Train's
+    checkpoints and the weight store's snapshot go under it; `splits` name files every node can read (a shared
+    directory or the same storage). Ray Train restores its own run there after a worker failure (FailureConfig);
+    a run snapshot left in `run_uri`/train by an earlier run is restored too, so a new run needs its own run_uri.
+    """
+    from models import storage
+
+    labels = check_resources(job.dist)
     ray.data.DataContext.get_current().enable_progress_bars = progress_bars
     t0 = time.perf_counter()
     store = None
     if job.stream.weighted:
-        ids = read_sample_ids(splits.train)
-        snapshot = os.path.join(os.path.abspath(workdir), "weight_store.npz")
+        ids = read_sample_ids(_local_info(splits.train))
         store = (
             ray.remote(SampleWeightStore)
             .options(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-            .remote(ids, job.rule, job.train.seed, snapshot)
+            .remote(ids, job.rule, job.train.seed, storage.join(run_uri, "weight_store.npz"))
         )
     collector = ReportCollector.options(name=collector_name(job.dist.name), get_if_exists=False).remote()
-    storage = job.dist.storage_path or os.path.join(os.path.abspath(workdir), "ray_results")
+    fs, path = storage.resolve(job.dist.storage_path or run_uri)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -310,15 +381,12 @@ def fit_distributed(job: TrainJob, splits: DataSplits, workdir: str, progress_ba
             "num_train": splits.train.num_rows,
             "test_info": splits.test,
         },
-        scaling_config=ScalingConfig(
-            num_workers=job.dist.num_workers,
-            use_gpu=job.dist.use_gpu,
-            resources_per_worker={"CPU": job.dist.cpus_per_worker, **job.dist.worker_resources},
-            placement_strategy=job.dist.placement,
-        ),
+        torch_config=torch_config(job.dist),
+        scaling_config=scaling_config(job.dist, labels),
         run_config=RunConfig(
-            name=job.dist.name,
-            storage_path=storage,
+            name="train",
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=job.dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[CollectReports(collector)],
@@ -327,6 +395,7 @@ def fit_distributed(job: TrainJob, splits: DataSplits, workdir: str, progress_ba
     )
     result = trainer.fit()
     reports = ray.get(collector.get.remote())
+    ray.kill(collector)  # its name is free for the next run in this namespace
     history, seen = [], set()
     for rnd in reports:
         m = rnd[0]
@@ -335,19 +404,39 @@ def fit_distributed(job: TrainJob, splits: DataSplits, workdir: str, progress_ba
         seen.add(m["epoch"])
         history.append(m)
     weights = ray.get(store.get_weights.remote()) if store is not None else None
+    ckpt = result.checkpoint
     return DistResult(
         history=history,
         all_reports=reports,
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        checkpoint_path=storage.fs_uri(ckpt.filesystem, ckpt.path) if ckpt else None,
         weights=weights,
         seconds=time.perf_counter() - t0,
     )
 
 
+def torch_config(dist_cfg: DistConfig) -> TorchConfig:
+    """The worker group's default process group: NCCL on GPUs (also the hierarchical hook's intra-node groups,
+    which inherit the default backend), gloo on CPU."""
+    return TorchConfig(backend="nccl" if dist_cfg.use_gpu else "gloo")
+
+
+def scaling_config(dist_cfg: DistConfig, label_selector: list[dict[str, str]] | None = None) -> ScalingConfig:
+    """The worker group Ray Train is asked for: CPUs/GPUs per worker, placement, optional per-node pinning."""
+    return ScalingConfig(
+        num_workers=dist_cfg.num_workers,
+        use_gpu=dist_cfg.use_gpu,
+        resources_per_worker=dist_cfg.worker_resources_request(),
+        placement_strategy=dist_cfg.placement,
+        label_selector=label_selector,
+    )
+
+
 def load_trained(checkpoint_path: str, spec: ModelSpec, image_shape, num_classes: int) -> nn.Module:
-    """The trained model from a checkpoint directory written by `train_loop`."""
+    """The trained model from a checkpoint directory written by `train_loop` (a storage URI or local path)."""
+    from models import storage
+
     model = spec.build(tuple(image_shape), num_classes)
-    state = torch.load(Path(checkpoint_path) / "model.pt", weights_only=True)
+    state = torch.load(storage.download_file(storage.join(checkpoint_path, "model.pt")), weights_only=True)
     # checkpointed blocks are saved under '...inner...': map them back onto the plain model
     state = {k.replace(".inner.", "."): v for k, v in state.items()}
     model.load_state_dict(state)

@@ -14,12 +14,15 @@ Each epoch's rows are drawn with probability proportional to w (multinomial, `dr
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from models import storage
 
 
 @dataclass(kw_only=True, slots=True)
@@ -47,9 +50,7 @@ class WeightRule:
         if not (self.up >= 1.0 and 0.0 < self.down <= 1.0):
             raise ValueError(f"up must be >= 1 and down in (0, 1], got up={self.up}, down={self.down}")
         if not 0.0 < self.floor <= self.initial <= self.cap:
-            raise ValueError(
-                f"need 0 < floor <= initial <= cap, got {self.floor}, {self.initial}, {self.cap}"
-            )
+            raise ValueError(f"need 0 < floor <= initial <= cap, got {self.floor}, {self.initial}, {self.cap}")
         if not isinstance(self.every_steps, int) or self.every_steps < 0:
             raise ValueError(f"every_steps must be an int >= 0, got {self.every_steps!r}")
 
@@ -66,13 +67,12 @@ def last_layer_grad_norm(logits: torch.Tensor, labels: torch.Tensor, features: t
 class SampleWeightStore:
     """Weights and recorded difficulties for a fixed set of sample ids (numpy; millions are fine).
 
-    Runs as a Ray actor (`ray.remote(SampleWeightStore)`); with `snapshot_path`, every rule application writes the
-    state there atomically and a restarted actor reloads it, so an actor restart loses no weights.
+    Runs as a Ray actor (`ray.remote(SampleWeightStore)`); with `snapshot_path` (a local path or a storage URI,
+    models/storage.py), every rule application writes the state there (atomically: a local rename, or one object
+    PUT) and a restarted actor, wherever Ray restarts it, reloads it, so an actor restart loses no weights.
     """
 
-    def __init__(
-        self, sample_ids, rule: WeightRule | None = None, seed: int = 0, snapshot_path: str | None = None
-    ):
+    def __init__(self, sample_ids, rule: WeightRule | None = None, seed: int = 0, snapshot_path: str | None = None):
         ids = np.asarray(sample_ids, dtype=np.int64)
         if ids.ndim != 1 or len(ids) == 0:
             raise ValueError(f"sample_ids must be a non-empty 1-D array, got shape {ids.shape}")
@@ -90,8 +90,8 @@ class SampleWeightStore:
         self.updates = 0
         self.epoch = -1
         self.draw_counts = np.ones(n, dtype=np.int32)
-        if snapshot_path and os.path.exists(snapshot_path):
-            self.load_state(dict(np.load(snapshot_path, allow_pickle=False)))
+        if snapshot_path and storage.exists(snapshot_path):
+            self.load_state(dict(np.load(io.BytesIO(storage.read_bytes(snapshot_path)), allow_pickle=False)))
 
     # -- indexing -------------------------------------------------------------------------------------------
     def _index(self, sample_ids) -> np.ndarray:
@@ -126,9 +126,7 @@ class SampleWeightStore:
         threshold = np.percentile(d, self.rule.percentile)
         w = self.weights[seen]
         hard = d > threshold
-        w = np.where(
-            hard, np.minimum(self.rule.cap, w * self.rule.up), np.maximum(self.rule.floor, w * self.rule.down)
-        )
+        w = np.where(hard, np.minimum(self.rule.cap, w * self.rule.up), np.maximum(self.rule.floor, w * self.rule.down))
         self.weights[seen] = w
         self.difficulty[:] = np.nan
         self.updates += 1
@@ -179,9 +177,7 @@ class SampleWeightStore:
             "weights": self.weights,
             "difficulty": self.difficulty,
             "draw_counts": self.draw_counts,
-            "scalars": np.array(
-                [self.epoch, self.updates, self.steps_since_update, self.seed], dtype=np.int64
-            ),
+            "scalars": np.array([self.epoch, self.updates, self.steps_since_update, self.seed], dtype=np.int64),
             "rule": np.array([v for v in asdict(self.rule).values()], dtype=np.float64),
         }
 
@@ -194,7 +190,13 @@ class SampleWeightStore:
         self.epoch, self.updates, self.steps_since_update, self.seed = (int(v) for v in state["scalars"])
 
     def save(self, path: str) -> None:
-        """Writes the state as .npz (atomic rename); `load_state(dict(np.load(path)))` restores it."""
+        """Writes the state as .npz (atomic rename, or one object PUT on an object store);
+        `load_state(dict(np.load(path)))` restores it."""
+        if storage.is_remote(path):
+            buf = io.BytesIO()
+            np.savez(buf, **self.state())
+            storage.write_bytes(path, buf.getvalue())
+            return
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz")

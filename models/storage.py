@@ -21,13 +21,13 @@ SCHEMES = ("file", "s3", "gs", "gcs")
 
 def is_remote(uri: str) -> bool:
     """True for an object-store URI (s3://, gs://); False for a local path or file:// URI."""
-    _check(uri)
+    check(uri)
     return "://" in uri and not uri.startswith("file://")
 
 
 def local_path(uri: str) -> str | None:
     """The absolute local path of a local URI (path or file://), None for an object store."""
-    _check(uri)
+    check(uri)
     if uri.startswith("file://"):
         return os.path.abspath(uri[len("file://") :])
     if "://" in uri:
@@ -60,7 +60,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def join(uri: str, *parts: str) -> str:
     """`uri` with path components appended ('/'-separated for every scheme)."""
-    _check(uri)
+    check(uri)
     out = uri.rstrip("/")
     for p in parts:
         if not isinstance(p, str) or not p or p.startswith("/") or ".." in p.split("/"):
@@ -168,7 +168,8 @@ def fs_uri(fs: pafs.FileSystem, path: str) -> str:
     raise ValueError(f"filesystem must be local, s3 or gcs, got {name!r}")
 
 
-def _check(uri: object) -> None:
+def check(uri: object) -> None:
+    """Raises TypeError/ValueError unless `uri` is a local path or a URI of a supported scheme (no I/O)."""
     if not isinstance(uri, str) or not uri:
         raise TypeError(f"storage URI must be a non-empty string, got {uri!r}")
     if "://" in uri and uri.split("://", 1)[0] not in SCHEMES:

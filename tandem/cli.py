@@ -2,7 +2,12 @@
 
 tandem run       the whole pipeline on an embedded local Ray (or --address)
 tandem train     data + distributed training only
+tandem tune      the compression sweep alone
 tandem bench     one of the benchmarks under bench/
+
+Every run is named (--name, default a UTC timestamp) and keeps everything under --storage/<name> (a directory,
+file://, s3://bucket/prefix with the endpoint from AWS_ENDPOINT_URL, or gs://); --resume NAME continues one.
+On a cluster: ray job submit --working-dir . -- tandem run --address auto --storage s3://bucket/runs
 """
 
 from __future__ import annotations
@@ -43,20 +48,61 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="training dtype (default: from hardware)")
     g.add_argument("--local", action="store_true", help="train in this process, without Ray")
     g = p.add_argument_group("cluster")
-    g.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    g.add_argument("--address", help="Ray cluster address, e.g. auto (default: embedded local Ray)")
     g.add_argument("--nodes", type=int, default=2, help="simulated nodes of the embedded Ray (default 2)")
-    g.add_argument("--workers", type=int, default=4, help="Ray Train workers (default 4)")
+    g.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 4; 2 with --smoke)")
+    g.add_argument(
+        "--workers-per-node",
+        type=int,
+        default=None,
+        help="the same number of workers on each node used (checked before training; default: as placed)",
+    )
     g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per Train worker, Tune trial and Serve replica (default: 1 if the cluster has GPUs)",
+    )
     g.add_argument("--placement", default="SPREAD", help="placement strategy of the workers (default SPREAD)")
     g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from checkpoint")
     g.add_argument("--checkpointing", default="none", help="activation checkpointing: none, all, or k")
+    g = p.add_argument_group("gradient communication (hierarchical: exact inside a node, compressed between nodes)")
+    g.add_argument("--codec", choices=["2bit", "lowrank", "none"], default="2bit", help="inter-node codec")
+    g.add_argument(
+        "--comm-mode",
+        choices=["always", "auto", "never"],
+        default="always",
+        help="compress always, never, or when the probed inter-node link is slow (auto)",
+    )
+    g.add_argument("--warmup-steps", type=int, default=0, help="exact allreduce steps before compressing")
+    g.add_argument(
+        "--inter-transport",
+        choices=["torch", "ray"],
+        default="torch",
+        help="inter-node exchange: torch.distributed, or CuPy/NCCL via ray.util.collective (GPUs)",
+    )
     g = p.add_argument_group("sample weighting")
-    g.add_argument("--uniform", action="store_true", help="no weighted sampling (every row once per epoch)")
+    g.add_argument(
+        "--weighted",
+        action="store_true",
+        help="draw rows by per-sample difficulty weights (off by default: it needed 1.064x the samples of "
+        "uniform sampling to reach the target on MNIST-1D)",
+    )
+    g.add_argument("--uniform", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     g.add_argument("--unbiased", action="store_true", help="scale losses by 1/(N p) under weighted sampling")
     g.add_argument("--epoch-size", type=int, help="rows drawn per epoch (default: dataset size)")
     g.add_argument("--weight-every-steps", type=int, default=0, help="apply the weight rule every k steps too")
-    p.add_argument("--workdir", default="runs/latest", help="where data and reports go (default runs/latest)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: the whole job in a few minutes on 2 cores")
+    g = p.add_argument_group("runs and storage")
+    g.add_argument(
+        "--storage",
+        default=None,
+        help="where runs live: directory, file://, s3://bucket/prefix, gs:// (default ~/tandem-runs)",
+    )
+    g.add_argument("--name", default="", help="this run's name under --storage (default: a UTC timestamp)")
+    g.add_argument("--resume", metavar="NAME", help="continue the run NAME from its latest checkpoint")
+    g.add_argument("--workdir", default=None, help="a local directory that also receives the report and plots")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (fits a 4-CPU cluster): minutes on 2 cores")
 
 
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
@@ -68,11 +114,15 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     g.add_argument("--serve-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
     g.add_argument("--load-rate", type=float, default=100.0, help="mean load-test rate, req/s (sine +-50%%)")
     g.add_argument("--load-seconds", type=float, default=None, help="load-test duration (default 10; 5 smoke)")
-    g.add_argument("--keep-serving", action="store_true", help="leave the app running after the report")
+    g.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="leave the app running after the report (by default it is deleted when the job ends)",
+    )
 
 
 def run_config(args: argparse.Namespace):
-    from tandem.job import STEPS, RunConfig
+    from tandem.job import DEFAULT_STORAGE, STEPS, RunConfig
 
     pipeline = {}
     if args.command == "run":
@@ -88,6 +138,10 @@ def run_config(args: argparse.Namespace):
         )
     epochs = args.epochs if args.epochs is not None else (4 if args.smoke else 8)
     batch_size = args.batch_size if args.batch_size is not None else (32 if args.smoke else 64)
+    # smoke: 2 workers + 1 CPU for data fit a 4-CPU cluster (Tune trials and the Serve replica come after training)
+    workers = args.workers if args.workers is not None else (2 if args.smoke else 4)
+    if args.resume and args.name and args.name != args.resume:
+        raise ValueError(f"--name and --resume must name the same run, got {args.name!r} and {args.resume!r}")
     return RunConfig(
         preset="tiny" if args.smoke and args.model is None and args.preset == "small" else args.preset,
         model=args.model,
@@ -101,20 +155,32 @@ def run_config(args: argparse.Namespace):
             precision=PrecisionConfig(train_dtype=args.precision),
         ),
         dist=DistConfig(
-            num_workers=args.workers,
+            num_workers=workers,
+            workers_per_node=args.workers_per_node,
             cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker or 0.0,
             placement=args.placement,
             max_failures=args.max_failures,
             checkpointing=args.checkpointing,
-            # the compiled CPU codec pays a 20-60 s compile per worker on first use: not worth it for smoke sizes
-            comm=CommConfig(compiled_codec=not args.smoke),
+            comm=CommConfig(
+                codec=args.codec,
+                mode=args.comm_mode,
+                warmup_steps=args.warmup_steps,
+                transport=args.inter_transport,
+                # the compiled CPU codec pays a 20-60 s compile per worker on first use: not worth it for smoke
+                compiled_codec=not args.smoke,
+            ),
         ),
-        stream=StreamConfig(weighted=not args.uniform, unbiased=args.unbiased, epoch_size=args.epoch_size),
+        stream=StreamConfig(weighted=args.weighted, unbiased=args.unbiased, epoch_size=args.epoch_size),
         rule=WeightRule(every_steps=args.weight_every_steps),
         address=args.address,
         nodes=args.nodes,
         local=args.local,
+        name=args.resume or args.name,
+        resume=args.resume is not None,
+        storage=args.storage or DEFAULT_STORAGE,
         workdir=args.workdir,
+        gpus_per_worker=args.gpus_per_worker,
         smoke=args.smoke,
         **pipeline,
     )

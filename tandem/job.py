@@ -7,11 +7,24 @@
     -> serve the chosen artifact on Ray Serve (same cluster) -> short load test with adaptive batching
     -> report: terminal table, report.json, report.md, PNG plots
 Tune/serve need a built-in preset (artifacts rebuild models.cnn.CNN); a user model stops after training.
+
+Every run has a name (default: a timestamp) and its own folder `<storage>/<name>` (models/storage.py URI: a
+directory, file://, s3://, gs://) holding everything another node or a later step reads:
+    data/train, data/test      the prepared parquet
+    train/                     Ray Train's run (checkpoints; restored by Ray Train after a worker failure)
+    weight_store.npz           the sample-weight store's snapshot
+    artifacts/trained          the trained fp32 artifact
+    tune/                      the Tune experiment, trial artifacts, the chosen artifact, the sweep report
+    report.json, report.md, *.png
+A name already there is refused unless resumed explicitly (`resume`), so a new run never trips over an old one.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,14 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.dataset import DataConfig, DataSplits, load_tensors, prepare_data
+from actors.dataset import DataConfig, DataSplits, load_tensors, parquet_files, prepare_data
 from actors.train_local import TrainConfig, fit_local
 from actors.trainer import DistConfig, TrainJob
 from actors.weight_store import WeightRule
 from actors.weighted_stream import StreamConfig
+from models import storage
 from models.factory import ModelSpec
 
 STEPS = ("train", "tune", "serve", "loadtest")
+DEFAULT_STORAGE = "~/tandem-runs"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -45,8 +61,9 @@ class RunConfig:
     """Optimization settings."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Ray Train workers, gradient communication, checkpointing, fault tolerance."""
-    stream: StreamConfig = field(default_factory=StreamConfig)
-    """Weighted sampling of the training stream."""
+    stream: StreamConfig = field(default_factory=lambda: StreamConfig(weighted=False))
+    """Sampling of the training stream: uniform by default (weighted sampling needed 1.064x uniform's samples to
+    reach the target on MNIST-1D); `StreamConfig(weighted=True)` draws rows by difficulty weights."""
     rule: WeightRule = field(default_factory=WeightRule)
     """Sample-weight update rule."""
     address: str | None = None
@@ -68,9 +85,19 @@ class RunConfig:
     load_seconds: float = 10.0
     """Duration of the load test."""
     keep_serving: bool = False
-    """Leave the Serve app running after the report (until Ctrl-C)."""
-    workdir: str = "runs/latest"
-    """Where data, checkpoints and reports are written."""
+    """Leave the Serve app running after the report (until Ctrl-C); otherwise it is deleted with the job."""
+    name: str = ""
+    """The run's name: its folder under `storage`; empty = a UTC timestamp (YYYYmmdd-HHMMSS)."""
+    resume: bool = False
+    """Continue the run `name` already in storage (Ray Train restores its latest checkpoint); without it an
+    existing name is refused."""
+    storage: str = DEFAULT_STORAGE
+    """Where runs live: a directory, file://, s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL) or gs://. On a
+    cluster it must be reachable from every node (an object store or a shared mount)."""
+    workdir: str | None = None
+    """A local directory that also receives the report and its plots; None: only the storage."""
+    gpus_per_worker: float | None = None
+    """GPUs per Train worker, Tune trial and Serve replica; None = 1 where the cluster has GPUs, else 0."""
     smoke: bool = False
     """Tiny sizes so the whole job runs in seconds (tests, CI)."""
 
@@ -89,6 +116,13 @@ class RunConfig:
             raise ValueError(f"serve_port must be in (0, 65536), got {self.serve_port!r}")
         if not (self.load_rate > 0 and self.load_seconds > 0):
             raise ValueError(f"load_rate and load_seconds must be > 0, got {self.load_rate}, {self.load_seconds}")
+        if not isinstance(self.name, str) or (self.name and not _NAME.fullmatch(self.name)):
+            raise ValueError(f"name must be letters, digits, '.', '_' or '-' (at most 128), got {self.name!r}")
+        if self.resume and not self.name:
+            raise ValueError("resume needs the name of the run to continue")
+        storage.check(self.storage)
+        if self.gpus_per_worker is not None and not self.gpus_per_worker >= 0:
+            raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(preset=self.preset, user=self.model, save=self.save)
@@ -98,16 +132,68 @@ class RunConfig:
         if self.address is None and self.nodes > 1 and not dist.worker_resources:
             # the embedded cluster offers ceil(workers / nodes) worker slots per simulated node
             dist = replace(dist, worker_resources={"worker_slot": 1})
+        if self.gpus_per_worker is not None:
+            dist = replace(dist, gpus_per_worker=self.gpus_per_worker)
+        dist = replace(dist, name=self.name or dist.name)
         return TrainJob(model=self.model_spec(), train=self.train, dist=dist, stream=self.stream, rule=self.rule)
 
+    def run_uri(self) -> str:
+        assert self.name, "claim_run() names the run first"
+        return storage.join(self.storage, self.name)
 
-def _train_local(cfg: RunConfig, splits: DataSplits) -> dict:
+
+def claim_run(cfg: RunConfig) -> RunConfig:
+    """`cfg` with its run name fixed: a fresh timestamp (suffixed when taken), a given new name, or an existing
+    run to resume. Raises ValueError for a given name that exists without `resume`, or a resume of nothing."""
+    if cfg.name:
+        there = storage.exists(cfg.run_uri())
+        if there and not cfg.resume:
+            raise ValueError(
+                f"run {cfg.name!r} already exists under {cfg.storage}; pass --resume {cfg.name} to continue it or "
+                "choose another --name"
+            )
+        if cfg.resume and not there:
+            raise ValueError(f"resume: no run {cfg.name!r} under {cfg.storage}")
+        return cfg
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    name, i = stamp, 1
+    while storage.exists(storage.join(cfg.storage, name)):
+        i += 1
+        name = f"{stamp}-{i}"
+    return replace(cfg, name=name)
+
+
+def stage_data(data: DataConfig, scratch: Path, run_uri: str) -> tuple[DataSplits, DataSplits]:
+    """Validates the data (downloading object-store inputs first, preparing in `scratch`) and copies both splits
+    under `run_uri`/data; returns (splits readable here, the same splits at their storage URIs, for workers on any
+    node). `scratch` must outlive the returned local splits unless the storage is local."""
+    inputs = {}
+    for key in ("train_path", "test_path"):
+        path = getattr(data, key)
+        if path is not None and storage.is_remote(path):
+            dest = scratch / "input" / key
+            path = storage.download_dir(path, dest) if storage.is_dir(path) else storage.download_file(path)
+        inputs[key] = path
+    local = prepare_data(replace(data, **inputs), scratch)
+    shared = {}
+    for split, info in (("train", local.train), ("test", local.test)):
+        dest = storage.join(run_uri, "data", split)
+        for f in parquet_files(info.path):
+            target = storage.join(dest, Path(f).name)
+            if storage.local_path(target) != str(Path(f).resolve()):
+                storage.upload_file(f, target)
+        shared[split] = replace(info, path=dest)
+    shared = DataSplits(**shared)
+    return (shared if storage.local_path(run_uri) is not None else local), shared
+
+
+def _train_local(cfg: RunConfig, splits: DataSplits, scratch: Path) -> dict:
     _, xtr, ytr = load_tensors(splits.train)
     _, xte, yte = load_tensors(splits.test)
     torch.manual_seed(cfg.train.seed)
     model = cfg.model_spec().build(splits.image_shape, splits.num_classes)
     res = fit_local(model, (xtr, ytr), (xte, yte), cfg.train, progress=True)
-    ckpt = Path(cfg.workdir) / "local_model.pt"
+    ckpt = scratch / "local_model.pt"
     torch.save(model.state_dict(), ckpt)
     return {
         "history": res.history,
@@ -121,7 +207,15 @@ def _train_local(cfg: RunConfig, splits: DataSplits) -> dict:
 def _train_ray(cfg: RunConfig, splits: DataSplits) -> dict:
     from actors.trainer import fit_distributed
 
-    res = fit_distributed(cfg.train_job(), splits, cfg.workdir)
+    res = fit_distributed(cfg.train_job(), splits, cfg.run_uri())
+    history_uri = storage.join(cfg.run_uri(), "train_history.json")
+    if cfg.resume and storage.exists(history_uri):  # epochs an earlier attempt of this run finished
+        done = {h["epoch"] for h in res.history}
+        earlier = [h for h in json.loads(storage.read_text(history_uri)) if h["epoch"] not in done]
+        res.history = sorted(earlier + res.history, key=lambda h: h["epoch"])
+    if not res.history:
+        raise ValueError(f"run {cfg.name!r} trained no epoch (all {cfg.train.epochs} were done before the resume)")
+    storage.write_text(history_uri, json.dumps(res.history, default=str))
     weights = res.weights
     return {
         "_weights": weights,
@@ -141,85 +235,140 @@ def _train_ray(cfg: RunConfig, splits: DataSplits) -> dict:
     }
 
 
-def train_step(cfg: RunConfig, splits: DataSplits) -> dict:
-    """Trains in process (`local`) or on the connected Ray cluster; returns the training report."""
-    return _train_local(cfg, splits) if cfg.local else _train_ray(cfg, splits)
+def train_step(cfg: RunConfig, splits: DataSplits, shared: DataSplits, scratch: Path) -> dict:
+    """Trains in process (`local`, on `splits`) or on the connected Ray cluster (on `shared`, the storage copy);
+    returns the training report."""
+    return _train_local(cfg, splits, scratch) if cfg.local else _train_ray(cfg, shared)
+
+
+def _gpus(cfg: RunConfig) -> RunConfig:
+    """`cfg` with gpus_per_worker fixed from the connected cluster: 1 where it has GPUs, else 0."""
+    if cfg.gpus_per_worker is not None:
+        return cfg
+    import ray
+
+    return replace(cfg, gpus_per_worker=1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
 
 
 def main(cfg: RunConfig) -> dict:
-    """Runs the configured pipeline steps; returns the report (also `<workdir>/report.json` and `report.md`)."""
-    workdir = Path(cfg.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Runs the configured pipeline steps; returns the report (also `<storage>/<name>/report.json`, report.md)."""
+    cfg = claim_run(cfg)
+    run_uri = cfg.run_uri()
+    here = storage.local_path(run_uri)
+    # with a local (or mounted) storage the run's folder is the scratch space; with an object store a temp dir is,
+    # and what others read is uploaded
+    scratch = Path(here) if here is not None else Path(tempfile.mkdtemp(prefix=f"tandem-{cfg.name}-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="tandem-prep-") as prep:
+            return _run(cfg, run_uri, scratch, Path(prep))
+    finally:
+        if here is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(cfg: RunConfig, run_uri: str, scratch: Path, prep: Path) -> dict:
     t0 = time.perf_counter()
-    splits = prepare_data(cfg.data, workdir)
+    splits, shared = stage_data(cfg.data, prep, run_uri)
     spec = cfg.model_spec()
     print(
-        f"tandem: {spec.name} on {splits.train.num_rows} train / {splits.test.num_rows} test samples of shape "
-        f"{splits.image_shape}, {splits.num_classes} classes; steps {', '.join(cfg.steps)}; workdir {workdir}"
+        f"tandem: run {cfg.name!r}{' (resumed)' if cfg.resume else ''}: {spec.name} on {splits.train.num_rows} "
+        f"train / {splits.test.num_rows} test samples of shape {splits.image_shape}, {splits.num_classes} classes; "
+        f"steps {', '.join(cfg.steps)}; storage {run_uri}"
     )
     report: dict = {
+        "name": cfg.name,
+        "storage": run_uri,
         "model": spec.name,
-        "data": {"train": splits.train.path, "test": splits.test.path, "image_shape": list(splits.image_shape)},
-        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "data": {"train": shared.train.path, "test": shared.test.path, "image_shape": list(splits.image_shape)},
     }
     if cfg.local:
-        report["train"] = train_step(cfg, splits)
-    else:
-        from tandem.local_ray import ray_session
+        report["config"] = _config_dict(cfg)
+        report["train"] = train_step(cfg, splits, shared, scratch)
+        report["seconds"] = time.perf_counter() - t0
+        _finish(report, cfg, scratch)
+        return report
+    from tandem.local_ray import ray_session
 
-        per_node = -(-cfg.dist.num_workers // cfg.nodes)
-        with ray_session(cfg.address, cfg.nodes, slots_per_node=per_node) as session:
-            report["cluster"] = session
-            report["train"] = train_step(cfg, splits)
-            _after_training(cfg, splits, report, workdir)
+    per_node = -(-cfg.dist.num_workers // cfg.nodes)
+    with ray_session(cfg.address, cfg.nodes, slots_per_node=per_node) as session:
+        cfg = _gpus(cfg)
+        report["config"] = _config_dict(cfg)
+        report["cluster"] = session
+        try:
+            report["train"] = train_step(cfg, splits, shared, scratch)
+            _after_training(cfg, splits, shared, report, scratch)
             report["seconds"] = time.perf_counter() - t0
-            _finish(report, workdir)
+            _finish(report, cfg, scratch)
             if cfg.keep_serving and "serve" in report:
                 _block_serving(report["serve"]["url"])
-            return report
-    report["seconds"] = time.perf_counter() - t0
-    _finish(report, workdir)
-    return report
+        finally:
+            if "serve" in report:  # the app goes with the job (its replicas hold CPUs, its proxy the port)
+                from tandem import pipeline
+
+                pipeline.stop_serving()
+        return report
 
 
-def _after_training(cfg: RunConfig, splits: DataSplits, report: dict, workdir: Path) -> None:
+def _config_dict(cfg: RunConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _after_training(cfg: RunConfig, splits: DataSplits, shared: DataSplits, report: dict, scratch: Path) -> None:
     from tandem import pipeline
 
     weights = report["train"].pop("_weights", None)
-    report["plots"] = pipeline.plot_training(report["train"]["history"], weights, workdir)
+    report["plots"] = pipeline.plot_training(report["train"]["history"], weights, scratch)
     if set(cfg.steps) == {"train"}:
         return
     if cfg.model is not None:
         report["skipped"] = "tune/serve/loadtest need a built-in preset; a user model stops after training"
         print(f"tandem: {report['skipped']}")
         return
-    artifact, acc = pipeline.export_trained(report["train"]["checkpoint"], cfg.model_spec(), splits,
-                                            workdir / "artifacts" / "trained")  # fmt: skip
+    run_uri = cfg.run_uri()
+    local_artifact, acc = pipeline.export_trained(report["train"]["checkpoint"], cfg.model_spec(), splits,
+                                                  scratch / "artifacts" / "trained")  # fmt: skip
+    artifact = storage.upload_dir(local_artifact, storage.join(run_uri, "artifacts", "trained"))
     report["export"] = {"artifact": artifact, "test_accuracy": acc}
     chosen = artifact
     if "tune" in cfg.steps:
-        report["tune"] = pipeline.sweep(artifact, cfg, workdir / "tune")
+        report["tune"] = pipeline.sweep(artifact, cfg, shared, scratch / "tune", storage.join(run_uri, "tune"))
         chosen = report["tune"]["artifact"] or artifact
         if report["tune"]["paths"].get("plot"):
             report["plots"]["pareto_front"] = report["tune"]["paths"]["plot"]
     if "serve" in cfg.steps:
-        url = pipeline.serve(chosen, cfg.serve_port)
+        url = pipeline.serve(chosen, cfg.serve_port, gpus=cfg.gpus_per_worker or 0.0)
         report["serve"] = {"url": url, "artifact": chosen}
         print(f"tandem: serving {chosen} at {url}")
         if "loadtest" in cfg.steps:
             report["loadtest"] = pipeline.loadtest(
-                url, cfg.load_rate, cfg.load_seconds, workdir / "latency_under_load.png"
+                url, cfg.load_rate, cfg.load_seconds, scratch / "latency_under_load.png"
             )
             report["plots"]["latency_under_load"] = report["loadtest"]["plot"]
 
 
-def _finish(report: dict, workdir: Path) -> None:
+def _finish(report: dict, cfg: RunConfig, scratch: Path) -> None:
+    """Writes report.json (+ report.md and the plots) into the run's storage, and into `workdir` when set."""
     from tandem.pipeline import write_markdown
 
     report["test_accuracy"] = report["train"]["test_accuracy"]
-    (workdir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    if not report["config"]["local"]:
-        write_markdown(report, workdir / "report.md")
+    files = [scratch / "report.json"]
+    files[0].write_text(json.dumps(report, indent=2, default=str))
+    if not cfg.local:
+        write_markdown(report, scratch / "report.md")
+        files.append(scratch / "report.md")
+    files += [Path(p) for p in report.get("plots", {}).values()]
+    run_uri = cfg.run_uri()
+    for f in files:
+        target = storage.join(run_uri, f.name)
+        if storage.local_path(target) != str(f.resolve()):
+            storage.upload_file(f, target)
+    if cfg.workdir is not None:
+        out = Path(cfg.workdir).expanduser().resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if out / f.name != f.resolve():
+                shutil.copy2(f, out / f.name)
     _print_summary(report)
 
 

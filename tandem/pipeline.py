@@ -27,18 +27,23 @@ def export_trained(checkpoint: str, spec, splits: DataSplits, out: Path) -> tupl
     return str(out), acc
 
 
-def sweep(trained_artifact: str, cfg, out: Path) -> dict:
-    """The pruning x quantization sweep starting from `trained_artifact`; returns its summary."""
+def sweep(trained_artifact: str, cfg, shared: DataSplits, out: Path, storage_uri: str) -> dict:
+    """The pruning x quantization sweep starting from `trained_artifact` (a storage URI), on the data at its
+    storage URIs (`shared`); Tune's experiment and the trial artifacts go to `storage_uri`, the report to `out`
+    and `storage_uri`. Returns its summary."""
+    from actors.dataset import DataConfig
     from tune.baseline import BaselineConfig
     from tune.sweep import SweepConfig, run_sweep
 
-    baseline = BaselineConfig(
-        preset=cfg.preset, checkpoint=trained_artifact, data=cfg.data, cache_dir=str(out / "cache")
-    )
+    # trials on any node read the data and the trained model from storage; their cache is node-local
+    data = DataConfig(train_path=shared.train.path, test_path=shared.test.path, image_shape=shared.image_shape)
+    baseline = BaselineConfig(preset=cfg.preset, checkpoint=trained_artifact, data=data)
+    common = dict(storage=storage_uri, gpus_per_trial=cfg.gpus_per_worker or 0.0)
     if cfg.smoke:
-        scfg = SweepConfig.smoke(str(out), baseline=baseline, trials=cfg.trials, verbose=1)
+        scfg = SweepConfig.smoke(str(out), baseline=baseline, trials=cfg.trials, verbose=1, **common)
     else:
-        scfg = SweepConfig(trials=cfg.trials, baseline=baseline, out_dir=str(out), max_acc_drop_pts=cfg.max_acc_drop)
+        scfg = SweepConfig(trials=cfg.trials, baseline=baseline, out_dir=str(out), max_acc_drop_pts=cfg.max_acc_drop,
+                           **common)  # fmt: skip
     t0 = time.perf_counter()
     res = run_sweep(scfg)
     return {
@@ -58,18 +63,45 @@ def sweep(trained_artifact: str, cfg, out: Path) -> dict:
 def trial_outcomes(tune_summary: dict) -> str:
     """'5 finished, 3 stopped early by ASHA, 0 failed' from a sweep summary."""
     t = tune_summary
-    return f"{t.get('finished', t['trials'])} finished, {t.get('stopped_early', 0)} stopped early by ASHA, " \
+    return (
+        f"{t.get('finished', t['trials'])} finished, {t.get('stopped_early', 0)} stopped early by ASHA, "
         f"{t.get('failed', 0)} failed"
+    )
 
 
-def serve(artifact: str, port: int) -> str:
-    """Deploys `artifact` on Serve on the connected cluster (proxy on the head only); returns the URL."""
+APP_NAME = "tandem"
+
+
+def serve(artifact: str, port: int, gpus: float = 0.0) -> str:
+    """Deploys `artifact` (a storage URI or local path) on Serve on the connected cluster (proxy on the head
+    only); returns the URL. `gpus`: per replica (needs serve_app support; see below)."""
     from ray import serve as ray_serve
 
+    from models import storage
     from serve_app.deploy import DeployConfig, serve_artifact
 
+    if storage.is_remote(artifact):
+        # serve_app's replicas load a local directory (models.artifact.load_artifact): until the replica calls
+        # models.storage.download_dir itself, the artifact is fetched here, which serves only replicas on this node
+        artifact = storage.download_dir(artifact)
+    from serve_app.app import AppConfig
+
+    app: dict = {}
+    if gpus and "num_gpus" in AppConfig.__dataclass_fields__:
+        app["num_gpus"] = gpus
+    elif gpus:
+        print("tandem: serve_app's AppConfig takes no num_gpus yet: the replicas run on CPU")
     ray_serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    return serve_artifact(artifact, DeployConfig(port=port, address="auto"))
+    return serve_artifact(artifact, DeployConfig(port=port, address="auto", app_name=APP_NAME, app=app))
+
+
+def stop_serving() -> None:
+    """Deletes the run's Serve app; shuts Serve down when no other app is left (frees the proxy's port)."""
+    from ray import serve as ray_serve
+
+    ray_serve.delete(APP_NAME)
+    if not ray_serve.status().applications:
+        ray_serve.shutdown()
 
 
 def loadtest(url: str, rate: float, seconds: float, out: Path) -> dict:

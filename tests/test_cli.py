@@ -63,7 +63,7 @@ def test_bad_flags(argv, message, capsys):
 )
 def test_bad_values_fail_fast(argv, message, capsys, tmp_path):
     t0 = time.monotonic()
-    assert main([*argv, "--workdir", str(tmp_path)]) == 2
+    assert main([*argv, "--storage", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert time.monotonic() - t0 < 15
 
@@ -83,3 +83,48 @@ def test_dashboard_covers_training_and_serving(tmp_path):
         assert key in GAUGES and f"ray_{PREFIX}{key}" in exprs
     assert "request_latency_ms" in METRICS and f"ray_{SERVE_PREFIX}request_latency_ms_bucket" in exprs
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+
+
+def test_cluster_flags_reach_the_configs():
+    from tandem.cli import run_config
+
+    args = build_parser().parse_args(
+        ["run", "--address", "auto", "--storage", "s3://bucket/runs", "--resume", "r1", "--codec", "lowrank",
+         "--comm-mode", "auto", "--warmup-steps", "5", "--inter-transport", "ray", "--gpus-per-worker", "1",
+         "--workers", "4", "--workers-per-node", "2", "--keep-serving"]
+    )  # fmt: skip
+    cfg = run_config(args)
+    comm = cfg.dist.comm
+    assert (comm.codec, comm.mode, comm.warmup_steps, comm.transport) == ("lowrank", "auto", 5, "ray")
+    assert cfg.address == "auto" and cfg.storage == "s3://bucket/runs" and cfg.run_uri() == "s3://bucket/runs/r1"
+    assert cfg.name == "r1" and cfg.resume and cfg.keep_serving
+    job = cfg.train_job()
+    assert job.dist.gpus_per_worker == 1 and job.dist.use_gpu and job.dist.workers_per_node == 2
+    assert job.dist.name == "r1"
+
+
+def test_defaults_uniform_sampling_and_smoke_fits_four_cpus():
+    from tandem.cli import run_config
+
+    cfg = run_config(build_parser().parse_args(["run", "--smoke"]))
+    assert not cfg.stream.weighted and not cfg.keep_serving and cfg.workdir is None
+    assert cfg.dist.num_workers * cfg.dist.cpus_per_worker + 1 <= 4  # + 1 CPU for Ray Data
+    assert cfg.gpus_per_worker is None  # decided from the cluster once connected
+    assert run_config(build_parser().parse_args(["train", "--weighted"])).stream.weighted
+    assert "uniform" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+
+
+def test_tune_takes_the_run_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tune", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--address", "--data", "--model", "--storage", "--name", "--gpus-per-trial"):
+        assert flag in out
+
+
+def test_resume_and_name_must_agree(capsys, tmp_path):
+    assert main(["train", "--name", "a", "--resume", "b", "--storage", str(tmp_path)]) == 2
+    assert "must name the same run" in capsys.readouterr().err
+    assert main(["train", "--resume", "missing", "--local", "--storage", str(tmp_path)]) == 2
+    assert "resume: no run 'missing'" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The `tandem run` job and CLI on the bundled data."""
 
 import json
+import re
 import time
 
 import pytest
@@ -14,16 +15,16 @@ from tandem.job import RunConfig, main
 
 def test_tiny_preset_reaches_90_percent_in_under_a_minute(tmp_path):
     t0 = time.perf_counter()
-    report = main(RunConfig(preset="tiny", train=TrainConfig(epochs=6), local=True, workdir=str(tmp_path)))
+    report = main(RunConfig(preset="tiny", train=TrainConfig(epochs=6), local=True, storage=str(tmp_path), name="r"))
     elapsed = time.perf_counter() - t0
     assert report["test_accuracy"] >= 0.90, report["history"]
     assert elapsed < 60, f"took {elapsed:.1f} s"
-    saved = json.loads((tmp_path / "report.json").read_text())
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
     assert saved["test_accuracy"] == report["test_accuracy"] and len(saved["train"]["history"]) == 6
 
 
 def test_cli_smoke_and_errors(tmp_path, capsys):
-    assert cli_main(["train", "--smoke", "--local", "--precision", "fp32", "--workdir", str(tmp_path)]) == 0
+    assert cli_main(["train", "--smoke", "--local", "--precision", "fp32", "--storage", str(tmp_path)]) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert cli_main(["run", "--preset", "huge", "--workdir", str(tmp_path)]) == 2
     assert "preset must be one of" in capsys.readouterr().err
@@ -47,3 +48,51 @@ def test_bad_train_config():
         RunConfig(local=True, steps=("train", "tune"))
     with pytest.raises(ValueError, match="steps must include 'train'"):
         RunConfig(steps=("tune",))
+
+
+def test_runs_are_named_and_never_reused(tmp_path):
+    """A default name is a fresh timestamp (suffixed when taken); a given name that exists is refused unless it is
+    resumed; resuming a run that is not there is refused."""
+    from tandem.job import claim_run
+
+    store = str(tmp_path / "store")
+    first = claim_run(RunConfig(storage=store))
+    assert re.fullmatch(r"\d{8}-\d{6}", first.name), first.name
+    (tmp_path / "store" / first.name).mkdir(parents=True)
+    second = claim_run(RunConfig(storage=store))
+    assert second.name != first.name and second.name.startswith(first.name[:8])
+    with pytest.raises(ValueError, match="already exists .* pass --resume"):
+        claim_run(RunConfig(storage=store, name=first.name))
+    assert claim_run(RunConfig(storage=store, name=first.name, resume=True)).name == first.name
+    with pytest.raises(ValueError, match="resume: no run 'nope'"):
+        claim_run(RunConfig(storage=store, name="nope", resume=True))
+    with pytest.raises(ValueError, match="name must be letters"):
+        RunConfig(name="../up")
+    with pytest.raises(ValueError, match="resume needs the name"):
+        RunConfig(resume=True)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        RunConfig(storage="hdfs://cluster/runs")
+
+
+def test_stage_data_puts_both_splits_in_the_run(tmp_path):
+    """Workers on any node read the prepared splits from the run's storage, not from the driver's disk."""
+    from tandem.job import stage_data
+
+    local, shared = stage_data(DataConfig(), tmp_path / "scratch", str(tmp_path / "store" / "r1"))
+    for split in ("train", "test"):
+        path = getattr(shared, split).path
+        assert path == str(tmp_path / "store" / "r1" / "data" / split)
+        assert [p.suffix for p in (tmp_path / "store" / "r1" / "data" / split).iterdir()] == [".parquet"]
+        assert getattr(shared, split).num_rows == getattr(local, split).num_rows
+    assert shared.image_shape == (1, 8, 8) and shared.num_classes == 10
+
+
+def test_local_run_report_lands_in_storage_and_workdir(tmp_path):
+    store, work = tmp_path / "store", tmp_path / "work"
+    cfg = RunConfig(preset="tiny", train=TrainConfig(epochs=1), local=True, storage=str(store), name="r",
+                    workdir=str(work))  # fmt: skip
+    main(cfg)
+    assert json.loads((store / "r" / "report.json").read_text())["name"] == "r"
+    assert (work / "report.json").read_bytes() == (store / "r" / "report.json").read_bytes()
+    with pytest.raises(ValueError, match="already exists"):
+        main(cfg)

@@ -7,8 +7,10 @@ artifact under `cache_dir`, keyed by preset/epochs/seed, so repeated trials, tes
 
 from __future__ import annotations
 
+import hashlib
+import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ import torch.nn as nn
 
 from actors.dataset import DataConfig, load_tensors, prepare_data
 from actors.train_local import TrainConfig, evaluate, fit_local
+from models import storage
 from models.artifact import load_artifact, save_artifact
 from models.cnn import ModelConfig, build_model
 
@@ -31,22 +34,28 @@ class BaselineConfig:
     seed: int = 0
     """Training seed."""
     checkpoint: str | None = None
-    """Directory of an fp32 artifact holding the trained model; None = train one (cached)."""
+    """An fp32 artifact holding the trained model: a directory or a storage URI (models/storage.py, downloaded by
+    each trial's process); None = train one (cached)."""
     cache_dir: str | None = None
     """Where trained baselines and the prepared data are cached; None = <tempdir>/tandem-baselines."""
     data: DataConfig = field(default_factory=DataConfig)
-    """The dataset (default: the bundled digits)."""
+    """The dataset (default: the bundled digits); its paths may be storage URIs."""
 
     def __post_init__(self) -> None:
         if self.preset not in ModelConfig.preset_names():
             raise ValueError(f"preset must be one of {ModelConfig.preset_names()}, got {self.preset!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
-        if self.checkpoint is not None and not Path(self.checkpoint).is_dir():
-            raise ValueError(f"checkpoint must be an artifact directory, got {self.checkpoint!r}")
+        if self.checkpoint is not None and not storage.is_remote(self.checkpoint):
+            if not Path(self.checkpoint).is_dir():
+                raise ValueError(f"checkpoint must be an artifact directory, got {self.checkpoint!r}")
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir or Path(tempfile.gettempdir()) / "tandem-baselines")
+
+    def cache_name(self) -> str:
+        """The folder under cache_path() of a baseline trained here."""
+        return f"{self.preset}-e{self.epochs}-s{self.seed}"
 
 
 @dataclass(slots=True)
@@ -63,8 +72,31 @@ class EvalData:
         return evaluate(model, *self.test)[1]
 
 
+def _local_data(data: DataConfig, cache: Path) -> DataConfig:
+    """`data` with storage-URI paths downloaded under `cache` (once per node and URI)."""
+    paths = {}
+    for key in ("train_path", "test_path"):
+        uri = getattr(data, key)
+        if uri is not None and storage.is_remote(uri):
+            dest = cache / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+            if not dest.exists():
+                tmp = Path(tempfile.mkdtemp(dir=cache, prefix="dl-"))
+                if storage.is_dir(uri):
+                    storage.download_dir(uri, tmp)
+                else:
+                    storage.download_file(uri, tmp / uri.rsplit("/", 1)[-1])
+                try:
+                    os.replace(tmp, dest)  # atomic: concurrent trials on one node never read a half copy
+                except OSError:  # another trial on this node got there first
+                    assert dest.is_dir(), dest
+            uri = str(dest)
+        paths[key] = uri
+    return replace(data, **paths)
+
+
 def load_data(cfg: BaselineConfig) -> EvalData:
-    splits = prepare_data(cfg.data, cfg.cache_path())
+    cfg.cache_path().mkdir(parents=True, exist_ok=True)
+    splits = prepare_data(_local_data(cfg.data, cfg.cache_path()), cfg.cache_path())
     _, x_tr, y_tr = load_tensors(splits.train)
     _, x_te, y_te = load_tensors(splits.test)
     return EvalData((x_tr, y_tr), (x_te, y_te), splits.image_shape, splits.num_classes)
@@ -74,8 +106,8 @@ def load_baseline(cfg: BaselineConfig, data: EvalData | None = None) -> tuple[nn
     """(trained fp32 CNN in eval mode, data). Loads `cfg.checkpoint`, else the cached training result, else
     trains and caches it."""
     data = load_data(cfg) if data is None else data
-    cached = cfg.cache_path() / f"{cfg.preset}-e{cfg.epochs}-s{cfg.seed}"
-    path = Path(cfg.checkpoint) if cfg.checkpoint else cached
+    cached = cfg.cache_path() / cfg.cache_name()
+    path = Path(storage.download_dir(cfg.checkpoint)) if cfg.checkpoint else cached
     if not (path / "manifest.json").is_file():
         if cfg.checkpoint:
             raise ValueError(f"checkpoint {str(path)!r} is not an artifact (no manifest.json)")

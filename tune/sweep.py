@@ -5,20 +5,23 @@ accuracy, latency and size with the chosen model exported as an artifact (tune/p
 Search: Optuna's multi-objective TPE sampler through Tune's `OptunaSearch` (`OptunaMO`, the default), or
 Tune's random `BasicVariantGenerator` (`RandomSearch`). Early stopping: ASHA on the fine-tune accuracy that
 trials report each epoch. Outputs under `out_dir`: pareto.md, trials.json, pareto.png, artifact/ (the chosen
-model), ray/ (Tune's own run directory, trial checkpoints = trial artifacts).
+model), ray/ (Tune's own run directory, trial checkpoints = trial artifacts). With `storage` (a models/storage.py
+URI), Tune's experiment and the trial artifacts live there instead, and the report and the chosen artifact are
+copied there too, so trials on any node and any later step read them without a shared disk.
 
-Entry point: `main(argv)` (`tandem tune`): --trials, --max-acc-drop, --smoke, --out, ...
+Entry point: `main(argv)` (`tandem tune`): --trials, --max-acc-drop, --smoke, --address, --storage, --name, ...
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models import storage as store
 from tune.baseline import BaselineConfig, load_baseline
 from tune.measure import MeasureConfig
 from tune.pareto import OBJECTIVES, write_report
@@ -78,6 +81,10 @@ class SweepConfig:
     """Trials run at once (1 keeps latency measurements undisturbed on a small machine)."""
     verbose: int = 1
     """Tune's progress output level (0 silent, 1 status table, 2 + trial results)."""
+    storage: str | None = None
+    """Storage URI of the sweep (Tune experiment, trial artifacts, chosen artifact, report); None: out_dir/ray."""
+    gpus_per_trial: float = 0.0
+    """GPUs each trial asks for (tune.with_resources); its latency is then measured on that GPU."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.trials, int) or self.trials < 1:
@@ -88,18 +95,27 @@ class SweepConfig:
             raise ValueError(f"concurrency must be a positive int, got {self.concurrency!r}")
         if not isinstance(self.searcher, OptunaMO | RandomSearch):
             raise TypeError(f"searcher must be OptunaMO or RandomSearch, got {type(self.searcher).__name__}")
+        if not isinstance(self.gpus_per_trial, int | float) or self.gpus_per_trial < 0:
+            raise ValueError(f"gpus_per_trial must be a number >= 0, got {self.gpus_per_trial!r}")
+        if self.storage is not None:
+            store.check(self.storage)
+
+    def trial_resources(self) -> dict[str, float]:
+        """What each trial asks Ray for."""
+        return {"cpu": 1, **({"gpu": self.gpus_per_trial} if self.gpus_per_trial else {})}
 
     @classmethod
-    def smoke(cls, out_dir: str, **overrides) -> SweepConfig:
+    def smoke(cls, out_dir: str | None = None, **overrides) -> SweepConfig:
         """Seconds-sized: tiny preset, short fine-tunes, eager latency."""
         defaults = dict(
             trials=4,
             space=SearchSpace(finetune_epochs=(0, 1), calib_size=(64,)),
             baseline=BaselineConfig(preset="tiny", epochs=5),
             measure=MeasureConfig(compile=False, warmup=1, iters=5),
-            out_dir=out_dir,
             verbose=0,
         )
+        if out_dir is not None:
+            defaults["out_dir"] = out_dir
         return cls(**{**defaults, **overrides})
 
 
@@ -110,8 +126,9 @@ class SweepResult:
     front: list[dict]
     chosen: dict | None
     baseline_accuracy: float
-    artifact: Path | None
-    """The chosen model's artifact (a copy under out_dir), None if no trial was within the accuracy drop."""
+    artifact: str | None
+    """The chosen model's artifact (a copy under `storage`, else out_dir), None if no trial was within the
+    accuracy drop."""
     paths: dict[str, Path]
     stopped_early: int = 0
     """Trials the ASHA scheduler stopped before their last fine-tuning epoch (not in `rows`)."""
@@ -125,11 +142,19 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler
 
     out = Path(cfg.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_uri = cfg.storage or str(out)
     baseline = cfg.baseline
-    if baseline.cache_dir is None:  # trials in other processes must find the driver's cached checkpoint
+    if baseline.cache_dir is None and cfg.storage is None:  # trials in other processes find the driver's cache
         baseline = dataclasses.replace(baseline, cache_dir=str(baseline.cache_path().resolve()))
     model, data = load_baseline(baseline)  # trained once here, loaded by every trial
     base_acc = data.accuracy(model)
+    if cfg.storage is not None and baseline.checkpoint is None:
+        # a baseline trained here reaches trials on other nodes through the storage
+        trained = baseline.cache_path() / baseline.cache_name()
+        uri = store.upload_dir(trained, store.join(cfg.storage, "baseline"))
+        baseline = dataclasses.replace(baseline, checkpoint=uri)
+    fs, tune_path = store.resolve(store.join(sweep_uri, "ray"))
     ctx = TrialContext(baseline=baseline, measure=cfg.measure)
     scheduler = None
     if cfg.asha:
@@ -138,7 +163,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             max_t=cfg.space.finetune_epochs[1] + 1,
         )  # fmt: skip
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), {"cpu": 1}),
+        tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), cfg.trial_resources()),
         param_space=cfg.space.to_tune(),
         tune_config=tune.TuneConfig(
             search_alg=cfg.searcher.build(),
@@ -146,7 +171,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             num_samples=cfg.trials,
             max_concurrent_trials=cfg.concurrency,
         ),
-        run_config=tune.RunConfig(name="compress", storage_path=str(out / "ray"), verbose=cfg.verbose),
+        run_config=tune.RunConfig(name="compress", storage_path=tune_path, storage_filesystem=fs, verbose=cfg.verbose),
     )
     grid = tuner.fit()
     rows = []
@@ -159,18 +184,24 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         if not m.get("final") or result.checkpoint is None:
             stopped += 1  # stopped early by ASHA
             continue
+        ckpt = result.checkpoint
         rows.append({"trial": m["trial_id"], **result.config, **{k: m[k] for k in _METRICS if k in m},
-                     "artifact": result.checkpoint.path})  # fmt: skip
+                     "artifact": store.fs_uri(ckpt.filesystem, ckpt.path)})  # fmt: skip
     if not rows:
-        raise RuntimeError(f"no trial finished; see Tune's logs under {out / 'ray'}")
+        raise RuntimeError(f"no trial finished; see Tune's logs under {store.join(sweep_uri, 'ray')}")
     title = f"compression sweep ({baseline.preset})"
     report = write_report(rows, base_acc, cfg.max_acc_drop_pts, out, title=title)
     artifact = None
     if report["chosen"] is not None:
-        artifact = out / "artifact"
-        if artifact.exists():
-            shutil.rmtree(artifact)
-        shutil.copytree(report["chosen"]["artifact"], artifact)
+        artifact = store.join(sweep_uri, "artifact")
+        if cfg.storage is None:
+            store.download_dir(report["chosen"]["artifact"], out / "artifact")
+        else:
+            with tempfile.TemporaryDirectory(prefix="tandem-chosen-") as tmp:
+                store.upload_dir(store.download_dir(report["chosen"]["artifact"], tmp), artifact)
+    if cfg.storage is not None:
+        for path in report["paths"].values():
+            store.upload_file(path, store.join(cfg.storage, Path(path).name))
     return SweepResult(rows, report["front"], report["chosen"], base_acc, artifact, report["paths"], stopped, failed)
 
 
@@ -179,36 +210,76 @@ _METRICS = ("accuracy", "acc_drop_pts", "baseline_accuracy", "latency_ms", "late
 
 
 def main(argv: list[str] | None = None) -> SweepResult:
-    """`tandem tune`: runs the sweep on a local (or the connected) Ray cluster and prints where things are."""
+    """`tandem tune`: runs the sweep on an embedded local Ray (or the cluster at --address) and prints where
+    things are. The sweep is a named run under --storage, like `tandem run`."""
+    from actors.dataset import DataConfig
+    from tandem.job import DEFAULT_STORAGE, RunConfig, claim_run
+
     p = argparse.ArgumentParser(prog="tandem tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--max-acc-drop", type=float, default=1.0, help="accuracy points the chosen model may lose")
     p.add_argument("--smoke", action="store_true", help="tiny model, 4 trials, seconds per trial")
-    p.add_argument("--out", default="tune_results")
     p.add_argument("--preset", default="small", help="model preset trained when no --checkpoint is given")
-    p.add_argument("--checkpoint", default=None, help="fp32 artifact directory of the trained model")
+    p.add_argument("--model", help="user model as package.module:function (the sweep needs a built-in preset)")
+    p.add_argument("--checkpoint", default=None, help="fp32 artifact directory or storage URI of the trained model")
+    p.add_argument("--data", help="training parquet (file, directory or storage URI); default: bundled digits")
+    p.add_argument("--test-data", help="held-out parquet; default: a split of --data")
     p.add_argument("--searcher", choices=("optuna", "random"), default="optuna")
     p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--address", help="Ray cluster address, e.g. auto (default: an embedded local Ray)")
+    p.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help=f"where runs live: directory, file://, s3://bucket/prefix, gs:// (default {DEFAULT_STORAGE})",
+    )
+    p.add_argument("--name", default="", help="the sweep's run name under --storage (default: a timestamp)")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPUs per trial (default: 1 where the cluster has GPUs, else 0)",
+    )
+    p.add_argument("--out", default=None, help="a local directory that also receives the report")
     args = p.parse_args(argv)
+    if args.model is not None:
+        raise ValueError("the sweep needs a built-in preset (artifacts rebuild models.cnn.CNN): drop --model")
+    run = claim_run(RunConfig(name=args.name, storage=args.storage))
+    run_uri = run.run_uri()
     searcher = OptunaMO() if args.searcher == "optuna" else RandomSearch()
+    data = DataConfig(train_path=args.data, test_path=args.test_data)
+    local = store.local_path(run_uri)
+    out_dir = local if local is not None else tempfile.mkdtemp(prefix=f"tandem-tune-{run.name}-")
+    import ray
+
+    # on an existing cluster Ray refuses num_cpus/num_gpus; only the embedded one over-declares CPUs
+    if not ray.is_initialized():
+        if args.address:
+            ray.init(address=args.address)
+        else:
+            ray.init(num_cpus=max(4, args.concurrency))
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    common = dict(searcher=searcher, storage=run_uri, gpus_per_trial=gpus, out_dir=out_dir)
     if args.smoke:
-        cfg = SweepConfig.smoke(args.out, max_acc_drop_pts=args.max_acc_drop, searcher=searcher, verbose=1)
+        base = BaselineConfig(preset="tiny", epochs=5, checkpoint=args.checkpoint, data=data)
+        cfg = SweepConfig.smoke(max_acc_drop_pts=args.max_acc_drop, baseline=base, verbose=1, **common)
     else:
         cfg = SweepConfig(
             trials=args.trials,
             max_acc_drop_pts=args.max_acc_drop,
-            searcher=searcher,
-            baseline=BaselineConfig(preset=args.preset, checkpoint=args.checkpoint),
-            out_dir=args.out,
+            baseline=BaselineConfig(preset=args.preset, checkpoint=args.checkpoint, data=data),
             concurrency=args.concurrency,
+            **common,
         )
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(4, cfg.concurrency))
+    print(f"tandem tune: run {run.name!r}, storage {run_uri}")
     result = run_sweep(cfg)
     print(result.paths["table"].read_text())
-    print(f"plot: {result.paths['plot']}\nchosen artifact: {result.artifact}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        for path in result.paths.values():
+            Path(args.out, Path(path).name).write_bytes(Path(path).read_bytes())
+    print(f"report: {store.join(run_uri, 'pareto.md')}\nchosen artifact: {result.artifact}")
     return result
 
 

@@ -166,3 +166,59 @@ def test_train_metrics_reach_the_metrics_endpoint(ray_local):
     mine = 'run="metrics-test"'
     lines = [ln for ln in text.splitlines() if ln.startswith("ray_tandem_train_test_accuracy{") and mine in ln]
     assert lines and float(lines[0].rsplit(" ", 1)[1]) == 0.875, lines
+
+
+def test_gpu_requests_and_backend():
+    """What Ray Train is asked for: GPUs per worker and NCCL with GPUs, gloo and no GPU request on CPU."""
+    from actors.trainer import scaling_config, torch_config
+
+    gpu = DistConfig(num_workers=4, gpus_per_worker=1, cpus_per_worker=2)
+    sc = scaling_config(gpu)
+    assert sc.use_gpu and sc.num_workers == 4 and sc.resources_per_worker == {"CPU": 2, "GPU": 1}
+    assert torch_config(gpu).backend == "nccl"
+    cpu = DistConfig(num_workers=2)
+    sc = scaling_config(cpu)
+    assert not sc.use_gpu and sc.resources_per_worker == {"CPU": 1.0}
+    assert torch_config(cpu).backend == "gloo"
+    with pytest.raises(ValueError, match="gpus_per_worker must be a number >= 0"):
+        DistConfig(gpus_per_worker=-1)
+
+
+def test_ray_transport_needs_gpus():
+    from actors.trainer import check_resources
+
+    with pytest.raises(ValueError, match="inter_transport 'ray'"):
+        check_resources(DistConfig(comm=CommConfig(transport="ray")))
+    with pytest.raises(ValueError, match="transport must be one of"):
+        CommConfig(transport="mpi")
+
+
+def test_plan_nodes_pins_equal_workers_per_node():
+    from actors.trainer import plan_nodes
+
+    nodes = [
+        {"NodeID": "c", "Resources": {"CPU": 2.0}},
+        {"NodeID": "b", "Resources": {"CPU": 1.0}},  # too small for 2 workers
+        {"NodeID": "a", "Resources": {"CPU": 4.0, "GPU": 2.0}},
+    ]
+    labels = plan_nodes(DistConfig(num_workers=4, workers_per_node=2), nodes)
+    assert labels == [{"ray.io/node-id": n} for n in ("a", "a", "c", "c")]
+    with pytest.raises(ValueError, match="needs 2 nodes with 2 CPU, 2 GPU each; the cluster has 1 such node"):
+        plan_nodes(DistConfig(num_workers=4, workers_per_node=2, gpus_per_worker=1), nodes)
+    with pytest.raises(ValueError, match="workers_per_node must be a positive int dividing num_workers"):
+        DistConfig(num_workers=4, workers_per_node=3)
+
+
+def test_workers_per_node_places_equal_counts(ray_two_nodes, tmp_path):
+    """Label selectors put 2 + 2 workers on the two nodes with no custom resource and PACK placement (which would
+    fill one node first); a request no node can hold fails before training."""
+    splits = prepare_data(DataConfig(), tmp_path)
+    job = _job(1, 4, workers_per_node=2, placement="PACK", name="per-node")
+    res = fit_distributed(job, splits, str(tmp_path / "run"))
+    placement = sorted((m["node_rank"], m["local_rank"]) for m in res.all_reports[-1])
+    assert placement == [(0, 0), (0, 1), (1, 0), (1, 1)], placement
+    assert (tmp_path / "run" / "train").is_dir()  # Ray Train's run lives under the run's storage
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="needs 1 nodes with 8 CPU each; the cluster has 0 such node"):
+        fit_distributed(_job(1, 4, workers_per_node=4, cpus_per_worker=2), splits, str(tmp_path / "run2"))
+    assert time.monotonic() - t0 < 10
