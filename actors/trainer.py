@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from actors.comm import CommConfig, build_comm
 from actors.dataset import DatasetInfo, DataSplits, load_tensors
 from actors.reports import CollectReports, ReportCollector
-from actors.train_local import TrainConfig, make_optimizer, optimizer_step
+from actors.train_local import TrainConfig, make_optimizer
 from actors.train_metrics import TrainMetrics
 from actors.weight_store import SampleWeightStore, WeightRule, last_layer_grad_norm
 from actors.weighted_stream import StreamConfig, build_stream, read_sample_ids
@@ -194,6 +194,8 @@ def _evaluate(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], rank: i
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    from models.training import BNSample, recompute_bn_stats_, train_epoch
+
     job: TrainJob = config["job"]
     store = config["store"]
     ctx = ray.train.get_context()
@@ -207,7 +209,6 @@ def train_loop(config: dict) -> None:
     comm = build_comm(job.dist.comm, ctx, ddp)
     policy = PrecisionPolicy.for_device(device, job.train.precision)
     policy.apply_backend_flags()
-    scaler = policy.grad_scaler()
     epoch_rows = job.stream.epoch_size or config["num_train"]
     steps_per_epoch = max(1, epoch_rows // (world * job.train.batch_size))
     opt, sched = make_optimizer(model, job.train, steps_per_epoch)
@@ -218,13 +219,23 @@ def train_loop(config: dict) -> None:
     if ckpt is not None:
         start, restored = _restore(ckpt, model, opt, sched, comm, store if weighted else None, rank), True
     gauges = TrainMetrics(job.dist.name)
+    pending, buf_ids, buf_d = [], [], []
+
+    def on_batch(batch, logits) -> None:
+        if weighted:
+            buf_ids.append(batch["sample_id"].cpu().numpy())
+            buf_d.append(last_layer_grad_norm(logits, batch["label"], tap.features).cpu().numpy())
+            if len(buf_ids) >= 8:  # one actor call per 8 steps, not awaited here
+                pending.append(store.record.remote(np.concatenate(buf_ids), np.concatenate(buf_d), len(buf_ids)))
+                buf_ids.clear()
+                buf_d.clear()
+
     for epoch in range(start, job.train.epochs):
         if weighted and rank == 0:
             ray.get(store.begin_epoch.remote(epoch, job.stream.epoch_size))
         dist.barrier()  # the draw of this epoch is fixed before any worker reads
         t0 = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-        pending, buf_ids, buf_d, steps = [], [], [], 0
+        pending.clear()
         shard = ray.train.get_dataset_shard("train")
         batches = shard.iter_torch_batches(
             batch_size=job.train.batch_size,
@@ -233,34 +244,25 @@ def train_loop(config: dict) -> None:
             local_shuffle_seed=job.train.seed * 1000 + epoch * world + rank,
             device=device,
         )
-        ddp.train()
-        for batch in batches:
-            x, y = batch["image"], batch["label"]
-            with policy.autocast():
-                logits = ddp(x)
-            per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-            if job.stream.unbiased:
-                scale = batch["loss_scale"].float()
-                loss = (per_sample * (scale / scale.mean())).mean()
-            else:
-                loss = per_sample.mean()
-            optimizer_step(loss, opt, sched, scaler)
-            steps += 1
-            sums += torch.tensor(
-                [per_sample.sum().item(), (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64
-            )
-            if weighted:
-                buf_ids.append(batch["sample_id"].cpu().numpy())
-                buf_d.append(last_layer_grad_norm(logits, y, tap.features).cpu().numpy())
-                if len(buf_ids) >= 8:  # one actor call per 8 steps, not awaited here
-                    pending.append(store.record.remote(np.concatenate(buf_ids), np.concatenate(buf_d), len(buf_ids)))
-                    buf_ids, buf_d = [], []
+
+        bn_sample = BNSample(job.train.bn_recompute_rows)
+        stats = train_epoch(
+            model, batches, opt, sched, policy, on_batch=on_batch, bn_sample=bn_sample, step_model=ddp
+        )
+        steps = stats.steps
+        sums = torch.tensor([stats.loss * stats.samples, stats.accuracy * stats.samples, stats.samples],
+                            dtype=torch.float64)  # fmt: skip
         if weighted and buf_ids:
             pending.append(store.record.remote(np.concatenate(buf_ids), np.concatenate(buf_d), len(buf_ids)))
+            buf_ids.clear()
+            buf_d.clear()
         ray.get(pending)  # this epoch's difficulties have arrived before the next draw
         dist.all_reduce(sums)
+        # BN statistics of all workers' rows, with the final weights (models/training.py): rank 0's running
+        # average alone trails the weights and sees only its shard
+        recompute_bn_stats_(model, bn_sample.batches, dist.all_reduce, world)
         seconds = time.perf_counter() - t0
-        test_acc, test_loss = _evaluate(ddp, (test_x, test_y), rank, world, device)
+        test_acc, test_loss = _evaluate(model, (test_x, test_y), rank, world, device)
         metrics = {
             "epoch": epoch,
             "loss": sums[0].item() / max(sums[2].item(), 1),

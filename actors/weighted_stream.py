@@ -3,7 +3,8 @@
 Per epoch the weight store draws how often each sample appears (multinomial over w / sum(w), `epoch_size` rows;
 `SampleWeightStore.begin_epoch`). The pipeline repeats each row of a block by its count, asking the store only for
 the counts of that block's ids, so it streams: no stage holds the dataset, and the driver never materializes it.
-Ray Train splits the stream among workers (`streaming_split(equal=True)`), and each worker shuffles locally.
+Rows are shuffled across the whole dataset every epoch (`StreamConfig.global_shuffle`), Ray Train splits the
+stream among workers (`streaming_split(equal=True)`), and each worker shuffles locally.
 Ray Data has no weighted sampling of its own (ray-project/ray#31127), hence this stage.
 
 Weights changed during epoch e (difficulties recorded by the workers) shape the draw of epoch e + 1.
@@ -36,6 +37,11 @@ class StreamConfig:
     """Rows in each worker's local shuffle buffer."""
     block_rows: int = 1024
     """Rows per map_batches call (one weight-store lookup each)."""
+    global_shuffle: bool = True
+    """Shuffle all rows across workers every epoch (Ray Data `random_shuffle`, an all-to-all exchange). Without
+    it each worker reads the same contiguous part of the files every epoch: on a file written class by class,
+    one or two classes per worker (test accuracy 0.59 vs 1.00 locally). False only randomizes block order:
+    cheaper for data far larger than memory, correct only when rows are not grouped in the files."""
     cache_max_bytes: int = 256 << 20
     """Decoded datasets up to this size are read once and kept in the object store (materialized), so an epoch
     only re-runs the draw; larger ones stream from parquet every epoch. 0 never caches."""
@@ -83,10 +89,12 @@ def build_stream(info: DatasetInfo, cfg: StreamConfig, store=None) -> ray.data.D
     )
     if decoded_nbytes(info) <= cfg.cache_max_bytes:
         ds = ds.materialize()  # small: decode once; each epoch then only redraws from the cached blocks
+    # re-executed every epoch (Train iterates the dataset anew), so each epoch draws a new order
+    ds = ds.random_shuffle() if cfg.global_shuffle else ds.randomize_block_order()
     if cfg.weighted:
         if store is None:
             raise ValueError("a weighted stream needs the sample-weight store actor")
-        ds = ds.randomize_block_order().map_batches(
+        ds = ds.map_batches(
             redraw_batch,
             batch_format="numpy",
             batch_size=cfg.block_rows,

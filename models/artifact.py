@@ -33,8 +33,11 @@ manifest.json (format_version 1):
 
 Loading rebuilds the model from `model_config` (+ `pruning.channels`, + the quantization scheme's own
 rebuild), loads the tensors, runs the probe inputs and checks that the predicted classes are identical to
-those recorded at save time (and the logits equal within 1e-5), so a loaded artifact is known to behave as
-the measured one. Every inconsistency raises `ArtifactError` (a ValueError) saying what is wrong.
+those recorded at save time (and the logits equal within 1e-5 of their magnitude). The recorded logits are
+always the reference graph's; an INT8 model is then compiled (the graph the sweep measured, what Serve runs)
+and its logits must be within a tolerance derived from the compiled-vs-reference difference measured at save
+(`probe.compiled_max_diff`, see `compiled_tolerance`), so a loaded artifact is known to behave as the
+measured one. Every inconsistency raises `ArtifactError` (a ValueError) saying what is wrong.
 """
 
 from __future__ import annotations
@@ -138,8 +141,36 @@ def default_probe(input_shape: tuple[int, ...], n: int = 16) -> torch.Tensor:
 
 @torch.no_grad()
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Reference logits: a QuantizedModel's reference graph even when it was compiled (the compiled graph's
+    rounding differs from the reference by a small measured amount, checked separately)."""
     model.eval()
+    if isinstance(model, QuantizedModel):
+        return model.reference(x).float()
     return model(x).float()
+
+
+# A rebuild runs the same reference ops on the same numbers: it reproduces the recorded logits up to float
+# reassociation, relative to the logits' magnitude.
+REBUILD_RTOL = 1e-5
+# The compiled INT8 graph (inductor, oneDNN) requantizes with its own rounding: an activation one uint8 step off
+# moves the logits by a fraction of a percent (measured: 5e-4 .. 1.3e-2 of max |logit| on the sweep's models).
+# A load allows COMPILED_SLACK x the difference measured when saving, and at least COMPILED_FLOOR of the largest
+# |logit| when nothing was measured, so a replica on another x86 CPU still accepts tandem's own artifacts.
+COMPILED_SLACK = 4.0
+COMPILED_FLOOR = 0.02
+
+
+def _scale(logits: torch.Tensor) -> float:
+    return max(1.0, logits.abs().max().item())
+
+
+def compiled_tolerance(probe_manifest: dict, logits: torch.Tensor) -> float:
+    """Largest |compiled - recorded reference| logit difference a load accepts (see COMPILED_SLACK)."""
+    measured = probe_manifest.get("compiled_max_diff")
+    floor = COMPILED_FLOOR * _scale(logits)
+    if isinstance(measured, int | float) and measured >= 0:
+        return max(COMPILED_SLACK * measured, floor / 4)
+    return floor
 
 
 def save_artifact(
@@ -169,6 +200,9 @@ def save_artifact(
     if tuple(probe.shape[1:]) != input_shape:
         raise ValueError(f"probe must be (N, *{input_shape}), got {tuple(probe.shape)}")
     logits = _run(model, probe)
+    compiled_diff = None
+    if isinstance(model, QuantizedModel) and model.compiled:  # measured: what a load's tolerance derives from
+        compiled_diff = (model(probe).float() - logits).abs().max().item()
 
     if isinstance(model, QuantizedModel):
         tensors, quant = model.artifact_state()
@@ -205,6 +239,7 @@ def save_artifact(
             "file": "probe.pt",
             "sha256": _sha256(out / "probe.pt"),
             "predictions": logits.argmax(1).tolist(),
+            "compiled_max_diff": compiled_diff,
         },
         "extra": dict(extra or {}),
     }
@@ -289,10 +324,15 @@ def _load_file(p: Path, spec: dict, what: str) -> dict:
     return obj
 
 
-def load_artifact(path: str | os.PathLike, *, verify: bool = True) -> tuple[nn.Module, dict]:
+def load_artifact(
+    path: str | os.PathLike, *, verify: bool = True, compile: bool | None = None
+) -> tuple[nn.Module, dict]:
     """(model in eval mode, manifest) from artifact directory `path`. The model is a `CNN` for scheme "none",
-    else a `QuantizedModel` (call its `compile_()` for the fast inductor path). `verify` runs the probe and
-    checks the predictions recorded at save time."""
+    else a `QuantizedModel`. `verify` runs the probe and checks the logits recorded at save time.
+
+    `compile` (default: True for the INT8 schemes, whose latency the sweep measured compiled) returns the
+    INT8 model compiled with inductor and warmed on the probe's batch sizes, i.e. the graph that was measured;
+    with `verify` its logits must be within `compiled_tolerance` of the recorded ones."""
     p = Path(path)
     manifest = read_manifest(p)
     try:
@@ -324,12 +364,42 @@ def load_artifact(path: str | os.PathLike, *, verify: bool = True) -> tuple[nn.M
             model = restore_quantized(model, quant, tensors, example=probe["input"][:2])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{p}: weights do not match the manifest's model ({e})") from None
+    want = probe["logits"]
     if verify:
         got = _run(model, probe["input"])
-        want = probe["logits"]
         if got.argmax(1).tolist() != manifest["probe"]["predictions"] or got.shape != want.shape:
             raise ArtifactError(f"{p}: the rebuilt model's predictions differ from those recorded when saved")
-        if not torch.allclose(got, want, rtol=0, atol=1e-5):
+        atol = REBUILD_RTOL * _scale(want)
+        if not torch.allclose(got, want, rtol=0, atol=atol):
             diff = (got - want).abs().max().item()
-            raise ArtifactError(f"{p}: rebuilt model's logits differ from the recorded ones by {diff:.3g}")
+            raise ArtifactError(
+                f"{p}: rebuilt model's logits differ from the recorded ones by {diff:.3g} (tolerance {atol:.3g})"
+            )
+    if compile is None:
+        compile = quant.get("scheme") in ("int8_ptq", "int8_qat")
+    if compile and isinstance(model, QuantizedModel):
+        _compile_and_check(model, probe["input"], want, manifest["probe"], p, verify)
     return model, manifest
+
+
+def _compile_and_check(model: QuantizedModel, x: torch.Tensor, want: torch.Tensor, probe_manifest: dict,
+                       p: Path, verify: bool) -> None:  # fmt: skip
+    try:
+        model.compile_(x, batch_sizes=(1, len(x)))
+    except Exception as e:  # inductor fails in many ways (no C compiler, unsupported op): all mean "cannot serve"
+        raise ArtifactError(f"{p}: compiling the INT8 model failed ({type(e).__name__}: {e})") from None
+    if not verify:
+        return
+    got = model(x).float()
+    tol = compiled_tolerance(probe_manifest, want)
+    diff = (got - want).abs().max().item()
+    if diff > tol:
+        raise ArtifactError(
+            f"{p}: the compiled model's logits differ from the recorded ones by {diff:.3g} (tolerance {tol:.3g},"
+            f" measured at save {probe_manifest.get('compiled_max_diff')})"
+        )
+    # near-ties may flip under a rounding difference within tolerance; clear winners may not
+    top2 = want.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+    if not torch.equal(got.argmax(1)[clear], want.argmax(1)[clear]):
+        raise ArtifactError(f"{p}: the compiled model's predictions differ from those recorded when saved")

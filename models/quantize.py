@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.conv_bn import ConvBNAct
+from kernels.precision import PrecisionConfig, PrecisionPolicy
 from kernels.quant import dequantize, fake_quantize, quantize
 from models.cnn import CNN, ModelConfig
 from models.prune import channel_counts
@@ -234,6 +235,17 @@ class QuantizedModel(nn.Module):
         self.training = mode
         return self
 
+    @property
+    def compiled(self) -> bool:
+        """True once `compile_()` routed forward through inductor."""
+        return self._compiled is not None
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the reference graph (what an artifact records and a rebuild reproduces exactly), whether or
+        not `compile_()` was called."""
+        with torch.no_grad():
+            return self.runtime(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return (self.runtime if self._compiled is None else self._compiled)(x)
@@ -367,26 +379,19 @@ class _WeightFakeQuant(nn.Module):
 def _qat_finetune_(folded: nn.Module, cfg: Int8QAT, train: tuple[torch.Tensor, torch.Tensor]) -> None:
     from torch.nn.utils import parametrize
 
-    x, y = train
+    from models.training import TrainConfig, fit_epochs
+
     layers = _quantizable(folded)
     hooks = [m.register_forward_pre_hook(_ActFakeQuant()) for _, m in layers]
     for _, m in layers:
         parametrize.register_parametrization(m, "weight", _WeightFakeQuant(cfg.per_channel))
-    steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
-    opt = torch.optim.SGD(folded.parameters(), lr=cfg.lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    folded.train()
+    # the one training loop (models/training.py): SGD momentum 0.9, cosine from the peak (no warm-up: the
+    # weights are trained already), no weight decay (it would pull weights off their int8 grid), fp32
+    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=0.0,
+                            warmup_epochs=0.0, bn_recompute_rows=0, seed=cfg.seed)  # fmt: skip
     try:
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), cfg.batch_size):
-                idx = perm[i : i + cfg.batch_size]
-                loss = F.cross_entropy(folded(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+        fp32 = PrecisionPolicy.for_device("cpu", PrecisionConfig(train_dtype="fp32"))
+        fit_epochs(folded, train, train_cfg, policy=fp32)
     finally:
         for h in hooks:
             h.remove()

@@ -8,19 +8,17 @@ Checkpoint (Tune copies it to the run's storage, so it survives the worker). Rep
 
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from actors.train_local import TrainConfig, make_optimizer, shuffled_batches, train_one_epoch
-from kernels.precision import PrecisionPolicy
 from models.artifact import save_artifact
 from models.macs import count_macs, count_params
 from models.prune import prune_
 from models.quantize import quantize_
+from models.training import TrainConfig, fit_epochs
 from tune.baseline import BaselineConfig, EvalData, load_baseline
 from tune.measure import MeasureConfig, latency_ms
 from tune.space import TrialSettings
@@ -43,16 +41,10 @@ class TrialContext:
 
 
 def finetune(model: nn.Module, data: EvalData, epochs: int, lr: float, on_epoch) -> None:
-    """`epochs` of SGD on the train split (one cosine schedule over all of them, as after pruning), calling
-    `on_epoch(epoch, test_accuracy)` after each."""
-    x, y = data.train
+    """`epochs` of SGD on the train split (one cosine schedule over all of them, as after pruning; the one
+    training loop of models/training.py), calling `on_epoch(epoch, test_accuracy)` after each."""
     cfg = TrainConfig(epochs=epochs, lr=lr)
-    opt, sched = make_optimizer(model, cfg, math.ceil(len(x) / cfg.batch_size))
-    policy = PrecisionPolicy.for_device("cpu", cfg.precision)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(epochs):
-        train_one_epoch(model, shuffled_batches(x, y, cfg.batch_size, gen), opt, sched, policy)
-        on_epoch(epoch + 1, data.accuracy(model))
+    fit_epochs(model, data.train, cfg, lambda epoch, stats: on_epoch(epoch + 1, data.accuracy(model)))
 
 
 def run_trial(settings: TrialSettings, ctx: TrialContext, report, out_dir: str) -> dict:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels.conv_bn import ConvBNAct
-from models.artifact import ArtifactError, load_artifact, read_manifest, save_artifact
+from models.artifact import ArtifactError, compiled_tolerance, load_artifact, read_manifest, save_artifact
 from models.cnn import ModelConfig, build_model
 from models.prune import PruneConfig, channel_counts, prune_
 from models.quantize import FP8, Int8PTQ, QuantizedModel, quantize_
@@ -75,7 +75,13 @@ def test_quantized_round_trip_identical_predictions(tmp_path, config):
     loaded, _ = load_artifact(tmp_path / "q")
     assert isinstance(loaded, QuantizedModel) and loaded.scheme == config.scheme
     x = _inputs(50, seed=4)  # inputs never seen at save time
-    torch.testing.assert_close(loaded(x), q(x), rtol=0, atol=0)
+    if config.scheme == "int8_ptq":  # loaded compiled (the served graph); its reference graph is the saved one
+        assert loaded.compiled
+        torch.testing.assert_close(loaded.reference(x), q(x), rtol=0, atol=0)
+        tol = compiled_tolerance(manifest["probe"], q(x))
+        assert (loaded(x) - q(x)).abs().max().item() <= tol
+    else:
+        torch.testing.assert_close(loaded(x), q(x), rtol=0, atol=0)
     stored = [e for e in manifest["tensors"]["entries"] if e["name"].endswith("weight.q")]
     assert {e["dtype"] for e in stored} == {"int8" if config.scheme == "int8_ptq" else "float8_e4m3fn"}
     assert sum(torch.Size(e["shape"]).numel() for e in stored) == n_weights
@@ -162,3 +168,30 @@ def test_save_rejects_bad_arguments(tmp_path):
         save_artifact(_tiny(), tmp_path, input_shape=SHAPE, class_names=["a"])
     with pytest.raises(TypeError, match="CNN or a QuantizedModel"):
         save_artifact(torch.nn.Linear(2, 2), tmp_path, input_shape=SHAPE)
+
+
+def test_sweep_int8_artifact_of_colour_model_always_loads(tmp_path):
+    """The sweep's output: a 3-channel model pruned 8%, INT8 PTQ, compiled for its latency measurement before
+    saving (the recorded logits then came from the compiled graph and every Serve replica refused the
+    artifact: "logits differ from the recorded ones by 0.0133"). It loads, compiled, and passes."""
+    from actors.dataset import colour_images
+    from models.cnn import ModelConfig, build_model
+    from models.prune import PruneConfig, prune_
+    from tune.measure import MeasureConfig, latency_ms
+
+    x = torch.from_numpy(colour_images(96)[0])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("tiny", in_channels=3, num_classes=6))
+    with torch.no_grad():  # BN statistics that are not the identity
+        model.train()(x)
+    prune_(model, PruneConfig(ratio=0.08), input_shape=(3, 16, 16))
+    fp32 = save_artifact(model, tmp_path / "pruned", input_shape=(3, 16, 16), probe=x[:16])
+    assert fp32["pruning"] is not None
+    load_artifact(tmp_path / "pruned")
+    q = quantize_(model, Int8PTQ(), calib=x)
+    latency_ms(q, (3, 16, 16), MeasureConfig(batch_sizes=(1,), warmup=1, iters=2))  # compiles, as the trial does
+    manifest = save_artifact(q, tmp_path / "int8", input_shape=(3, 16, 16), probe=x[:32])
+    assert manifest["probe"]["compiled_max_diff"] is not None
+    loaded, _ = load_artifact(tmp_path / "int8")
+    assert loaded.compiled
+    torch.testing.assert_close(loaded.reference(x[:32]), q.reference(x[:32]), rtol=0, atol=0)
