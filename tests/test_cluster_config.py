@@ -45,3 +45,30 @@ def test_broken_copies_fail_validation(name, breakage):
     with pytest.raises(Exception) as info:
         validate_config(prepare_config(cfg))
     assert type(info.value).__name__ in {"ValueError", "ValidationError", "KeyError", "TypeError"}
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
+def test_every_node_installs_tandem_and_starts_with_haproxy(name):
+    cfg = prepare_config(copy.deepcopy(_load(name)))
+    # setup_commands run on every node (head_setup/worker_setup only on one kind)
+    assert any("pip install -e" in c for c in cfg["setup_commands"])
+    assert cfg["file_mounts"].get("~/tandem") == "."  # the checkout every node installs from
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if "ray start" in c]
+        assert start and all("RAY_SERVE_ENABLE_HA_PROXY=1" in c for c in start), (key, start)
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
+def test_header_says_how_to_submit_each_step_with_shared_storage(name):
+    header = "\n".join(ln for ln in (ROOT / name).read_text().splitlines() if ln.startswith("#"))
+    for step in ("run", "train", "tune", "serve"):
+        assert f"-- tandem {step} --address auto" in header, step
+    assert "--storage s3://" in header and '"excludes": [".venv", "runs"]' in header
+
+
+def test_aws_storage_bucket_is_created_on_the_head():
+    cfg = _load("cluster.yaml")
+    header = (ROOT / "cluster.yaml").read_text()
+    bucket = "my-tandem-bucket"
+    assert any(f"s3 mb s3://{bucket}" in c for c in cfg["head_setup_commands"])
+    assert f"--storage s3://{bucket}/runs" in header
