@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
-from actors.dataset import DatasetInfo, parquet_files
+from actors.dataset import DatasetInfo, decode_images, encode_labels, parquet_files
 
 
 @dataclass(kw_only=True, slots=True)
@@ -58,13 +57,16 @@ class StreamConfig:
             raise ValueError("unbiased needs weighted=True")
 
 
-def decode_batch(batch: pa.Table, image_shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """Arrow rows (image as a list column) -> numpy {'sample_id', 'image' (B, C, H, W) float32, 'label'}."""
-    flat = pc.list_flatten(batch.column("image")).to_numpy(zero_copy_only=False)
+def decode_batch(
+    batch: pa.Table, image_shape: tuple[int, int, int], class_names: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """Arrow rows -> numpy {'sample_id', 'image' (B, C, H, W) float32, 'label' int64}: any supported image column
+    (list of float/uint8, or encoded PNG/JPEG bytes) and integer or string labels (by `class_names`), decoded
+    here, on the Ray Data worker."""
     return {
-        "sample_id": batch.column("sample_id").to_numpy(),
-        "image": np.array(flat, dtype=np.float32).reshape(len(batch), *image_shape),
-        "label": batch.column("label").to_numpy(),
+        "sample_id": batch.column("sample_id").to_numpy().astype(np.int64),
+        "image": decode_images(batch.column("image"), image_shape),
+        "label": encode_labels(batch.column("label"), class_names),
     }
 
 
@@ -85,7 +87,7 @@ def build_stream(info: DatasetInfo, cfg: StreamConfig, store=None) -> ray.data.D
         decode_batch,
         batch_format="pyarrow",
         batch_size=cfg.block_rows,
-        fn_kwargs={"image_shape": info.image_shape},
+        fn_kwargs={"image_shape": info.image_shape, "class_names": info.class_names},
     )
     if decoded_nbytes(info) <= cfg.cache_max_bytes:
         ds = ds.materialize()  # small: decode once; each epoch then only redraws from the cached blocks

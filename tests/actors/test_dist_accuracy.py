@@ -62,3 +62,26 @@ def test_distributed_matches_local_on_colour_data(ray_local, tmp_path):
     dist_acc = res.history[-1]["test_accuracy"]
     assert local.test_accuracy >= 0.95, local.history  # the data is learnable in these epochs
     assert dist_acc >= local.test_accuracy - 0.01, (dist_acc, local.test_accuracy, res.history)
+
+
+def test_image_folder_trains_through_ray_data(ray_local, tmp_path):
+    """PNG files in class subfolders (written here with Pillow): string labels, decoded by Ray Data on the
+    workers, trained and scored."""
+    from PIL import Image
+
+    x, y = colour_images(240, image_shape=(3, 8, 8), num_classes=3, seed=2)
+    names = ("ant", "bee", "cat")
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        d = tmp_path / "imgs" / names[label]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(d / f"{i:04d}.png")
+    splits = prepare_data(DataConfig(train_path=str(tmp_path / "imgs")), tmp_path / "w")
+    assert splits.class_names == list(names) and splits.image_shape == (3, 8, 8)
+    job = TrainJob(
+        model=ModelSpec(preset="tiny"),
+        train=TrainConfig(epochs=4, batch_size=32, precision=PrecisionConfig(train_dtype="fp32")),
+        dist=DistConfig(num_workers=2, cpus_per_worker=1.0, name="image-folder"),
+        stream=StreamConfig(weighted=False),
+    )
+    res = fit_distributed(job, splits, str(tmp_path / "w"))
+    assert res.history[-1]["test_accuracy"] >= 0.8, res.history
