@@ -20,8 +20,10 @@ dominates.
 Gradual schedule: step k of n keeps round(C0 * (1 - ratio * k / n)) channels of each group (C0 = the count
 before the first step), with the caller's fine-tuning between steps (`finetune(model, step)`).
 
-Only the `CNN` layout of models/cnn.py is understood; any other model raises TypeError (a user model would
-need its channel groups traced, cf. Torch-Pruning's DepGraph, which does not know this custom op either).
+`prune_` understands the `CNN` layout of models/cnn.py; any other model goes through `prune_traced_`, which
+traces the channel groups with Torch-Pruning's dependency graph on a plain Conv -> BN -> act view of each
+`ConvBNAct` (whose custom autograd op Torch-Pruning cannot see through), and records the resulting layer shapes
+(`module_shapes`) so that an artifact can rebuild the pruned model (`apply_module_shapes_`).
 After pruning, the layers hold new Parameter objects: build the optimizer afterwards.
 """
 
@@ -94,9 +96,7 @@ class PruneReport:
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
     """The channel groups of a `CNN`, in network order."""
     if not isinstance(model, CNN):
-        raise TypeError(
-            f"model must be a models.cnn.CNN (other layouts are not traced), got {type(model).__name__}"
-        )
+        raise TypeError(f"model must be a models.cnn.CNN (other layouts are not traced), got {type(model).__name__}")
     stream = ChannelGroup(producers=["stem"])  # the channels flowing along the residual path
     groups: list[ChannelGroup] = []
     for i, block in enumerate(model.blocks):
@@ -202,9 +202,7 @@ def prune_group_(model: nn.Module, group: ChannelGroup, n_keep: int) -> torch.Te
 
 
 def _targets(model: nn.Module, cfg: PruneConfig) -> list[tuple[ChannelGroup, int]]:
-    return [
-        (g, _group_size(model, g)) for g in channel_groups(model) if cfg.residual or not g.residual
-    ]
+    return [(g, _group_size(model, g)) for g in channel_groups(model) if cfg.residual or not g.residual]
 
 
 def prune_(
@@ -235,9 +233,7 @@ def resize_(model: nn.Module, channels: dict[str, int]) -> nn.Module:
     state_dict loads into it; the kept values are placeholders to be overwritten. Returns `model`."""
     have = channel_counts(model)
     if set(channels) != set(have):
-        raise ValueError(
-            f"channels must name exactly the model's ConvBNAct ops {sorted(have)}, got {sorted(channels)}"
-        )
+        raise ValueError(f"channels must name exactly the model's ConvBNAct ops {sorted(have)}, got {sorted(channels)}")
     for group in channel_groups(model):
         want = {channels[n] for n in group.producers}
         if len(want) != 1:
@@ -255,3 +251,173 @@ def keep_count(c0: int, ratio: float, min_channels: int = 1) -> int:
     """Channels a group of `c0` keeps at `ratio` (the rounding prune_ uses)."""
     return max(min(min_channels, c0), round(c0 * (1.0 - ratio)))
 
+
+# ------------------------------------------------------------------------------------- any traceable model
+
+
+class _Unfused(nn.Module):
+    """Conv -> BN -> act of a `ConvBNAct` as plain module calls on the SAME conv and bn modules.
+
+    Torch-Pruning (DepGraph, Fang et al., CVPR 2023) finds coupled channels by walking the autograd graph of a
+    forward pass; `ConvBNAct`'s custom autograd Function is one opaque node there, so its conv and BN (and every
+    residual add or concat behind it) would look unconnected. Pruning runs on this view instead: the op's conv
+    and bn are shrunk in place and the op, put back, computes with them."""
+
+    def __init__(self, op: ConvBNAct):
+        super().__init__()
+        self.conv, self.bn = op.conv, op.bn
+        self.act = ConvBNAct.activation_module(op.act.name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """The layer producing the logits (last nn.Linear or Conv2d run): its outputs are the classes, never pruned."""
+    last: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, a, o: last.append(mod)) for m in model.modules()
+             if isinstance(m, nn.Linear | nn.Conv2d)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return last[-1] if last else None
+
+
+def module_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Channel geometry of every Conv2d, BatchNorm2d and Linear (ConvBNAct's included), by qualified name: what
+    an artifact records to rebuild a pruned user model (`apply_module_shapes_`)."""
+    out: dict[str, dict[str, int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.BatchNorm2d):
+            out[name] = {"out": m.num_features}
+        elif isinstance(m, nn.Linear):
+            out[name] = {"in": m.in_features, "out": m.out_features}
+    return out
+
+
+@torch.no_grad()
+def apply_module_shapes_(model: nn.Module, shapes: dict[str, dict[str, int]]) -> nn.Module:
+    """Shrinks the layers of a freshly built model to the recorded `shapes` (placeholder values, to be
+    overwritten by load_state_dict). Raises ValueError when the recorded layers are not the model's."""
+    have = module_shapes(model)
+    if set(have) != set(shapes):
+        odd = sorted(set(have) ^ set(shapes))[:6]
+        raise ValueError(f"recorded layer shapes must name exactly the model's conv/BN/linear layers; differ: {odd}")
+    for name, want in shapes.items():
+        m = model.get_submodule(name)
+        if want == have[name]:
+            continue
+        if isinstance(m, nn.Conv2d):
+            cin, cout, g = int(want["in"]), int(want["out"]), int(want["groups"])
+            if g < 1 or cin % g or cout % g:
+                raise ValueError(f"{name}: in/out channels {cin}/{cout} must be multiples of groups {g}")
+            m.weight = nn.Parameter(m.weight.new_zeros(cout, cin // g, *m.kernel_size), m.weight.requires_grad)
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.new_zeros(cout), m.bias.requires_grad)
+            m.in_channels, m.out_channels, m.groups = cin, cout, g
+        elif isinstance(m, nn.BatchNorm2d):
+            c = int(want["out"])
+            if m.weight is not None:
+                m.weight = nn.Parameter(m.weight.new_ones(c), m.weight.requires_grad)
+                m.bias = nn.Parameter(m.bias.new_zeros(c), m.bias.requires_grad)
+            if m.running_mean is not None:
+                m.running_mean, m.running_var = m.running_mean.new_zeros(c), m.running_var.new_ones(c)
+            m.num_features = c
+        else:
+            cin, cout = int(want["in"]), int(want["out"])
+            m.weight = nn.Parameter(m.weight.new_zeros(cout, cin), m.weight.requires_grad)
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.new_zeros(cout), m.bias.requires_grad)
+            m.in_features, m.out_features = cin, cout
+    for m in model.modules():
+        if isinstance(m, ConvBNAct):
+            m._folded = None
+    return model
+
+
+@dataclass(slots=True)
+class GraphPruneReport(PruneReport):
+    """`PruneReport` of a traced model, with the layers left as they were."""
+
+    shapes: dict[str, dict[str, int]] = field(default_factory=dict)
+    """`module_shapes` after pruning (the plan an artifact records)."""
+    unpruned: list[str] = field(default_factory=list)
+    """Conv layers whose output channels were not pruned (the output layer, ungroupable ones)."""
+
+    def to_dict(self) -> dict:
+        return {**PruneReport.to_dict(self), "shapes": self.shapes, "unpruned": list(self.unpruned)}
+
+
+def prune_traced_(
+    model: nn.Module,
+    cfg: PruneConfig,
+    *,
+    input_shape: tuple[int, int, int],
+    finetune: Callable[[nn.Module, int], None] | None = None,
+) -> GraphPruneReport:
+    """Prunes any fx/autograd-traceable CNN (a user model after `fuse_`) in place with Torch-Pruning's dependency
+    graph: channels coupled through residual adds, concatenation, depthwise/grouped convs, BN and the Linear head
+    are removed together, by group L1 magnitude, `cfg.steps` steps with `finetune(model, step)` after each. The
+    output layer keeps its classes. The forward is checked afterwards (same output shape, finite values)."""
+    import torch_pruning as tp
+
+    if cfg.min_channels != 1 or not cfg.residual:
+        raise ValueError("prune_traced_ supports min_channels=1 and residual=True only (Torch-Pruning groups them)")
+    example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        want = model(example).shape
+    params0, macs0 = count_params(model), count_macs(model, input_shape)
+    before = module_shapes(model)
+    ops = [(n, m) for n, m in model.named_modules() if isinstance(m, ConvBNAct)]
+    for name, op in ops:
+        _set_submodule(model, name, _Unfused(op))
+    try:
+        head = _output_layer(model, example)
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=cfg.ratio,
+            iterative_steps=cfg.steps,
+            ignored_layers=[head] if head is not None else [],
+        )
+        for step in range(1, cfg.steps + 1):
+            pruner.step()
+            if finetune is not None:
+                for name, op in ops:
+                    op._folded = None
+                    _set_submodule(model, name, op)
+                finetune(model, step)
+                for name, op in ops:
+                    _set_submodule(model, name, _Unfused(op))
+    finally:
+        for name, op in ops:
+            op._folded = None
+            _set_submodule(model, name, op)
+    model.eval()
+    with torch.no_grad():
+        out = model(example)
+    if out.shape != want or not torch.isfinite(out).all():
+        raise RuntimeError(
+            f"pruning broke the model: output {tuple(out.shape)} (finite: {bool(torch.isfinite(out).all())}), "
+            f"expected {tuple(want)}"
+        )
+    model.train(was_training)
+    after = module_shapes(model)
+    unpruned = [n for n, s in after.items() if "groups" in s and s["out"] == before[n]["out"]]
+    return GraphPruneReport(
+        params0, count_params(model), macs0, count_macs(model, input_shape), channel_counts(model),
+        shapes=after, unpruned=unpruned,
+    )  # fmt: skip
