@@ -46,6 +46,8 @@ SILU = Activation(
 )
 
 ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (IDENTITY, RELU, RELU6, SILU)}
+BY_CODE: dict[int, Activation] = {a.code: a for a in ACTIVATIONS.values()}
+"""Activation by its integer code (the custom ops of kernels/conv_bn.py take the code, a schema-friendly int)."""
 
 
 def get_activation(name: str | None) -> Activation:

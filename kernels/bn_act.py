@@ -220,8 +220,10 @@ def bn_act_backward_triton(g_out, y, gamma, beta, mean, invstd, act: Activation,
 def bn_act_backward_reference(g_out, y, gamma, beta, mean, invstd, act: Activation):
     """PyTorch reference (and CPU path). The BN part is aten's fused batch-norm backward, which computes
     exactly the formula in the module docstring in two passes over memory."""
-    z = bn_act_forward_reference(y, gamma, beta, mean, invstd, IDENTITY)
-    g_z = act.backward(g_out, z)
+    if act is IDENTITY:  # no pre-activation needed: skip recomputing it (one pass over memory less)
+        g_z = g_out
+    else:
+        g_z = act.backward(g_out, bn_act_forward_reference(y, gamma, beta, mean, invstd, IDENTITY))
     g_y, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
         g_z, y, gamma, None, None, mean, invstd, True, 0.0, [True, True, True]
     )

@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.activations import Activation, get_activation
+from kernels.activations import BY_CODE, Activation, get_activation
 from kernels.bn_act import bn_act_backward, bn_act_train_forward
+from kernels.bn_stats import stat_dtype
 
 _FREEZE_STATS = contextvars.ContextVar("tandem_freeze_running_stats", default=False)
 
@@ -76,54 +77,307 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _ConvBNActFunction(torch.autograd.Function):
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
+    """channels_last on CPU: oneDNN's native conv layout (an NCHW conv pays a reorder to and from a blocked layout
+    on every call; measured here 1.2-1.8x slower for conv forward and backward at 16-128 channels, 1 thread).
+    A no-op for a tensor already in it, so only a model's first op converts; values are unchanged."""
+    if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x  # float64 convs take aten's reference path, for which channels_last is far slower
+
+
+def _dense_format(t: torch.Tensor) -> torch.memory_format:
+    """The memory format a custom op's output takes for input `t`: the same rule in the real and the fake kernel,
+    so the strides inductor plans with are the strides it gets."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _BNActFunction(torch.autograd.Function):
+    """BN (batch statistics) + activation over a conv output y computed outside, by autograd's own conv node:
+    the `fast` mode. Saves y and the statistics; the conv node saves its input. Nothing else is kept."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps, spec, act, lean):
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xc, wc = x.to(dtype), weight.to(dtype)
-            bc = None if bias is None else bias.to(dtype)
-            y = spec.conv(xc, wc, bc)  # (B, C, H, W)
-            # mean, invstd: (C,) batch statistics; running stats updated in place when given
-            out, mean, invstd = bn_act_train_forward(
-                y, gamma, beta, running_mean, running_var, momentum, eps, act
-            )
-        saved_y = None if lean else y
-        ctx.save_for_backward(xc, wc, bc, gamma, beta, mean, invstd, saved_y)
-        ctx.spec, ctx.act, ctx.lean = spec, act, lean
-        ctx.in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(*(t for t in (running_mean, running_var) if t is not None))
+    def forward(ctx, y, gamma, beta, running_mean, running_var, momentum, eps, act):
+        out, mean, invstd = bn_act_train_forward(y, gamma, beta, running_mean, running_var, momentum, eps, act)
+        ctx.save_for_backward(y, gamma, beta, mean, invstd)
+        ctx.act = act
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
-        xc, wc, bc, gamma, beta, mean, invstd, y = ctx.saved_tensors
-        spec: _ConvSpec = ctx.spec
-        if ctx.lean:
-            y = spec.conv(xc, wc, bc)  # recompute: bitwise the forward's y (same inputs, same kernel)
+        y, gamma, beta, mean, invstd = ctx.saved_tensors
         g_y, g_gamma, g_beta = bn_act_backward(g_out.to(y.dtype), y, gamma, beta, mean, invstd, ctx.act)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        g_x, g_w, g_b = torch.ops.aten.convolution_backward(
-            g_y.to(y.dtype),
-            xc,
-            wc,
-            None if bc is None else [bc.shape[0]],
-            list(spec.stride),
-            list(spec.padding),
-            list(spec.dilation),
-            False,
-            [0, 0],
-            spec.groups,
-            [need_x, need_w, need_b and bc is not None],
+        g_gamma = g_gamma.to(gamma.dtype) if ctx.needs_input_grad[1] else None
+        g_beta = g_beta.to(beta.dtype) if ctx.needs_input_grad[2] else None
+        return g_y, g_gamma, g_beta, None, None, None, None, None
+
+
+def _lean_forward(xc, wc, bc, gamma, beta, running_mean, running_var, momentum, eps, spec, act):
+    y = spec.conv(xc, wc, bc)  # (B, C, H, W)
+    # mean, invstd: (C,) batch statistics; running stats updated in place when given
+    return bn_act_train_forward(y, gamma, beta, running_mean, running_var, momentum, eps, act)
+
+
+def _lean_backward(g_out, xc, wc, bc, gamma, beta, mean, invstd, spec, act, need):
+    """(g_x, g_w, g_b, g_gamma, g_beta) of the lean op; `need` = which of (x, w, b) want a gradient."""
+    y = spec.conv(xc, wc, bc)  # recompute: bitwise the forward's y (same inputs, same kernel)
+    g_y, g_gamma, g_beta = bn_act_backward(g_out.to(y.dtype), y, gamma, beta, mean, invstd, act)
+    del y
+    g_x, g_w, g_b = torch.ops.aten.convolution_backward(
+        g_y,
+        xc,
+        wc,
+        None if bc is None else [bc.shape[0]],
+        list(spec.stride),
+        list(spec.padding),
+        list(spec.dilation),
+        False,
+        [0, 0],
+        spec.groups,
+        [need[0], need[1], need[2] and bc is not None],
+    )
+    return g_x, g_w, g_b, g_gamma, g_beta
+
+
+class _ConvBNActFunction(torch.autograd.Function):
+    """The `lean` mode: conv + BN + activation; saves the conv input and the statistics, recomputes the conv."""
+
+    @staticmethod
+    def forward(ctx, xc, wc, bc, gamma, beta, running_mean, running_var, momentum, eps, spec, act):
+        out, mean, invstd = _lean_forward(xc, wc, bc, gamma, beta, running_mean, running_var, momentum, eps, spec, act)
+        ctx.save_for_backward(xc, wc, bc, gamma, beta, mean, invstd)
+        ctx.spec, ctx.act = spec, act
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out):
+        xc, wc, bc, gamma, beta, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_x, g_w, g_b, g_gamma, g_beta = _lean_backward(
+            g_out, xc, wc, bc, gamma, beta, mean, invstd, ctx.spec, ctx.act, need[:3]
         )
-        x_dtype, w_dtype, b_dtype = ctx.in_dtypes
-        g_x = None if g_x is None else g_x.to(x_dtype)
-        g_w = None if g_w is None else g_w.to(w_dtype)
-        g_b = None if g_b is None else g_b.to(b_dtype)
-        g_gamma = g_gamma.to(gamma.dtype) if ctx.needs_input_grad[3] else None
-        g_beta = g_beta.to(beta.dtype) if ctx.needs_input_grad[4] else None
-        return g_x, g_w, g_b, g_gamma, g_beta, None, None, None, None, None, None, None
+        g_gamma = g_gamma.to(gamma.dtype) if need[3] else None
+        g_beta = g_beta.to(beta.dtype) if need[4] else None
+        return g_x, g_w, g_b, g_gamma, g_beta, None, None, None, None, None, None
+
+
+# ---- torch.library custom ops: the same computation, in a form torch.compile traces (fullgraph) --------------
+# Eager calls go through the autograd.Functions above (a custom op's dispatch costs tens of microseconds per
+# call, which a small model's step notices); under torch.compile the op is these custom ops, whose fake kernels
+# give inductor shapes, dtypes and strides and whose registered autograd gives AOTAutograd the backward.
+_Opt = torch.Tensor | None
+
+
+def _stats_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
+
+
+def _stats_out(rm: torch.Tensor | None, rv: torch.Tensor | None, like: torch.Tensor):
+    empty = like.new_empty(0, dtype=torch.float32)
+    return (empty, empty.clone()) if rm is None else (rm, rv)
+
+
+def _update_running(running_mean, running_var, new_mean, new_var) -> None:
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+
+
+@torch.library.custom_op("tandem::bn_act_train", mutates_args=())
+def _bn_act_train_op(
+    y: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    running_mean: _Opt,
+    running_var: _Opt,
+    momentum: float,
+    eps: float,
+    act: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, invstd, new running mean, new running var); the last two are empty without running stats.
+    Functional (an op with registered autograd may not mutate its inputs): the caller copies them in."""
+    rm, rv = _stats_copy(running_mean), _stats_copy(running_var)
+    out, mean, invstd = bn_act_train_forward(y, gamma, beta, rm, rv, momentum, eps, BY_CODE[act])
+    return out.contiguous(memory_format=_dense_format(y)), mean, invstd, *_stats_out(rm, rv, y)
+
+
+@_bn_act_train_op.register_fake
+def _(y, gamma, beta, running_mean, running_var, momentum, eps, act):
+    c, sd = y.shape[1], stat_dtype(y.dtype)
+    out = torch.empty_like(y, memory_format=_dense_format(y))
+    rm, rv = _stats_copy(running_mean), _stats_copy(running_var)
+    return out, y.new_empty(c, dtype=sd), y.new_empty(c, dtype=sd), *_stats_out(rm, rv, y)
+
+
+@torch.library.custom_op("tandem::bn_act_backward", mutates_args=())
+def _bn_act_backward_op(
+    g_out: torch.Tensor,
+    y: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    act: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g_y, g_gamma, g_beta = bn_act_backward(g_out.to(y.dtype), y, gamma, beta, mean, invstd, BY_CODE[act])
+    return g_y.contiguous(memory_format=_dense_format(y)), g_gamma.to(gamma.dtype), g_beta.to(beta.dtype)
+
+
+@_bn_act_backward_op.register_fake
+def _(g_out, y, gamma, beta, mean, invstd, act):
+    return torch.empty_like(y, memory_format=_dense_format(y)), torch.empty_like(gamma), torch.empty_like(beta)
+
+
+def _bn_act_setup(ctx, inputs, output):
+    y, gamma, beta, _, _, _, _, act = inputs
+    _, mean, invstd, _, _ = output
+    ctx.save_for_backward(y, gamma, beta, mean, invstd)
+    ctx.act = act
+
+
+def _bn_act_grad(ctx, g_out, *_):
+    y, gamma, beta, mean, invstd = ctx.saved_tensors
+    g_y, g_gamma, g_beta = torch.ops.tandem.bn_act_backward(g_out, y, gamma, beta, mean, invstd, ctx.act)
+    return g_y, g_gamma, g_beta, None, None, None, None, None
+
+
+torch.library.register_autograd("tandem::bn_act_train", _bn_act_grad, setup_context=_bn_act_setup)
+
+
+@torch.library.custom_op("tandem::conv_bn_act_lean", mutates_args=())
+def _lean_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: _Opt,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    running_mean: _Opt,
+    running_var: _Opt,
+    momentum: float,
+    eps: float,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs as tandem::bn_act_train's."""
+    spec = _ConvSpec(tuple(stride), tuple(padding), tuple(dilation), groups)
+    rm, rv = _stats_copy(running_mean), _stats_copy(running_var)
+    out, mean, invstd = _lean_forward(x, weight, bias, gamma, beta, rm, rv, momentum, eps, spec, BY_CODE[act])
+    return out.contiguous(memory_format=_dense_format(x)), mean, invstd, *_stats_out(rm, rv, x)
+
+
+@_lean_op.register_fake
+def _(x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps, stride, padding, dilation, groups, act):
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # fake tensors: shape only
+    c, sd = y.shape[1], stat_dtype(y.dtype)
+    out = torch.empty_like(y, memory_format=_dense_format(x))
+    rm, rv = _stats_copy(running_mean), _stats_copy(running_var)
+    return out, y.new_empty(c, dtype=sd), y.new_empty(c, dtype=sd), *_stats_out(rm, rv, x)
+
+
+@torch.library.custom_op("tandem::conv_bn_act_lean_backward", mutates_args=())
+def _lean_backward_op(
+    g_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: _Opt,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All five gradients (bias: zeros(0) when there is none); a custom op cannot return None."""
+    spec = _ConvSpec(tuple(stride), tuple(padding), tuple(dilation), groups)
+    g_x, g_w, g_b, g_gamma, g_beta = _lean_backward(
+        g_out, x, weight, bias, gamma, beta, mean, invstd, spec, BY_CODE[act], (True, True, bias is not None)
+    )
+    g_b = weight.new_zeros(0) if g_b is None else g_b
+    return (
+        g_x.contiguous(memory_format=_dense_format(x)),
+        g_w.contiguous(),
+        g_b,
+        g_gamma.to(gamma.dtype),
+        g_beta.to(beta.dtype),
+    )
+
+
+@_lean_backward_op.register_fake
+def _(g_out, x, weight, bias, gamma, beta, mean, invstd, stride, padding, dilation, groups, act):
+    g_b = weight.new_empty(0) if bias is None else torch.empty_like(bias)
+    return (
+        torch.empty_like(x, memory_format=_dense_format(x)),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        g_b,
+        torch.empty_like(gamma),
+        torch.empty_like(beta),
+    )
+
+
+def _lean_setup(ctx, inputs, output):
+    x, weight, bias, gamma, beta, _, _, _, _, stride, padding, dilation, groups, act = inputs
+    _, mean, invstd, _, _ = output
+    ctx.save_for_backward(x, weight, bias, gamma, beta, mean, invstd)
+    ctx.conv_args = (stride, padding, dilation, groups, act)
+
+
+def _lean_grad(ctx, g_out, *_):
+    x, weight, bias, gamma, beta, mean, invstd = ctx.saved_tensors
+    g_x, g_w, g_b, g_gamma, g_beta = torch.ops.tandem.conv_bn_act_lean_backward(
+        g_out, x, weight, bias, gamma, beta, mean, invstd, *ctx.conv_args
+    )
+    return g_x, g_w, g_b if bias is not None else None, g_gamma, g_beta, *([None] * 9)
+
+
+torch.library.register_autograd("tandem::conv_bn_act_lean", _lean_grad, setup_context=_lean_setup)
+
+
+def _train(x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps, spec, act, lean):
+    """Training-mode op on validated arguments: casts for autocast, picks the eager or the traceable form."""
+    x = _cpu_layout(x)
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:  # the conv in the autocast dtype, cast once here; statistics in fp32
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    ctx = torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext()
+    with ctx:
+        if torch.compiler.is_compiling():
+            if lean:
+                out, _, _, new_mean, new_var = torch.ops.tandem.conv_bn_act_lean(
+                    x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps,
+                    list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, act.code,
+                )  # fmt: skip
+            else:
+                y = spec.conv(x, weight, bias)
+                out, _, _, new_mean, new_var = torch.ops.tandem.bn_act_train(
+                    y, gamma, beta, running_mean, running_var, momentum, eps, act.code
+                )
+            _update_running(running_mean, running_var, new_mean, new_var)
+            return out
+        if lean:
+            return _ConvBNActFunction.apply(
+                x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps, spec, act
+            )
+        # fast: the conv is autograd's own node (it saves x); the Function saves y and the statistics
+        return _BNActFunction.apply(
+            spec.conv(x, weight, bias), gamma, beta, running_mean, running_var, momentum, eps, act
+        )
 
 
 def fold_conv_bn(
@@ -148,9 +402,7 @@ def fold_conv_bn(
 
 
 def _ones_zeros(c: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ones(c, device=like.device, dtype=like.dtype), torch.zeros(
-        c, device=like.device, dtype=like.dtype
-    )
+    return torch.ones(c, device=like.device, dtype=like.dtype), torch.zeros(c, device=like.device, dtype=like.dtype)
 
 
 def conv_bn_act(
@@ -185,16 +437,14 @@ def conv_bn_act(
         if running_mean is None or running_var is None:
             raise ValueError("eval mode needs running_mean and running_var (or pass training=True)")
         w, b = fold_conv_bn(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-        return act.forward(spec.conv(x, w, b))
+        return act.forward_(spec.conv(_cpu_layout(x), w, b))  # the conv's output is ours: activation in place
     c = weight.shape[0]
     if bn_weight is None or bn_bias is None:
         ones, zeros = _ones_zeros(c, weight if weight.dtype == torch.float64 else weight.float())
         bn_weight = ones if bn_weight is None else bn_weight
         bn_bias = zeros if bn_bias is None else bn_bias
     lean = SaveMode.parse(save) is SaveMode.LEAN
-    return _ConvBNActFunction.apply(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, spec, act, lean
-    )
+    return _train(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, spec, act, lean)
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -251,9 +501,7 @@ class ConvBNAct(nn.Module):
             device=device,
             dtype=dtype,
         )
-        bn = nn.BatchNorm2d(
-            out_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
-        )
+        bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self._adopt(conv, bn, act, save)
 
     def _adopt(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, save: str | SaveMode) -> None:
@@ -304,11 +552,14 @@ class ConvBNAct(nn.Module):
             None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors
         )
 
+    def _fold_args(self) -> tuple:
+        bn, conv = self.bn, self.conv
+        return conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w', b') of the eval-mode folded conv; cached until a parameter or running statistic changes.
         Differentiable (and then not cached) when grad is enabled and parameters require grad."""
-        bn, conv = self.bn, self.conv
-        args = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        args = self._fold_args()
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return fold_conv_bn(*args)
         key = self._fold_key()
@@ -321,25 +572,33 @@ class ConvBNAct(nn.Module):
         conv, bn = self.conv, self.bn
         _check_input(x, conv.weight, conv.groups)
         spec = _ConvSpec(conv.stride, conv.padding, conv.dilation, conv.groups)
+        compiling = torch.compiler.is_compiling()
         if not self.training and bn.track_running_stats:
-            w, b = self.folded()
-            return self.act.forward(spec.conv(x, w, b))
-        update = self.training and bn.track_running_stats and not _FREEZE_STATS.get()
-        return conv_bn_act(
+            # compiled: fold in the graph (inductor's freezing turns it into constants); eager: the cached fold
+            w, b = fold_conv_bn(*self._fold_args()) if compiling else self.folded()
+            y = spec.conv(_cpu_layout(x), w, b)
+            # in place when nothing can need the pre-activation (it is ours, and no graph records it)
+            return self.act.forward(y) if compiling or torch.is_grad_enabled() else self.act.forward_(y)
+        freeze = False if compiling else _FREEZE_STATS.get()  # a context variable is not traceable
+        update = self.training and bn.track_running_stats and not freeze
+        gamma, beta = bn.weight, bn.bias
+        if gamma is None or beta is None:
+            ones, zeros = _ones_zeros(
+                conv.out_channels, conv.weight if conv.weight.dtype == torch.float64 else conv.weight.float()
+            )
+            gamma = ones if gamma is None else gamma
+            beta = zeros if beta is None else beta
+        return _train(
             x,
             conv.weight,
             conv.bias,
-            bn.weight,
-            bn.bias,
+            gamma,
+            beta,
             bn.running_mean if update else None,
             bn.running_var if update else None,
-            training=True,
-            momentum=self._momentum() if update else 0.0,
-            eps=bn.eps,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            act=self.act,
-            save=self.save,
+            self._momentum() if update else 0.0,
+            bn.eps,
+            spec,
+            self.act,
+            self.save is SaveMode.LEAN,
         )
