@@ -1,6 +1,7 @@
 """Serving: adaptive batching (SLOModel, admission control) vs Serve's static `@serve.batch` and no batching (issue 6).
 
-One app on a local Ray (RAY_worker_niceness=0, so the proxy and replica are not at nice 15); each variant is a hot
+One app on a local Ray (RAY_worker_niceness=0, so the ingress and replica are not at nice 15) with tandem's
+default HTTP ingress, HAProxy straight to the replica (`--ingress proxy`: Serve's Python proxy); each variant is a hot
 update of the same replica (its user_config), so variants are interleaved run by run on the same process:
   nobatch          no @serve.batch, no admission control
   static_default   @serve.batch with Serve's defaults (10 / 10 ms), no admission control
@@ -31,7 +32,16 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
                                               into serving_overload.json)
   overload_goodput_ratio_handle               overload_goodput_ratio on that handle path at 3x its unbatched
                                               capacity (~1.5x what static batching holds; reported, no goal)
-Writes bench/results/serving.json. `--quick` (one repeat, 4 s runs, coarser rate grids: 0.2x steps) stays around
+  generator_ceiling_rps                       wrk (C, closed loop, 32 connections) against the ingress's no-op
+                                              /-/healthz: what generator + ingress pass with no model
+  saturated_ratio_adaptive_vs_static          wrk closed loop at 8/16/32 connections, the most requests/s with
+                                              p99 within the SLO, adaptive / static_default              >= 1.3
+  saturated_ratio_adaptive_vs_unbatched       same, adaptive / nobatch                                   >= 1.8
+  haproxy_vs_proxy_saturated_ratio            adaptive's saturated rate through HAProxy / through a fresh Ray
+                                              with Serve's Python proxy                                   >= 2.5
+  overload_refused_within_10ms_share          share of the 1.5x overload point's 503s answered within 10 ms
+wrk is installed with apt-get when missing. Writes bench/results/serving.json.
+`--quick` (one repeat, 4 s runs, coarser rate grids: 0.2x steps) stays around
 5 minutes; `--quick --fine --repeats 3` keeps 4 s runs but the full grids and the protocol's 3 repeats (what
 bench/results/serving.json holds, ~30 minutes).
 """
@@ -40,9 +50,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,8 +65,11 @@ from pathlib import Path
 from bench._common import print_table, write_result
 
 GOALS = {
-    "max_rate_ratio_adaptive_vs_static": (">=", 1.2),
-    "max_rate_ratio_adaptive_vs_nobatch": (">=", 1.5),
+    "saturated_ratio_adaptive_vs_static": (">=", 1.3),
+    "saturated_ratio_adaptive_vs_unbatched": (">=", 1.8),
+    "haproxy_vs_proxy_saturated_ratio": (">=", 2.5),
+    "max_rate_ratio_adaptive_vs_static": (">=", 1.3),
+    "max_rate_ratio_adaptive_vs_nobatch": (">=", 1.8),
     "attainment_tight_adaptive_minus_best_static": (">=", 0.0),
     "overload_goodput_ratio": (">=", 2.0),
     "max_rate_ratio_adaptive_vs_static_handle": (">=", 1.5),
@@ -208,6 +225,7 @@ class Bench:
     def handle(self, variant: str, pattern, duration_s: float, tag: str = "") -> dict:
         from ray import serve
 
+        from serve_app.app import Call
         from serve_app.loadgen import LoadConfig, arrival_times, open_loop, request_body, summarize
 
         self.use(variant, HANDLE_MODEL)
@@ -216,7 +234,7 @@ class Bench:
         h = serve.get_app_handle(self.cfg.app_name)
 
         async def send() -> int:
-            return (await h.respond.remote("predict", body, None)).status
+            return (await h.respond.remote(Call("predict", body))).status
 
         self.meter.start()
         samples = asyncio.run(open_loop(arrival_times(cfg), send, cfg.timeout_s))
@@ -243,6 +261,8 @@ class Bench:
 
         model = "tiny" if path == "http" else HANDLE_MODEL
         self.use(variant, model)
+        from serve_app.app import Call
+
         body = request_body(LoadConfig(), SHAPES[model])
         h = serve.get_app_handle(self.cfg.app_name)
 
@@ -256,7 +276,7 @@ class Bench:
                         async with session.post(f"{self.url}/predict", data=body) as r:
                             await r.read()
                     else:
-                        await h.respond.remote("predict", body, None)
+                        await h.respond.remote(Call("predict", body))
                 stop = time.monotonic() + seconds
 
                 async def client() -> None:
@@ -269,13 +289,82 @@ class Bench:
                         else:
                             # Await first, then add: `done += (await ...)` reads `done` before the await, so
                             # the 32 clients overwrote each other's counts (13.7/s measured for ~450/s served).
-                            reply = await h.respond.remote("predict", body, None)
+                            reply = await h.respond.remote(Call("predict", body))
                             done += reply.status == 200
 
                 await asyncio.gather(*(client() for _ in range(clients)))
             return done
 
         return asyncio.run(run()) / seconds
+
+
+# ------------------------------------------------------------------------------------------------ wrk
+
+WRK_CONNECTIONS = (8, 16, 32)
+"""Closed-loop points (connections) of the saturated comparison; the busiest one within the SLO counts."""
+
+
+def ensure_wrk() -> str:
+    """Path of `wrk` (Debian's C HTTP load generator), installed with apt-get when missing: a closed loop that
+    does not spend the cores it measures on a Python client."""
+    found = shutil.which("wrk")
+    if found is None:
+        subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, capture_output=True)
+        found = shutil.which("wrk")
+    if found is None:
+        raise RuntimeError("wrk must be installed (apt-get install -y wrk)")
+    return found
+
+
+def wrk(url: str, seconds: float, connections: int, body: bytes | None = None) -> dict[str, float]:
+    """One closed-loop point: `connections` back-to-back clients for `seconds` (2 threads). POSTs `body` as JSON
+    when given, else GETs. Returns rps (all answers), p99_ms (wrk's latency distribution) and non2xx."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [ensure_wrk(), "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
+        if body is not None:
+            script = Path(tmp) / "post.lua"
+            script.write_text(
+                'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                f"wrk.body = {json.dumps(body.decode())}\n"
+            )
+            cmd[1:1] = ["-s", str(script)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    m = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+    p99 = float(m[1]) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m[2]] if m else float("nan")
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {"rps": rps, "p99_ms": p99, "non2xx": int(bad[1]) if bad else 0, "connections": connections}
+
+
+def saturated(bench: Bench, variants: list[str], seconds: float, repeats: int) -> dict[str, dict]:
+    """Per variant: the highest wrk closed-loop throughput (requests/s, all 200) among WRK_CONNECTIONS whose p99
+    stays within the SLO (0 when none does), medians over `repeats`, variants interleaved."""
+    from serve_app.loadgen import LoadConfig, request_body
+
+    body = request_body(LoadConfig(), SHAPES["tiny"])
+    points: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for v in variants:
+            bench.use(v, "tiny")
+            for c in WRK_CONNECTIONS:
+                r = wrk(f"{bench.url}/predict", seconds, c, body)
+                points.setdefault(v, []).append(r)
+                print(f"  wrk {v:16s} c={c:2d}  {r['rps']:7.1f}/s  p99 {r['p99_ms']:6.1f} ms  non2xx {r['non2xx']}")
+    out = {}
+    for v, rs in points.items():
+        held = []
+        for i in range(repeats):
+            run = rs[i * len(WRK_CONNECTIONS) : (i + 1) * len(WRK_CONNECTIONS)]
+            ok = [r["rps"] for r in run if r["p99_ms"] <= SLO_S * 1e3 and r["non2xx"] == 0]
+            held.append(max(ok, default=0.0))
+        out[v] = {"rps_within_slo": statistics.median(held), "points": rs}
+    return out
+
+
+def generator_ceiling(url: str, seconds: float) -> float:
+    """wrk's requests/s at 32 connections against the ingress's no-op health endpoint (answered by HAProxy
+    itself, or by the proxy): what the generator and the ingress pass with no model behind them."""
+    return wrk(f"{url}/-/healthz", seconds, 32)["rps"]
 
 
 # ------------------------------------------------------------------------------------------------ protocol
@@ -418,6 +507,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "(~10 minutes with 3 repeats)")  # fmt: skip
     p.add_argument("--replica-queue", type=int, default=REPLICA_QUEUE,
                    help="the bounded deployments' replica-side max_queue_len")  # fmt: skip
+    p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
+                   help="HTTP ingress of the local Ray (default haproxy); haproxy also measures adaptive through the"
+                   " Python proxy for haproxy_vs_proxy_saturated_ratio")  # fmt: skip
     p.add_argument(
         "--bounds",
         default=",".join(map(str, BOUNDS)),
@@ -445,24 +537,47 @@ def main(argv: list[str] | None = None) -> dict:
 
     os.environ["RAY_worker_niceness"] = "0"  # before Ray starts: proxy and replicas at normal priority
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
     from ray import serve
 
     t_start = time.monotonic()
     load_before = os.getloadavg()
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    from tandem.local_ray import init_embedded, shutdown_embedded
+
+    wrk_s = 3.0 if args.quick else 10.0
+    init_embedded(8, args.ingress, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            bench = Bench(make_artifacts(Path(tmp)), CpuMeter())
+            artifacts = make_artifacts(Path(tmp))
+            bench = Bench(artifacts, CpuMeter())
             if args.overload_only:
                 cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if args.quick else 8.0)
                 res = {"unbatched_capacity_rps": cap, **overload_bounded(bench, cap, repeats, dur, period, bounds)}
                 res.update(hot_update_loss(bench, cap, repeats, bounds))
             else:
-                res = run(bench, repeats, dur, period, mults, hmults, args.quick, bounds)
+                res = {"ingress": args.ingress, "generator_ceiling_rps": generator_ceiling(bench.url, wrk_s)}
+                sat = saturated(bench, ["nobatch", "static_default", "adaptive"], wrk_s, repeats)
+                held = {v: x["rps_within_slo"] for v, x in sat.items()}
+                res.update(
+                    saturated_rps_within_slo=held,
+                    saturated_points=sat,
+                    saturated_ratio_adaptive_vs_static=ratio(held["adaptive"], held["static_default"]),
+                    saturated_ratio_adaptive_vs_unbatched=ratio(held["adaptive"], held["nobatch"]),
+                )
+                res.update(run(bench, repeats, dur, period, mults, hmults, args.quick, bounds))
+                if args.ingress == "haproxy":  # the same adaptive deployment through Serve's Python proxy
+                    serve.shutdown()
+                    shutdown_embedded()
+                    init_embedded(8, "proxy", include_dashboard=False, log_to_driver=False)
+                    proxy_bench = Bench(artifacts, CpuMeter())
+                    proxy = saturated(proxy_bench, ["adaptive"], wrk_s, repeats)["adaptive"]
+                    bench.runs.extend(proxy_bench.runs)
+                    res.update(
+                        proxy_saturated_rps_within_slo=proxy["rps_within_slo"],
+                        proxy_generator_ceiling_rps=generator_ceiling(proxy_bench.url, wrk_s),
+                        haproxy_vs_proxy_saturated_ratio=ratio(held["adaptive"], proxy["rps_within_slo"]),
+                    )
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        shutdown_embedded()
     res.update(
         slo_ms=SLO_S * 1e3,
         quick=args.quick,
@@ -546,6 +661,10 @@ def run(
 
     over = min(mults, key=lambda m: abs(m - 1.5))
     goodput = {v: statistics.median(r["goodput_rps"] for r in runs[(v, over)]) for v in variants}
+    # Refused at once: the share of the overload point's 503s answered within 10 ms of being sent.
+    refused = {v: sum(r["rejected_503"] for r in runs[(v, over)]) for v in variants}
+    fast = {v: sum(r["rejected_fast"] for r in runs[(v, over)]) for v in variants}
+    fast_share = {v: fast[v] / refused[v] if refused[v] else None for v in variants}
 
     over_bounded = overload_bounded(bench, cap, repeats, dur, period, bounds)
     over_bounded.update(hot_update_loss(bench, cap, repeats, bounds))
@@ -598,6 +717,7 @@ def run(
         "overload_mult": over,
         "overload_goodput_rps": goodput,
         "overload_goodput_ratio": ratio(goodput["adaptive"], goodput["static_default"]),
+        "overload_refused_within_10ms_share": fast_share,
         **over_bounded,
         "max_rate_ratio_adaptive_vs_static_handle": ratio(hheld["adaptive"], hheld["static_default"]),
         # Where the replica is the bottleneck (no proxy in front), admission control is what decides overload.

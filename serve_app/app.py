@@ -2,20 +2,27 @@
 
 `build_app(args)` is the application builder that `serve run serve_app.app:build_app artifact=...` and
 `serve deploy serve_app/serve_config.yaml` import. Without a canary the app is one deployment, `Model`, that is
-also the HTTP ingress (one hop: the proxy's ~3 ms per request is the dominant cost on CPU, see shared/ENV.md);
+also the HTTP ingress (one hop; with tandem's HAProxy ingress HAProxy sends HTTP straight to it, see
+tandem/local_ray.py);
 with a canary (`args["canary"]`) a `Router` ingress splits traffic between two such deployments, `Model` (stable)
 and `Canary` (serve_app/router.py).
 
-Routes (JSON in, JSON out; an error is `{"error": message}` with a 4xx/5xx status):
-    POST /predict                      {"instances": [x, ...]} -> {"classes", "probabilities", "model", "version"}
-    GET  /v2                           server metadata
+Routes (an error is `{"error": message}` with a 4xx/5xx status, on every route, FastAPI's own 404/405 included;
+wire formats and limits in serve_app/protocol.py):
+    POST /predict                      {"instances": [x, ...]} -> {"classes", "labels"?, "probabilities", ...}
+    GET  /v2                           server metadata (extensions: binary_tensor_data, statistics)
     GET  /v2/health/live, /v2/health/ready
-    GET  /v2/models/{name}             model metadata (inputs, outputs, versions)
-    GET  /v2/models/{name}/ready
-    POST /v2/models/{name}/infer       OIP v2 tensors: inputs[].name/shape/datatype/data -> outputs[]
-An instance `x` is one image: nested (C, H, W), or (H, W) when C == 1, or flat C*H*W numbers.
+    POST /v2/repository/index          [{"name", "version", "state"}]
+    GET  /v2/models/{name}[/versions/{v}]             model metadata (inputs, outputs, versions)
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    GET  /v2/models/{name}[/versions/{v}]/config      model configuration (Triton's JSON form)
+    GET  /v2/models/{name}[/versions/{v}]/stats, /v2/models/stats   statistics extension
+    POST /v2/models/{name}[/versions/{v}]/infer       OIP v2 tensors, JSON or the binary tensor data extension
+An instance `x` is one image: nested (C, H, W), or (H, W) when C == 1, or flat C*H*W numbers. `labels` are the
+artifact's class names when its manifest has them.
 
-Per request: parse and validate (4xx on any bad input, nothing unpickled, body size bounded), admission control
+Per request: parse and validate (4xx on any bad input, nothing unpickled, the body bounded while it streams in,
+gzip/deflate, Content-Type checked), admission control
 (503 + Retry-After when the predicted latency breaks the SLO or the queue is full), then one `@serve.batch` call.
 The batch handler runs the model synchronously (holding the replica's loop keeps batches full; awaiting it in a
 thread makes Ray close batches of ~1), and every `BatchingConfig.window_s` the controller's settings are pushed
@@ -24,7 +31,8 @@ into the batch wrapper's runtime setters.
 Hot update: the deployment's `user_config` ({"artifact", "version", "controller", "batching"}) goes through
 `reconfigure`, which Serve calls in place, without restarting the replica, when a config with the same code
 version (same import path, args, runtime env) is applied through the declarative path (`serve deploy`, or
-`serve_app.deploy.hot_update`). The new model is loaded and verified first, then swapped between batches.
+`serve_app.deploy.hot_update`). The new model is loaded, verified and warmed up in a worker thread while the
+replica goes on serving with the old one, then swapped between batches: nothing queues up behind an update.
 """
 
 # No `from __future__ import annotations` here: Serve rebuilds the ingress routes' signatures outside this
@@ -33,7 +41,7 @@ version (same import path, args, runtime env) is applied through the declarative
 import asyncio
 import json
 import logging
-import math
+import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
@@ -59,23 +67,27 @@ from serve_app.batching import (
     load_bandit_policy,
 )
 from serve_app.metrics import ServeMetrics
+from serve_app.protocol import (
+    ERROR_RESPONSES,
+    HEADER_LENGTH,
+    INFER_BODY,
+    INPUT_NAME,
+    PREDICT_BODY,
+    BadRequest,
+    check_content_type,
+    decode_body,
+    encode_infer,
+    instances_to_array,
+    parse_infer,
+    parse_json,
+    read_body,
+)
 
 logger = logging.getLogger("ray.serve")
 
 CONTROLLERS: dict[str, type[Controller]] = {"static": Static, "aimd": AIMD, "slo_model": SLOModel, "bandit": Bandit}
 """Names a user_config may give for `controller` (plus "unbatched": no @serve.batch at all)."""
 UNBATCHED = "unbatched"
-# JSON numbers only: OIP datatypes this server accepts, and which numpy kinds each admits ('b' never).
-_OIP_DATATYPES = {
-    "FP32": "iuf",
-    "FP64": "iuf",
-    "FP16": "iuf",
-    "UINT8": "iu",
-    "INT8": "iu",
-    "INT16": "iu",
-    "INT32": "iu",
-    "INT64": "iu",
-}
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -258,106 +270,90 @@ def _known(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- request parsing
 
 
-class BadRequest(Exception):
-    """A client error: answered with `status` and the message, never logged as a server fault."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A route's answer, plain data so that it crosses a handle (Router -> Model) as well as HTTP."""
+    """A route's answer, plain data so that it crosses a handle (Router -> Model) as well as HTTP: a JSON `body`,
+    or `raw` bytes of `media_type` (an OIP infer answer with binary tensors)."""
 
     status: int
-    body: dict[str, Any]
+    body: dict[str, Any] | list[Any]
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None
+    media_type: str = "application/json"
 
     @classmethod
     def error(cls, status: int, message: str, headers: dict[str, str] | None = None) -> "Reply":
         return cls(status, {"error": message}, headers or {})
 
     def response(self) -> Response:
+        if self.raw is not None:
+            return Response(self.raw, status_code=self.status, headers=self.headers, media_type=self.media_type)
         return JSONResponse(self.body, status_code=self.status, headers=self.headers)
-
-
-def parse_json(body: bytes, max_bytes: int) -> dict[str, Any]:
-    """The request's JSON object (413 over `max_bytes`, 400 when not a JSON object)."""
-    if len(body) > max_bytes:
-        raise BadRequest(413, f"request body must be at most {max_bytes} bytes, got {len(body)}")
-    try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"request body must be JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise BadRequest(400, f"request body must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _numbers(data: Any, what: str, kinds: str = "iuf") -> np.ndarray:
-    """A numeric array from JSON lists (422 for ragged lists, strings, bools, objects, NaN or inf)."""
-    try:
-        arr = np.asarray(data)
-    except ValueError as e:  # ragged nesting
-        raise BadRequest(422, f"{what} must be a rectangular array of numbers: {e}") from None
-    if arr.dtype.kind not in kinds or arr.size == 0:
-        kind = {"i": "int", "u": "int", "f": "float"}
-        want = "/".join(sorted({kind[k] for k in kinds}))
-        raise BadRequest(422, f"{what} must be a non-empty array of {want} numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise BadRequest(422, f"{what} must be finite numbers (no NaN or inf, none beyond float32's range)")
-    return arr
-
-
-def instances_to_array(instances: Any, input_shape: tuple[int, int, int], max_instances: int) -> np.ndarray:
-    """(N, C, H, W) float32 from /predict's `instances`: each one (C, H, W), (H, W) when C == 1, or flat."""
-    if not isinstance(instances, list) or not instances:
-        raise BadRequest(422, f"instances must be a non-empty list, got {type(instances).__name__}")
-    if len(instances) > max_instances:
-        raise BadRequest(422, f"instances must hold at most {max_instances} images, got {len(instances)}")
-    arr = _numbers(instances, "instances")
-    c, h, w = input_shape
-    each = tuple(arr.shape[1:])
-    if each not in (input_shape, (c * h * w,)) and not (c == 1 and each == (h, w)):
-        allowed = [list(input_shape), [c * h * w]] + ([[h, w]] if c == 1 else [])
-        raise BadRequest(422, f"each instance must have shape one of {allowed}, got {list(each)}")
-    return arr.reshape(len(instances), c, h, w)
-
-
-def oip_to_array(req: dict[str, Any], input_shape: tuple[int, int, int], max_instances: int) -> np.ndarray:
-    """(N, C, H, W) float32 from an OIP v2 infer request with one input of shape [N, C, H, W] or [N, C*H*W]."""
-    inputs = req.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise BadRequest(400, "inputs must be a list of exactly one tensor object {name, shape, datatype, data}")
-    t = inputs[0]
-    missing = [k for k in ("name", "shape", "datatype", "data") if k not in t]
-    if missing:
-        raise BadRequest(400, f"inputs[0] must have name, shape, datatype and data; missing {missing}")
-    dtype = t["datatype"]
-    if dtype not in _OIP_DATATYPES:
-        raise BadRequest(422, f"inputs[0].datatype must be one of {sorted(_OIP_DATATYPES)}, got {dtype!r}")
-    shape = t["shape"]
-    if not isinstance(shape, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape):
-        raise BadRequest(422, f"inputs[0].shape must be a list of ints, got {shape!r}")
-    c, h, w = input_shape
-    if len(shape) not in (2, 4) or tuple(shape[1:]) not in (input_shape, (c * h * w,)):
-        raise BadRequest(422, f"inputs[0].shape must be [N, {c}, {h}, {w}] or [N, {c * h * w}], got {shape}")
-    n = shape[0]
-    if not 1 <= n <= max_instances:
-        raise BadRequest(422, f"inputs[0].shape[0] (batch) must be in [1, {max_instances}], got {n}")
-    arr = _numbers(t["data"], "inputs[0].data", _OIP_DATATYPES[dtype])
-    if arr.size != math.prod(shape):
-        raise BadRequest(422, f"inputs[0].data must hold prod(shape) = {math.prod(shape)} numbers, got {arr.size}")
-    return arr.reshape(n, c, h, w)
 
 
 # --------------------------------------------------------------------------------------------- the replica
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request to a route's logic, plain data so that it crosses a handle (Router -> Model)."""
+
+    route: str
+    body: bytes = b""
+    name: str | None = None
+    """Model name from the path (/v2/models/{name}/...)."""
+    version: str | None = None
+    """Model version from the path (/v2/models/{name}/versions/{version}/...); None: the current one."""
+    header_length: str | None = None
+    """Inference-Header-Content-Length (binary tensor data extension)."""
+
+
+@dataclass(slots=True)
+class InferStats:
+    """The OIP statistics extension's counters for the one model (per replica)."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    last_inference_ms: int = 0
+
+    def record(self, status: int, elapsed_s: float) -> None:
+        ns = round(elapsed_s * 1e9)
+        if status == 200:
+            self.success, self.success_ns = self.success + 1, self.success_ns + ns
+        else:
+            self.fail, self.fail_ns = self.fail + 1, self.fail_ns + ns
+        self.last_inference_ms = round(time.time() * 1e3)
+
+    def to_dict(self, name: str, version: str) -> dict[str, Any]:
+        zero = {"count": 0, "ns": 0}
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.success,
+            "execution_count": self.success,
+            "inference_stats": {
+                "success": {"count": self.success, "ns": self.success_ns},
+                "fail": {"count": self.fail, "ns": self.fail_ns},
+                "queue": zero,
+                "compute_input": zero,
+                "compute_infer": zero,
+                "compute_output": zero,
+            },
+            "batch_stats": [],
+        }
+
+
 class ModelFault(Exception):
-    """The model's output is unusable (NaN/inf): a server fault, answered 500."""
+    """The model's output is not finite. Answered 422 when the model is sound on ordinary inputs (its warm-up on
+    [0, 1) images was finite), so these inputs caused it (all 3e38, finite in float32, overflow a CNN); 500 when
+    the model itself is broken (non-finite on the warm-up too, e.g. a bad quantization)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Overloaded(Exception):
@@ -388,6 +384,7 @@ class ModelServer:
         self.deployment = deployment
         torch.set_num_threads(self.cfg.torch_threads)
         self.metrics = ServeMetrics(deployment, self.cfg.name)
+        self.stats = InferStats()
         self.model = None
         self.manifest: dict[str, Any] = {}
         self.version = ""
@@ -400,6 +397,7 @@ class ModelServer:
         self._lag_task: asyncio.Task | None = None
         self._lags: deque[float] = deque(maxlen=20)
         self._grace_until = 0.0
+        self._sound = True
         # The controller learns t(b) from the batch's CPU time when the forward runs in this thread alone (one
         # torch thread, a CPU model): on a shared machine wall time includes the replica being preempted, and
         # outliers of 10-30x (measured under load here) drove the fit's p99 noise up, the cap to 1 and admission
@@ -407,31 +405,44 @@ class ModelServer:
         self._clock = time.thread_time if self.cfg.torch_threads == 1 else time.perf_counter
 
     # -- hot update
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Loads and verifies the artifact named by `user_config`, warms it up, then swaps model and controller
-        in one step; requests in flight finish on whichever model their batch started with."""
-        from models.artifact import load_artifact
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Loads and verifies the artifact named by `user_config` and warms it up in a worker thread while this
+        replica goes on serving with the current model, then swaps model and controller in one step on the event
+        loop; requests in flight finish on whichever model their batch started with.
 
+        Why a thread: a synchronous reconfigure held the replica's event loop for the whole load and warm-up
+        (~0.1-0.5 s), and the requests of that window queued at the replica or the proxy, where bounds
+        (max_queued_requests, admission's max_queue_len) refused some of them (14 of 945 once in CI). Serving on
+        through the update needs no grace period or lifted bound to lose nothing."""
         user = ModelUserConfig.from_dict(user_config)
         if self.user is not None and asdict(user) == asdict(self.user):
             return
-        model, manifest, version = self.model, self.manifest, self.version
         new_model = self.user is None or (user.artifact, user.version) != (self.user.artifact, self.user.version)
-        if new_model:
-            model, manifest = load_artifact(user.artifact)
-            version = user.version or manifest["tensors"]["sha256"][:12]
-        ctl = user.build_controller()
-        self._warm_up(model, tuple(manifest["input_shape"]), ctl)
-        self.model, self.manifest, self.version = model, manifest, version
+        model, manifest, version, ctl, sound = await asyncio.to_thread(self._prepare, user, new_model)
+        self.model, self.manifest, self.version, self._sound = model, manifest, version, sound
         self.input_shape = tuple(manifest["input_shape"])
         self.ctl, self.gate, self.user = ctl, AdmissionControl(ctl.config), user
         self._grace_until = time.monotonic() + user.update_grace_s
         self._apply(ctl.settings)
+        self._ensure_control_loop()  # from the start, so the gauges are exported before the first request
         if new_model:
             self.metrics.model_version(version)
             logger.info("%s: serving %s version %s", self.deployment, user.artifact, version)
 
-    def _warm_up(self, model, input_shape: tuple[int, ...], ctl: Controller, rounds: int = 3) -> None:
+    def _prepare(self, user: "ModelUserConfig", new_model: bool) -> tuple[Any, dict[str, Any], str, Controller, bool]:
+        """(model, manifest, version, warmed-up controller, finite on the warm-up) for `user`; runs off the event
+        loop."""
+        from models.artifact import load_artifact
+
+        model, manifest, version = self.model, self.manifest, self.version
+        if new_model:
+            model, manifest = load_artifact(user.artifact)
+            version = user.version or manifest["tensors"]["sha256"][:12]
+        ctl = user.build_controller()
+        sound = self._warm_up(model, tuple(manifest["input_shape"]), ctl)
+        return model, manifest, version, ctl, sound
+
+    def _warm_up(self, model, input_shape: tuple[int, ...], ctl: Controller, rounds: int = 3) -> bool:
         """Runs the model on every power-of-two batch size up to the cap, `rounds` times, and seeds the new
         controller's service-time fit with all but the first round: the first calls after a load are slow
         (allocation, lazy init), and admission control predicting from them alone would refuse everything."""
@@ -444,9 +455,10 @@ class ModelServer:
             for r in range(rounds):
                 for b in sizes:
                     t0 = self._clock()
-                    model(x[:b])
+                    out = model(x[:b])
                     if r:
                         ctl.observe_batch(b, self._clock() - t0)
+        return bool(torch.isfinite(out).all())
 
     def _apply(self, st: BatchSettings) -> None:
         self._batched.set_max_batch_size(st.max_batch_size)
@@ -519,7 +531,13 @@ class ModelServer:
         if verdict is not None and verdict.model_latency_s is not None:
             self.gate.calibration.observe(verdict.model_latency_s, latency)
         if not np.isfinite(probs).all():
-            raise ModelFault(f"model version {version} produced non-finite probabilities")
+            if self._sound:
+                raise ModelFault(
+                    f"inputs must keep model version {version}'s outputs finite, got non-finite probabilities"
+                    " (values far outside the training range?)",
+                    422,
+                )
+            raise ModelFault(f"model version {version} produced non-finite probabilities", 500)
         return probs, version
 
     @serve.batch(max_batch_size=10, batch_wait_timeout_s=0.01)
@@ -549,67 +567,96 @@ class ModelServer:
         return [(p, version) for p in np.split(probs, np.cumsum(sizes)[:-1])]
 
     # -- routes' logic (plain data in and out)
-    async def respond(self, route: str, body: bytes = b"", name: str | None = None) -> "Reply":
+    async def respond(self, call: "Call") -> "Reply":
         t0 = time.monotonic()
         try:
-            reply = await self._respond(route, body, name)
+            reply = await self._respond(call)
         except BadRequest as e:
             reply = Reply.error(e.status, str(e))
         except Overloaded as e:
             v = e.verdict
             reply = Reply.error(503, f"overloaded: {v.reason}", {"Retry-After": v.retry_after_header()})
         except ModelFault as e:
-            reply = Reply.error(500, str(e))
+            reply = Reply.error(e.status, str(e))
         except Exception as e:  # a fault in the model or this code: 500, and the replica keeps serving
-            logger.exception("%s: %s failed", self.deployment, route)
+            logger.exception("%s: %s failed", self.deployment, call.route)
             reply = Reply.error(500, f"internal error: {type(e).__name__}: {e}")
-        self.metrics.request(route, reply.status, time.monotonic() - t0)
+        elapsed = time.monotonic() - t0
+        self.metrics.request(call.route, reply.status, elapsed)
+        if call.route in ("predict", "infer"):
+            self.stats.record(reply.status, elapsed)
         return reply
 
-    async def _respond(self, route: str, body: bytes, name: str | None) -> "Reply":
+    def _check_model(self, call: "Call") -> None:
+        if call.name != self.cfg.name:
+            raise BadRequest(404, f"model must be {self.cfg.name!r}, got {call.name!r}")
+        if call.version is not None and call.version != self.version:
+            raise BadRequest(404, f"version of model {call.name!r} must be {self.version!r}, got {call.version!r}")
+
+    async def _respond(self, call: "Call") -> "Reply":
+        route, body = call.route, call.body
         if route == "live":
             return Reply(200, {"live": True})
         if route == "ready":
             return Reply(200 if self.model is not None else 503, {"ready": self.model is not None})
         if route == "server_metadata":
-            return Reply(200, {"name": "tandem", "version": "1", "extensions": []})
+            return Reply(200, {"name": "tandem", "version": "1", "extensions": ["binary_tensor_data", "statistics"]})
+        if route == "repository_index":
+            state = "READY" if self.model is not None else "UNAVAILABLE"
+            return Reply(200, [{"name": self.cfg.name, "version": self.version, "state": state}])  # a JSON array
         if route == "predict":
             x = instances_to_array(
                 parse_json(body, self.cfg.max_body_bytes).get("instances"), self.input_shape, self.cfg.max_instances
             )
             probs, version = await self.infer(x)
-            return Reply(
-                200,
-                {
-                    "classes": probs.argmax(1).tolist(),
-                    "probabilities": probs.tolist(),
-                    "model": self.cfg.name,
-                    "version": version,
-                },
-            )
-        if name != self.cfg.name:
-            raise BadRequest(404, f"model must be {self.cfg.name!r}, got {name!r}")
+            classes = probs.argmax(1).tolist()
+            out = {"classes": classes, "probabilities": probs.tolist(), "model": self.cfg.name, "version": version}
+            names = self.manifest.get("class_names")
+            if isinstance(names, list) and len(names) == probs.shape[1]:
+                out["labels"] = [names[c] for c in classes]
+            return Reply(200, out)
+        if route == "all_stats":
+            return Reply(200, {"model_stats": [self.stats.to_dict(self.cfg.name, self.version)]})
+        self._check_model(call)
         if route == "model_ready":
-            return Reply(200 if self.model is not None else 503, {"name": name, "ready": self.model is not None})
+            return Reply(200 if self.model is not None else 503, {"name": call.name, "ready": self.model is not None})
         if route == "model_metadata":
             return Reply(200, self.metadata())
+        if route == "model_config":
+            return Reply(200, self.model_config())
+        if route == "model_stats":
+            return Reply(200, {"model_stats": [self.stats.to_dict(self.cfg.name, self.version)]})
         if route == "infer":
-            req = parse_json(body, self.cfg.max_body_bytes)
-            x = oip_to_array(req, self.input_shape, self.cfg.max_instances)
-            probs, version = await self.infer(x)
-            n, k = probs.shape
-            out = {
-                "model_name": name,
-                "model_version": version,
-                "outputs": [
-                    {"name": "probabilities", "shape": [n, k], "datatype": "FP32", "data": probs.ravel().tolist()},
-                    {"name": "class", "shape": [n], "datatype": "INT64", "data": probs.argmax(1).tolist()},
-                ],
-            }
-            if isinstance(req.get("id"), str):
-                out["id"] = req["id"]
-            return Reply(200, out)
+            req = parse_infer(
+                body, call.header_length, self.input_shape, self.cfg.max_instances, self.cfg.max_body_bytes
+            )
+            probs, version = await self.infer(req.x)
+            enc = encode_infer(req, probs, self.cfg.name, version)
+            if enc.media_type == "application/json":
+                return Reply(200, json.loads(enc.body))
+            return Reply(200, {}, enc.headers, enc.body, enc.media_type)
         raise BadRequest(404, f"no route {route!r}")
+
+    def model_config(self) -> dict[str, Any]:
+        """The model's configuration in Triton's JSON form (what tritonclient's get_model_config returns)."""
+        c, h, w = self.input_shape
+        return {
+            "name": self.cfg.name,
+            "platform": "pytorch",
+            "backend": "pytorch",
+            "version_policy": {"latest": {"num_versions": 1}},
+            "max_batch_size": self.cfg.max_instances,
+            "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": [c, h, w]}],
+            "output": [
+                {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [self.manifest.get("num_classes", -1)]},
+                {"name": "class", "data_type": "TYPE_INT64", "dims": []},
+            ],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": round(self.ctl.config.max_wait_s * 1e6),
+                "preferred_batch_size": [self.ctl.settings.max_batch_size],
+            },
+            "parameters": {"controller": {"string_value": self.user.controller if self.user else ""}},
+        }
 
     def metadata(self) -> dict[str, Any]:
         c, h, w = self.input_shape
@@ -619,13 +666,14 @@ class ModelServer:
             "name": self.cfg.name,
             "versions": [self.version],
             "platform": "pytorch",
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]}],
+            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, c, h, w]}],
             "outputs": [
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
                 {"name": "class", "datatype": "INT64", "shape": [-1]},
             ],
             "parameters": {
                 "replica": replica,
+                "pid": os.getpid(),
                 "deployment": self.deployment,
                 "class_names": self.manifest.get("class_names"),
                 "quantization": self.manifest.get("quantization", {}).get("scheme"),
@@ -654,53 +702,118 @@ class ModelServer:
 
 def http_routes(api: FastAPI) -> type:
     """A mixin class whose methods are the HTTP routes on `api`, each a thin shim over
-    `await self.respond(route, body, name)`: the Model ingress answers itself, the canary Router forwards.
+    `await self.respond(Call(...))`: the Model ingress answers itself, the canary Router forwards.
     (`@serve.ingress` binds routes whose endpoint's qualname lies in the class's MRO, hence a class.)"""
+    _error_format(api)
+    body_route = {"responses": {200: {"description": "OK"}, **ERROR_RESPONSES}}
+    get_route = {"responses": {200: {"description": "OK"}, **{k: ERROR_RESPONSES[k] for k in (404, 500, 503)}}}
 
     class Routes:
-        async def _call(self, route: str, request: Request | None = None, name: str | None = None) -> Response:
-            body = b""
+        async def _call(
+            self,
+            route: str,
+            request: Request | None = None,
+            name: str | None = None,
+            version: str | None = None,
+        ) -> Response:
+            body, header_length = b"", None
             if request is not None:
                 limit = self.cfg.max_body_bytes
-                declared = request.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > limit:  # refuse before reading it
-                    return Reply.error(413, f"request body must be at most {limit} bytes, got {declared}").response()
+                header_length = request.headers.get(HEADER_LENGTH) if route == "infer" else None
                 try:
-                    body = await request.body()
+                    check_content_type(request.headers.get("content-type"), header_length is not None)
+                    body = await read_body(request.stream(), request.headers.get("content-length"), limit)
+                    body = decode_body(body, request.headers.get("content-encoding"), limit)
+                except BadRequest as e:
+                    return Reply.error(e.status, str(e)).response()
                 except ClientDisconnect:  # the client gave up (its timeout) before sending the whole body
                     return Reply.error(499, "client disconnected").response()
-            reply = await self.respond(route, body, name)
+            reply = await self.respond(Call(route, body, name, version, header_length))
             return reply.response()
 
-        @api.post("/predict")
+        @api.post("/predict", openapi_extra=PREDICT_BODY, **body_route)
         async def predict(self, request: Request) -> Response:
             return await self._call("predict", request)
 
-        @api.post("/v2/models/{name}/infer")
+        @api.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY, **body_route)
         async def infer_route(self, name: str, request: Request) -> Response:
             return await self._call("infer", request, name)
 
-        @api.get("/v2/health/live")
+        @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY, **body_route)
+        async def infer_version(self, name: str, version: str, request: Request) -> Response:
+            return await self._call("infer", request, name, version)
+
+        @api.get("/v2/health/live", **get_route)
         async def live(self) -> Response:
             return await self._call("live")
 
-        @api.get("/v2/health/ready")
+        @api.get("/v2/health/ready", **get_route)
         async def ready(self) -> Response:
             return await self._call("ready")
 
-        @api.get("/v2")
+        @api.get("/v2", **get_route)
         async def server_metadata(self) -> Response:
             return await self._call("server_metadata")
 
-        @api.get("/v2/models/{name}")
+        @api.post("/v2/repository/index", **get_route)
+        async def repository_index(self) -> Response:
+            return await self._call("repository_index")
+
+        @api.get("/v2/models/stats", **get_route)
+        async def all_stats(self) -> Response:
+            return await self._call("all_stats")
+
+        @api.get("/v2/models/{name}", **get_route)
         async def model_metadata(self, name: str) -> Response:
             return await self._call("model_metadata", None, name)
 
-        @api.get("/v2/models/{name}/ready")
+        @api.get("/v2/models/{name}/versions/{version}", **get_route)
+        async def model_metadata_version(self, name: str, version: str) -> Response:
+            return await self._call("model_metadata", None, name, version)
+
+        @api.get("/v2/models/{name}/ready", **get_route)
         async def model_ready(self, name: str) -> Response:
             return await self._call("model_ready", None, name)
 
+        @api.get("/v2/models/{name}/versions/{version}/ready", **get_route)
+        async def model_ready_version(self, name: str, version: str) -> Response:
+            return await self._call("model_ready", None, name, version)
+
+        @api.get("/v2/models/{name}/config", **get_route)
+        async def model_config_route(self, name: str) -> Response:
+            return await self._call("model_config", None, name)
+
+        @api.get("/v2/models/{name}/versions/{version}/config", **get_route)
+        async def model_config_version(self, name: str, version: str) -> Response:
+            return await self._call("model_config", None, name, version)
+
+        @api.get("/v2/models/{name}/stats", **get_route)
+        async def model_stats(self, name: str) -> Response:
+            return await self._call("model_stats", None, name)
+
+        @api.get("/v2/models/{name}/versions/{version}/stats", **get_route)
+        async def model_stats_version(self, name: str, version: str) -> Response:
+            return await self._call("model_stats", None, name, version)
+
     return Routes
+
+
+def _error_format(api: FastAPI) -> None:
+    """Errors FastAPI answers itself (no such route 404, wrong method 405, bad path parameters 422) in the
+    protocol's `{"error": message}` format, as the routes answer theirs (FastAPI's own is `{"detail": ...}`,
+    which OIP clients cannot read)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return Reply.error(exc.status_code, f"{request.method} {request.url.path}: {detail}", exc.headers).response()
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return Reply.error(422, f"{request.method} {request.url.path}: {exc.errors()}").response()
+
+    api.add_exception_handler(HTTPException, http_error)
+    api.add_exception_handler(RequestValidationError, validation_error)
 
 
 model_api = FastAPI(title="tandem model server")

@@ -28,9 +28,10 @@ import bisect
 import json
 import math
 import random
+import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -705,33 +706,68 @@ class LatencyCalibration:
     clients saw p99 0.25-0.5 s, most of it outside the replica.
     Clamped so that it never predicts less than the batch model does: alpha in [1, max_alpha], beta >= 0.
     Identity until `min_samples` requests have been observed.
+
+    Forgetting is per observation (`decay`) and in time (`half_life_s`): after an overload the admitted requests
+    are few, and with per-observation forgetting alone the overload's samples (alpha pinned at its old cap of 10
+    was seen) kept refusing a light load for minutes. In time they fade within seconds, and once their weight is
+    below `min_samples` the calibration is the identity again.
     """
 
-    def __init__(self, decay: float = 0.995, min_samples: int = 50, max_alpha: float = 10.0) -> None:
+    def __init__(
+        self,
+        decay: float = 0.995,
+        min_samples: int = 50,
+        max_alpha: float = 4.0,
+        half_life_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         _check(0 < decay <= 1, "decay must be in (0, 1]", decay)
         _check(_is_int(min_samples) and min_samples >= 2, "min_samples must be an int >= 2", min_samples)
         _check(max_alpha >= 1, "max_alpha must be >= 1", max_alpha)
-        self.decay, self.min_samples, self.max_alpha = decay, min_samples, max_alpha
+        _check(half_life_s > 0, "half_life_s must be > 0", half_life_s)
+        self.decay, self.min_samples, self.max_alpha, self.half_life_s = decay, min_samples, max_alpha, half_life_s
+        self._clock = clock
         self._w = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._t = clock()
         self.samples = 0
-        self.alpha, self.beta = 1.0, 0.0
+        self._alpha, self._beta = 1.0, 0.0
+
+    def _fade(self, now: float) -> float:
+        return 0.5 ** (max(0.0, now - self._t) / self.half_life_s)
 
     def observe(self, predicted_s: float, observed_s: float) -> None:
-        d, x, y = self.decay, predicted_s, observed_s
+        now = self._clock()
+        d, x, y = self.decay * self._fade(now), predicted_s, observed_s
+        self._t = now
         self._w = d * self._w + 1.0
         self._sx, self._sy = d * self._sx + x, d * self._sy + y
         self._sxx, self._sxy = d * self._sxx + x * x, d * self._sxy + x * y
         self.samples += 1
-        if self.samples < self.min_samples:
+        if self._w < self.min_samples:
+            self._alpha, self._beta = 1.0, 0.0
             return
         mx, my = self._sx / self._w, self._sy / self._w
         var = self._sxx / self._w - mx * mx
         alpha = (self._sxy / self._w - mx * my) / var if var > 1e-12 else 1.0
-        self.alpha = min(max(alpha, 1.0), self.max_alpha)
-        self.beta = max(0.0, my - self.alpha * mx)
+        self._alpha = min(max(alpha, 1.0), self.max_alpha)
+        self._beta = max(0.0, my - self._alpha * mx)
+
+    def _current(self) -> tuple[float, float]:
+        if self._w * self._fade(self._clock()) < self.min_samples:
+            return 1.0, 0.0
+        return self._alpha, self._beta
+
+    @property
+    def alpha(self) -> float:
+        return self._current()[0]
+
+    @property
+    def beta(self) -> float:
+        return self._current()[1]
 
     def __call__(self, predicted_s: float) -> float:
-        return self.alpha * predicted_s + self.beta
+        alpha, beta = self._current()
+        return alpha * predicted_s + beta
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,8 +43,16 @@ class DeployConfig:
     access_log: bool = False
     """Serve's per-request access log lines (proxy and replicas). Off by default: a formatted log line per
     request is work on the request path, and tandem's metrics count every request and error already."""
+    ingress: str = "haproxy"
+    """HTTP ingress of a local Ray this process starts: "haproxy" (Ray's HAProxy ingress, direct to the replicas;
+    tandem/local_ray.py) or "proxy" (Serve's Python proxy). A cluster (`address`) has what its nodes were started
+    with (RAY_SERVE_ENABLE_HA_PROXY)."""
 
     def __post_init__(self) -> None:
+        from tandem.local_ray import INGRESSES
+
+        if self.ingress not in INGRESSES:
+            raise ValueError(f"ingress must be one of {list(INGRESSES)}, got {self.ingress!r}")
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise ValueError(f"port must be an int in (0, 65536), got {self.port!r}")
         if not isinstance(self.access_log, bool):
@@ -67,11 +75,33 @@ def _ensure_serve(cfg: DeployConfig):
 
     if not ray.is_initialized():
         if cfg.address is None:
-            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False)
+            from tandem.local_ray import init_embedded
+
+            init_embedded(cfg.num_cpus, cfg.ingress, include_dashboard=False)
         else:
             ray.init(address=cfg.address)
+    _wait_previous_serve_gone()
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=_logging(cfg))
     return _get_global_client()
+
+
+def _wait_previous_serve_gone(timeout_s: float = 60.0) -> None:
+    """With no Serve controller running, waits until the proxy actors of an earlier `serve.shutdown()` are gone:
+    that shutdown kills them asynchronously, and a `serve.start` meanwhile picked up the dying HAProxyManager by
+    its name and failed (ActorDiedError, seen when test modules run one after another)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE, SERVE_PROXY_NAME
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = {
+            a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == SERVE_NAMESPACE
+        }
+        if SERVE_CONTROLLER_NAME in names or not any(n.startswith(SERVE_PROXY_NAME) for n in names):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"proxy actors of a stopped Serve still alive after {timeout_s:.0f} s: {sorted(names)}")
+        time.sleep(0.2)
 
 
 def _logging(cfg: DeployConfig) -> dict[str, Any]:

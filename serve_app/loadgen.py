@@ -131,6 +131,8 @@ class LoadReport:
     status_counts: dict[str, int]
     timeline: list[dict[str, float]]
     """Per second: t, offered (sent), answered (2xx), p99_ms of those answered."""
+    rejected_fast: int = 0
+    """503s answered within FAST_REFUSAL_S of the request being sent ("refused at once")."""
     samples: list[tuple[float, float, int]] = field(default_factory=list, repr=False)
     """(scheduled send time s, latency s, status) per request; not in to_dict()."""
 
@@ -159,6 +161,10 @@ def _quantile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)]
 
 
+FAST_REFUSAL_S = 0.01
+"""A refusal this soon after sending counts as immediate (issue 16: overload refused within 10 ms)."""
+
+
 def summarize(samples: list[tuple[float, float, int]], duration_s: float, slo_s: float) -> LoadReport:
     """The report of (scheduled time, latency, status) samples over a run of `duration_s` seconds of arrivals."""
     ok = [lat for _, lat, s in samples if 200 <= s < 300]
@@ -180,6 +186,7 @@ def summarize(samples: list[tuple[float, float, int]], duration_s: float, slo_s:
     n = len(samples)
     rejected = counts.get("503", 0)
     timeouts = counts.get("timeout", 0)
+    fast = sum(1 for _, lat, s in samples if s == 503 and lat <= FAST_REFUSAL_S)
 
     def pct(q: float) -> float | None:
         v = _quantile(ok, q)
@@ -202,6 +209,7 @@ def summarize(samples: list[tuple[float, float, int]], duration_s: float, slo_s:
         p99_ms=pct(0.99),
         status_counts=counts,
         timeline=timeline,
+        rejected_fast=fast,
         samples=samples,
     )
 

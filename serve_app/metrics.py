@@ -65,9 +65,7 @@ METRICS: dict[str, MetricSpec] = {
         ),
         MetricSpec("gauge", PREFIX + "queue_length", "Requests admitted and waiting for a batch."),
         MetricSpec("gauge", PREFIX + "max_batch_size", "max_batch_size set by the batching controller."),
-        MetricSpec(
-            "gauge", PREFIX + "batch_wait_timeout_ms", "batch_wait_timeout_s set by the controller, ms."
-        ),
+        MetricSpec("gauge", PREFIX + "batch_wait_timeout_ms", "batch_wait_timeout_s set by the controller, ms."),
         MetricSpec(
             "gauge",
             PREFIX + "model_version",
@@ -124,8 +122,12 @@ class ServeMetrics:
         m["batch_service_ms"].observe(service_s * 1e3)
 
     def window(self, stats: WindowStats, settings: BatchSettings) -> None:
-        """Once per control window: queue length, the controller's settings, and memory."""
+        """Once per control window: queue length, the controller's settings, memory, and the model version again
+        (Ray 2.60 drops a gauge that is not set for about a minute from its export, so one set per deploy left the
+        Grafana panel empty)."""
         m = self._metrics()
+        if self._version is not None:
+            m["model_version"].set(1, {"version": self._version})
         m["queue_length"].set(stats.queue_len)
         m["max_batch_size"].set(settings.max_batch_size)
         m["batch_wait_timeout_ms"].set(settings.batch_wait_timeout_s * 1e3)
@@ -176,10 +178,7 @@ def grafana_dashboard(title: str = "tandem serve") -> dict[str, Any]:
         (
             "Request latency (ms)",
             "ms",
-            [
-                (f"histogram_quantile({x}, {q('request_latency_ms')})", f"p{round(x * 100)}")
-                for x in (0.5, 0.95, 0.99)
-            ],
+            [(f"histogram_quantile({x}, {q('request_latency_ms')})", f"p{round(x * 100)}") for x in (0.5, 0.95, 0.99)],
         ),
         (
             "Batch size",
@@ -193,10 +192,7 @@ def grafana_dashboard(title: str = "tandem serve") -> dict[str, Any]:
         (
             "Batch execution time (ms)",
             "ms",
-            [
-                (f"histogram_quantile({x}, {q('batch_service_ms')})", f"p{round(x * 100)}")
-                for x in (0.5, 0.99)
-            ],
+            [(f"histogram_quantile({x}, {q('batch_service_ms')})", f"p{round(x * 100)}") for x in (0.5, 0.99)],
         ),
         ("Queue length", "short", [(f"max({p}queue_length{sel}) by (deployment)", "{{deployment}}")]),
         (

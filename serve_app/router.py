@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from serve_app.app import AppConfig, Reply, http_routes
+from serve_app.app import AppConfig, Call, Reply, http_routes
 
 logger = logging.getLogger("ray.serve")
 
@@ -239,14 +239,15 @@ class RouterServer:
             self.metrics.decisions.inc(1, {"decision": d.state})
             self._export()
 
-    async def respond(self, route: str, body: bytes = b"", name: str | None = None) -> Reply:
+    async def respond(self, call: Call) -> Reply:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._watch())
         policy = self.policy
+        route = call.route
         side = policy.route() if route in ("predict", "infer") else STABLE
         t0 = time.monotonic()
         try:
-            reply = await self.handles[side].respond.remote(route, body, name)
+            reply = await self.handles[side].respond.remote(call)
         except Exception as e:  # the replica died or the call failed: the client gets a 503, the canary a miss
             logger.warning("router: %s call failed: %s", side, e)
             reply = Reply.error(503, f"{side} backend unavailable: {type(e).__name__}", {"Retry-After": "1"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -32,6 +33,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--canary-window-s", type=float, default=10.0, help="canary comparison window (default 10)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray and block until Ctrl-C)")
     s.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray (default 8)")
+    s.add_argument(
+        "--ingress", default="haproxy", choices=["haproxy", "proxy"],
+        help="HTTP ingress of the local Ray: HAProxy straight to the replicas (default) or Serve's Python proxy",
+    )  # fmt: skip
     s.add_argument("--access-log", action="store_true", help="Serve's per-request access log lines (default off)")
     s.add_argument(
         "--max-queued-requests", type=int, default=None,
@@ -105,7 +110,7 @@ def deploy_config(args: argparse.Namespace):
         app["canary"] = {"artifact": args.canary, "weight": args.canary_weight, "window_s": args.canary_window_s}
     return DeployConfig(
         host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus, app=app,
-        access_log=args.access_log,
+        access_log=args.access_log, ingress=args.ingress,
     )  # fmt: skip
 
 
@@ -131,15 +136,23 @@ def dispatch(args: argparse.Namespace) -> int:
             from serve_app.deploy import serve_artifact
 
             cfg = deploy_config(args)
-            url = serve_artifact(args.artifact, cfg)
-            print(f"serving {args.artifact} at {url} (POST /predict, /v2/models/{args.name}/infer)")
-            if args.address is None:  # the local Ray lives in this process
-                print("Ctrl-C to stop")
-                try:
+            local = args.address is None  # the local Ray lives in this process
+            if local:
+                signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+            try:
+                url = serve_artifact(args.artifact, cfg)
+                print(f"serving {args.artifact} at {url} (POST /predict, /v2/models/{args.name}/infer)")
+                if local:
+                    print("Ctrl-C to stop", flush=True)
                     while True:
                         time.sleep(3600)
-                except KeyboardInterrupt:
-                    pass
+            except KeyboardInterrupt:  # also while it starts: what started is stopped below
+                pass
+            finally:
+                if local:  # Serve first: its controller stops HAProxy and the replicas, then Ray
+                    from tandem.local_ray import shutdown_embedded
+
+                    shutdown_embedded()
             return 0
         if args.command == "pretrain-bandit":
             return pretrain(args)
@@ -158,6 +171,10 @@ def dispatch(args: argparse.Namespace) -> int:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
     raise ValueError(f"command must be serve, pretrain-bandit or loadtest, got {args.command!r}")
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def pretrain(args: argparse.Namespace) -> int:

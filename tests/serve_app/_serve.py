@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 GOOD = {"instances": [[0.5] * 64]}
@@ -13,3 +14,101 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_STARTED: dict[str, str] = {}
+"""The GCS address and run directory of the HAProxy cluster this session started."""
+
+
+def haproxy_cluster(clusters):
+    """The session's one-node Ray with the HAProxy ingress (started on first use, replacing any other cluster);
+    `clusters` is tests/conftest.py's `_ray_clusters`."""
+    import ray
+
+    from tandem.local_ray import ingress_environment, short_run_dir
+
+    if (
+        ray.is_initialized()
+        and clusters.kind == "local"
+        and _STARTED.get("gcs") == ray.get_runtime_context().gcs_address
+    ):
+        return ray
+    clusters.shutdown()
+    run_dir = short_run_dir()
+    with ingress_environment("haproxy", run_dir):  # Ray's processes copy the environment when they start
+        clusters.ensure("local")
+    _STARTED.update(gcs=ray.get_runtime_context().gcs_address, run_dir=run_dir)
+    return ray
+
+
+def haproxy_run_dir() -> str:
+    """Where the session's HAProxy keeps its files (its config, sockets and logs)."""
+    return _STARTED["run_dir"]
+
+
+def haproxy_pids(run_dir: str) -> list[int]:
+    """PIDs of the haproxy processes started with a config under `run_dir` (read from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:  # exited meanwhile
+            continue
+        if argv and argv[0].endswith(b"haproxy") and any(run_dir.encode() in a for a in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of `pids` holds (from /proc)."""
+    import ipaddress
+
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:  # exited meanwhile
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state != "0A" or inode not in inodes:
+                    continue
+                host, port = local.split(":")
+                raw = bytes.fromhex(host)
+                # /proc prints the address as host-order 32-bit words
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return found
+
+
+def pids_matching(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains `text`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read() and pid_alive(int(entry)):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids

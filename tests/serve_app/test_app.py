@@ -15,19 +15,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from _serve import GOOD, free_port
+from _serve import GOOD, free_port, haproxy_cluster
 
-from serve_app.app import (
-    AppConfig,
-    BadRequest,
-    ModelUserConfig,
-    build_app,
-    instances_to_array,
-    oip_to_array,
-    parse_json,
-)
+from serve_app.app import AppConfig, ModelUserConfig, build_app
 from serve_app.deploy import DeployConfig, hot_update, serve_artifact, update_user_configs
 from serve_app.loadgen import LoadConfig, run_load
+from serve_app.protocol import BadRequest, instances_to_array, parse_infer, parse_json
 from serve_app.simulator import Constant
 
 SHAPE = (1, 8, 8)
@@ -114,12 +107,16 @@ def test_parse_json_limits():
     assert parse_json(b'{"a": NaN}', 100)["a"] != 0  # NaN parses; the array check refuses it later
 
 
+def oip_to_array(req: dict, shape=SHAPE, max_instances: int = 64) -> np.ndarray:
+    return parse_infer(json.dumps(req).encode(), None, shape, max_instances, 1 << 20).x
+
+
 def test_oip_layouts():
     req = {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "UINT8", "data": [[3] * 64, [4] * 64]}]}
-    x = oip_to_array(req, SHAPE, 64)
+    x = oip_to_array(req)
     assert x.shape == (2, 1, 8, 8) and x[1, 0, 7, 7] == 4
     with pytest.raises(BadRequest, match="int numbers"):  # an integer datatype with float data
-        oip_to_array({"inputs": [{**req["inputs"][0], "data": [0.5] * 128}]}, SHAPE, 64)
+        oip_to_array({"inputs": [{**req["inputs"][0], "data": [0.5] * 128}]})
 
 
 # ------------------------------------------------------------------------------------------ the live app
@@ -155,7 +152,7 @@ def served(_ray_clusters, tmp_path_factory):
     from models.artifact import save_artifact
     from models.cnn import ModelConfig, build_model
 
-    _ray_clusters.ensure("local")
+    haproxy_cluster(_ray_clusters)
     root = tmp_path_factory.mktemp("serve")
     art1, test_images = trained_artifact(root / "v1", root / "work")
     torch.manual_seed(1)
@@ -250,6 +247,8 @@ def test_pickle_is_never_loaded(ray_local, served):
 
     evil = pickle.dumps({"instances": [[0.5] * 64]})
     r = served["client"].post("/predict", content=evil, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 415 and "Content-Type" in r.json()["error"]  # a JSON route takes JSON only
+    r = served["client"].post("/predict", content=evil, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "must be JSON" in r.json()["error"]
 
 
@@ -319,10 +318,11 @@ def test_cancelled_requests_leave_the_queue(ray_local, served, outside_serve):
     or admission control would go on refusing on a phantom backlog."""
     from serve_app.app import ModelServer
 
-
     async def scenario() -> int:
         srv = ModelServer(AppConfig(artifact=served["art1"]).to_dict())
-        srv.reconfigure({"artifact": served["art1"], "controller": "static", "batching": {"initial_wait_s": 0.05}})
+        await srv.reconfigure(
+            {"artifact": served["art1"], "controller": "static", "batching": {"initial_wait_s": 0.05}}
+        )
         x = np.zeros((1, *SHAPE), np.float32)
         tasks = [asyncio.create_task(srv.infer(x)) for _ in range(3)]
         await asyncio.sleep(0.005)  # all three queued, the batch still waiting to fill
@@ -349,7 +349,7 @@ def test_admission_refuses_nothing_in_the_grace_after_an_update(served, outside_
         x = np.zeros((1, *SHAPE), np.float32)
         shed = []
         for grace_s in (30.0, 0.0):
-            srv.reconfigure({"artifact": served["art1"], "batching": strict, "update_grace_s": grace_s})
+            await srv.reconfigure({"artifact": served["art1"], "batching": strict, "update_grace_s": grace_s})
             rs = await asyncio.gather(*(srv.infer(x) for _ in range(40)), return_exceptions=True)
             assert all(isinstance(r, (tuple, Overloaded)) for r in rs), rs
             shed.append(sum(isinstance(r, Overloaded) for r in rs))

@@ -11,8 +11,9 @@ import time
 import httpx
 import pytest
 import torch
-from _serve import GOOD, free_port
+from _serve import GOOD, free_port, haproxy_cluster
 
+from serve_app.batching import BatchingConfig
 from serve_app.deploy import DeployConfig, hot_update, serve_artifact
 from serve_app.loadgen import LoadConfig, run_load
 from serve_app.simulator import Constant
@@ -25,7 +26,7 @@ def bounded_app(_ray_clusters, tmp_path_factory):
     from models.artifact import save_artifact
     from models.cnn import ModelConfig, build_model
 
-    _ray_clusters.ensure("local")
+    haproxy_cluster(_ray_clusters)
     root = tmp_path_factory.mktemp("bp")
     for seed, name in enumerate(("tiny", "tiny_b")):
         torch.manual_seed(seed)
@@ -59,28 +60,34 @@ def test_proxy_answers_503_with_retry_after_beyond_its_bound(ray_local, bounded_
         assert r.status_code == 200 and r.json()["version"] == "bp"
 
 
-def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app):
-    """While Serve reconfigures the only replica, the requests of that window (~0.1-0.3 s) wait in the proxy,
-    beyond its bound of 8 here at 120 req/s; `hot_update` lifts the bound for the update (and the replica admits
-    the backlog in its grace period), then puts it back. Redeployed with the replica's default batching: the
-    fixture's one-request replica sheds at this rate whether or not anything is updated, and so does a bound of
-    2 (Serve counts requests being assigned to a replica as queued)."""
+@pytest.mark.parametrize("bound", [8, None], ids=["bound8", "unbounded"])
+def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app, bound):
+    """A hot update at 100 req/s loses no request, with Serve's caller-side bound (8) and without. By design:
+    the replica loads and warms the new artifact in a worker thread while its event loop goes on serving with
+    the old model, then swaps them between batches (ModelServer.reconfigure), so no backlog builds up for a
+    bound or admission control to refuse; `hot_update` also lifts the bound for the update. Redeployed with the
+    replica's default batching: the fixture's one-request replica sheds at this rate whether or not anything is
+    updated."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeInstanceDetails
 
     url, old = bounded_app["url"], bounded_app["cfg"]
-    cfg = DeployConfig(port=old.port, app={"version": "bp", "max_queued_requests": 8})
+    # An SLO of 2 s: admission control refuses only a collapse, so that what this counts is the update's doing,
+    # not the replica shedding load on a machine that other work slows down (seen here at 120 req/s).
+    slo = BatchingConfig.slo_fields(2.0)
+    cfg = DeployConfig(port=old.port, app={"version": "bp", "max_queued_requests": bound, "batching": slo})
     serve_artifact(bounded_app["path"], cfg)
     result = {}
-    load = LoadConfig(pattern=Constant(120.0), duration_s=8.0, timeout_s=10.0)
+    load = LoadConfig(pattern=Constant(100.0), duration_s=8.0, timeout_s=10.0)
     thread = threading.Thread(target=lambda: result.update(r=run_load(url, load)))
     thread.start()
     time.sleep(1.5)
     hot_update(bounded_app["path"], cfg, bounded_app["update"], "bp2")
     thread.join()
     report = result["r"]
-    assert report.sent > 800 and report.ok == report.sent, report.status_counts
+    assert report.sent > 650 and report.ok == report.sent, report.status_counts
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.post("/predict", json=GOOD).json()["version"] == "bp2"
     details = ServeInstanceDetails(**_get_global_client().get_serve_details())
-    assert details.applications[cfg.app_name].deployments["Model"].deployment_config.max_queued_requests == 8
+    want = bound if bound is not None else -1
+    assert details.applications[cfg.app_name].deployments["Model"].deployment_config.max_queued_requests == want

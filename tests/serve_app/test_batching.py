@@ -409,3 +409,29 @@ def test_admission_adds_the_wait_the_queue_does_not_show():
     assert gate.check(10, ctl).admitted  # 51 ms predicted
     v = gate.check(10, ctl, waited_s=0.06)  # the replica's event loop is 60 ms behind
     assert not v.admitted and v.predicted_latency_s == pytest.approx(0.111)
+
+
+def test_calibration_forgets_an_overload_within_seconds():
+    """After an overload (every request 10x the prediction) the load drops: with no samples the calibration is
+    the identity again within ~2 half-lives, and normal samples take alpha back near 1 as quickly; alpha never
+    exceeds its cap meanwhile."""
+    now = [0.0]
+    cal = LatencyCalibration(min_samples=20, half_life_s=1.0, clock=lambda: now[0])
+    for i in range(300):
+        now[0] = i * 0.01
+        x = 0.001 * (1 + i % 20)
+        cal.observe(x, 10 * x)
+    assert cal.alpha == cal.max_alpha == 4.0
+    now[0] += 4.0  # quiet: 300 samples' weight fades below min_samples
+    assert cal(0.02) == 0.02
+    idle = LatencyCalibration(min_samples=20, half_life_s=1.0, clock=lambda: now[0])
+    for i in range(300):
+        now[0] = i * 0.01
+        idle.observe(0.001 * (1 + i % 20), 0.01 * (1 + i % 20))
+    for i in range(400):  # then normal traffic at 100/s
+        now[0] = 3.0 + i * 0.01
+        x = 0.001 * (1 + i % 20)
+        idle.observe(x, 1.1 * x)
+        if i == 199:
+            assert idle.alpha < 2.0  # 2 s after the overload
+    assert idle.alpha < 1.2  # 4 s after

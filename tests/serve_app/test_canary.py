@@ -12,7 +12,7 @@ import urllib.request
 import httpx
 import pytest
 import torch
-from _serve import GOOD, free_port
+from _serve import GOOD, free_port, haproxy_cluster
 
 from serve_app.deploy import DeployConfig, finish_rollout, serve_artifact, update_user_configs
 from serve_app.loadgen import LoadConfig, run_load
@@ -116,7 +116,7 @@ def artifact(path, *, broken: bool = False, seed: int = 0) -> str:
 def canary_app(_ray_clusters, tmp_path_factory):
     from ray import serve
 
-    _ray_clusters.ensure("local")
+    haproxy_cluster(_ray_clusters)
     root = tmp_path_factory.mktemp("canary")
     paths = {
         "stable": artifact(root / "stable"),
