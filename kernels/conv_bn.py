@@ -80,13 +80,36 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_CL_MIN_PIXELS = 16
+"""channels_last only for inputs of at least this many pixels: below, oneDNN's channels_last kernels measured
+slower than NCHW here (2x2 maps, 256 channels: forward 2x, backward 1.5x)."""
+
+
+def _cl_wanted(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.shape[-1] * x.shape[-2] >= _CL_MIN_PIXELS
+
+
 def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
     """channels_last on CPU: oneDNN's native conv layout (an NCHW conv pays a reorder to and from a blocked layout
-    on every call; measured here 1.2-1.8x slower for conv forward and backward at 16-128 channels, 1 thread).
-    A no-op for a tensor already in it, so only a model's first op converts; values are unchanged."""
-    if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x  # float64 convs take aten's reference path, for which channels_last is far slower
+    on every call; measured here 1.2-1.8x slower for conv forward and backward at 16-128 channels, 8x8-32x32, 1
+    thread). A no-op for a tensor already in it, so only a model's first op converts; values are unchanged.
+    Small maps (< _CL_MIN_PIXELS pixels) and non-oneDNN dtypes (float64: aten's reference conv) stay NCHW."""
+    if x.device.type != "cpu" or x.dtype not in _ONEDNN_DTYPES:
+        return x
+    fmt = torch.channels_last if _cl_wanted(x) else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)
+
+
+def _match_weight_layout(w: torch.Tensor, x: torch.Tensor) -> None:
+    """Puts a CPU conv weight in the layout of its (already laid out) input: a channels_last weight makes oneDNN
+    pick channels_last kernels even for an NCHW input. Changes `w.data` only, on the rare call whose layout
+    differs from the weight's (the first forward of a small-map layer); values and the Parameter stay."""
+    if w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES or w.dim() != 4:
+        return
+    fmt = torch.channels_last if _cl_wanted(x) else torch.contiguous_format
+    if not w.is_contiguous(memory_format=fmt):
+        with torch.no_grad():
+            w.data = w.data.contiguous(memory_format=fmt)
 
 
 def _dense_format(t: torch.Tensor) -> torch.memory_format:
@@ -518,6 +541,21 @@ class ConvBNAct(nn.Module):
         self.act = get_activation(act)
         self.save = SaveMode.parse(save)
         self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._weight_layout()
+
+    def _weight_layout(self) -> None:
+        """Off the CPU the conv weight is contiguous (the Triton epilogue wants NCHW conv outputs, and a
+        channels_last weight would make cuDNN write channels_last). On the CPU each forward matches the weight to
+        its input's layout (`_match_weight_layout`). Same Parameter object and values; run on `.to()`/`.cuda()`."""
+        w = self.conv.weight
+        if w.device.type != "cpu" and not w.is_contiguous():
+            with torch.no_grad():
+                w.data = w.data.contiguous()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._weight_layout()
+        return self
 
     @classmethod
     def from_modules(
@@ -573,10 +611,13 @@ class ConvBNAct(nn.Module):
         _check_input(x, conv.weight, conv.groups)
         spec = _ConvSpec(conv.stride, conv.padding, conv.dilation, conv.groups)
         compiling = torch.compiler.is_compiling()
+        x = _cpu_layout(x)
+        if not compiling:
+            _match_weight_layout(conv.weight, x)
         if not self.training and bn.track_running_stats:
             # compiled: fold in the graph (inductor's freezing turns it into constants); eager: the cached fold
             w, b = fold_conv_bn(*self._fold_args()) if compiling else self.folded()
-            y = spec.conv(_cpu_layout(x), w, b)
+            y = spec.conv(x, w, b)
             # in place when nothing can need the pre-activation (it is ours, and no graph records it)
             return self.act.forward(y) if compiling or torch.is_grad_enabled() else self.act.forward_(y)
         freeze = False if compiling else _FREEZE_STATS.get()  # a context variable is not traceable

@@ -22,16 +22,19 @@ detected (fx bakes such values in); one that reads its tensors (`self.conv.weigh
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kernels.activations import ACTIVATIONS
-from kernels.conv_bn import ConvBNAct, SaveMode
+from kernels.conv_bn import ConvBNAct, SaveMode, _cpu_layout, _match_weight_layout, fold_conv_bn
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +132,7 @@ def _trace(module: nn.Module, training: bool | None) -> fx.Graph:
             m.training = flag
 
 
-def _consistent_chains(
-    root: nn.Module, path: str, graphs: list[fx.Graph], registered: Counter
-) -> list[Chain]:
+def _consistent_chains(root: nn.Module, path: str, graphs: list[fx.Graph], registered: Counter) -> list[Chain]:
     found = [_graph_chains(root, path, g, registered) for g in graphs]
     out: dict[Chain, None] = {}
     for chains, _ in found:
@@ -141,9 +142,7 @@ def _consistent_chains(
     return list(out)
 
 
-def _graph_chains(
-    root: nn.Module, path: str, graph: fx.Graph, registered: Counter
-) -> tuple[list[Chain], set[str]]:
+def _graph_chains(root: nn.Module, path: str, graph: fx.Graph, registered: Counter) -> tuple[list[Chain], set[str]]:
     """(chains in one trace, qualified names of all modules the trace calls or reads attributes of)."""
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     read = {n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}  # owners of self.m.weight
@@ -195,11 +194,7 @@ def _sequential_chains(seq: nn.Module, path: str, registered: Counter) -> list[C
 
 
 def _fusable(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
-    return (
-        conv.padding_mode == "zeros"
-        and _numeric_padding(conv) is not None
-        and bn.num_features == conv.out_channels
-    )
+    return conv.padding_mode == "zeros" and _numeric_padding(conv) is not None and bn.num_features == conv.out_channels
 
 
 def _swappable(m: nn.Module, registered: Counter) -> bool:
@@ -232,3 +227,58 @@ def _join(path: str, name: str) -> str:
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent), name, module)
+
+
+class FoldedConvAct(nn.Module):
+    """Inference form of one `ConvBNAct`: a conv whose weight and bias have the BN folded in (frozen, no grad),
+    then the activation, in place on the conv's own output. On CPU the weight and the activations are
+    channels_last (oneDNN's native layout). What `inference_module` puts in place of each ConvBNAct."""
+
+    def __init__(self, op: ConvBNAct):
+        super().__init__()
+        with torch.no_grad():
+            w, b = fold_conv_bn(*op._fold_args())
+        w = w.detach().clone()
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        conv = op.conv
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.act = op.act
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}, act={self.act.name}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _cpu_layout(x)
+        if not torch.compiler.is_compiling():
+            _match_weight_layout(self.weight, x)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+            return self.act.forward(y)
+        return self.act.forward_(y)  # y is ours and no graph records it
+
+
+def inference_module(model: nn.Module, *, compile: bool = False) -> nn.Module:
+    """The fastest inference form of `model` (left unchanged): a deep copy in eval mode with every fusable
+    Conv2d -> BatchNorm2d (-> act) chain fused and every `ConvBNAct` replaced by its BN-folded `FoldedConvAct`
+    (channels_last on CPU), parameters frozen (requires_grad=False).
+
+    `compile=True` also wraps it in `torch.compile` with inductor's freezing (weights become constants that
+    inductor pre-packs for oneDNN); call it under `torch.no_grad()`/`inference_mode()`. That costs a compile on
+    the first call of each input shape (seconds to a minute on CPU) and pays off for long-running serving.
+    The returned module's outputs equal `model.eval()(x)` (float rounding aside)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    m = copy.deepcopy(model).eval()
+    fuse_(m)
+    for name, op in list(m.named_modules()):
+        if isinstance(op, ConvBNAct) and op.bn.track_running_stats:
+            if name:  # the root itself is handled below
+                _set_submodule(m, name, FoldedConvAct(op))
+    if isinstance(m, ConvBNAct) and m.bn.track_running_stats:
+        m = FoldedConvAct(m)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    if compile:
+        return torch.compile(m, options={"freezing": True})
+    return m

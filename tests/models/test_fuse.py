@@ -314,9 +314,7 @@ def hooked() -> nn.Module:
 
 UNFUSABLE = {
     "bn_not_after_conv": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)),
-    "reflect_padding": lambda: nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4)
-    ),
+    "reflect_padding": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4)),
     "same_even_kernel": lambda: nn.Sequential(nn.Conv2d(3, 4, 2, padding="same"), nn.BatchNorm2d(4)),
     "conv_output_used_twice": ConvUsedTwice,
     "shared_bn": SharedBN,
@@ -374,3 +372,65 @@ def test_bad_arguments():
         fuse_(ResidualNet(), save="tiny")
     with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
         fuse_("resnet")
+
+
+def _trained_small(in_channels: int = 3):
+    """The eager `small` layout (plain Conv2d/BatchNorm2d), a few training steps so running stats are not 0/1."""
+    from bench._eager_cnn import build_eager
+    from models.cnn import ModelConfig
+
+    torch.manual_seed(0)
+    m = build_eager(ModelConfig.preset("small", in_channels=in_channels), fusable=True)
+    for _ in range(3):
+        m(torch.randn(8, in_channels, 12, 12)).sum().backward()
+    return m.eval()
+
+
+@pytest.mark.parametrize("batch, size", [(1, 8), (4, 3)])
+def test_inference_module_equals_eval_model_and_leaves_it_alone(batch, size):
+    """Folded, channels_last (>= 16 pixels) or NCHW (3x3 maps): equal outputs; the original keeps its modules."""
+    from models.fuse import FoldedConvAct, inference_module
+
+    model = _trained_small()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inf = inference_module(model)
+    x = torch.randn(batch, 3, size, size)
+    with torch.inference_mode():
+        ref = model(x)
+        out = inf(x)
+        out_nograd = inf(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_nograd, ref, atol=1e-5, rtol=1e-5)
+    assert sum(isinstance(m, FoldedConvAct) for m in inf.modules()) == 9  # stem, 3 blocks x (conv1, conv2), 2 strided 1x1 shortcuts
+    assert not any(isinstance(m, nn.BatchNorm2d | ConvBNAct) for m in inf.modules())
+    assert not any(p.requires_grad for p in inf.parameters())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "the original must stay unfused"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_inference_module_from_unified_cnn_and_compiled():
+    from models.cnn import ModelConfig, build_model
+    from models.fuse import inference_module
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("tiny", in_channels=3))
+    model(torch.randn(8, 3, 8, 8))  # one batch of running statistics
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    try:
+        compiled = inference_module(model, compile=True)
+        with torch.no_grad():
+            ref = model(x)
+            torch.testing.assert_close(inference_module(model)(x), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(compiled(x), ref, atol=1e-4, rtol=1e-4)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_inference_module_rejects_non_modules():
+    from models.fuse import inference_module
+
+    with pytest.raises(TypeError, match="nn.Module"):
+        inference_module(lambda x: x)
