@@ -195,11 +195,14 @@ def _train_local(cfg: RunConfig, splits: DataSplits, scratch: Path) -> dict:
     res = fit_local(model, (xtr, ytr), (xte, yte), cfg.train, progress=True)
     ckpt = scratch / "local_model.pt"
     torch.save(model.state_dict(), ckpt)
+    uri = storage.join(cfg.run_uri(), ckpt.name)
+    if storage.local_path(uri) != str(ckpt.resolve()):
+        storage.upload_file(ckpt, uri)
     return {
         "history": res.history,
         "test_accuracy": res.test_accuracy,
         "precision": res.policy,
-        "checkpoint": str(ckpt),
+        "checkpoint": uri,
         "mode": "local",
     }
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -53,8 +54,9 @@ def _stop(marker: str) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head():
+    """One head (4 CPUs: the size the smoke defaults must fit) for every job of this module."""
     # a short path: Ray's unix sockets live under the temp dir and are limited to 107 bytes
     base = Path(tempfile.mkdtemp(prefix="tdmj", dir="/tmp"))
     temp_dir = base / "ray"
@@ -76,18 +78,22 @@ def head():
         f"--metrics-export-port={metrics}",
         f"--runtime-env-agent-port={rtenv}",
         f"--ray-client-server-port={client}",
-        "--num-cpus=8",
+        "--num-cpus=4",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        yield {"env": env, "address": f"http://127.0.0.1:{dash}"}
+        yield {"env": env, "address": f"http://127.0.0.1:{dash}", "base": base}
     finally:
         _stop(str(temp_dir))
         shutil.rmtree(base, ignore_errors=True)
     assert not _pids_with(str(temp_dir)), "head processes left behind"
+
+
+# the job's package: the project without the virtualenv, local runs and git history
+RUNTIME_ENV = json.dumps({"excludes": [".venv", "runs", ".git", "**/__pycache__"]})
 
 
 def _submit(head: dict, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
@@ -99,6 +105,8 @@ def _submit(head: dict, *entrypoint: str, timeout: float) -> subprocess.Complete
         head["address"],
         "--working-dir",
         str(ROOT),
+        "--runtime-env-json",
+        RUNTIME_ENV,
         "--",
         *entrypoint,
     ]
@@ -110,6 +118,37 @@ def _submit(head: dict, *entrypoint: str, timeout: float) -> subprocess.Complete
         time.sleep(3)
 
 
+def _serve_logs(head: dict) -> str:
+    """The tail of the head's Serve controller and replica logs (why an app did not come up)."""
+    logs = sorted((head["base"] / "ray").glob("session_*/logs/serve/*.log"))
+    return "".join(f"\n== {p.name}\n" + p.read_text(errors="replace")[-6000:] for p in logs if "replica" in p.name
+                   or "controller" in p.name)  # fmt: skip
+
+
+def _serve_apps(head: dict) -> str:
+    out = subprocess.run([str(BIN / "serve"), "status", "--address", head["address"]], env=head["env"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    return out.stdout + out.stderr
+
+
+@pytest.mark.timeout(900)
+def test_job_submit_tandem_run_twice(head, tmp_path):
+    """The same `tandem run` job twice: both succeed as two runs, and neither leaves its Serve app behind."""
+    store = tmp_path / "runs"
+    argv = ["tandem", "run", "--smoke", "--address", "auto", "--epochs", "1", "--trials", "1", "--max-acc-drop",
+            "100", "--load-seconds", "2", "--load-rate", "20", "--serve-port", str(_free_ports(1)[0]), "--storage",
+            str(store)]  # fmt: skip
+    for i in range(2):
+        out = _submit(head, *argv, timeout=600)
+        text = out.stdout + out.stderr
+        assert out.returncode == 0 and "succeeded" in text, f"job {i + 1}: " + text[-3000:]
+        assert "load test at" in text
+        assert "tandem:" not in _serve_apps(head).split("applications:", 1)[-1]
+    runs = sorted(store.iterdir())
+    assert len(runs) == 2 and all((r / "report.json").exists() for r in runs)
+    assert all((r / "artifacts" / "trained" / "manifest.json").exists() for r in runs)
+
+
 @pytest.mark.timeout(600)
 def test_job_submit_tandem_train(head, tmp_path):
     out = _submit(
@@ -119,12 +158,12 @@ def test_job_submit_tandem_train(head, tmp_path):
         "--smoke",
         "--address",
         "auto",
-        "--workers",
-        "2",
         "--epochs",
         "1",
-        "--batch-size",
-        "32",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "t1",
         "--workdir",
         str(tmp_path / "work"),
         timeout=480,
@@ -132,7 +171,38 @@ def test_job_submit_tandem_train(head, tmp_path):
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert "succeeded" in text and "test accuracy:" in text
-    assert (tmp_path / "work" / "report.json").exists()
+    assert (tmp_path / "work" / "report.json").exists() and (tmp_path / "runs" / "t1" / "train").is_dir()
+
+
+@pytest.mark.timeout(600)
+def test_job_submit_tandem_tune(head, tmp_path):
+    out = _submit(head, "tandem", "tune", "--smoke", "--address", "auto", "--trials", "2", "--max-acc-drop", "100",
+                  "--storage", str(tmp_path / "runs"), "--name", "sweep", timeout=480)  # fmt: skip
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "succeeded" in text, text[-3000:]
+    run = tmp_path / "runs" / "sweep"
+    assert (run / "pareto.md").exists() and (run / "artifact" / "manifest.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_job_submit_tandem_serve(head, tmp_path):
+    import urllib.request
+
+    import torch
+
+    from models.artifact import save_artifact
+    from models.cnn import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=10)).eval()
+    artifact = tmp_path / "artifact"
+    save_artifact(model, artifact, input_shape=(1, 8, 8), accuracy={"test_accuracy": 0.0}, probe=torch.rand(8, 1, 8, 8))
+    port = _free_ports(1)[0]
+    out = _submit(head, "tandem", "serve", "--address", "auto", "--port", str(port), str(artifact), timeout=240)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "succeeded" in text, text[-2000:] + _serve_logs(head)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10) as r:
+        assert r.status == 200
 
 
 def test_job_submit_without_token_is_refused(head):

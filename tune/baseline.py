@@ -80,7 +80,8 @@ def _local_data(data: DataConfig, cache: Path) -> DataConfig:
         if uri is not None and storage.is_remote(uri):
             dest = cache / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
             if not dest.exists():
-                tmp = Path(tempfile.mkdtemp(dir=cache, prefix="dl-"))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix="dl-"))
                 if storage.is_dir(uri):
                     storage.download_dir(uri, tmp)
                 else:

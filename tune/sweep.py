@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
     from tandem.job import DEFAULT_STORAGE, RunConfig, claim_run
 
     p = argparse.ArgumentParser(prog="tandem tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--trials", type=int, default=None, help="number of trials (default 16; 4 with --smoke)")
     p.add_argument("--max-acc-drop", type=float, default=1.0, help="accuracy points the chosen model may lose")
     p.add_argument("--smoke", action="store_true", help="tiny model, 4 trials, seconds per trial")
     p.add_argument("--preset", default="small", help="model preset trained when no --checkpoint is given")
@@ -263,10 +263,11 @@ def main(argv: list[str] | None = None) -> SweepResult:
     common = dict(searcher=searcher, storage=run_uri, gpus_per_trial=gpus, out_dir=out_dir)
     if args.smoke:
         base = BaselineConfig(preset="tiny", epochs=5, checkpoint=args.checkpoint, data=data)
-        cfg = SweepConfig.smoke(max_acc_drop_pts=args.max_acc_drop, baseline=base, verbose=1, **common)
+        trials = {"trials": args.trials} if args.trials is not None else {}
+        cfg = SweepConfig.smoke(max_acc_drop_pts=args.max_acc_drop, baseline=base, verbose=1, **trials, **common)
     else:
         cfg = SweepConfig(
-            trials=args.trials,
+            trials=args.trials if args.trials is not None else 16,
             max_acc_drop_pts=args.max_acc_drop,
             baseline=BaselineConfig(preset=args.preset, checkpoint=args.checkpoint, data=data),
             concurrency=args.concurrency,
