@@ -12,12 +12,16 @@ manifest.json (format_version 1):
     format            "tandem.artifact"
     format_version    1
     created_utc       ISO 8601 time of saving
-    architecture      "models.cnn.CNN" (the only class `load_artifact` rebuilds)
+    architecture      "models.cnn.CNN" (a preset, rebuilt from model_config) or "user" (rebuilt by calling the
+                      recorded function; its package must be importable where the artifact is loaded)
     model_config      models.cnn.ModelConfig.to_dict() (widths, depths, act, in_channels, num_classes, ...)
     preset            ModelConfig.preset_name, or null
     input_shape       [C, H, W] of one sample
     num_classes       int; class_names: list of str or null (index i names class i)
-    pruning           null (unpruned) or {"channels": {ConvBNAct qualified name: out channels}, "ratio": float
+    model_spec        null for a preset CNN; for architecture "user": {"user": "pkg.mod:fn", "user_kwargs": {...},
+                      "preset", "save", "fused": [qualified names of the ConvBNAct ops fuse_ made]}
+    pruning           null (unpruned) or {"channels": {ConvBNAct qualified name: out channels} (CNN) or
+                      "shapes": {layer name: {"in", "out", "groups"}} (user models), "ratio": float
                       or null, and any counts given at save: "params_before", "params_after", "macs_before",
                       "macs_after", ...}
     quantization      {"scheme": "none" | "int8_ptq" | "int8_qat" | "fp8", "config": {fields of the config
@@ -51,8 +55,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models.cnn import CNN, ModelConfig, build_model
-from models.prune import channel_counts, resize_
+from kernels.conv_bn import ConvBNAct
+from models.cnn import ModelConfig, build_model
+from models.factory import USER_ARCHITECTURE, ModelSpec, describe
+from models.prune import apply_module_shapes_, channel_counts, module_shapes, resize_
 from models.quantize import QuantizedModel, restore_quantized
 
 FORMAT = "tandem.artifact"
@@ -118,20 +124,21 @@ def unpack_tensors(buf: torch.Tensor, entries: list[dict]) -> dict[str, torch.Te
             raise ArtifactError(f"tensor {name!r}: unknown dtype {e['dtype']!r}")
         n = torch.Size(shape).numel() * dtype.itemsize
         if offset < 0 or offset % dtype.itemsize or offset + n > buf.numel():
-            raise ArtifactError(
-                f"tensor {name!r} ({n} bytes at {offset}) does not fit the {buf.numel()}-byte buffer"
-            )
+            raise ArtifactError(f"tensor {name!r} ({n} bytes at {offset}) does not fit the {buf.numel()}-byte buffer")
         out[name] = buf[offset : offset + n].clone().view(dtype).reshape(shape)
     return out
 
 
-def _describe(model: nn.Module) -> tuple[ModelConfig, dict[str, int]]:
-    """(architecture config, ConvBNAct channel counts) of a CNN or a QuantizedModel of one."""
+def _describe(model: nn.Module) -> dict:
+    """How to rebuild the fp32 model behind `model` (models.factory.describe; a QuantizedModel carries it)."""
     if isinstance(model, QuantizedModel):
-        return model.model_config, model.channels
-    if isinstance(model, CNN):
-        return model.cfg, channel_counts(model)
-    raise TypeError(f"model must be a CNN or a QuantizedModel of one, got {type(model).__name__}")
+        return model.source
+    return describe(model)
+
+
+def _pristine_shapes(spec: dict, input_shape: tuple[int, int, int], num_classes: int) -> dict:
+    fresh = ModelSpec.from_dict(spec).build(input_shape, num_classes)
+    return module_shapes(fresh)
 
 
 def default_probe(input_shape: tuple[int, ...], n: int = 16) -> torch.Tensor:
@@ -190,16 +197,19 @@ def save_artifact(
     `path` (created; existing artifact files are replaced). `pruning` adds counts/ratio to the recorded
     channels; `probe` (N, C, H, W) are the inputs whose predictions a load must reproduce (default: 16
     deterministic random inputs). Returns the manifest."""
-    cfg, channels = _describe(model)
+    desc = _describe(model)
     input_shape = tuple(int(v) for v in input_shape)
-    if len(input_shape) != 3 or input_shape[0] != cfg.in_channels:
-        raise ValueError(f"input_shape must be ({cfg.in_channels}, H, W), got {input_shape}")
-    if class_names is not None and len(class_names) != cfg.num_classes:
-        raise ValueError(f"class_names must have {cfg.num_classes} entries, got {len(class_names)}")
+    cfg = ModelConfig.from_dict(desc["model_config"]) if desc["architecture"] == ARCHITECTURE else None
+    in_channels = cfg.in_channels if cfg is not None else input_shape[0]
+    if len(input_shape) != 3 or input_shape[0] != in_channels:
+        raise ValueError(f"input_shape must be ({in_channels}, H, W), got {input_shape}")
     probe = default_probe(input_shape) if probe is None else probe.detach().float().cpu()
     if tuple(probe.shape[1:]) != input_shape:
         raise ValueError(f"probe must be (N, *{input_shape}), got {tuple(probe.shape)}")
     logits = _run(model, probe)
+    num_classes = cfg.num_classes if cfg is not None else logits.shape[1]
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names must have {num_classes} entries, got {len(class_names)}")
     compiled_diff = None
     if isinstance(model, QuantizedModel) and model.compiled:  # measured: what a load's tolerance derives from
         compiled_diff = (model(probe).float() - logits).abs().max().item()
@@ -208,10 +218,16 @@ def save_artifact(
         tensors, quant = model.artifact_state()
     else:
         tensors, quant = dict(model.state_dict()), {"scheme": "none", "config": {}, "state": {}}
-    pristine = channel_counts(build_model(cfg))
-    prune_info = None
-    if channels != pristine or pruning:
-        prune_info = {"ratio": None, **(pruning or {}), "channels": channels}
+    prune_info, model_spec = None, None
+    if cfg is not None:
+        channels = desc["channels"]
+        if channels != channel_counts(build_model(cfg)) or pruning:
+            prune_info = {"ratio": None, **(pruning or {}), "channels": channels}
+    else:  # a user model: its spec, what fuse_ fused, and the layer shapes when pruned
+        model_spec = {**desc["model_spec"], "fused": desc["fused"]}
+        if desc["shapes"] != _pristine_shapes(desc["model_spec"], input_shape, num_classes) or pruning:
+            prune_info = {"ratio": None, **(pruning or {}), "shapes": desc["shapes"]}
+            prune_info.pop("channels", None)
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,11 +238,12 @@ def save_artifact(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "architecture": ARCHITECTURE,
-        "model_config": cfg.to_dict(),
-        "preset": cfg.preset_name,
+        "architecture": desc["architecture"],
+        "model_config": cfg.to_dict() if cfg is not None else {},
+        "model_spec": model_spec,
+        "preset": cfg.preset_name if cfg is not None else None,
         "input_shape": list(input_shape),
-        "num_classes": cfg.num_classes,
+        "num_classes": num_classes,
         "class_names": class_names,
         "pruning": prune_info,
         "quantization": quant,
@@ -274,9 +291,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"{FORMAT_VERSION})"
         )
     _check_types(manifest, mpath)
-    if manifest["architecture"] != ARCHITECTURE:
+    if manifest["architecture"] not in (ARCHITECTURE, USER_ARCHITECTURE):
         got = manifest["architecture"]
-        raise ArtifactError(f"{mpath}: architecture must be {ARCHITECTURE!r}, got {got!r}")
+        raise ArtifactError(f"{mpath}: architecture must be {ARCHITECTURE!r} or {USER_ARCHITECTURE!r}, got {got!r}")
+    if manifest["architecture"] == USER_ARCHITECTURE and not isinstance(manifest.get("model_spec"), dict):
+        raise ArtifactError(f"{mpath}: a user model's artifact must hold model_spec (an object)")
     return manifest
 
 
@@ -305,8 +324,9 @@ def _check_types(manifest: dict, mpath: Path) -> None:
             if not isinstance(manifest[key].get(name), typ):
                 raise ArtifactError(f"{mpath}: {key}.{name} must be a {typ.__name__}")
     pruning = manifest["pruning"]
-    if pruning is not None and not isinstance(pruning.get("channels"), dict):
-        raise ArtifactError(f"{mpath}: pruning.channels must be an object")
+    plan = "channels" if manifest["architecture"] == ARCHITECTURE else "shapes"
+    if pruning is not None and not isinstance(pruning.get(plan), dict):
+        raise ArtifactError(f"{mpath}: pruning.{plan} must be an object")
 
 
 def _load_file(p: Path, spec: dict, what: str) -> dict:
@@ -335,25 +355,11 @@ def load_artifact(
     with `verify` its logits must be within `compiled_tolerance` of the recorded ones."""
     p = Path(path)
     manifest = read_manifest(p)
-    try:
-        cfg = ModelConfig.from_dict(manifest["model_config"])
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{p}: bad model_config ({e})") from None
     input_shape = tuple(manifest["input_shape"])
-    shape_ok = len(input_shape) == 3 and input_shape[0] == cfg.in_channels
-    if cfg.num_classes != manifest["num_classes"] or not shape_ok:
-        raise ArtifactError(
-            f"{p}: num_classes/input_shape {manifest['num_classes']}/{list(input_shape)} disagree with "
-            f"model_config (num_classes={cfg.num_classes}, in_channels={cfg.in_channels})"
-        )
     tensors = unpack_tensors(_load_file(p, manifest["tensors"], "weights").get("packed"),
                              manifest["tensors"]["entries"])  # fmt: skip
-    model = build_model(cfg)
-    if manifest["pruning"] is not None:
-        try:
-            resize_(model, manifest["pruning"]["channels"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{p}: pruning.channels do not fit the architecture ({e})") from None
+    rebuild = _REBUILD[manifest["architecture"]]
+    model = rebuild(manifest, input_shape, p)
     probe = _load_file(p, manifest["probe"], "probe")
     quant = manifest["quantization"]
     try:
@@ -380,6 +386,53 @@ def load_artifact(
     if compile and isinstance(model, QuantizedModel):
         _compile_and_check(model, probe["input"], want, manifest["probe"], p, verify)
     return model, manifest
+
+
+def _rebuild_cnn(manifest: dict, input_shape: tuple, p: Path) -> nn.Module:
+    """A preset CNN from model_config, resized to pruning.channels."""
+    try:
+        cfg = ModelConfig.from_dict(manifest["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{p}: bad model_config ({e})") from None
+    shape_ok = len(input_shape) == 3 and input_shape[0] == cfg.in_channels
+    if cfg.num_classes != manifest["num_classes"] or not shape_ok:
+        raise ArtifactError(
+            f"{p}: num_classes/input_shape {manifest['num_classes']}/{list(input_shape)} disagree with "
+            f"model_config (num_classes={cfg.num_classes}, in_channels={cfg.in_channels})"
+        )
+    model = build_model(cfg)
+    if manifest["pruning"] is not None:
+        try:
+            resize_(model, manifest["pruning"]["channels"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{p}: pruning.channels do not fit the architecture ({e})") from None
+    return model
+
+
+def _rebuild_user(manifest: dict, input_shape: tuple, p: Path) -> nn.Module:
+    """A user model: its function called again with the recorded kwargs, fused, checked to fuse the same
+    chains, and resized to the recorded layer shapes of a pruned model (before the weights load)."""
+    spec = dict(manifest["model_spec"])
+    fused = spec.pop("fused", None)
+    try:
+        model = ModelSpec.from_dict(spec).build(input_shape, manifest["num_classes"])
+    except ImportError as e:
+        raise ArtifactError(f"{p}: cannot import the model function {spec.get('user')!r} ({e})") from None
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{p}: cannot rebuild the model {spec.get('user')!r} ({e})") from None
+    got = [n for n, m in model.named_modules() if isinstance(m, ConvBNAct)]
+    if fused is not None and got != fused:
+        raise ArtifactError(f"{p}: fuse_ fused other chains than when saved ({len(got)} vs {len(fused)})")
+    if manifest["pruning"] is not None:
+        try:
+            apply_module_shapes_(model, manifest["pruning"]["shapes"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{p}: pruning.shapes do not fit the model ({e})") from None
+    return model
+
+
+# one rebuild entry per kind of model
+_REBUILD = {ARCHITECTURE: _rebuild_cnn, USER_ARCHITECTURE: _rebuild_user}
 
 
 def _compile_and_check(model: QuantizedModel, x: torch.Tensor, want: torch.Tensor, probe_manifest: dict,

@@ -3,7 +3,8 @@ driver, Ray Train workers and Tune trials all build the same way."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -22,11 +23,31 @@ class ModelSpec:
     """'package.module:function' returning an nn.Module; its Conv->BN->act chains are fused."""
     save: str = "lean"
     """Memory mode of the unified operator."""
+    user_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of the user function (`--model-args` JSON); `num_classes` is added when it takes it."""
 
     def __post_init__(self) -> None:
         if self.user is None and self.preset not in ModelConfig.preset_names():
             raise ValueError(f"preset must be one of {ModelConfig.preset_names()}, got {self.preset!r}")
         SaveMode.parse(self.save)
+        if not isinstance(self.user_kwargs, dict):
+            raise TypeError(f"user_kwargs must be a dict, got {type(self.user_kwargs).__name__}")
+        try:
+            json.dumps(self.user_kwargs)
+        except TypeError as e:
+            raise ValueError(f"user_kwargs must be JSON values (they are recorded in artifacts): {e}") from None
+        if self.user_kwargs and self.user is None:
+            raise ValueError("user_kwargs need a user model")
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "user": self.user, "save": self.save, "user_kwargs": dict(self.user_kwargs)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        known = {"preset", "user", "save", "user_kwargs"}
+        if not isinstance(d, dict) or set(d) - known:
+            raise ValueError(f"model spec must be an object with keys among {sorted(known)}, got {d!r}")
+        return cls(**d)
 
     @property
     def name(self) -> str:
@@ -36,9 +57,7 @@ class ModelSpec:
         """The ModelConfig of a preset for this data (None for a user model)."""
         if self.user is not None:
             return None
-        return ModelConfig.preset(
-            self.preset, in_channels=image_shape[0], num_classes=num_classes, save=self.save
-        )
+        return ModelConfig.preset(self.preset, in_channels=image_shape[0], num_classes=num_classes, save=self.save)
 
     def build(self, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """The model for images of `image_shape` (C, H, W) and `num_classes`; a user model is fused and its
@@ -48,7 +67,7 @@ class ModelSpec:
         from models.fuse import fuse_
         from models.user_model import load_model
 
-        model = fuse_(load_model(self.user), save=self.save)
+        model = fuse_(load_model(self.user, self.user_kwargs, num_classes), save=self.save)
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -59,4 +78,57 @@ class ModelSpec:
                 f"model {self.user} must map (N, {', '.join(map(str, image_shape))}) to (N, >= {num_classes}) "
                 f"logits, got output shape {tuple(out.shape)}"
             )
+        setattr(model, SPEC_ATTR, self.to_dict())
         return model
+
+
+# The spec a user model was built from travels with it (a plain attribute), so that saving, pruning and
+# quantizing it anywhere downstream can record how to rebuild it.
+SPEC_ATTR = "_tandem_model_spec"
+USER_ARCHITECTURE = "user"
+
+
+def describe(model: nn.Module) -> dict:
+    """How to rebuild `model` (fp32, pruned or not): {"architecture": "models.cnn.CNN", "model_config", "channels"}
+    for a preset CNN, {"architecture": "user", "model_spec", "fused", "shapes"} for a model built by
+    `ModelSpec.build` from a user function. Raises TypeError for a model of neither kind."""
+    from kernels.conv_bn import ConvBNAct
+    from models.cnn import CNN
+    from models.prune import channel_counts, module_shapes
+
+    if isinstance(model, CNN):
+        return {
+            "architecture": "models.cnn.CNN",
+            "model_config": model.cfg.to_dict(),
+            "channels": channel_counts(model),
+        }
+    spec = getattr(model, SPEC_ATTR, None)
+    if spec is None:
+        raise TypeError(
+            f"model must be a models.cnn.CNN or built by ModelSpec.build (which records its spec), got "
+            f"{type(model).__name__}"
+        )
+    fused = [n for n, m in model.named_modules() if isinstance(m, ConvBNAct)]
+    return {"architecture": USER_ARCHITECTURE, "model_spec": dict(spec), "fused": fused, "shapes": module_shapes(model)}
+
+
+def rebuild(desc: dict, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """A freshly built model of `desc` (from `describe`), its layers resized to the recorded (pruned) shapes, so
+    that the recorded state_dict loads into it. Raises ValueError when the description does not fit."""
+    from kernels.conv_bn import ConvBNAct
+    from models.cnn import ModelConfig
+    from models.prune import apply_module_shapes_, resize_
+
+    arch = desc.get("architecture")
+    if arch == "models.cnn.CNN":
+        model = build_model(ModelConfig.from_dict(desc["model_config"]))
+        return resize_(model, desc["channels"])
+    if arch != USER_ARCHITECTURE:
+        raise ValueError(f"architecture must be 'models.cnn.CNN' or {USER_ARCHITECTURE!r}, got {arch!r}")
+    model = ModelSpec.from_dict(desc["model_spec"]).build(tuple(input_shape), num_classes)
+    fused = [n for n, m in model.named_modules() if isinstance(m, ConvBNAct)]
+    if fused != list(desc.get("fused", fused)):
+        raise ValueError(
+            f"fuse_ fused {len(fused)} chains of the rebuilt model, the recorded one had {len(desc['fused'])}"
+        )
+    return apply_module_shapes_(model, desc["shapes"])

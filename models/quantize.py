@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from kernels.conv_bn import ConvBNAct
 from kernels.precision import PrecisionConfig, PrecisionPolicy
 from kernels.quant import dequantize, fake_quantize, quantize
-from models.cnn import CNN, ModelConfig
-from models.prune import channel_counts
+from models.cnn import ModelConfig
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -119,9 +118,7 @@ CONFIGS: dict[str, type] = {c.scheme: c for c in (Int8PTQ, Int8QAT, FP8)}
 
 def _conv_from(op: ConvBNAct) -> nn.Conv2d:
     c = op.conv
-    conv = nn.Conv2d(
-        c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups, bias=True
-    )
+    conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups, bias=True)
     with torch.no_grad():
         w, b = op.folded()
         conv.weight.copy_(w)
@@ -190,15 +187,15 @@ def compiled_for_inference(model: nn.Module) -> Callable[[torch.Tensor], torch.T
 
 
 class QuantizedModel(nn.Module):
-    """A quantized CNN: `runtime` computes the logits (reference graph); `compile_()` switches to the
-    inductor-compiled one (`BucketCompiled`). Holds what an artifact needs to rebuild it."""
+    """A quantized model: `runtime` computes the logits (reference graph); `compile_()` switches to the
+    inductor-compiled one (`BucketCompiled`). Holds what an artifact needs to rebuild it: `source`, the
+    description of the fp32 model (models.factory.describe), the stored tensors and the scheme's state."""
 
     def __init__(
         self,
         runtime: nn.Module,
         config: QuantConfig,
-        model_config: ModelConfig,
-        channels: dict[str, int],
+        source: dict,
         tensors: dict[str, torch.Tensor],
         state: dict,
         static_build: Callable[[torch.Tensor], nn.Module] | None = None,
@@ -207,11 +204,21 @@ class QuantizedModel(nn.Module):
         self.runtime = runtime
         self._static_build = static_build or (lambda example: runtime)
         self.config = config
-        self.model_config = model_config
-        self.channels = dict(channels)
+        self.source = source
         self._tensors = tensors
         self._state = state
         self._compiled = None
+
+    @property
+    def model_config(self) -> ModelConfig | None:
+        """The preset CNN's config (None for a user model)."""
+        cfg = self.source.get("model_config")
+        return None if cfg is None else ModelConfig.from_dict(cfg)
+
+    @property
+    def channels(self) -> dict[str, int] | None:
+        """The CNN's ConvBNAct channel counts (None for a user model)."""
+        return self.source.get("channels")
 
     @property
     def scheme(self) -> str:
@@ -307,7 +314,28 @@ def _prepare(folded: nn.Module, example: torch.Tensor, dynamic: bool = True):
 
     shapes = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},) if dynamic else None
     exported = torch.export.export(folded.eval(), (example,), dynamic_shapes=shapes).module()
+    _split_shared_sources_(exported)
     return prepare_pt2e(exported, _x86_quantizer())
+
+
+def _split_shared_sources_(gm: torch.fx.GraphModule) -> None:
+    """Gives each call of a module called several times (torchvision's BasicBlock calls one `self.relu` twice) a
+    source of its own. The x86 quantizer groups nodes into patterns by their source module; one ReLU module used
+    after a conv and after a residual add is one "partition" with two outputs, and annotation then fails with
+    "Input partition has more than one output node". Only groups of single-op calls are split (activations),
+    so real multi-node partitions stay as they are."""
+    groups: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack:
+            groups.setdefault(list(stack.values())[-1][0], []).append(node)
+    for fqn, nodes in groups.items():
+        if len(nodes) > 1 and len({n.target for n in nodes}) == 1:
+            for i, node in enumerate(nodes):
+                stack = dict(node.meta["nn_module_stack"])
+                key = list(stack)[-1]
+                stack[key] = (f"{fqn}__call{i}", stack[key][1])
+                node.meta["nn_module_stack"] = stack
 
 
 def _activation_observers(prepared: nn.Module) -> dict[str, nn.Module]:
@@ -447,13 +475,16 @@ class FP8Layer(nn.Module):
         a_q, _ = quantize(F.pad(a, (0, kp)), FP8_DTYPE, per_channel=False, scale=self.input_scale)
         w_pad = F.pad(wt.view(torch.uint8), (0, kp, 0, np_)).view(FP8_DTYPE)  # zero bytes are +0.0 in e4m3
         scale_b = F.pad(self.weight_scale.expand(n), (0, np_), value=1.0).view(1, -1)
-        out = torch._scaled_mm(
-            a_q,
-            w_pad.t(),
-            scale_a=self.input_scale.expand(m).reshape(m, 1).contiguous(),
-            scale_b=scale_b.contiguous(),
-            out_dtype=torch.bfloat16,
-        )[:, :n].float() + self.bias
+        out = (
+            torch._scaled_mm(
+                a_q,
+                w_pad.t(),
+                scale_a=self.input_scale.expand(m).reshape(m, 1).contiguous(),
+                scale_b=scale_b.contiguous(),
+                out_dtype=torch.bfloat16,
+            )[:, :n].float()
+            + self.bias
+        )
         if self.is_conv:
             g = self.geometry
             span = g["dilation"][1] * (self.kernel_size[1] - 1) + 1
@@ -516,6 +547,70 @@ def _fp8_runtime(folded: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Modu
 # ------------------------------------------------------------------------------------------- the verbs
 
 
+class _Int8Handler:
+    """INT8 PTQ and QAT: int8-snapped weights + activation ranges, lowered through PT2E (module docstring)."""
+
+    def quantize(self, folded: nn.Module, config, calib: torch.Tensor, train) -> tuple:
+        if isinstance(config, Int8QAT):
+            _qat_finetune_(folded, config, train)
+        tensors = _snap_int8_(folded, config.per_channel)
+        ranges = _calibrate_int8(folded, calib)
+        return self._build(folded, ranges, calib[:2], tensors)
+
+    def expected(self, folded: nn.Module) -> set[str]:
+        return {f"{n}.{k}" for n, _ in _quantizable(folded) for k in ("weight.q", "weight.scale", "bias")}
+
+    def restore(self, folded: nn.Module, config, tensors: dict, state: dict, example: torch.Tensor) -> tuple:
+        _load_int8_(folded, tensors)
+        ranges = state.get("activation_ranges")
+        if not isinstance(ranges, dict):
+            raise ValueError("int8 quantization state must hold activation_ranges")
+        return self._build(folded, ranges, example, tensors)
+
+    @staticmethod
+    def _build(folded, ranges, example, tensors) -> tuple:
+        runtime = _int8_runtime(folded, ranges, example)
+        static = functools.partial(_int8_runtime, folded, ranges, dynamic=False)
+        return runtime, tensors, {"activation_ranges": ranges}, static
+
+
+class _FP8Handler:
+    """FP8 e4m3 weights and static input scales (FP8Layer)."""
+
+    def quantize(self, folded: nn.Module, config, calib: torch.Tensor, train) -> tuple:
+        tensors = _fp8_tensors(folded, config.per_channel, _calibrate_amax(folded, calib))
+        return _fp8_runtime(folded, tensors), tensors, {}, None
+
+    def expected(self, folded: nn.Module) -> set[str]:
+        return _Int8Handler().expected(folded) | {f"{n}.input_scale" for n, _ in _quantizable(folded)}
+
+    def restore(self, folded: nn.Module, config, tensors: dict, state: dict, example: torch.Tensor) -> tuple:
+        return _fp8_runtime(folded, tensors), tensors, {}, None
+
+
+# One handler per config type (as torchao's quantize_ dispatches on its config's type): a new scheme is a config
+# dataclass with a `scheme` name and a handler with quantize / expected / restore.
+HANDLERS: dict[type, _Int8Handler | _FP8Handler] = {
+    Int8PTQ: _Int8Handler(),
+    Int8QAT: _Int8Handler(),
+    FP8: _FP8Handler(),
+}
+
+
+@torch.no_grad()
+def _ensure_bias_(model: nn.Module) -> None:
+    """Gives every bias-less Conv2d/Linear a zero bias (same function): stored int8 layers always carry one."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is None:
+            m.bias = nn.Parameter(m.weight.new_zeros(m.weight.shape[0]), requires_grad=m.weight.requires_grad)
+
+
+def _fold(model: nn.Module) -> nn.Module:
+    folded = fold_bn_(model)
+    _ensure_bias_(folded)
+    return folded
+
+
 def quantize_(
     model: nn.Module,
     config: QuantConfig,
@@ -523,59 +618,45 @@ def quantize_(
     calib: torch.Tensor,
     train: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedModel:
-    """Quantizes a `CNN` with `config`, returning the `QuantizedModel` to use in its place. `model` itself is
-    consumed: its BN is folded in place (and for QAT its weights fine-tuned). `calib` (N, C, H, W): samples
-    for calibration (the first `config.calib_samples`); `train` (x, y): the fine-tuning data of Int8QAT."""
-    if not isinstance(model, CNN):
-        raise TypeError(f"model must be a models.cnn.CNN, got {type(model).__name__}")
-    if not isinstance(config, Int8PTQ | Int8QAT | FP8):
-        raise TypeError(f"config must be Int8PTQ, Int8QAT or FP8, got {type(config).__name__}")
+    """Quantizes a `CNN` or a user model built by `ModelSpec.build` (any model torch.export can trace) with
+    `config`, returning the `QuantizedModel` to use in its place. `model` itself is consumed: its BN is folded
+    in place (and for QAT its weights fine-tuned). `calib` (N, C, H, W): samples for calibration (the first
+    `config.calib_samples`); `train` (x, y): the fine-tuning data of Int8QAT."""
+    from models.factory import describe
+
+    handler = HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"config must be one of {[c.__name__ for c in HANDLERS]}, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(calib, torch.Tensor) or calib.dim() != 4 or len(calib) < 2:
         raise ValueError(f"calib must be a (N >= 2, C, H, W) tensor, got {getattr(calib, 'shape', calib)!r}")
     if isinstance(config, Int8QAT) and train is None:
         raise ValueError("Int8QAT needs train=(x, y) for its fine-tuning")
-    cfg, channels = model.cfg, channel_counts(model)
+    source = describe(model)  # before folding: how to rebuild the fp32 model
     calib = calib[: config.calib_samples].float()
-    folded = fold_bn_(model)
-    if isinstance(config, FP8):
-        tensors = _fp8_tensors(folded, config.per_channel, _calibrate_amax(folded, calib))
-        return QuantizedModel(_fp8_runtime(folded, tensors), config, cfg, channels, tensors, {})
-    if isinstance(config, Int8QAT):
-        _qat_finetune_(folded, config, train)
-    tensors = _snap_int8_(folded, config.per_channel)
-    ranges = _calibrate_int8(folded, calib)
-    return _int8_model(folded, ranges, calib[:2], config, cfg, channels, tensors)
-
-
-def _int8_model(folded, ranges, example, config, cfg, channels, tensors) -> QuantizedModel:
-    runtime = _int8_runtime(folded, ranges, example)
-    static = functools.partial(_int8_runtime, folded, ranges, dynamic=False)
-    state = {"activation_ranges": ranges}
-    return QuantizedModel(runtime, config, cfg, channels, tensors, state, static_build=static)
+    runtime, tensors, state, static = handler.quantize(_fold(model), config, calib, train)
+    return QuantizedModel(runtime, config, source, tensors, state, static_build=static)
 
 
 def restore_quantized(
-    model: CNN, quant: dict, tensors: dict[str, torch.Tensor], example: torch.Tensor
+    model: nn.Module, quant: dict, tensors: dict[str, torch.Tensor], example: torch.Tensor
 ) -> QuantizedModel:
-    """Rebuilds the `QuantizedModel` an artifact describes: `model` is the freshly built (and resized) CNN,
-    `quant` the manifest's "quantization" entry, `tensors` the stored ones, `example` one input batch."""
+    """Rebuilds the `QuantizedModel` an artifact describes: `model` is the freshly built (and resized) fp32
+    model, `quant` the manifest's "quantization" entry, `tensors` the stored ones, `example` one input batch."""
+    from models.factory import describe
+
     scheme = quant.get("scheme")
     if scheme not in CONFIGS:
         raise ValueError(f"quantization scheme must be one of {['none', *CONFIGS]}, got {scheme!r}")
     config = CONFIGS[scheme](**quant.get("config", {}))
-    cfg, channels = model.cfg, channel_counts(model)
-    folded = fold_bn_(model)
-    expected = {f"{n}.{k}" for n, _ in _quantizable(folded) for k in ("weight.q", "weight.scale", "bias")}
-    if isinstance(config, FP8):
-        expected |= {f"{n}.input_scale" for n, _ in _quantizable(folded)}
+    handler = HANDLERS[type(config)]
+    source = describe(model)
+    folded = _fold(model)
+    expected = handler.expected(folded)
     if set(tensors) != expected:
         odd = sorted(set(tensors) ^ expected)
         raise ValueError(f"stored tensors {odd} are missing or unexpected for scheme {scheme}")
     _check_shapes(folded, tensors)
-    if isinstance(config, FP8):
-        return QuantizedModel(_fp8_runtime(folded, tensors), config, cfg, channels, tensors, {})
-    _load_int8_(folded, tensors)
-    ranges = quant.get("state", {}).get("activation_ranges")
-    if not isinstance(ranges, dict):
-        raise ValueError("int8 quantization state must hold activation_ranges")
-    return _int8_model(folded, ranges, example, config, cfg, channels, tensors)
+    runtime, tensors, state, static = handler.restore(folded, config, tensors, quant.get("state", {}), example)
+    return QuantizedModel(runtime, config, source, tensors, state, static_build=static)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch.nn as nn
 
 
-def load_model(spec: str) -> nn.Module:
-    """Imports `package.module`, calls `function()` (a dotted path like `Class.build` is allowed) and returns
-    the nn.Module it makes.
+def load_model(spec: str, kwargs: dict | None = None, num_classes: int | None = None) -> nn.Module:
+    """Imports `package.module`, calls `function(**kwargs)` (a dotted path like `Class.build` is allowed; with
+    `num_classes=` added when the function takes that argument and `kwargs` do not set it) and returns the
+    nn.Module it makes.
 
     A malformed spec raises ValueError; a module or name that cannot be imported, ImportError; a target that
     is not callable or does not return an nn.Module, TypeError.
@@ -31,7 +33,13 @@ def load_model(spec: str) -> nn.Module:
         target = getattr(target, part)
     if not callable(target):
         raise TypeError(f"model spec {spec!r} must name a callable, got {type(target).__name__}")
-    model = target()
+    kwargs = dict(kwargs or {})
+    if num_classes is not None and "num_classes" not in kwargs and _takes(target, "num_classes"):
+        kwargs["num_classes"] = num_classes
+    try:
+        model = target(**kwargs)
+    except TypeError as e:
+        raise TypeError(f"model spec {spec!r} cannot be called with {kwargs}: {e}") from e
     if not isinstance(model, nn.Module):
         raise TypeError(f"model spec {spec!r} must return an nn.Module, got {type(model).__name__}")
     return model
@@ -39,3 +47,11 @@ def load_model(spec: str) -> nn.Module:
 
 def _dotted(name: str) -> bool:
     return all(part.isidentifier() for part in name.split("."))
+
+
+def _takes(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -166,7 +166,7 @@ def test_save_rejects_bad_arguments(tmp_path):
         save_artifact(_tiny(), tmp_path, input_shape=(3, 8, 8))
     with pytest.raises(ValueError, match="class_names must have 10"):
         save_artifact(_tiny(), tmp_path, input_shape=SHAPE, class_names=["a"])
-    with pytest.raises(TypeError, match="CNN or a QuantizedModel"):
+    with pytest.raises(TypeError, match="CNN or built by ModelSpec.build"):
         save_artifact(torch.nn.Linear(2, 2), tmp_path, input_shape=SHAPE)
 
 
