@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.dataset import DatasetInfo, decode_images, encode_labels, parquet_files
+from models.data import DatasetInfo, decode_images, encode_labels, parquet_files
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,6 +1,6 @@
 """Accuracy cost of gradient compression: 4 gloo ranks as 2 nodes x 2, same model, seeds and epochs (issue 3).
 
-Datasets: scikit-learn's 8x8 digits (actors/dataset.py) and MNIST-1D (the `mnist1d` package generates it offline;
+Datasets: scikit-learn's 8x8 digits (models/data.py) and MNIST-1D (the `mnist1d` package generates it offline;
 signals of 40 values as (1, 1, 40) images; it needs many epochs, so differences between methods show).
 Model: the `small` CNN preset (`--quick`: `tiny`); 15 epochs on digits, 12 on MNIST-1D by default (what a shared
 2-core machine finishes in ~10 minutes; one seed, so differences of a point are within run-to-run noise).
@@ -35,7 +35,7 @@ TARGET_MARGIN = 0.01  # epochs_to_target: exact's final accuracy minus 1 point
 def load(name: str, workdir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test) as (N, 1, H, W) float32 and int64."""
     if name == "digits":
-        from actors.dataset import load_tensors, validate_parquet, write_digits
+        from models.data import load_tensors, validate_parquet, write_digits
 
         train, test = write_digits(workdir)
         _, xtr, ytr = load_tensors(validate_parquet(train))

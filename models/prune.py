@@ -213,7 +213,10 @@ def prune_(
     finetune: Callable[[nn.Module, int], None] | None = None,
 ) -> PruneReport:
     """Prunes `model` in place to `cfg.ratio` over `cfg.steps` steps, calling `finetune(model, step)` after
-    each step (step = 1..steps). `input_shape` (C, H, W) is used to count MACs. Returns the counts."""
+    each step (step = 1..steps). `input_shape` (C, H, W) is used to count MACs. Returns the counts. A model
+    other than a `CNN` is pruned by `prune_traced_` (its report also holds the layer shapes)."""
+    if not isinstance(model, CNN):
+        return prune_traced_(model, cfg, input_shape=input_shape, finetune=finetune)
     params0, macs0 = count_params(model), count_macs(model, input_shape)
     targets = _targets(model, cfg)
     for step in range(1, cfg.steps + 1):

@@ -174,8 +174,8 @@ def test_sweep_int8_artifact_of_colour_model_always_loads(tmp_path):
     """The sweep's output: a 3-channel model pruned 8%, INT8 PTQ, compiled for its latency measurement before
     saving (the recorded logits then came from the compiled graph and every Serve replica refused the
     artifact: "logits differ from the recorded ones by 0.0133"). It loads, compiled, and passes."""
-    from actors.dataset import colour_images
     from models.cnn import ModelConfig, build_model
+    from models.data import colour_images
     from models.prune import PruneConfig, prune_
     from tune.measure import MeasureConfig, latency_ms
 

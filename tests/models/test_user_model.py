@@ -92,3 +92,20 @@ def test_not_callable(user_package):
 def test_not_a_module(user_package):
     with pytest.raises(TypeError, match=r"must return an nn.Module, got str"):
         load_model(f"{PACKAGE}.nets:not_a_model")
+
+
+def test_kwargs_and_num_classes_are_passed(tmp_path, monkeypatch):
+    (tmp_path / "kw_models.py").write_text(
+        "import torch.nn as nn\n"
+        "def head(width=4, num_classes=2):\n"
+        "    return nn.Linear(width, num_classes)\n"
+        "def fixed(width=4):\n"
+        "    return nn.Linear(width, 3)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = load_model("kw_models:head", {"width": 5}, num_classes=7)
+    assert (m.in_features, m.out_features) == (5, 7)
+    assert load_model("kw_models:head", {"num_classes": 9}, num_classes=7).out_features == 9  # explicit wins
+    assert load_model("kw_models:fixed", None, num_classes=7).out_features == 3  # not passed when not taken
+    with pytest.raises(TypeError, match="cannot be called with {'depth': 2}"):
+        load_model("kw_models:fixed", {"depth": 2})
