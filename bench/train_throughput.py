@@ -11,13 +11,25 @@ subclass `fuse_` leaves alone. Same initial weights, same data (synthetic class 
                                        timed by its CPU time), fp32 and bf16 autocast, interleaved chunks of steps,
                                        ratio of median samples per CPU-second
   local_unified_fast_vs_eager_{...}    the same with the unified op's save='fast' (keeps the conv output)
-Writes bench/results/train_throughput.json. `--quick`: one Ray run per variant, fewer local repeats. `--no-ray`
-measures the local ratios only.
+Whole-model figures (issue 15), in this process, 1 torch thread, batch 64, thread CPU time, variants interleaved;
+presets `small` and `resnet18` (3 input channels) at 8x8 and 32x32; each key is the worst case, per-case figures
+sit beside it under `whole_model_cases`:
+  whole_model_train_ratio_fast          samples/s of a full training step (forward, loss, backward, SGD step),
+                                        unified save='fast' / eager NCHW chain                       goal >= 1.0
+  whole_model_train_ratio_lean          the same with save='lean'                                    goal >= 0.9
+  compiled_unified_vs_compiled_eager    torch.compile(fullgraph) of each, unified save='fast' / eager
+                                        (the lean figure beside it: compiled_unified_lean_vs_...)    goal >= 1.0
+  whole_model_infer_ratio               eval forward latency at batch 1 and 32, models.fuse.inference_module
+                                        (BN folded, channels_last) / eager NCHW eval model           goal <= 0.82
+Writes bench/results/train_throughput.json. `--quick`: one Ray run per variant, fewer local repeats, whole-model
+cases on `small` only. `--no-ray` measures the local ratios only; `--no-compile` skips the compiled comparison
+(inductor compiles each variant: minutes on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -33,7 +45,7 @@ from bench._common import interleaved_medians, print_table, write_result
 from bench._eager_cnn import build_eager
 from kernels.precision import PrecisionConfig, PrecisionPolicy
 from models.cnn import ModelConfig
-from models.fuse import fuse_
+from models.fuse import fuse_, inference_module
 
 USER_MODELS = {"unified": "bench._eager_cnn:build_small_rgb", "eager": "bench._eager_cnn:build_small_rgb_unfused"}
 SEED_CLAIM = 1.22
@@ -77,6 +89,91 @@ def local_throughput(size: int, batch: int, steps: int, repeats: int, dtype: str
         "ratio": sps["unified"] / sps["eager"],
         "ratio_fast": sps["unified_fast"] / sps["eager"],
     }
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def whole_model_case(preset: str, size: int, batch: int, repeats: int, compiled: bool) -> dict:
+    """One preset and input size: training samples/s of eager, unified lean and fast (and compiled versions),
+    interleaved, and inference latency of `inference_module` vs the eager eval model at batch 1 and 32."""
+    cfg = ModelConfig.preset(preset, in_channels=3)
+    models = {}
+    for name in ("eager", "lean", "fast"):
+        torch.manual_seed(0)  # same construction order: same initial weights
+        models[name] = build_eager(cfg, fusable=name != "eager")
+        if name != "eager":
+            fuse_(models[name], save=name)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    fns = {name: _train_step(m, x, y) for name, m in models.items()}
+    if compiled:
+        torch._dynamo.reset()
+        for name in ("eager", "lean", "fast"):
+            twin = copy.deepcopy(models[name])
+            fns[f"compiled_{name}"] = _train_step(torch.compile(twin, fullgraph=True), x, y)
+    t = interleaved_medians(fns, repeats, warmup=2, clock=time.thread_time)
+    sps = {name: batch / s for name, s in t.items()}
+    out = {
+        "samples_per_s": sps,
+        "train_ratio_lean": sps["lean"] / sps["eager"],
+        "train_ratio_fast": sps["fast"] / sps["eager"],
+    }
+    if compiled:
+        out["compiled_ratio_fast"] = sps["compiled_fast"] / sps["compiled_eager"]
+        out["compiled_ratio_lean"] = sps["compiled_lean"] / sps["compiled_eager"]
+        torch._dynamo.reset()
+    eager_eval = models["eager"].eval()
+    served = inference_module(models["fast"])
+    infer = {}
+    for b in (1, 32):
+        xi = torch.randn(b, 3, size, size, generator=gen)
+
+        def fwd(m, xi=xi):
+            def f():
+                with torch.inference_mode():
+                    m(xi)
+
+            return f
+
+        with torch.inference_mode():
+            torch.testing.assert_close(served(xi), eager_eval(xi), atol=1e-3, rtol=1e-3)
+        ti = interleaved_medians(
+            {"eager": fwd(eager_eval), "unified": fwd(served)}, repeats * 3, clock=time.thread_time
+        )
+        infer[f"batch{b}"] = {"ms": {k: v * 1e3 for k, v in ti.items()}, "ratio": ti["unified"] / ti["eager"]}
+    out["infer"] = infer
+    out["infer_ratio"] = max(v["ratio"] for v in infer.values())
+    return out
+
+
+def whole_model(presets: list[str], sizes: list[int], repeats: int, compiled: bool) -> dict:
+    cases = {}
+    for preset in presets:
+        for size in sizes:
+            case = whole_model_case(preset, size, 64, repeats, compiled)
+            cases[f"{preset}_{size}x{size}"] = case
+            print(f"  {preset} {size}x{size}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in case.items() if isinstance(v, float)
+            ), flush=True)  # fmt: skip
+    res = {
+        "whole_model_train_ratio_fast": min(c["train_ratio_fast"] for c in cases.values()),
+        "whole_model_train_ratio_lean": min(c["train_ratio_lean"] for c in cases.values()),
+        "whole_model_infer_ratio": max(c["infer_ratio"] for c in cases.values()),
+    }
+    if compiled:
+        res["compiled_unified_vs_compiled_eager"] = min(c["compiled_ratio_fast"] for c in cases.values())
+        res["compiled_unified_lean_vs_compiled_eager"] = min(c["compiled_ratio_lean"] for c in cases.values())
+    res["whole_model_cases"] = cases
+    return res
 
 
 def ray_throughput(size: int, n: int, epochs: int, runs: int, workdir: str) -> dict:
@@ -126,11 +223,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=2048, help="training rows of the Ray Train runs")
     p.add_argument("--epochs", type=int, default=3, help="epochs per Ray Train run (the first is not counted)")
     p.add_argument("--name", default="train_throughput", help="results file name (bench/results/<name>.json)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile whole-model comparison")
+    p.add_argument("--whole-model-only", action="store_true", help="only the whole-model (issue 15) figures")
     args = p.parse_args(argv)
     repeats = 9 if args.quick else 31
     torch.set_num_threads(1)  # as one Ray Train worker with 1 CPU
     result: dict = {}
     rows = []
+    presets = ["small"] if args.quick else ["small", "resnet18"]
+    sizes = [8] if args.quick else [8, 32]
+    whole = whole_model(presets, sizes, 3 if args.quick else 9, compiled=not args.no_compile)
+    result.update(whole)
+    result["whole_model_setup"] = {
+        "presets": presets,
+        "sizes": sizes,
+        "batch": 64,
+        "infer_batches": [1, 32],
+        "clock": "thread CPU time, 1 torch thread, variants interleaved",
+        "eager": "the same layout as nn.Conv2d -> nn.BatchNorm2d -> nn.ReLU, NCHW",
+        "compiled": "torch.compile(fullgraph=True), inductor defaults" if not args.no_compile else "not run",
+    }
+    if args.whole_model_only:
+        path = write_result(args.name, result)
+        print(f"wrote {path}")
+        return result
     for dtype in ("fp32", "bf16"):
         local = local_throughput(args.size, 64, steps=4, repeats=repeats, dtype=dtype)
         result[f"local_unified_vs_eager_{dtype}"] = local["ratio"]

@@ -90,3 +90,13 @@ def test_eager_twin_matches_the_preset():
     torch.testing.assert_close(eager(x), unified(x), atol=1e-5, rtol=1e-5)
     assert not any(type(m).__name__ == "ConvBNAct" for m in fuse_(build_eager(cfg)).modules())  # stays eager
     assert any(type(m).__name__ == "ConvBNAct" for m in fuse_(build_eager(cfg, fusable=True)).modules())
+
+
+def test_whole_model_case_keys_and_worst_case():
+    res = train_throughput.whole_model(["tiny"], [8], repeats=1, compiled=False)
+    case = res["whole_model_cases"]["tiny_8x8"]
+    assert set(case["samples_per_s"]) == {"eager", "lean", "fast"}
+    assert res["whole_model_train_ratio_fast"] == case["train_ratio_fast"] > 0.0
+    assert res["whole_model_train_ratio_lean"] == case["train_ratio_lean"] > 0.0
+    assert res["whole_model_infer_ratio"] == max(case["infer"][b]["ratio"] for b in ("batch1", "batch32")) > 0.0
+    assert "compiled_unified_vs_compiled_eager" not in res
