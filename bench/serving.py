@@ -194,7 +194,7 @@ class Bench:
 
         import httpx
 
-        from serve_app.app import ModelUserConfig
+        from serve_app.config import ModelUserConfig
         from serve_app.deploy import roll_out as bound_safe_update
         from serve_app.deploy import update_user_configs
 
@@ -225,8 +225,8 @@ class Bench:
     def handle(self, variant: str, pattern, duration_s: float, tag: str = "") -> dict:
         from ray import serve
 
-        from serve_app.app import Call
         from serve_app.loadgen import LoadConfig, arrival_times, open_loop, request_body, summarize
+        from serve_app.routes import Call
 
         self.use(variant, HANDLE_MODEL)
         cfg = LoadConfig(pattern=pattern, duration_s=duration_s, timeout_s=2.0, slo_s=SLO_S)
@@ -261,7 +261,7 @@ class Bench:
 
         model = "tiny" if path == "http" else HANDLE_MODEL
         self.use(variant, model)
-        from serve_app.app import Call
+        from serve_app.routes import Call
 
         body = request_body(LoadConfig(), SHAPES[model])
         h = serve.get_app_handle(self.cfg.app_name)

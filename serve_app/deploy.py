@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from serve_app.app import AppConfig, ModelUserConfig
+from serve_app.config import AppConfig, ModelUserConfig
 from serve_app.loadgen import LoadConfig, LoadReport, check_loopback, plot, run_load
 
 IMPORT_PATH = "serve_app.app:build_app"
@@ -25,7 +25,7 @@ IMPORT_PATH = "serve_app.app:build_app"
 
 @dataclass(kw_only=True, slots=True)
 class DeployConfig:
-    """Where and how to serve; `app` holds `serve_app.app.AppConfig` fields other than `artifact`."""
+    """Where and how to serve; `app` holds `serve_app.config.AppConfig` fields other than `artifact`."""
 
     host: str = "127.0.0.1"
     """HTTP host of Serve's proxy (loopback by default)."""
@@ -141,19 +141,21 @@ def app_schema(
     )
 
 
-def wait_ready(url: str, timeout_s: float = 60.0) -> None:
-    """Polls GET /v2/health/ready until it answers 200."""
+def wait_ready(url: str, timeout_s: float = 60.0, consecutive: int = 10) -> None:
+    """Polls GET /v2/health/ready until it answers 200 `consecutive` times in a row, each on a new connection
+    (~1 s): right after a deploy HAProxy reloads its config more than once, and a burst sent at the first 200
+    met a few 404s from a process still on the config without the app."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    streak = 0
+    while streak < consecutive:
         try:
             with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
+                streak = streak + 1 if r.status == 200 else 0
         except OSError:
-            pass
+            streak = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def serve_artifact(path: str, cfg: DeployConfig) -> str:

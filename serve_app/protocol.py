@@ -1,7 +1,7 @@
 """The wire formats of the app's routes: request bodies (size-bounded while they stream in, gzip/deflate,
 Content-Type), /predict's instances, and the Open Inference Protocol v2 (KServe v2, what NVIDIA's
 `tritonclient[http]` speaks) with its binary tensor data extension. Plain functions on bytes and dicts, no Serve:
-the replica (serve_app/app.py) and the tests call them directly.
+the replica (serve_app/replica.py), the routes (serve_app/routes.py) and the tests call them directly.
 
 Every client error is a `BadRequest(status, message)`; the route answers it as `{"error": message}` (the OIP
 error format, used on every route).

@@ -21,64 +21,21 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from serve_app.app import AppConfig, Call, Reply, http_routes
+from serve_app.config import AppConfig, CanaryConfig
+from serve_app.routes import Call, Reply, http_routes
 
 logger = logging.getLogger("ray.serve")
 
 STABLE, CANARY = "stable", "canary"
 RUNNING, PROMOTED, ROLLED_BACK = "running", "promoted", "rolled_back"
 _STATE_VALUE = {RUNNING: 0, PROMOTED: 1, ROLLED_BACK: -1}
-
-
-@dataclass(kw_only=True, slots=True)
-class CanaryConfig:
-    """Traffic share and the thresholds of the automatic decision."""
-
-    weight: float = 0.1
-    """Share of requests sent to the canary while it runs."""
-    window_s: float = 10.0
-    """Comparison window (seconds)."""
-    min_requests: int = 20
-    """Requests each side needs in a window before it counts."""
-    max_error_rate_delta: float = 0.01
-    """Roll back when canary error rate > stable error rate + this."""
-    max_p99_ratio: float = 1.5
-    """Roll back when canary p99 > this * stable p99 + p99_slack_s."""
-    p99_slack_s: float = 0.005
-    """Absolute slack on the p99 comparison (seconds)."""
-    promote_after: int = 3
-    """Consecutive healthy windows that promote the canary."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.weight <= 1:
-            raise ValueError(f"weight must be in [0, 1], got {self.weight!r}")
-        if not self.window_s > 0:
-            raise ValueError(f"window_s must be > 0, got {self.window_s!r}")
-        for name in ("min_requests", "promote_after"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if not 0 <= self.max_error_rate_delta <= 1:
-            raise ValueError(f"max_error_rate_delta must be in [0, 1], got {self.max_error_rate_delta!r}")
-        if not self.max_p99_ratio >= 1:
-            raise ValueError(f"max_p99_ratio must be >= 1, got {self.max_p99_ratio!r}")
-        if not self.p99_slack_s >= 0:
-            raise ValueError(f"p99_slack_s must be >= 0, got {self.p99_slack_s!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CanaryConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"canary config keys must be among {sorted(known)}, got unknown {unknown}")
-        return cls(**d)
 
 
 @dataclass(slots=True)

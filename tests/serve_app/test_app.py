@@ -17,7 +17,8 @@ import pytest
 import torch
 from _serve import GOOD, free_port, haproxy_cluster
 
-from serve_app.app import AppConfig, ModelUserConfig, build_app
+from serve_app.app import build_app
+from serve_app.config import AppConfig, ModelUserConfig
 from serve_app.deploy import DeployConfig, hot_update, serve_artifact, update_user_configs
 from serve_app.loadgen import LoadConfig, run_load
 from serve_app.protocol import BadRequest, instances_to_array, parse_infer, parse_json
@@ -307,7 +308,7 @@ def outside_serve(monkeypatch):
     replica per process in Serve), bound to the event loop of its first call: a fresh one for each test."""
     from ray.serve import batching
 
-    from serve_app.app import ModelServer
+    from serve_app.replica import ModelServer
 
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
     monkeypatch.setattr(ModelServer._batched.set_max_batch_size.__self__, "_queue", None)
@@ -316,7 +317,7 @@ def outside_serve(monkeypatch):
 def test_cancelled_requests_leave_the_queue(ray_local, served, outside_serve):
     """Ray drops a request cancelled while it waits for a batch; the replica's queue count must drop it too,
     or admission control would go on refusing on a phantom backlog."""
-    from serve_app.app import ModelServer
+    from serve_app.replica import ModelServer
 
     async def scenario() -> int:
         srv = ModelServer(AppConfig(artifact=served["art1"]).to_dict())
@@ -339,7 +340,7 @@ def test_cancelled_requests_leave_the_queue(ray_local, served, outside_serve):
 def test_admission_refuses_nothing_in_the_grace_after_an_update(served, outside_serve):
     """The backlog that built up while Serve reconfigured the replica (it routes nothing to a replica being
     updated) is admitted for `update_grace_s`; after that the same burst is shed."""
-    from serve_app.app import ModelServer, Overloaded
+    from serve_app.replica import ModelServer, Overloaded
 
     strict = {"slo_s": 0.0002, "max_wait_s": 0.0, "initial_wait_s": 0.0, "max_queue_len": 4}
 

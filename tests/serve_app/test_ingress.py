@@ -176,6 +176,8 @@ def test_tandem_serve_ctrl_c_leaves_no_haproxy(tmp_path):
             proc.wait()
     wait_until(lambda: not any(pid_alive(p) for p in pids), 30, f"haproxy {pids} outlived tandem serve")
     wait_until(lambda: not pids_matching(root), 30, f"processes of the run still alive: {pids_matching(root)}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # free again
+    with socket.socket() as s:  # nothing listens there any more (connections may linger in TIME_WAIT, as after
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # any server's exit: servers bind like this)
+        s.bind(("127.0.0.1", port))
+        s.listen()
     shutil.rmtree(root, ignore_errors=True)

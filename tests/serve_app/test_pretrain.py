@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app.app import ModelUserConfig
 from serve_app.batching import AdmissionControl, Bandit, BatchingConfig
+from serve_app.config import ModelUserConfig
 from serve_app.pretrain import PretrainConfig, capacity, measure_service_time, pretrain_bandit
 from serve_app.simulator import LinearServiceTime, Sine, simulate
 from tandem.cli import main

@@ -1,0 +1,231 @@
+"""The Serve app's configuration: what `build_app` takes (`AppConfig`, the `args:` of a Serve config), what a
+Model replica can change in place (`ModelUserConfig`, its Serve `user_config`), and the canary rollout's policy
+(`CanaryConfig`, the Router's `user_config`). Plain dataclasses, validated on construction; no Serve imports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from serve_app.batching import AIMD, Bandit, BatchingConfig, Controller, SLOModel, Static, load_bandit_policy
+
+CONTROLLERS: dict[str, type[Controller]] = {"static": Static, "aimd": AIMD, "slo_model": SLOModel, "bandit": Bandit}
+"""Names a user_config may give for `controller` (plus "unbatched": no @serve.batch at all)."""
+UNBATCHED = "unbatched"
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelUserConfig:
+    """What a running Model replica can change in place (its Serve `user_config`)."""
+
+    artifact: str
+    """Artifact directory (models/artifact.py) on a filesystem every replica can read."""
+    version: str | None = None
+    """Version reported to clients and in the model_version metric (default: the weights' sha256[:12])."""
+    controller: str = "slo_model"
+    """Batching controller: static, aimd, slo_model (default), bandit, or unbatched."""
+    batching: dict[str, Any] = field(default_factory=dict)
+    """BatchingConfig fields (serve_app/batching.py); unknown keys are an error."""
+    admission: bool = True
+    """Admission control (503 + Retry-After when the SLO cannot be met); False serves like plain `@serve.batch`
+    (baselines in bench/serving.py)."""
+    bandit_policy: str | None = None
+    """With controller "bandit": a policy saved by `tandem pretrain-bandit` (Bandit.save, JSON) that the
+    replica's bandit starts from instead of empty tables; it keeps learning online. Its SLO must be this
+    config's (its rewards counted misses against it)."""
+    update_grace_s: float = 2.0
+    """Seconds after this config is applied during which admission control refuses nothing (Serve's
+    max_ongoing_requests still bounds the replica). While Serve reconfigures a replica it routes nothing to it,
+    so the requests that arrived meanwhile reach it at once; refusing that backlog (max_queue_len, a predicted
+    latency over the SLO) would turn a planned update into errors."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.admission, bool):
+            raise ValueError(f"admission must be true or false, got {self.admission!r}")
+        p = self.bandit_policy
+        if p is not None and (not isinstance(p, str) or not p):
+            raise ValueError(f"bandit_policy must be a non-empty path string or null, got {p!r}")
+        if p is not None and self.controller != "bandit":
+            raise ValueError(f"bandit_policy is read only by controller 'bandit', got controller {self.controller!r}")
+        g = self.update_grace_s
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 600:
+            raise ValueError(f"update_grace_s must be a number of seconds in [0, 600], got {g!r}")
+        if not isinstance(self.artifact, str) or not self.artifact:
+            raise ValueError(f"artifact must be a non-empty path string, got {self.artifact!r}")
+        if self.version is not None and not isinstance(self.version, str):
+            raise ValueError(f"version must be a string or null, got {self.version!r}")
+        if self.controller != UNBATCHED and self.controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {[*CONTROLLERS, UNBATCHED]}, got {self.controller!r}")
+        BatchingConfig.from_dict(self.batching)  # validate now, not in the replica
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelUserConfig:
+        return cls(**_known(cls, d, "model user_config"))
+
+    def batching_config(self) -> BatchingConfig:
+        return BatchingConfig.from_dict(self.batching)
+
+    def build_controller(self) -> Controller:
+        cfg = self.batching_config()
+        if self.bandit_policy is not None:
+            return load_bandit_policy(self.bandit_policy, cfg)
+        return CONTROLLERS[self.controller if self.controller != UNBATCHED else "static"](cfg)
+
+
+@dataclass(kw_only=True, slots=True)
+class AppConfig:
+    """`build_app`'s arguments (the `args:` of a Serve config, or key=value pairs of `serve run`)."""
+
+    artifact: str
+    """Artifact directory served by the `Model` deployment."""
+    name: str = "tandem"
+    """Model name in the OIP routes (/v2/models/{name})."""
+    version: str | None = None
+    """Version label of `artifact` (default: its weights' sha256[:12])."""
+    controller: str = "slo_model"
+    """Batching controller: static, aimd, slo_model, bandit, unbatched."""
+    batching: dict[str, Any] = field(default_factory=dict)
+    """BatchingConfig fields."""
+    bandit_policy: str | None = None
+    """With controller "bandit": a pre-trained policy (ModelUserConfig.bandit_policy)."""
+    canary: dict[str, Any] | None = None
+    """{"artifact", "version"?, plus serve_app.router.CanaryConfig fields}: adds a Canary deployment and a Router."""
+    num_replicas: int = 1
+    """Replicas of each model deployment (ignored with autoscaling)."""
+    autoscaling: dict[str, Any] | None = None
+    """Serve autoscaling_config for the model deployments (min_replicas, max_replicas, ...)."""
+    max_body_bytes: int = 1 << 20
+    """Requests with a larger body get 413."""
+    max_instances: int = 64
+    """Images per request above this get 422."""
+    num_cpus: float = 1.0
+    """Logical CPUs per model replica."""
+    max_queued_requests: int | None = None
+    """Serve's caller-side bound (proxy, handles): requests waiting for a replica beyond this many are answered 503
+    (with Retry-After) by the proxy itself, before any replica sees them. None: unbounded (Serve's default)."""
+    torch_threads: int = 1
+    """torch intra-op threads per replica (small CNNs on small batches: 1 is fastest and leaves cores to the
+    proxy)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "max_body_bytes", "max_instances", "torch_threads"):
+            v = getattr(self, name)
+            if isinstance(v, str) and v.isdigit():  # `serve run ... key=value` passes strings
+                v = int(v)
+                setattr(self, name, v)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.max_queued_requests, str) and self.max_queued_requests.isdigit():
+            self.max_queued_requests = int(self.max_queued_requests)
+        q = self.max_queued_requests
+        if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q < 1):
+            raise ValueError(f"max_queued_requests must be null or an int >= 1, got {q!r}")
+        self.num_cpus = float(self.num_cpus)
+        if not self.num_cpus >= 0:
+            raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus!r}")
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}")
+        for key in ("batching", "canary", "autoscaling"):
+            v = getattr(self, key)
+            if isinstance(v, str):
+                setattr(self, key, json.loads(v))  # `serve run ... batching='{"slo_s": 0.05}'`
+        self.model_user_config()  # validates artifact/version/controller/batching
+        if self.canary is not None:
+            if not isinstance(self.canary, dict) or "artifact" not in self.canary:
+                raise ValueError(f"canary must be a dict with an 'artifact' key, got {self.canary!r}")
+            self.canary_user_config()
+            self.canary_policy()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AppConfig:
+        return cls(**_known(cls, d, "app args"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def model_user_config(self) -> ModelUserConfig:
+        return ModelUserConfig(
+            artifact=self.artifact,
+            version=self.version,
+            controller=self.controller,
+            batching=dict(self.batching),
+            bandit_policy=self.bandit_policy,
+        )
+
+    def canary_user_config(self) -> ModelUserConfig:
+        assert self.canary is not None
+        return ModelUserConfig(
+            artifact=self.canary["artifact"],
+            version=self.canary.get("version"),
+            controller=self.controller,
+            batching=dict(self.batching),
+            bandit_policy=self.bandit_policy,
+        )
+
+    def canary_policy(self) -> dict[str, Any]:
+        """The canary dict without the model keys: CanaryConfig fields (validated)."""
+        assert self.canary is not None
+        policy = {k: v for k, v in self.canary.items() if k not in ("artifact", "version")}
+        CanaryConfig.from_dict(policy)
+        return policy
+
+    def max_ongoing_requests(self) -> int:
+        """A replica accepts the largest batch plus the bounded queue, so requests queue where admission
+        control sees them (not in the proxy's router, which backs off and can collapse, shared/ENV.md)."""
+        b = self.model_user_config().batching_config()
+        return b.max_batch_size + (b.max_queue_len if b.max_queue_len is not None else 256)
+
+
+def _known(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a dict, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{what} keys must be among {sorted(known)}, got unknown {unknown}")
+    return d
+
+
+@dataclass(kw_only=True, slots=True)
+class CanaryConfig:
+    """Traffic share and the thresholds of the automatic decision."""
+
+    weight: float = 0.1
+    """Share of requests sent to the canary while it runs."""
+    window_s: float = 10.0
+    """Comparison window (seconds)."""
+    min_requests: int = 20
+    """Requests each side needs in a window before it counts."""
+    max_error_rate_delta: float = 0.01
+    """Roll back when canary error rate > stable error rate + this."""
+    max_p99_ratio: float = 1.5
+    """Roll back when canary p99 > this * stable p99 + p99_slack_s."""
+    p99_slack_s: float = 0.005
+    """Absolute slack on the p99 comparison (seconds)."""
+    promote_after: int = 3
+    """Consecutive healthy windows that promote the canary."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weight <= 1:
+            raise ValueError(f"weight must be in [0, 1], got {self.weight!r}")
+        if not self.window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {self.window_s!r}")
+        for name in ("min_requests", "promote_after"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not 0 <= self.max_error_rate_delta <= 1:
+            raise ValueError(f"max_error_rate_delta must be in [0, 1], got {self.max_error_rate_delta!r}")
+        if not self.max_p99_ratio >= 1:
+            raise ValueError(f"max_p99_ratio must be >= 1, got {self.max_p99_ratio!r}")
+        if not self.p99_slack_s >= 0:
+            raise ValueError(f"p99_slack_s must be >= 0, got {self.p99_slack_s!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CanaryConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"canary config keys must be among {sorted(known)}, got unknown {unknown}")
+        return cls(**d)
