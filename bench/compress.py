@@ -13,7 +13,17 @@ Latency: one thread (`torch.set_num_threads(1)`, also while compiling), timed by
 repeats of `INNER` calls each, also at batch 1 and 256; wall-clock medians are reported as latency_wall_ms.
 int8_latency_ratio_32x32: the same at 32x32 inputs (untrained weights), where compute, not overhead, dominates.
 The test split has 360 samples: one sample is 0.28 points. The trained baseline is cached (tune/baseline.py).
-Writes bench/results/compress.json. `--quick`: fewer repeats and no batch 256.
+
+A user model (issue 13): ResNet-18 in torchvision's layout adapted to 32x32 (tests/models/tv_models.py, built
+through `ModelSpec(user=...)`, i.e. fused like any user model), trained on the generated 3x32x32 colour data
+(models.data.colour_images, 6 classes), batch 32, one thread:
+  resnet18_prune20_macs_ratio      MACs after prune_traced_ 20% / before                     goal <= 0.70
+  resnet18_int8_latency_ratio      INT8 as served (compiled, inductor) / fp32 eager            goal <= 0.40
+  resnet18_combined_speedup        fp32 eager / (prune 20% + INT8 as served)                   goal >= 3.2
+  resnet18_combined_acc_delta_pts  accuracy points, prune 20% + fine-tune + INT8 - fp32        goal >= -0.8
+  mobilenet_prune20_macs_ratio     MobileNetV2 (width 1.0, 32x32) MACs after 20% / before      goal <= 0.75
+Writes bench/results/compress.json. `--quick`: fewer repeats and no batch 256 (and a narrow, briefly trained
+ResNet-18: its numbers only show that the section runs).
 """
 
 from __future__ import annotations
@@ -43,6 +53,11 @@ GOALS = {  # metric: (kind, bound)
     "int8_acc_delta_pts": (">=", -0.3),
     "prune20_macs_ratio": ("<=", 0.66),
     "prune20_acc_delta_pts": (">=", -0.3),
+    "resnet18_prune20_macs_ratio": ("<=", 0.70),
+    "resnet18_int8_latency_ratio": ("<=", 0.40),
+    "resnet18_combined_speedup": (">=", 3.2),
+    "resnet18_combined_acc_delta_pts": (">=", -0.8),
+    "mobilenet_prune20_macs_ratio": ("<=", 0.75),
 }
 PRUNE_FINETUNE_EPOCHS = 4  # after pruning, one cosine schedule (2 epochs: -1.1 points; 4: -0.3)
 CLAIMS = {"combined_size_ratio": 0.25, "combined_speedup": 3.2, "combined_acc_delta_pts": -0.8}
@@ -79,6 +94,55 @@ def compute_bound_int8(repeats: int, side: int = 32, batch: int = 32) -> dict[st
     for fn in fns.values():
         fn(x)
     return cpu_and_wall_ms({n: (lambda fn=fn: fn(x)) for n, fn in fns.items()}, repeats)[0]
+
+
+def user_models(repeats: int, quick: bool) -> dict:
+    """The ResNet-18 / MobileNetV2 keys (module docstring) on the generated colour data."""
+    from models.data import colour_images
+    from models.factory import ModelSpec
+    from models.training import TrainConfig, evaluate, fit_local
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))  # tv_models
+    shape, classes = (3, 32, 32), 6
+    n_train, n_test, epochs, width = (384, 128, 1, 16) if quick else (2400, 600, 6, 64)
+    x, y = colour_images(n_train + n_test, shape, classes, seed=0)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    train, test = (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+    torch.manual_seed(0)
+    base = ModelSpec(user="tv_models:resnet18", user_kwargs={"width": width}).build(shape, classes)
+    fit_local(base, train, test, TrainConfig(epochs=epochs, batch_size=64, lr=0.05))
+    acc = {"fp32": evaluate(base, *test)[1]}
+    pruned = copy.deepcopy(base)
+    report = prune_(pruned, PruneConfig(ratio=0.2), input_shape=shape)
+    fit_local(pruned, train, test, TrainConfig(epochs=max(1, epochs // 2), batch_size=64, lr=0.02, warmup_epochs=0))
+    acc["prune20"] = evaluate(pruned, *test)[1]
+    calib = train[0][:256]
+    int8 = quantize_(copy.deepcopy(base).eval(), Int8PTQ(), calib=calib)
+    combined = quantize_(copy.deepcopy(pruned).eval(), Int8PTQ(), calib=calib)
+    acc["int8"], acc["combined"] = evaluate(int8, *test)[1], evaluate(combined, *test)[1]
+
+    torch.set_num_threads(1)  # before compiling (inductor's kernels take the thread count at compile time)
+    xb = test[0][:32]
+    eager = base.eval()
+    fns = {"fp32_eager": lambda: eager(xb)}
+    served = {"int8": int8.compile_(xb, (32,)), "combined": combined.compile_(xb, (32,))}  # what Serve runs
+    fns.update({name: (lambda m=m: m(xb)) for name, m in served.items()})
+    with torch.no_grad():
+        latency, _ = cpu_and_wall_ms(fns, repeats)
+    mobilenet = ModelSpec(user="tv_models:mobilenet_v2").build(shape, classes).eval()
+    mreport = prune_(mobilenet, PruneConfig(ratio=0.2), input_shape=shape)
+    pts = lambda name: 100 * (acc[name] - acc["fp32"])
+    return {
+        "resnet18_prune20_macs_ratio": report.macs_after / report.macs_before,
+        "resnet18_int8_latency_ratio": latency["int8"] / latency["fp32_eager"],
+        "resnet18_combined_speedup": latency["fp32_eager"] / latency["combined"],
+        "resnet18_combined_acc_delta_pts": pts("combined"),
+        "mobilenet_prune20_macs_ratio": mreport.macs_after / mreport.macs_before,
+        "resnet18": {"accuracy": acc, "latency_batch_32_ms": latency, "unpruned_layers": report.unpruned,
+                     "setup": {"width": width, "train_rows": n_train, "test_rows": n_test, "epochs": epochs,
+                               "data": "colour_images 3x32x32, 6 classes", "threads": 1,
+                               "served": "INT8 PT2E compiled (inductor, freezing), as load_artifact returns it"}},
+    }  # fmt: skip
 
 
 def _size(model, input_shape, tmp: Path, name: str) -> int:
@@ -160,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (10 if args.quick else 30)
     batch_sizes = (1, 32) if args.quick else (1, 32, 256)
     res = run(repeats, batch_sizes, args.epochs)
+    res.update(user_models(repeats, args.quick))
     rows = [{"metric": k, "measured": res[k], "goal": f"{kind} {b}", "met": _met(res[k], kind, b)}
             for k, (kind, b) in GOALS.items()]  # fmt: skip
     rows += [{"metric": k, "measured": res[k], "goal": f"claim {v}", "met": ""} for k, v in CLAIMS.items()]
