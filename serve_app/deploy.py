@@ -21,6 +21,9 @@ from serve_app.config import AppConfig, ModelUserConfig
 from serve_app.loadgen import LoadConfig, LoadReport, check_loopback, plot, run_load
 
 IMPORT_PATH = "serve_app.app:build_app"
+# build_app's backpressure_config is {503, retry_after_s 1}; a different value while a bound is lifted makes Serve
+# push the deployment config to the replicas (roll_out).
+_LIFTED_BACKPRESSURE = {"status_code": 503, "retry_after_s": 2}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -189,21 +192,25 @@ def roll_out(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any
     proxy's (and handles') queue, where `max_queued_requests` answers the excess 503: measured with one replica
     and a bound of 16, 11-13 of 1448 requests in a hot update at 181 req/s (0 in control runs without the update;
     0 with this function).
-    `max_queued_requests` is a light-weight option in Serve (changing it touches no replica), so the bound is
-    lifted for the update and restored once the updated replicas have served their grace period
-    (ModelUserConfig.update_grace_s), in which they admit the backlog."""
+    So the bound is lifted for the update and restored once the updated replicas have served their grace period
+    (ModelUserConfig.update_grace_s), in which they admit the backlog. With the HAProxy ingress the bound is
+    enforced by each replica itself (direct ingress) on its own copy of the deployment config, which a
+    light-weight option such as `max_queued_requests` never reaches; `backpressure_config` is pushed to the
+    replicas (Serve reconfigures them for it), so the lift and the restore each change it too."""
     bound = cfg.app_config(path).max_queued_requests
     models = [n for n in user_configs if n in ("Model", "Canary")]
     if bound is None or not models:
         update_user_configs(path, cfg, user_configs)
         return
-    lifted = {n: {"max_queued_requests": -1} for n in models}
-    # Lifted in a config of its own first, so that the callers' routers have it (a long-poll push) before the
-    # update takes any replica out of their routing (in one step with the update, 1 request in 3 runs was
-    # refused; those runs had no control, so it may have been a steady-state refusal).
+    lifted = {n: {"max_queued_requests": -1, "backpressure_config": _LIFTED_BACKPRESSURE} for n in models}
+    # Lifted in a config of its own first, so that the callers' routers (a long-poll push) and the replicas (a
+    # reconfigure) have it before the update takes any replica out of their routing (in one step with the update,
+    # 1 request in 3 runs was refused; those runs had no control, so it may have been a steady-state refusal).
     update_user_configs(path, cfg, {}, options=lifted)
     try:
-        time.sleep(0.5)
+        time.sleep(0.5)  # the controller marks the replicas UPDATING on its next loop
+        for name in models:
+            wait_reconfigured(cfg, name, None, timeout_s)
         update_user_configs(path, cfg, user_configs, options=lifted)
         grace = max(ModelUserConfig.from_dict(user_configs[n]).update_grace_s for n in models)
         for name in models:
@@ -213,9 +220,11 @@ def roll_out(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any
         update_user_configs(path, cfg, {})
 
 
-def wait_reconfigured(cfg: DeployConfig, deployment: str, user_config: dict[str, Any], timeout_s: float = 60.0) -> None:
-    """Waits until the controller targets `user_config` for `deployment` and every replica of it is RUNNING
-    again (reconfigured) with the deployment HEALTHY."""
+def wait_reconfigured(
+    cfg: DeployConfig, deployment: str, user_config: dict[str, Any] | None, timeout_s: float = 60.0
+) -> None:
+    """Waits until the controller targets `user_config` (None: whatever it targets now) for `deployment` and
+    every replica of it is RUNNING again (reconfigured) with the deployment HEALTHY."""
     from ray.serve.schema import ServeInstanceDetails
 
     client = _ensure_serve(cfg)
@@ -225,7 +234,7 @@ def wait_reconfigured(cfg: DeployConfig, deployment: str, user_config: dict[str,
         d = app.deployments.get(deployment) if app is not None else None
         if (
             d is not None
-            and d.deployment_config.user_config == user_config
+            and (user_config is None or d.deployment_config.user_config == user_config)
             and d.status == "HEALTHY"
             and all(r.state == "RUNNING" for r in d.replicas)
         ):

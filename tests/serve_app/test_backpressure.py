@@ -87,7 +87,8 @@ def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app
     hot_update(bounded_app["path"], cfg, bounded_app["update"], "bp2")
     thread.join()
     report = result["r"]
-    assert report.sent > 650 and report.ok == report.sent, report.status_counts
+    refused_at = sorted({round(t, 1) for t, _, status in report.samples if status != 200})  # s after the start
+    assert report.sent > 650 and report.ok == report.sent, (report.status_counts, refused_at)
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.post("/predict", json=GOOD).json()["version"] == "bp2"
     details = ServeInstanceDetails(**_get_global_client().get_serve_details())
