@@ -174,15 +174,21 @@ def _save(model, opt, sched, comm, store, rank: int, epoch: int, job: TrainJob) 
     return d
 
 
-def _evaluate(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], rank: int, world: int, device):
-    """(accuracy, mean loss) on the held-out data: each worker scores rows rank, rank + world, ..., summed."""
-    x, y = test[0][rank::world].to(device), test[1][rank::world].to(device)
+def _evaluate(model: nn.Module, test, rank: int, world: int, device):
+    """(accuracy, mean loss) on the held-out data, summed over workers: `test` is this worker's Ray Data shard
+    of the test set (each worker scores its own rows, decoded by Ray Data), or (x, y) tensors of which each
+    worker scores rows rank, rank + world, ... (when the trainer was given no "test" dataset)."""
+    if isinstance(test, tuple):
+        x, y = test[0][rank::world], test[1][rank::world]
+        batches = ((x[i : i + 512], y[i : i + 512]) for i in range(0, len(x), 512))
+    else:
+        batches = ((b["image"], b["label"]) for b in test.iter_torch_batches(batch_size=512))
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
-        for i in range(0, len(x), 512):
-            logits = model(x[i : i + 512]).float()
-            t = y[i : i + 512]
+        for xb, t in batches:
+            xb, t = xb.to(device), t.to(device)
+            logits = model(xb).float()
             sums += torch.tensor(
                 [F.cross_entropy(logits, t, reduction="sum").item(), (logits.argmax(1) == t).sum().item(), len(t)],
                 dtype=torch.float64,
@@ -213,7 +219,13 @@ def train_loop(config: dict) -> None:
     steps_per_epoch = max(1, epoch_rows // (world * job.train.batch_size))
     opt, sched = make_optimizer(model, job.train, steps_per_epoch)
     weighted = job.stream.weighted
-    _, test_x, test_y = load_tensors(_local_info(config["test_info"]))
+    try:  # the test set through Ray Data when the trainer was given one (build_eval_stream), else tensors
+        test = ray.train.get_dataset_shard("test")
+    except (KeyError, ValueError):
+        test = None
+    if test is None:
+        _, test_x, test_y = load_tensors(_local_info(config["test_info"]))
+        test = (test_x, test_y)
     start, restored = 0, False
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -262,7 +274,7 @@ def train_loop(config: dict) -> None:
         # average alone trails the weights and sees only its shard
         recompute_bn_stats_(model, bn_sample.batches, dist.all_reduce, world)
         seconds = time.perf_counter() - t0
-        test_acc, test_loss = _evaluate(model, (test_x, test_y), rank, world, device)
+        test_acc, test_loss = _evaluate(model, test, rank, world, device)
         metrics = {
             "epoch": epoch,
             "loss": sums[0].item() / max(sums[2].item(), 1),

@@ -105,6 +105,18 @@ def build_stream(info: DatasetInfo, cfg: StreamConfig, store=None) -> ray.data.D
     return ds
 
 
+def build_eval_stream(info: DatasetInfo, block_rows: int = 1024) -> ray.data.Dataset:
+    """The held-out set as a Ray Data dataset decoded on the workers (pass as the trainer's "test" dataset: Ray
+    Train splits it among workers, each scores its share; no worker loads the whole set)."""
+    ds = ray.data.read_parquet(info.path).select_columns(["sample_id", "image", "label"])
+    return ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=block_rows,
+        fn_kwargs={"image_shape": info.image_shape, "class_names": info.class_names},
+    )
+
+
 def decoded_nbytes(info: DatasetInfo) -> int:
     """Bytes of the decoded dataset: float32 images plus two int64 columns per row."""
     c, h, w = info.image_shape

@@ -45,3 +45,31 @@ def test_uniform_stream_needs_no_store(ray_local, tmp_path):
     assert ds.count() == splits.train.num_rows
     with pytest.raises(ValueError, match="needs the sample-weight store"):
         build_stream(splits.train, StreamConfig(), None)
+
+
+def test_eval_stream_scores_like_the_tensors(ray_local, tmp_path):
+    """The test set scored through Ray Data (decoded on the workers) gives the accuracy and loss of the tensors."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from actors.trainer import _evaluate
+    from actors.weighted_stream import build_eval_stream
+    from models.data import load_tensors
+    from models.factory import ModelSpec
+
+    splits = prepare_data(DataConfig(), tmp_path)
+    torch.manual_seed(0)
+    model = ModelSpec(preset="tiny").build(splits.image_shape, splits.num_classes)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        _, x, y = load_tensors(splits.test)
+        want = _evaluate(model, (x, y), 0, 1, torch.device("cpu"))
+        got = _evaluate(model, build_eval_stream(splits.test).iterator(), 0, 1, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert got[0] == pytest.approx(want[0], abs=1e-12) and got[1] == pytest.approx(want[1], rel=1e-6)
+    assert 0.0 < want[0] < 1.0
