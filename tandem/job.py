@@ -355,13 +355,16 @@ def _finish(report: dict, cfg: RunConfig, scratch: Path) -> None:
     from tandem.pipeline import write_markdown
 
     report["test_accuracy"] = report["train"]["test_accuracy"]
+    run_uri = cfg.run_uri()
+    plots = [Path(p) for p in report.get("plots", {}).values()]
+    # the report names the plots where they stay: in the run's storage (the scratch copy of an object store goes)
+    report["plots"] = {k: storage.join(run_uri, Path(p).name) for k, p in report.get("plots", {}).items()}
     files = [scratch / "report.json"]
     files[0].write_text(json.dumps(report, indent=2, default=str))
     if not cfg.local:
         write_markdown(report, scratch / "report.md")
         files.append(scratch / "report.md")
-    files += [Path(p) for p in report.get("plots", {}).values()]
-    run_uri = cfg.run_uri()
+    files += plots
     for f in files:
         target = storage.join(run_uri, f.name)
         if storage.local_path(target) != str(f.resolve()):

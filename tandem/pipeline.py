@@ -100,8 +100,10 @@ def stop_serving() -> None:
     from ray import serve as ray_serve
 
     ray_serve.delete(APP_NAME)
-    if not ray_serve.status().applications:
+    left = ray_serve.status().applications
+    if not left:
         ray_serve.shutdown()
+    print(f"tandem: Serve app {APP_NAME!r} deleted" + (f"; other apps keep serving: {sorted(left)}" if left else ""))
 
 
 def loadtest(url: str, rate: float, seconds: float, out: Path) -> dict:

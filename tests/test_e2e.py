@@ -84,3 +84,18 @@ def test_two_identical_train_runs_in_a_row(tmp_path, _ray_clusters):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([first["name"], second["name"]])
     for r in (first, second):
         assert [h["epoch"] for h in r["train"]["history"]] == [0] and not r["train"]["history"][0]["restored"]
+
+
+@pytest.mark.timeout(600)
+def test_resume_continues_a_named_run(tmp_path, _ray_clusters):
+    """`--resume NAME` continues from the run's latest checkpoint (Ray Train restores it) and the report holds the
+    earlier epochs too; a new run under a taken name is refused before anything starts."""
+    _ray_clusters.shutdown()
+    common = ["--smoke", "--nodes", "1", "--precision", "fp32", "--storage", str(tmp_path / "runs"), "--workdir",
+              str(tmp_path / "work")]  # fmt: skip
+    assert main(["train", *common, "--name", "r", "--epochs", "1"]) == 0
+    assert main(["train", *common, "--name", "r", "--epochs", "1"]) == 2  # taken
+    assert main(["train", *common, "--resume", "r", "--epochs", "2"]) == 0
+    hist = json.loads((tmp_path / "runs" / "r" / "report.json").read_text())["train"]["history"]
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert not hist[0]["restored"] and hist[1]["restored"]  # epoch 1 ran after restoring epoch 0's checkpoint

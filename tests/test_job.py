@@ -96,3 +96,12 @@ def test_local_run_report_lands_in_storage_and_workdir(tmp_path):
     assert (work / "report.json").read_bytes() == (store / "r" / "report.json").read_bytes()
     with pytest.raises(ValueError, match="already exists"):
         main(cfg)
+
+
+def test_sweep_asks_for_gpus_per_trial():
+    from tune.sweep import SweepConfig
+
+    assert SweepConfig(gpus_per_trial=1).trial_resources() == {"cpu": 1, "gpu": 1}
+    assert SweepConfig().trial_resources() == {"cpu": 1}
+    with pytest.raises(ValueError, match="gpus_per_trial must be a number >= 0"):
+        SweepConfig(gpus_per_trial=-1)

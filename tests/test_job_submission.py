@@ -142,7 +142,7 @@ def test_job_submit_tandem_run_twice(head, tmp_path):
         out = _submit(head, *argv, timeout=600)
         text = out.stdout + out.stderr
         assert out.returncode == 0 and "succeeded" in text, f"job {i + 1}: " + text[-3000:]
-        assert "load test at" in text
+        assert "load test at" in text and "tandem: Serve app 'tandem' deleted" in text
         assert "tandem:" not in _serve_apps(head).split("applications:", 1)[-1]
     runs = sorted(store.iterdir())
     assert len(runs) == 2 and all((r / "report.json").exists() for r in runs)
