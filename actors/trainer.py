@@ -362,13 +362,16 @@ def plan_nodes(dist_cfg: DistConfig, nodes: list[dict]) -> list[dict[str, str]]:
     return [{"ray.io/node-id": node} for node in fits[:want] for _ in range(k)]
 
 
-def fit_distributed(job: TrainJob, splits: DataSplits, run_uri: str, progress_bars: bool = False) -> DistResult:
+def fit_distributed(
+    job: TrainJob, splits: DataSplits, run_uri: str, progress_bars: bool = False, train_dir: str | None = None
+) -> DistResult:
     """Trains `job` on the connected Ray cluster with the weighted stream; returns the history and weights.
 
     `run_uri`: the run's storage (models/storage.py URI: a directory, file://, s3://, gs://). Ray Train's
-    checkpoints and the weight store's snapshot go under it; `splits` name files every node can read (a shared
-    directory or the same storage). Ray Train restores its own run there after a worker failure (FailureConfig);
-    a run snapshot left in `run_uri`/train by an earlier run is restored too, so a new run needs its own run_uri.
+    checkpoints (in `train_dir`, default the job's name) and the weight store's snapshot go under it; `splits`
+    name files every node can read (a shared directory or the same storage). Ray Train restores its own run there
+    after a worker failure (FailureConfig); a run snapshot an earlier run left in the same `train_dir` is restored
+    too, so a new run needs its own run_uri or name.
     """
     from models import storage
 
@@ -398,7 +401,7 @@ def fit_distributed(job: TrainJob, splits: DataSplits, run_uri: str, progress_ba
         torch_config=torch_config(job.dist),
         scaling_config=scaling_config(job.dist, labels),
         run_config=RunConfig(
-            name="train",
+            name=train_dir or job.dist.name,
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=job.dist.max_failures),

@@ -210,7 +210,7 @@ def _train_local(cfg: RunConfig, splits: DataSplits, scratch: Path) -> dict:
 def _train_ray(cfg: RunConfig, splits: DataSplits) -> dict:
     from actors.trainer import fit_distributed
 
-    res = fit_distributed(cfg.train_job(), splits, cfg.run_uri())
+    res = fit_distributed(cfg.train_job(), splits, cfg.run_uri(), train_dir="train")
     history_uri = storage.join(cfg.run_uri(), "train_history.json")
     if cfg.resume and storage.exists(history_uri):  # epochs an earlier attempt of this run finished
         done = {h["epoch"] for h in res.history}

@@ -217,7 +217,7 @@ def test_workers_per_node_places_equal_counts(ray_two_nodes, tmp_path):
     res = fit_distributed(job, splits, str(tmp_path / "run"))
     placement = sorted((m["node_rank"], m["local_rank"]) for m in res.all_reports[-1])
     assert placement == [(0, 0), (0, 1), (1, 0), (1, 1)], placement
-    assert (tmp_path / "run" / "train").is_dir()  # Ray Train's run lives under the run's storage
+    assert (tmp_path / "run" / "per-node").is_dir()  # Ray Train's run lives under the run's storage
     t0 = time.monotonic()
     with pytest.raises(ValueError, match="needs 1 nodes with 8 CPU each; the cluster has 0 such node"):
         fit_distributed(_job(1, 4, workers_per_node=4, cpus_per_worker=2), splits, str(tmp_path / "run2"))
