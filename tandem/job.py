@@ -274,6 +274,11 @@ def _run(cfg: RunConfig, run_uri: str, scratch: Path, prep: Path) -> dict:
     t0 = time.perf_counter()
     splits, shared = stage_data(cfg.data, prep, run_uri)
     spec = cfg.model_spec()
+    from models.preflight import preflight
+
+    # before any cluster starts: the model builds and takes one training step on this data's shape
+    checked = preflight(spec, splits.image_shape, splits.num_classes)
+    print(f"tandem: {checked.describe()}")
     print(
         f"tandem: run {cfg.name!r}{' (resumed)' if cfg.resume else ''}: {spec.name} on {splits.train.num_rows} "
         f"train / {splits.test.num_rows} test samples of shape {splits.image_shape}, {splits.num_classes} classes; "
@@ -283,6 +288,7 @@ def _run(cfg: RunConfig, run_uri: str, scratch: Path, prep: Path) -> dict:
         "name": cfg.name,
         "storage": run_uri,
         "model": spec.name,
+        "preflight": {"fused": checked.fused, "unfused_convs": checked.unfused_convs, "params": checked.params},
         "data": {"train": shared.train.path, "test": shared.test.path, "image_shape": list(splits.image_shape)},
     }
     if cfg.local:
@@ -340,6 +346,10 @@ def _after_training(cfg: RunConfig, splits: DataSplits, shared: DataSplits, repo
         if report["tune"]["paths"].get("plot"):
             report["plots"]["pareto_front"] = report["tune"]["paths"]["plot"]
     if "serve" in cfg.steps:
+        from models.preflight import check_artifact_out_of_process
+
+        # loaded as a replica will, in a fresh process, before anything is deployed
+        report["artifact_check"] = check_artifact_out_of_process(storage.download_dir(chosen))
         url = pipeline.serve(chosen, cfg.serve_port, gpus=cfg.gpus_per_worker or 0.0)
         report["serve"] = {"url": url, "artifact": chosen}
         print(f"tandem: serving {chosen} at {url}")

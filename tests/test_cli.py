@@ -128,3 +128,11 @@ def test_resume_and_name_must_agree(capsys, tmp_path):
     assert "must name the same run" in capsys.readouterr().err
     assert main(["train", "--resume", "missing", "--local", "--storage", str(tmp_path)]) == 2
     assert "resume: no run 'missing'" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_train_fails_before_any_cluster(capsys, tmp_path):
+    t0 = time.monotonic()
+    assert main(["train", "--model", "nosuch_module_x14:build", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "preflight: importing the model" in err and "nosuch_module_x14" in err
+    assert time.monotonic() - t0 < 15  # no Ray was started
