@@ -191,10 +191,11 @@ class _ConvBNActFunction(torch.autograd.Function):
         return g_x, g_w, g_b, g_gamma, g_beta, None, None, None, None, None, None
 
 
-# ---- torch.library custom ops: the same computation, in a form torch.compile traces (fullgraph) --------------
+# ---- torch.library custom op: the lean op in a form torch.compile traces (fullgraph) ----------------------------
 # Eager calls go through the autograd.Functions above (a custom op's dispatch costs tens of microseconds per
-# call, which a small model's step notices); under torch.compile the op is these custom ops, whose fake kernels
-# give inductor shapes, dtypes and strides and whose registered autograd gives AOTAutograd the backward.
+# call, which a small model's step notices). Under torch.compile, `lean` is this custom op: its fake kernel gives
+# inductor shapes, dtypes and strides, its registered autograd the backward that recomputes the conv, so the
+# memory saving holds compiled too. `fast` compiles as plain aten ops (see `_train`): inductor fuses those.
 _Opt = torch.Tensor | None
 
 
@@ -214,67 +215,6 @@ def _update_running(running_mean, running_var, new_mean, new_var) -> None:
             running_var.copy_(new_var)
 
 
-@torch.library.custom_op("tandem::bn_act_train", mutates_args=())
-def _bn_act_train_op(
-    y: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    running_mean: _Opt,
-    running_var: _Opt,
-    momentum: float,
-    eps: float,
-    act: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, mean, invstd, new running mean, new running var); the last two are empty without running stats.
-    Functional (an op with registered autograd may not mutate its inputs): the caller copies them in."""
-    rm, rv = _stats_copy(running_mean), _stats_copy(running_var)
-    out, mean, invstd = bn_act_train_forward(y, gamma, beta, rm, rv, momentum, eps, BY_CODE[act])
-    return out.contiguous(memory_format=_dense_format(y)), mean, invstd, *_stats_out(rm, rv, y)
-
-
-@_bn_act_train_op.register_fake
-def _(y, gamma, beta, running_mean, running_var, momentum, eps, act):
-    c, sd = y.shape[1], stat_dtype(y.dtype)
-    out = torch.empty_like(y, memory_format=_dense_format(y))
-    rm, rv = _stats_copy(running_mean), _stats_copy(running_var)
-    return out, y.new_empty(c, dtype=sd), y.new_empty(c, dtype=sd), *_stats_out(rm, rv, y)
-
-
-@torch.library.custom_op("tandem::bn_act_backward", mutates_args=())
-def _bn_act_backward_op(
-    g_out: torch.Tensor,
-    y: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    act: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g_y, g_gamma, g_beta = bn_act_backward(g_out.to(y.dtype), y, gamma, beta, mean, invstd, BY_CODE[act])
-    return g_y.contiguous(memory_format=_dense_format(y)), g_gamma.to(gamma.dtype), g_beta.to(beta.dtype)
-
-
-@_bn_act_backward_op.register_fake
-def _(g_out, y, gamma, beta, mean, invstd, act):
-    return torch.empty_like(y, memory_format=_dense_format(y)), torch.empty_like(gamma), torch.empty_like(beta)
-
-
-def _bn_act_setup(ctx, inputs, output):
-    y, gamma, beta, _, _, _, _, act = inputs
-    _, mean, invstd, _, _ = output
-    ctx.save_for_backward(y, gamma, beta, mean, invstd)
-    ctx.act = act
-
-
-def _bn_act_grad(ctx, g_out, *_):
-    y, gamma, beta, mean, invstd = ctx.saved_tensors
-    g_y, g_gamma, g_beta = torch.ops.tandem.bn_act_backward(g_out, y, gamma, beta, mean, invstd, ctx.act)
-    return g_y, g_gamma, g_beta, None, None, None, None, None
-
-
-torch.library.register_autograd("tandem::bn_act_train", _bn_act_grad, setup_context=_bn_act_setup)
-
-
 @torch.library.custom_op("tandem::conv_bn_act_lean", mutates_args=())
 def _lean_op(
     x: torch.Tensor,
@@ -292,7 +232,8 @@ def _lean_op(
     groups: int,
     act: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Outputs as tandem::bn_act_train's."""
+    """(out, mean, invstd, new running mean, new running var); the last two are empty without running stats.
+    Functional (an op with registered autograd may not mutate its inputs): the caller copies them in."""
     spec = _ConvSpec(tuple(stride), tuple(padding), tuple(dilation), groups)
     rm, rv = _stats_copy(running_mean), _stats_copy(running_var)
     out, mean, invstd = _lean_forward(x, weight, bias, gamma, beta, rm, rv, momentum, eps, spec, BY_CODE[act])
@@ -386,13 +327,12 @@ def _train(x, weight, bias, gamma, beta, running_mean, running_var, momentum, ep
                     x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps,
                     list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, act.code,
                 )  # fmt: skip
-            else:
-                y = spec.conv(x, weight, bias)
-                out, _, _, new_mean, new_var = torch.ops.tandem.bn_act_train(
-                    y, gamma, beta, running_mean, running_var, momentum, eps, act.code
-                )
-            _update_running(running_mean, running_var, new_mean, new_var)
-            return out
+                _update_running(running_mean, running_var, new_mean, new_var)
+                return out
+            # fast, compiled: plain aten ops, so inductor fuses the statistics, normalization and activation
+            # (forward and backward) as it does for the eager chain; its partitioner picks what to save
+            y = spec.conv(x, weight, bias)
+            return act.forward(F.batch_norm(y, running_mean, running_var, gamma, beta, True, momentum, eps))
         if lean:
             return _ConvBNActFunction.apply(
                 x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps, spec, act
