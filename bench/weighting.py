@@ -20,6 +20,10 @@ Variants (classes below; seeds paired: the same initial weights for every varian
                           last-layer gradient norm of sample i, redrawn every k steps, unbiased; importance
                           sampling by the gradient-norm bound (Katharopoulos & Fleuret 2018) mixed with uniform
   difficulty_mix_biased   the same draw without the loss correction (hard-example emphasis, as the seed's rule)
+  infobatch               InfoBatch-style pruning (actors/infobatch.py, ICLR 2024): each epoch skips half of the
+                          below-mean-loss samples, scales the kept ones' loss by 2, full data in the last 12.5% of
+                          the budget; scores are the step's own per-sample losses. Same LR schedule (per step) as
+                          uniform; compared by training CPU time to the target (sampling and scoring included)
 
 Keys, per dataset (prefix `mnist1d_`, `digits_`):
   seed_rule_ratio         mean samples to target, seed_rule / uniform_permutation         goal <= 1.05
@@ -29,6 +33,9 @@ Keys, per dataset (prefix `mnist1d_`, `digits_`):
   best_variant            its name (chosen by mean ratio among the weighting variants; the interval does not
                           account for that choice)
   final_acc_delta_pts     mean final test accuracy, best - uniform_permutation, in points   goal >= -0.2
+  infobatch_wall_ratio[_ci]  training CPU seconds to target, infobatch / uniform_permutation, paired bootstrap
+                          95% interval over seeds                                          goal <= 0.80
+  infobatch_acc_delta_pts mean final test accuracy, infobatch - uniform_permutation, points goal >= -0.3
 Plus per variant: ratios and intervals against both controls, final accuracy, runs that reached the target, the
 mean accuracy curve. Writes bench/results/weighting.json. `--quick`: 5 seeds (a few minutes); default 20 seeds.
 `--jobs 2` trains seeds in parallel processes; `--cache FILE` appends each finished seed's runs there, so an
@@ -52,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from actors.infobatch import InfoBatch, InfoBatchConfig
 from actors.train_local import TrainConfig, evaluate, make_optimizer
 from actors.weight_store import SampleWeightStore, WeightRule, last_layer_grad_norm
 from bench._common import print_table, write_result
@@ -63,8 +71,12 @@ GOALS = {
     "best_ratio_vs_replacement_ci_high": 1.0,
     "seed_rule_ratio": 1.05,
     "final_acc_delta_pts": -0.2,
+    "infobatch_wall_ratio": 0.80,
+    "infobatch_acc_delta_pts": -0.3,
 }
 CONTROLS = ("uniform_permutation", "uniform_replacement")
+PRUNING = ("infobatch",)
+"""Variants that skip samples rather than weight them: compared by wall-clock, not in the best-variant choice."""
 
 
 # -- data -------------------------------------------------------------------------------------------------------
@@ -141,6 +153,31 @@ class Sampler:
         idx, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
         scale, self.scales = self.scales[: self.batch_size], self.scales[self.batch_size :]
         return idx, (scale if self.unbiased else None)
+
+
+class InfoBatchSampler(Sampler):
+    """actors/infobatch.py: each epoch skips a share of the below-mean-loss samples, scales the kept ones' loss
+    by 1 / (1 - r), full data in the last `anneal` share of the budget. Scores are the per-sample losses of the
+    step (no extra computation); the loss scales are applied as given (not normalised per batch)."""
+
+    unbiased = True
+    normalise_scale = False
+    score = "loss"
+
+    def __init__(self, n: int, batch_size: int, seed: int, config: InfoBatchConfig):
+        super().__init__(n, batch_size, seed)
+        self.pruner = InfoBatch(n, config, seed=seed)
+        self.budget_rows = None  # set by train_run: rows of the whole budget (the progress of annealing)
+        self.drawn = 0
+
+    def chunk(self):
+        progress = self.drawn / self.budget_rows if self.budget_rows else 0.0
+        idx, scale = self.pruner.epoch(progress)
+        self.drawn += len(idx)
+        return idx, scale
+
+    def record(self, idx, difficulty):
+        self.pruner.record(idx, difficulty)
 
 
 class UniformPermutation(Sampler):
@@ -234,7 +271,19 @@ class MixVariant:
         return DifficultyMix(n, batch_size, seed, interval, self.mix, self.unbiased)
 
 
-Variant = PermutationVariant | StoreVariant | MixVariant
+@dataclass(frozen=True, slots=True)
+class InfoBatchVariant:
+    """InfoBatch-style pruning (`InfoBatchSampler`)."""
+
+    name: str
+    prune_ratio: float = 0.5
+    anneal: float = 0.125
+
+    def build(self, n: int, batch_size: int, seed: int) -> Sampler:
+        return InfoBatchSampler(n, batch_size, seed, InfoBatchConfig(prune_ratio=self.prune_ratio, anneal=self.anneal))
+
+
+Variant = PermutationVariant | StoreVariant | MixVariant | InfoBatchVariant
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
@@ -245,6 +294,7 @@ VARIANTS: dict[str, Variant] = {
         StoreVariant(name="seed_rule_every_k", rule=WeightRule(), unbiased=True, interval_epochs=0.25),
         MixVariant(name="difficulty_mix", mix=0.5, interval_epochs=0.25),
         MixVariant(name="difficulty_mix_biased", mix=0.5, interval_epochs=0.25, unbiased=False),
+        InfoBatchVariant(name="infobatch"),
     )
 }
 
@@ -291,9 +341,15 @@ def train_run(data: Data, setting: Setting, variant: Variant, seed: int) -> dict
     cfg = TrainConfig(epochs=setting.epochs, batch_size=setting.batch_size, lr=setting.lr, seed=seed)
     opt, sched = make_optimizer(model, cfg, steps_per_epoch)
     sampler = variant.build(n, setting.batch_size, seed)
+    if hasattr(sampler, "budget_rows"):
+        sampler.budget_rows = total * setting.batch_size
+    score = getattr(sampler, "score", "grad_norm")
+    normalise = getattr(sampler, "normalise_scale", True)
     curve: list[tuple[int, float]] = []
+    train_s = 0.0  # this thread's CPU time in training steps (sampling and scoring included, evaluation not)
     model.train()
     for step in range(1, total + 1):
+        t0 = time.thread_time()
         idx, scale = sampler.next_batch()
         x, y = data.train_x[idx], data.train_y[idx]
         feats = model.features(x)  # (B, D) penultimate activations
@@ -303,25 +359,31 @@ def train_run(data: Data, setting: Setting, variant: Variant, seed: int) -> dict
             loss = per_sample.mean()
         else:
             s = torch.from_numpy(scale)
-            loss = (per_sample * (s / s.mean())).mean()  # as actors/trainer.py: normalised per batch
+            # as actors/trainer.py: normalised per batch (InfoBatch: its scales as they are)
+            loss = (per_sample * (s / s.mean() if normalise else s)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        sampler.record(idx, last_layer_grad_norm(logits, y, feats).numpy())
+        if score == "loss":
+            sampler.record(idx, per_sample.detach().numpy())
+        else:
+            sampler.record(idx, last_layer_grad_norm(logits, y, feats).numpy())
+        train_s += time.thread_time() - t0
         if step % eval_every == 0 or step == total:
-            curve.append((step * setting.batch_size, evaluate(model, data.test_x, data.test_y)[1]))
+            curve.append((step * setting.batch_size, evaluate(model, data.test_x, data.test_y)[1], train_s))
             model.train()
     return {"curve": curve, "final_acc": curve[-1][1], "draw_intervals": sampler.chunks}
 
 
-def samples_to_target(curve: list[tuple[int, float]], target: float) -> tuple[float, bool]:
-    """First number of samples at which the test accuracy is >= target; (budget + one interval, False) if never."""
-    for samples, acc in curve:
-        if acc >= target:
-            return float(samples), True
-    step = curve[-1][0] - curve[-2][0] if len(curve) > 1 else curve[-1][0]
-    return float(curve[-1][0] + step), False
+def samples_to_target(curve: list, target: float, field: int = 0) -> tuple[float, bool]:
+    """First number of samples (field 0; field 2: training seconds) at which the test accuracy is >= target;
+    (budget + one interval, False) if never."""
+    for point in curve:
+        if point[1] >= target:
+            return float(point[field]), True
+    step = curve[-1][field] - curve[-2][field] if len(curve) > 1 else curve[-1][field]
+    return float(curve[-1][field] + step), False
 
 
 def bootstrap_ratio(a: np.ndarray, b: np.ndarray, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
@@ -406,7 +468,7 @@ def run_dataset(
             "final_acc_std": float(final[name].std(ddof=1)) if len(seeds) > 1 else 0.0,
             "mean_curve": [
                 [int(s), float(np.mean([r["curve"][i][1] for r in runs[name]]))]
-                for i, (s, _) in enumerate(runs[name][0]["curve"])
+                for i, (s, *_) in enumerate(runs[name][0]["curve"])
             ],
         }
         for control in CONTROLS:
@@ -415,7 +477,16 @@ def run_dataset(
             row[f"ci_vs_{control}"] = [lo, hi]
         per_variant[name] = row
 
-    weighting = [name for name in names if name not in CONTROLS]
+    for name in names:  # wall-clock (training CPU seconds) to target, for the pruning comparison
+        if len(runs[name][0]["curve"][0]) > 2 and len(runs["uniform_permutation"][0]["curve"][0]) > 2:
+            wall = np.array([samples_to_target(r["curve"], target, field=2)[0] for r in runs[name]])
+            wall_u = np.array([samples_to_target(r["curve"], target, field=2)[0] for r in runs["uniform_permutation"]])
+            ratio, lo, hi = bootstrap_ratio(wall, wall_u)
+            per_variant[name]["mean_train_s_to_target"] = float(wall.mean())
+            per_variant[name]["wall_ratio_vs_uniform_permutation"] = ratio
+            per_variant[name]["wall_ci_vs_uniform_permutation"] = [lo, hi]
+
+    weighting = [name for name in names if name not in CONTROLS and name not in PRUNING]
     best = min(weighting, key=lambda name: per_variant[name]["ratio_vs_uniform_permutation"]) if weighting else None
     out = {
         "target_acc": target,
@@ -434,6 +505,11 @@ def run_dataset(
     }
     if "seed_rule" in per_variant:
         out["seed_rule_ratio"] = per_variant["seed_rule"]["ratio_vs_uniform_permutation"]
+    if "infobatch" in per_variant and "wall_ratio_vs_uniform_permutation" in per_variant["infobatch"]:
+        ib = per_variant["infobatch"]
+        out["infobatch_wall_ratio"] = ib["wall_ratio_vs_uniform_permutation"]
+        out["infobatch_wall_ratio_ci"] = ib["wall_ci_vs_uniform_permutation"]
+        out["infobatch_acc_delta_pts"] = 100.0 * (ib["final_acc_mean"] - out["uniform_final_acc"])
     if best is not None:
         b = per_variant[best]
         out.update(
@@ -478,6 +554,9 @@ def main(argv: list[str] | None = None) -> dict:
             "best_variant",
             "final_acc_delta_pts",
             "target_acc",
+            "infobatch_wall_ratio",
+            "infobatch_wall_ratio_ci",
+            "infobatch_acc_delta_pts",
         ):
             if key in res:
                 result[f"{dataset}_{key}"] = res[key]
@@ -505,8 +584,8 @@ def main(argv: list[str] | None = None) -> dict:
             v = result.get(f"{dataset}_{key}")
             if v is None:
                 continue
-            met = v >= goal if key == "final_acc_delta_pts" else (v < goal if key.endswith("ci_high") else v <= goal)
-            sign = ">=" if key == "final_acc_delta_pts" else ("<" if key.endswith("ci_high") else "<=")
+            met = v >= goal if key.endswith("acc_delta_pts") else (v < goal if key.endswith("ci_high") else v <= goal)
+            sign = ">=" if key.endswith("acc_delta_pts") else ("<" if key.endswith("ci_high") else "<=")
             rows.append(
                 {"metric": f"{dataset}_{key}", "measured": v, "goal": f"{sign} {goal}", "met": "yes" if met else "NO"}
             )

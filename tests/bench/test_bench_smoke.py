@@ -40,7 +40,12 @@ def test_weighting_keys_and_pairing():
         "target_acc",
     ):
         assert math.isfinite(res[key]), key
-    assert res["best_variant"] in weighting.VARIANTS
+    assert res["best_variant"] in weighting.VARIANTS and res["best_variant"] not in weighting.PRUNING
+    lo, hi = res["infobatch_wall_ratio_ci"]
+    assert lo <= res["infobatch_wall_ratio"] <= hi and res["infobatch_wall_ratio"] > 0.0
+    ib = res["variants"]["infobatch"]
+    assert ib["mean_train_s_to_target"] > 0.0
+    assert res["infobatch_acc_delta_pts"] == pytest.approx(100.0 * (ib["final_acc_mean"] - res["uniform_final_acc"]))
     assert set(res["variants"]) == set(weighting.VARIANTS)
     # every variant's ratio lies in its own interval, and the best is the smallest mean ratio among the weighting
     # variants (a mix-up of variants, of numerator and denominator, or of the interval fails here)
