@@ -13,6 +13,7 @@ On a cluster: ray job submit --working-dir . -- tandem run --address auto --stor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from actors.comm import CommConfig
@@ -48,7 +49,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="training dtype (default: from hardware)")
     g.add_argument("--local", action="store_true", help="train in this process, without Ray")
     g = p.add_argument_group("cluster")
-    g.add_argument("--address", help="Ray cluster address, e.g. auto (default: embedded local Ray)")
+    g.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster address, e.g. auto (default: $RAY_ADDRESS, which `ray job submit` sets, else an "
+        "embedded local Ray)",
+    )
     g.add_argument("--nodes", type=int, default=2, help="simulated nodes of the embedded Ray (default 2)")
     g.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 4; 2 with --smoke)")
     g.add_argument(

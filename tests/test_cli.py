@@ -136,3 +136,12 @@ def test_a_model_that_cannot_train_fails_before_any_cluster(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "preflight: importing the model" in err and "nosuch_module_x14" in err
     assert time.monotonic() - t0 < 15  # no Ray was started
+
+
+def test_address_defaults_to_the_job_submit_cluster(monkeypatch):
+    from tandem.cli import run_config
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what `ray job submit` gives its entrypoint
+    assert run_config(build_parser().parse_args(["run"])).address == "10.0.0.1:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert run_config(build_parser().parse_args(["run"])).address is None

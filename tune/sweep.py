@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -226,7 +227,12 @@ def main(argv: list[str] | None = None) -> SweepResult:
     p.add_argument("--test-data", help="held-out parquet; default: a split of --data")
     p.add_argument("--searcher", choices=("optuna", "random"), default="optuna")
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--address", help="Ray cluster address, e.g. auto (default: an embedded local Ray)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster address, e.g. auto (default: $RAY_ADDRESS, as `ray job submit` sets it, else an "
+        "embedded local Ray)",
+    )
     p.add_argument(
         "--storage",
         default=DEFAULT_STORAGE,
