@@ -103,7 +103,8 @@ class AppConfig:
     """Logical CPUs per model replica."""
     max_queued_requests: int | None = None
     """Serve's caller-side bound (proxy, handles): requests waiting for a replica beyond this many are answered 503
-    (with Retry-After) by the proxy itself, before any replica sees them. None: unbounded (Serve's default)."""
+    (with Retry-After) by the proxy itself, before any replica sees them. None: unbounded (Serve's default).
+    Applied only with Serve's Python proxy (`--ingress proxy`): with HAProxy there is no proxy queue (build_app)."""
     torch_threads: int = 1
     """torch intra-op threads per replica (small CNNs on small batches: 1 is fastest and leaves cores to the
     proxy)."""

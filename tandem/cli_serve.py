@@ -40,7 +40,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--access-log", action="store_true", help="Serve's per-request access log lines (default off)")
     s.add_argument(
         "--max-queued-requests", type=int, default=None,
-        help="proxy-side bound: beyond this many waiting for a replica the proxy answers 503 itself (default none;"
+        help="proxy-side bound (--ingress proxy only): beyond this many waiting for a replica the proxy answers 503"
+        " itself (default none;"
         " 16 with --batching '{\"max_queue_len\": 16}' kept goodput under 1.5x overload on 2 cores)",
     )  # fmt: skip
 

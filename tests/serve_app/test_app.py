@@ -48,11 +48,15 @@ def test_app_config_checks():
         AppConfig(artifact="/a", canary={"artifact": "/b", "weight": 2})
 
 
-def test_proxy_side_bound_reaches_the_deployment():
+def test_proxy_side_bound_reaches_the_deployment(monkeypatch):
     # Serve's own caller-side bound: the proxy answers 503 + Retry-After itself once this many wait for a replica.
-    d = build_app({"artifact": "/a", "max_queued_requests": "16"})._bound_deployment._deployment_config
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    bounded = {"artifact": "/a", "max_queued_requests": "16"}
+    d = build_app(bounded)._bound_deployment._deployment_config
     assert d.max_queued_requests == 16 and d.backpressure_config.retry_after_s == 1
     assert build_app({"artifact": "/a"})._bound_deployment._deployment_config.max_queued_requests == -1
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")  # no proxy queue to bound: not applied
+    assert build_app(bounded)._bound_deployment._deployment_config.max_queued_requests == -1
 
 
 def test_serve_config_yaml_is_valid():
