@@ -12,8 +12,7 @@ def test_presets_shapes(preset):
     assert model(x).shape == (2, 7)
     assert model.features(x).shape == (2, model.head.in_features)
     assert all(
-        not isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) or _inside_fused(model, m)
-        for m in model.modules()
+        not isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)) or _inside_fused(model, m) for m in model.modules()
     )
 
 
@@ -51,3 +50,46 @@ def test_bad_configs():
 def test_config_dict_round_trip():
     cfg = ModelConfig.preset("small", in_channels=3, num_classes=5)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+_DDP_SCRIPT = r"""
+import copy, os, socket, sys
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from models.cnn import ModelConfig, build_model
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+torch.manual_seed(0)
+model = build_model(ModelConfig.preset("small", in_channels=3, save=sys.argv[1]))
+ref = copy.deepcopy(model)
+ddp = DDP(model)  # wrapped before any forward: the op must not change weight storage after this
+opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ddp, ref)]
+x, y = torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,))
+for _ in range(3):
+    for m, opt in zip((ddp, ref), opts):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+err = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+print("max_err", err)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("save", ["lean", "fast"])
+def test_ddp_training_matches_plain_training(save):
+    """Under DDP (wrapped before the first forward) the unified CNN trains exactly as without: a weight whose
+    layout or storage changed after DDP took it would train wrongly (the reducer keeps the old)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _DDP_SCRIPT, save], capture_output=True, text=True, env=env, timeout=300, cwd=root
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    err = float(out.stdout.split("max_err")[1])
+    assert err < 1e-5
