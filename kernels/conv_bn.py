@@ -1,13 +1,22 @@
 """The unified Conv2d + BatchNorm2d (+ activation) operator: one module for training and inference.
 
-Training uses a custom autograd Function whose forward is conv -> batch statistics -> BN-apply + activation
-(one fused epilogue, kernels/bn_act.py) and which saves far less than the eager chain for backward:
+Training uses custom autograd Functions, conv -> batch statistics -> BN-apply + activation (one fused epilogue,
+kernels/bn_act.py), which save far less than the eager chain for backward:
   - `lean`: saves the conv input and the per-channel statistics; backward recomputes the conv output.
-  - `fast`: saves the conv input and the conv output; backward recomputes only z = BN-apply(y) (one FMA/elt).
+  - `fast`: the conv is autograd's own node (saves the conv input); the BN + activation Function saves the conv
+    output and the statistics; backward recomputes only z = BN-apply(y) (one FMA/elt; not at all for act='none').
 The eager chain saves the conv input, the conv output (for BN) and the activation output (for ReLU).
 Inference (`eval()` with running statistics) folds BN into the conv weight and bias: one conv + activation.
 The folded weights are cached and refreshed whenever a parameter or running statistic changes (checked through
 tensor version counters, so an optimizer step or `load_state_dict` is never served stale; cf. pytorch#108863).
+
+Layout: on the CPU the conv weight is channels_last and activations enter the conv channels_last (maps of >= 16
+pixels), oneDNN's native layout; outputs are equal, only strides differ from NCHW.
+
+torch.compile (fullgraph, train and eval): `lean` traces as the custom op `tandem::conv_bn_act_lean` (fake kernel,
+registered autograd whose backward recomputes the conv), `fast` as plain aten ops that inductor fuses, eval as the
+folded conv (constants under inductor's freezing). Eager calls keep the autograd.Functions below (less per-call
+dispatch than a custom op).
 
 Mixed precision: under autocast the conv runs in the autocast dtype (inputs cast once, here, explicitly), the
 statistics in fp32, and the backward recompute uses the same cast tensors, so it reproduces the forward bit for bit.
