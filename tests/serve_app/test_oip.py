@@ -22,6 +22,7 @@ import pytest
 import torch
 from _serve import GOOD, free_port, haproxy_cluster, haproxy_pids, haproxy_run_dir, listening_sockets
 
+from serve_app.batching import BatchingConfig
 from serve_app.deploy import DeployConfig, serve_artifact
 
 SHAPE = (1, 8, 8)
@@ -40,7 +41,10 @@ def app(_ray_clusters, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=10))
     save_artifact(model, path, input_shape=SHAPE, class_names=NAMES)
-    cfg = DeployConfig(port=free_port(), app={"version": "7", "max_body_bytes": 65536})
+    # An SLO of 5 s: admission control's 503 (a 5xx to the fuzz's not_a_server_error check) only in a collapse,
+    # not because other work on the machine slowed one request down.
+    slo = BatchingConfig.slo_fields(5.0)
+    cfg = DeployConfig(port=free_port(), app={"version": "7", "max_body_bytes": 65536, "batching": slo})
     url = serve_artifact(str(path), cfg)
     local, _ = load_artifact(path)
     with httpx.Client(base_url=url, timeout=30) as client:
