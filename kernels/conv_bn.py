@@ -98,20 +98,18 @@ def _cl_wanted(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.shape[-1] * x.shape[-2] >= _CL_MIN_PIXELS
 
 
-def _cpu_layout(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """channels_last on CPU: oneDNN's native conv layout (an NCHW conv pays a reorder to and from a blocked layout
-    on every call; measured here 1.2-1.8x slower for conv forward and backward at 16-128 channels, 8x8-32x32, 1
-    thread). A no-op for a tensor already in it, so only a model's first op converts; values are unchanged.
-    Small maps (< _CL_MIN_PIXELS pixels) stay NCHW, unless `weight` is channels_last (oneDNN would then run
-    channels_last anyway); non-oneDNN dtypes (float64: aten's reference conv) are left as they are."""
+def _cpu_layout(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, weight) laid out for the conv. On the CPU: channels_last input (oneDNN's native conv layout; an NCHW
+    conv pays a reorder to and from a blocked layout on every call: measured here 1.2-1.8x slower for conv forward
+    and backward at 16-128 channels, 8x8-32x32, 1 thread), a no-op for an input already in it, so only a model's
+    first op converts. Small maps (< _CL_MIN_PIXELS pixels) run NCHW, input and weight (a differentiable copy of
+    the channels_last weight: far cheaper than oneDNN's channels_last kernels there). Values are unchanged;
+    non-oneDNN dtypes (float64: aten's reference conv) and other devices are left as they are."""
     if x.device.type != "cpu" or x.dtype not in _ONEDNN_DTYPES:
-        return x
-    cl = _cl_wanted(x) or (weight is not None and _strictly_channels_last(weight))
-    return x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-
-
-def _strictly_channels_last(w: torch.Tensor) -> bool:
-    return w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        return x, weight
+    if _cl_wanted(x):
+        return x.contiguous(memory_format=torch.channels_last), weight
+    return x.contiguous(), weight.contiguous()
 
 
 def _match_weight_layout(w: torch.Tensor, x: torch.Tensor) -> None:
@@ -328,7 +326,7 @@ torch.library.register_autograd("tandem::conv_bn_act_lean", _lean_grad, setup_co
 
 def _train(x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps, spec, act, lean):
     """Training-mode op on validated arguments: casts for autocast, picks the eager or the traceable form."""
-    x = _cpu_layout(x, weight)
+    x, weight = _cpu_layout(x, weight)
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)
     if autocast:  # the conv in the autocast dtype, cast once here; statistics in fp32
@@ -416,7 +414,7 @@ def conv_bn_act(
         if running_mean is None or running_var is None:
             raise ValueError("eval mode needs running_mean and running_var (or pass training=True)")
         w, b = fold_conv_bn(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-        return act.forward_(spec.conv(_cpu_layout(x, weight), w, b))  # the conv's output is ours: activation in place
+        return act.forward_(spec.conv(*_cpu_layout(x, w), b))  # the conv's output is ours: activation in place
     c = weight.shape[0]
     if bn_weight is None or bn_bias is None:
         ones, zeros = _ones_zeros(c, weight if weight.dtype == torch.float64 else weight.float())
@@ -571,11 +569,10 @@ class ConvBNAct(nn.Module):
         _check_input(x, conv.weight, conv.groups)
         spec = _ConvSpec(conv.stride, conv.padding, conv.dilation, conv.groups)
         compiling = torch.compiler.is_compiling()
-        x = _cpu_layout(x, conv.weight)
         if not self.training and bn.track_running_stats:
             # compiled: fold in the graph (inductor's freezing turns it into constants); eager: the cached fold
             w, b = fold_conv_bn(*self._fold_args()) if compiling else self.folded()
-            y = spec.conv(x, w, b)
+            y = spec.conv(*_cpu_layout(x, w), b)
             # in place when nothing can need the pre-activation (it is ours, and no graph records it)
             return self.act.forward(y) if compiling or torch.is_grad_enabled() else self.act.forward_(y)
         freeze = False if compiling else _FREEZE_STATS.get()  # a context variable is not traceable

@@ -249,7 +249,7 @@ class FoldedConvAct(nn.Module):
         return f"{tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}, act={self.act.name}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _cpu_layout(x)
+        x, _ = _cpu_layout(x, self.weight)
         if not torch.compiler.is_compiling():
             _match_weight_layout(self.weight, x)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

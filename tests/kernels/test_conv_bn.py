@@ -13,9 +13,7 @@ from kernels.conv_bn import ConvBNAct, SaveMode, conv_bn_act
 ACTS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
 
 
-def make_pair(
-    cin, cout, k, *, act="relu", save="lean", affine=True, momentum=0.1, dtype=torch.float32, **conv_kw
-):
+def make_pair(cin, cout, k, *, act="relu", save="lean", affine=True, momentum=0.1, dtype=torch.float32, **conv_kw):
     """A ConvBNAct and the eager chain holding equal (independent) parameters, BN affine params randomized."""
     torch.manual_seed(0)
     fused = ConvBNAct(cin, cout, k, act=act, save=save, affine=affine, momentum=momentum, **conv_kw).to(dtype)
@@ -46,9 +44,7 @@ def test_gradcheck_float64(case, act, save):
     bias = kw.pop("bias", False)
     g = torch.Generator().manual_seed(case)
     x = torch.randn(3, cin, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(
-        cout, cin // kw.get("groups", 1), k, k, dtype=torch.float64, generator=g, requires_grad=True
-    )
+    w = torch.randn(cout, cin // kw.get("groups", 1), k, k, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(cout, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
     gamma = (torch.rand(cout, dtype=torch.float64, generator=g) + 0.5).requires_grad_(affine)
     beta = torch.randn(cout, dtype=torch.float64, generator=g).requires_grad_(affine)
@@ -228,3 +224,26 @@ def test_triton_path_end_to_end(monkeypatch, save):
     torch.testing.assert_close(x_f.grad, x_e.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fused.bn.weight.grad, eager[1].weight.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fused.bn.running_var, eager[1].running_var, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("save", ["lean", "fast"])
+@pytest.mark.parametrize("size", [3, 6])
+def test_layouts_small_and_large_maps_match_eager(save, size):
+    """CPU layouts: maps under 16 pixels run NCHW (a copy of the channels_last weight), larger ones channels_last;
+    both equal the eager chain in train and eval, and the weight stays the same channels_last Parameter."""
+    fused, eager = make_pair(8, 8, 3, act="relu", save=save, padding=1)
+    weight = fused.conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    x = torch.randn(4, 8, size, size)
+    x_f, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_f, out_e = fused(x_f), eager(x_e)
+    torch.testing.assert_close(out_f, out_e, atol=1e-5, rtol=1e-5)
+    assert out_f.is_contiguous(memory_format=torch.channels_last if size * size >= 16 else torch.contiguous_format)
+    g = torch.randn(out_f.shape)
+    out_f.backward(g), out_e.backward(g)
+    torch.testing.assert_close(x_f.grad, x_e.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused.conv.weight.grad, eager[0].weight.grad, atol=1e-4, rtol=1e-4)
+    assert fused.conv.weight is weight and weight.is_contiguous(memory_format=torch.channels_last)
+    fused.eval(), eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), atol=1e-5, rtol=1e-5)
