@@ -78,8 +78,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--comm-mode",
         choices=["always", "auto", "never"],
-        default="always",
-        help="compress always, never, or when the probed inter-node link is slow (auto)",
+        default="auto",
+        help="compress only when the probed inter-node link is slow (auto, default), always, or never",
     )
     g.add_argument("--warmup-steps", type=int, default=0, help="exact allreduce steps before compressing")
     g.add_argument(

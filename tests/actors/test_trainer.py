@@ -32,7 +32,7 @@ def _job(epochs: int, workers: int, comm: CommConfig | None = None, **dist) -> T
 
 def test_two_nodes_four_workers(ray_two_nodes, tmp_path):
     splits = prepare_data(DataConfig(), tmp_path)
-    comm = CommConfig(kind="hierarchical", codec="2bit", compiled_codec=False)
+    comm = CommConfig(kind="hierarchical", codec="2bit", mode="always", compiled_codec=False)
     job = _job(6, 4, comm, placement="SPREAD", worker_resources={"worker_slot": 1}, name="two-nodes")
     res = fit_distributed(job, splits, str(tmp_path))
     last_round = res.all_reports[-1]
