@@ -60,6 +60,12 @@ def grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[torch.Ten
     return [x.grad] + [p.grad for p in module.parameters()]
 
 
+def _tol(device: str) -> dict:
+    """Tolerance of the equality checks: cuDNN runs fp32 convs in TF32 by default on Ampere+ (10-bit mantissa), so
+    a folded conv and conv + BN differ by ~1e-3 there (measured 1.1e-3 on an H200); fp32 on CPU holds 1e-4."""
+    return {"atol": 1e-4, "rtol": 1e-4} if device == "cpu" else {"atol": 5e-3, "rtol": 5e-3}
+
+
 def compile_check(device: str) -> dict:
     """compile_ok: torch.compile(fullgraph=True) of the op in train (lean, fast) and eval equals eager."""
     torch._dynamo.reset()
@@ -73,10 +79,10 @@ def compile_check(device: str) -> dict:
             x = torch.randn(4, 16, 12, 12, device=device)
             g = torch.randn(4, 16, 12, 12, device=device)
             for a, b in zip(grads(m, x, g), grads(compiled, x, g)):
-                torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(b, a, **_tol(device))
             m.eval(), twin.eval()
             with torch.no_grad():
-                torch.testing.assert_close(compiled(x), m(x), atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(compiled(x), m(x), **_tol(device))
         except Exception as e:  # the benchmark reports the failure instead of dying on it
             errors.append(f"{save}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     torch._dynamo.reset()
@@ -156,7 +162,7 @@ def _run(batch: int, channels: int, size: int, repeats: int, device: str, timer,
         variants["folded_inductor_frozen"] = infer(served_frozen, xi_unified)
     infer_t = interleaved_medians(variants, repeats * 2, clock=timer)
     with torch.inference_mode():
-        torch.testing.assert_close(served(xi), eager(xi), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(served(xi), eager(xi), **_tol(device))
     if compiled:
         # the fastest served form (inference_module(compile=True)) against inductor-frozen eager; the eager form's
         # ratio beside it

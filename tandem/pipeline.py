@@ -22,7 +22,12 @@ def export_trained(checkpoint: str, spec, splits: DataSplits, out: Path) -> tupl
     _, x, y = load_tensors(splits.test)
     _, acc = evaluate(model, x, y)
     save_artifact(
-        model, out, input_shape=splits.image_shape, accuracy={"test_accuracy": acc}, source_checkpoint=checkpoint
+        model,
+        out,
+        input_shape=splits.image_shape,
+        accuracy={"test_accuracy": acc},
+        source_checkpoint=checkpoint,
+        class_names=splits.class_names,
     )
     return str(out), acc
 

@@ -1,7 +1,7 @@
 """The starting point of a compression sweep: the data (train split for fine-tuning and calibration, held-out
 split for accuracy) and the trained fp32 checkpoint, which is an fp32 artifact (models/artifact.py).
 
-Without a checkpoint, one is trained with the local training loop (actors/train_local.py) and cached as an
+Without a checkpoint, one is trained with the local training loop (models/training.py) and cached as an
 artifact under `cache_dir`, keyed by preset/epochs/seed, so repeated trials, tests and benchmarks train once.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from actors.dataset import DataConfig, load_tensors, prepare_data
-from actors.train_local import TrainConfig, evaluate, fit_local
+from models.data import DataConfig, load_tensors, prepare_data
+from models.training import TrainConfig, evaluate, fit_local
 from models import storage
 from models.artifact import load_artifact, save_artifact
 from models.cnn import ModelConfig, build_model
@@ -66,6 +66,8 @@ class EvalData:
     test: tuple[torch.Tensor, torch.Tensor]
     input_shape: tuple[int, int, int]
     num_classes: int
+    class_names: list[str] | None = None
+    """Names of the classes (string labels), carried from the baseline artifact into every trial's artifact."""
 
     def accuracy(self, model: nn.Module) -> float:
         """Top-1 accuracy of `model` on the held-out split, in [0, 1]."""
@@ -119,6 +121,7 @@ def load_baseline(cfg: BaselineConfig, data: EvalData | None = None) -> tuple[nn
         acc = {"test_accuracy": data.accuracy(model)}
         save_artifact(model, path, input_shape=data.input_shape, accuracy=acc, probe=data.test[0][:32])
     model, manifest = load_artifact(path)
+    data.class_names = manifest.get("class_names")
     if manifest["quantization"]["scheme"] != "none":
         scheme = manifest["quantization"]["scheme"]
         raise ValueError(f"checkpoint {str(path)!r} must be an fp32 model, got scheme {scheme!r}")

@@ -213,7 +213,7 @@ _METRICS = ("accuracy", "acc_drop_pts", "baseline_accuracy", "latency_ms", "late
 def main(argv: list[str] | None = None) -> SweepResult:
     """`tandem tune`: runs the sweep on an embedded local Ray (or the cluster at --address) and prints where
     things are. The sweep is a named run under --storage, like `tandem run`."""
-    from actors.dataset import DataConfig
+    from models.data import DataConfig
     from tandem.job import DEFAULT_STORAGE, RunConfig, claim_run
 
     p = argparse.ArgumentParser(prog="tandem tune", description=__doc__.split("\n\n")[0])

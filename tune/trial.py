@@ -77,6 +77,7 @@ def run_trial(settings: TrialSettings, ctx: TrialContext, report, out_dir: str) 
         pruning=prune_info,
         source_checkpoint=ctx.baseline.checkpoint or f"trained:{ctx.baseline.preset}",
         probe=data.test[0][:32],
+        class_names=data.class_names,
         extra={"trial": settings.to_dict(), "compiled_latency": ctx.measure.compile},
     )
     final = {
