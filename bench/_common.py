@@ -60,6 +60,9 @@ def write_result(name: str, data: dict, results_dir: Path | None = None) -> Path
     payload = {
         **data,
         "hardware": hardware(),
+        # 1/5/15-minute load averages as the run ends (the benchmark itself counts ~1): a figure taken while
+        # something else ran on the machine shows here
+        "load_avg": [round(v, 2) for v in os.getloadavg()],
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")

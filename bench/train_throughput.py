@@ -145,7 +145,9 @@ def whole_model_case(preset: str, size: int, batch: int, repeats: int, compiled:
             return f
 
         with torch.inference_mode():
-            torch.testing.assert_close(served(xi), eager_eval(xi), atol=1e-3, rtol=1e-3)
+            # a folded, channels_last resnet18 sums in another order than the NCHW chain: its logits differed by
+            # up to 1.9e-3 (0.8 %) here; a wrong fold differs by O(1)
+            torch.testing.assert_close(served(xi), eager_eval(xi), atol=1e-2, rtol=1e-2)
         ti = interleaved_medians(
             {"eager": fwd(eager_eval), "unified": fwd(served)}, repeats * 3, clock=time.thread_time
         )

@@ -148,11 +148,16 @@ class ModelServer:
         """(model, manifest, version, warmed-up controller, finite on the warm-up) for `user`; runs off the event
         loop."""
         from models.artifact import load_artifact
+        from models.fuse import inference_module
 
         model, manifest, version = self.model, self.manifest, self.version
         if new_model:
             model, manifest = load_artifact(user.artifact)
             version = user.version or manifest["tensors"]["sha256"][:12]
+            if manifest["quantization"]["scheme"] == "none":
+                # fp32: BN folded into the convs, channels_last (bench/results/train_throughput.json,
+                # whole_model_infer_ratio); INT8 comes back from load_artifact already compiled as measured
+                model = inference_module(model)
         ctl = user.build_controller()
         sound = self._warm_up(model, tuple(manifest["input_shape"]), ctl)
         return model, manifest, version, ctl, sound
