@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models.data import DataConfig, load_tensors, prepare_data
-from models.training import TrainConfig, evaluate, fit_local
 from models import storage
 from models.artifact import load_artifact, save_artifact
 from models.cnn import ModelConfig, build_model
+from models.data import DataConfig, load_tensors, prepare_data
+from models.training import TrainConfig, evaluate, fit_local
 
 
 @dataclass(kw_only=True, slots=True)

@@ -401,7 +401,8 @@ def test_inference_module_equals_eval_model_and_leaves_it_alone(batch, size):
         out_nograd = inf(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_nograd, ref, atol=1e-5, rtol=1e-5)
-    assert sum(isinstance(m, FoldedConvAct) for m in inf.modules()) == 9  # stem, 3 blocks x (conv1, conv2), 2 strided 1x1 shortcuts
+    # stem, 3 blocks x (conv1, conv2), 2 strided 1x1 shortcuts
+    assert sum(isinstance(m, FoldedConvAct) for m in inf.modules()) == 9
     assert not any(isinstance(m, nn.BatchNorm2d | ConvBNAct) for m in inf.modules())
     assert not any(p.requires_grad for p in inf.parameters())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "the original must stay unfused"
