@@ -149,10 +149,12 @@ class ModelServer:
         loop."""
         from models.artifact import load_artifact
         from models.fuse import inference_module
+        from models.storage import download_dir
 
         model, manifest, version = self.model, self.manifest, self.version
         if new_model:
-            model, manifest = load_artifact(user.artifact)
+            # a storage URI (s3://, gs://) is fetched to this replica's node: no replica reads the head's disk
+            model, manifest = load_artifact(download_dir(user.artifact))
             version = user.version or manifest["tensors"]["sha256"][:12]
             if manifest["quantization"]["scheme"] == "none":
                 # fp32: BN folded into the convs, channels_last (bench/results/train_throughput.json,
