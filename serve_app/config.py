@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from models import storage
 from serve_app.batching import AIMD, Bandit, BatchingConfig, Controller, SLOModel, Static, load_bandit_policy
 
 CONTROLLERS: dict[str, type[Controller]] = {"static": Static, "aimd": AIMD, "slo_model": SLOModel, "bandit": Bandit}
@@ -20,7 +21,8 @@ class ModelUserConfig:
     """What a running Model replica can change in place (its Serve `user_config`)."""
 
     artifact: str
-    """Artifact directory (models/artifact.py) on a filesystem every replica can read."""
+    """Artifact directory (models/artifact.py): a local path every replica can read, or a storage URI
+    (models/storage.py: s3://, gs://, file://) that each replica downloads to its own node before loading."""
     version: str | None = None
     """Version reported to clients and in the model_version metric (default: the weights' sha256[:12])."""
     controller: str = "slo_model"
@@ -53,6 +55,7 @@ class ModelUserConfig:
             raise ValueError(f"update_grace_s must be a number of seconds in [0, 600], got {g!r}")
         if not isinstance(self.artifact, str) or not self.artifact:
             raise ValueError(f"artifact must be a non-empty path string, got {self.artifact!r}")
+        storage.check(self.artifact)  # an unsupported scheme is refused here, not in every replica
         if self.version is not None and not isinstance(self.version, str):
             raise ValueError(f"version must be a string or null, got {self.version!r}")
         if self.controller != UNBATCHED and self.controller not in CONTROLLERS:
@@ -101,6 +104,9 @@ class AppConfig:
     """Images per request above this get 422."""
     num_cpus: float = 1.0
     """Logical CPUs per model replica."""
+    num_gpus: float | None = None
+    """GPUs per model replica (its ray_actor_options). None: decided at deploy time by `default_num_gpus`: 1
+    where the cluster has GPUs and the artifact's scheme runs on one (GPU_SCHEMES), else 0."""
     max_queued_requests: int | None = None
     """Serve's caller-side bound (proxy, handles): requests waiting for a replica beyond this many are answered 503
     (with Retry-After) by the proxy itself, before any replica sees them. None: unbounded (Serve's default).
@@ -125,6 +131,15 @@ class AppConfig:
         self.num_cpus = float(self.num_cpus)
         if not self.num_cpus >= 0:
             raise ValueError(f"num_cpus must be >= 0, got {self.num_cpus!r}")
+        g = self.num_gpus
+        if g is not None:
+            try:
+                g = float(g)  # `serve run ... num_gpus=1` passes a string
+            except (TypeError, ValueError):
+                raise ValueError(f"num_gpus must be a number >= 0 or null, got {self.num_gpus!r}") from None
+            if isinstance(self.num_gpus, bool) or not g >= 0:
+                raise ValueError(f"num_gpus must be a number >= 0 or null, got {self.num_gpus!r}")
+            self.num_gpus = g
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}")
         for key in ("batching", "canary", "autoscaling"):
@@ -171,11 +186,28 @@ class AppConfig:
         CanaryConfig.from_dict(policy)
         return policy
 
+    def ray_actor_options(self, num_gpus: float) -> dict[str, Any]:
+        """A model replica's resource request, with `num_gpus` resolved (see `default_num_gpus`)."""
+        return {"num_cpus": self.num_cpus, "num_gpus": float(num_gpus)}
+
     def max_ongoing_requests(self) -> int:
         """A replica accepts the largest batch plus the bounded queue, so requests queue where admission
         control sees them (not in the proxy's router, which backs off and can collapse, shared/ENV.md)."""
         b = self.model_user_config().batching_config()
         return b.max_batch_size + (b.max_queue_len if b.max_queue_len is not None else 256)
+
+
+GPU_SCHEMES = ("fp8",)
+"""Artifact quantization schemes that run on a GPU only (FP8 matmuls need CUDA sm_89+). fp32 and the x86 INT8
+(PT2E) artifacts are served on CPU by the replica, so a GPU given to them would sit idle."""
+
+
+def default_num_gpus(cluster_gpus: float, scheme: str) -> float:
+    """GPUs per replica when AppConfig.num_gpus is None: 1 where the cluster has a GPU and the artifact's
+    quantization `scheme` (its manifest) runs on one, else 0."""
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme must be a string, got {scheme!r}")
+    return 1.0 if cluster_gpus >= 1 and scheme in GPU_SCHEMES else 0.0
 
 
 def _known(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:

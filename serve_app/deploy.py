@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from serve_app.config import AppConfig, ModelUserConfig
+from serve_app.config import AppConfig, ModelUserConfig, default_num_gpus
 from serve_app.loadgen import LoadConfig, LoadReport, check_loopback, plot, run_load
 
 IMPORT_PATH = "serve_app.app:build_app"
@@ -123,6 +123,11 @@ def app_schema(
 
     app_cfg = cfg.app_config(artifact)
     overrides: dict[str, dict[str, Any]] = {n: {"user_config": uc} for n, uc in (user_configs or {}).items()}
+    # The replicas' resource request from AppConfig (num_gpus resolved against the cluster); the same in every
+    # config applied to the app, so a hot update does not restart replicas for it.
+    actor = app_cfg.ray_actor_options(replica_gpus(app_cfg))
+    for name in ("Model", "Canary") if app_cfg.canary is not None else ("Model",):
+        overrides.setdefault(name, {})["ray_actor_options"] = dict(actor)
     for name, opts in (options or {}).items():
         overrides.setdefault(name, {}).update(opts)
     deployments = [{"name": name, **o} for name, o in overrides.items()]
@@ -142,6 +147,22 @@ def app_schema(
             ],
         }
     )
+
+
+def replica_gpus(app_cfg: AppConfig) -> float:
+    """GPUs per model replica: AppConfig.num_gpus, or when None, `default_num_gpus` of the connected cluster's
+    GPUs and the artifact's quantization scheme (its manifest, read from storage only where there are GPUs)."""
+    if app_cfg.num_gpus is not None:
+        return app_cfg.num_gpus
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
+    if gpus < 1:
+        return 0.0
+    from models import storage
+
+    manifest = json.loads(storage.read_text(storage.join(app_cfg.artifact, "manifest.json")))
+    return default_num_gpus(gpus, manifest["quantization"]["scheme"])
 
 
 def wait_ready(url: str, timeout_s: float = 60.0, consecutive: int = 10) -> None:

@@ -14,7 +14,17 @@ from serve_app.simulator import ArrivalPattern, Constant, Sine, Step
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Adds the `serve` and `loadtest` subcommands."""
     s = subparsers.add_parser("serve", help="serve a model artifact over HTTP (Ray Serve, adaptive batching)")
-    s.add_argument("artifact", help="artifact directory (models/artifact.py format)")
+    s.add_argument(
+        "artifact", nargs="?",
+        help="artifact directory (models/artifact.py format) or its storage URI (s3://, gs://, file://): each"
+        " replica fetches it onto its own node; omit it with --storage and --run",
+    )  # fmt: skip
+    s.add_argument("--storage", help="with --run: the runs' storage URI (as `tandem run --storage`)")
+    s.add_argument(
+        "--run", dest="run_name",
+        help="serve the artifact of run NAME in --storage: the sweep's chosen model, else the trained one"
+        " (--name is the model name in the routes)",
+    )  # fmt: skip
     s.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     s.add_argument("--name", default="tandem", help="model name in the /v2/models/{name} routes")
@@ -32,6 +42,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--canary-weight", type=float, default=0.1, help="canary traffic share (default 0.1)")
     s.add_argument("--canary-window-s", type=float, default=10.0, help="canary comparison window (default 10)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray and block until Ctrl-C)")
+    s.add_argument(
+        "--gpus-per-replica", type=float, default=None,
+        help="GPUs per model replica (default: 1 where the cluster has GPUs and the artifact runs on one, else 0)",
+    )  # fmt: skip
     s.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray (default 8)")
     s.add_argument(
         "--ingress", default="haproxy", choices=["haproxy", "proxy"],
@@ -103,6 +117,8 @@ def deploy_config(args: argparse.Namespace):
         "num_replicas": args.replicas,
         "max_queued_requests": args.max_queued_requests,
     }
+    if args.gpus_per_replica is not None:
+        app["num_gpus"] = args.gpus_per_replica
     if args.bandit_policy:
         if args.controller != "bandit":
             raise ValueError("--bandit-policy needs --controller bandit")
@@ -130,6 +146,24 @@ def load_config(args: argparse.Namespace):
     )
 
 
+def artifact_of(args: argparse.Namespace) -> str:
+    """The artifact `tandem serve` deploys: the positional one, or run --run's in --storage (never both)."""
+    from models import storage
+
+    if args.storage is not None:
+        storage.check(args.storage)
+    if args.artifact is not None:
+        if args.run_name is not None:
+            raise ValueError("give either an artifact or --storage with --run, not both")
+        storage.check(args.artifact)
+        return args.artifact
+    if args.run_name is None or args.storage is None:
+        raise ValueError("serve needs an artifact (a directory or storage URI), or --storage URI with --run NAME")
+    from tandem.pipeline import run_artifact
+
+    return run_artifact(args.storage, args.run_name)
+
+
 def dispatch(args: argparse.Namespace) -> int:
     """Runs `serve` or `loadtest`; returns the exit status (2 on bad input)."""
     try:
@@ -137,12 +171,13 @@ def dispatch(args: argparse.Namespace) -> int:
             from serve_app.deploy import serve_artifact
 
             cfg = deploy_config(args)
+            artifact = artifact_of(args)
             local = args.address is None  # the local Ray lives in this process
             if local:
                 signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
             try:
-                url = serve_artifact(args.artifact, cfg)
-                print(f"serving {args.artifact} at {url} (POST /predict, /v2/models/{args.name}/infer)")
+                url = serve_artifact(artifact, cfg)
+                print(f"serving {artifact} at {url} (POST /predict, /v2/models/{args.name}/infer)")
                 if local:
                     print("Ctrl-C to stop", flush=True)
                     while True:

@@ -350,7 +350,9 @@ def _after_training(cfg: RunConfig, splits: DataSplits, shared: DataSplits, repo
 
         # loaded as a replica will, in a fresh process, before anything is deployed
         report["artifact_check"] = check_artifact_out_of_process(storage.download_dir(chosen))
-        url = pipeline.serve(chosen, cfg.serve_port, gpus=cfg.gpus_per_worker or 0.0)
+        # replicas ask for a GPU where the artifact runs on one (serve_app.config.default_num_gpus): the INT8 and
+        # fp32 artifacts are served on CPU even on a GPU cluster
+        url = pipeline.serve(chosen, cfg.serve_port)
         report["serve"] = {"url": url, "artifact": chosen}
         print(f"tandem: serving {chosen} at {url}")
         if "loadtest" in cfg.steps:

@@ -77,27 +77,34 @@ def trial_outcomes(tune_summary: dict) -> str:
 APP_NAME = "tandem"
 
 
-def serve(artifact: str, port: int, gpus: float = 0.0) -> str:
+def serve(artifact: str, port: int, gpus: float | None = None) -> str:
     """Deploys `artifact` (a storage URI or local path) on Serve on the connected cluster (proxy on the head
-    only); returns the URL. `gpus`: per replica (needs serve_app support; see below)."""
+    only); returns the URL. Each replica fetches the artifact from storage onto its own node
+    (serve_app/replica.py), so none reads the head's disk. `gpus`: per replica (None: serve_app's default, a GPU
+    where the cluster has one and the artifact's scheme runs on it)."""
     from ray import serve as ray_serve
 
-    from models import storage
     from serve_app.deploy import DeployConfig, serve_artifact
 
-    if storage.is_remote(artifact):
-        # serve_app's replicas load a local directory (models.artifact.load_artifact): until the replica calls
-        # models.storage.download_dir itself, the artifact is fetched here, which serves only replicas on this node
-        artifact = storage.download_dir(artifact)
-    from serve_app.app import AppConfig
-
-    app: dict = {}
-    if gpus and "num_gpus" in AppConfig.__dataclass_fields__:
-        app["num_gpus"] = gpus
-    elif gpus:
-        print("tandem: serve_app's AppConfig takes no num_gpus yet: the replicas run on CPU")
+    app: dict = {} if gpus is None else {"num_gpus": gpus}
     ray_serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     return serve_artifact(artifact, DeployConfig(port=port, address="auto", app_name=APP_NAME, app=app))
+
+
+def run_artifact(storage_uri: str, name: str) -> str:
+    """The artifact a run left in `<storage_uri>/<name>` (tandem/job.py's layout): the sweep's chosen model
+    (tune/artifact) when the run swept and a trial was within the bound, else the trained fp32 model."""
+    from models import storage
+
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"run name must be a non-empty string without '/', got {name!r}")
+    run = storage.join(storage_uri, name)
+    if not storage.is_dir(run):
+        raise ValueError(f"run must exist in the storage, got no {run}")
+    for candidate in (storage.join(run, "tune", "artifact"), storage.join(run, "artifacts", "trained")):
+        if storage.exists(storage.join(candidate, "manifest.json")):
+            return candidate
+    raise ValueError(f"run must hold an artifact (tune/artifact or artifacts/trained), got none in {run}")
 
 
 def stop_serving() -> None:
