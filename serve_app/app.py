@@ -45,6 +45,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve_app.config import AppConfig
+from serve_app.placement import replica_placement
 from serve_app.replica import ModelServer
 from serve_app.router import Router
 from serve_app.routes import http_routes
@@ -73,7 +74,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     app_dict = cfg.to_dict()
     model_opts: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests(),
-        "ray_actor_options": {"num_cpus": cfg.num_cpus},
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, **replica_placement()},
         "health_check_period_s": 2,
     }
     # The bound is the Python proxy's: with the HAProxy ingress (the cluster's RAY_SERVE_ENABLE_HA_PROXY, read here
@@ -96,5 +97,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     canary = Backend.options(name="Canary", user_config=asdict(cfg.canary_user_config()), **model_opts)
     return Router.options(
         max_ongoing_requests=2 * cfg.max_ongoing_requests() * max(1, cfg.num_replicas),
+        ray_actor_options={"num_cpus": 1, **replica_placement()},
         user_config=cfg.canary_policy(),
     ).bind(app_dict, stable.bind(app_dict, "Model"), canary.bind(app_dict, "Canary"))

@@ -21,6 +21,14 @@ loopback:
   spawned it: Ray SIGKILLs its workers at shutdown, which skips the actor's own cleanup, and a Ctrl-C'd
   `tandem serve` left haproxy holding port 8000.
 On a real cluster set `RAY_SERVE_ENABLE_HA_PROXY=1` in every node's environment before `ray start` (README).
+
+Simulated nodes (`nodes > 1`) get the same ingress. They share one machine and one loopback, so: one HAProxy, on
+the head (`tandem run` starts Serve with proxy_location="HeadOnly"), and the replicas that serve HTTP run on the
+head too. A replica binds Serve's `http_options.host` (127.0.0.1) on whichever node it lands, while the head's
+HAProxy reaches a replica on another node at that node's address (127.0.0.2, ...), where nothing listens: the
+connection is refused (this is why the last session kept the Python proxy there). So the head carries the node
+label serve_app.placement.SERVE_NODE_LABEL, which becomes the replicas' `label_selector` (serve_app/placement.py).
+Train's workers still spread over all nodes.
 """
 
 from __future__ import annotations
@@ -144,16 +152,8 @@ def ingress_environment(ingress: str, run_dir: str | os.PathLike | None = None) 
         env = haproxy_environment(run_dir if run_dir is not None else short_run_dir())
     else:
         env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with _environ(env):
         yield env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def short_run_dir() -> str:
@@ -191,9 +191,9 @@ def ray_session(
 ) -> Iterator[dict]:
     """Connects to `address`, or starts an embedded cluster of `nodes` simulated nodes, each offering
     `slots_per_node` units of the custom resource `worker_slot` (so Train workers asking for one each are spread
-    evenly over the simulated nodes); shuts down what it started. `ingress` (embedded one-node cluster only):
-    Serve's HTTP ingress, "haproxy" (default) or "proxy". Simulated nodes keep the Python proxy: every node's
-    HAProxy would bind the same loopback port on one machine."""
+    evenly over the simulated nodes); shuts down what it started. `ingress` (embedded cluster only): Serve's HTTP
+    ingress, "haproxy" (default) or "proxy"; with simulated nodes the HTTP-serving replicas run on the head
+    (module docstring)."""
     if nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {nodes}")
     if ingress not in INGRESSES:
@@ -207,7 +207,13 @@ def ray_session(
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if nodes == 1:
-        init_embedded(cpus_per_node, ingress, resources={"worker_slot": slots_per_node}, include_dashboard=True)
+        init_embedded(
+            cpus_per_node,
+            ingress,
+            resources={"worker_slot": slots_per_node},
+            include_dashboard=True,
+            dashboard_port=_dashboard_port(),
+        )
         try:
             yield {"address": "embedded", "embedded": True, "nodes": 1, "ingress": ingress}
         finally:
@@ -215,29 +221,77 @@ def ray_session(
         return
     from ray.cluster_utils import Cluster
 
+    from serve_app.placement import SERVE_NODE_LABEL
+
     slots = {"worker_slot": slots_per_node}
-    head = {"num_cpus": cpus_per_node, "resources": slots, "include_dashboard": True}
-    with ingress_environment("proxy"):
+    key, value = SERVE_NODE_LABEL
+    head = {
+        "num_cpus": cpus_per_node,
+        "resources": slots,
+        "include_dashboard": True,
+        "dashboard_port": _dashboard_port(),
+        "labels": {key: value},
+    }
+    run_dir = short_run_dir()
+    _RUN_DIRS.append(run_dir)
+    # Every node's processes copy this environment when they start: the head's controller and HAProxy, and any
+    # replica's direct-ingress switch, must agree.
+    with ingress_environment(ingress, run_dir):
         cluster = Cluster(initialize_head=True, head_node_args=head)
-    try:
-        with ingress_environment("proxy"):
+        try:
             for i in range(1, nodes):
                 cluster.add_node(num_cpus=cpus_per_node, resources=slots, node_ip_address=f"127.0.0.{i + 1}")
+        except BaseException:
+            cluster.shutdown()
+            raise
+    try:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=True)
-        yield {"address": cluster.address, "embedded": True, "nodes": nodes, "ingress": "proxy"}
+        yield {"address": cluster.address, "embedded": True, "nodes": nodes, "ingress": ingress}
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        shutdown_embedded(cluster)
 
 
-def shutdown_embedded() -> None:
+_DASHBOARD_PORT = 8265
+
+
+def _dashboard_port() -> int:
+    """Ray's dashboard port, 8265, or a free one when another Ray on this machine holds it (Ray refuses to start
+    its dashboard on a taken port, and with it the whole cluster)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", _DASHBOARD_PORT))
+        except OSError:
+            port = free_port()
+            print(f"tandem: port {_DASHBOARD_PORT} is taken: Ray's dashboard listens on {port}")
+            return port
+    return _DASHBOARD_PORT
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """Sets `env` in os.environ while the block runs, then restores what was there."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def shutdown_embedded(cluster=None) -> None:
     """Stops what an embedded Ray serves: Serve first (its controller stops HAProxy and drains the replicas),
-    then Ray."""
+    then Ray (and `cluster`, a ray.cluster_utils.Cluster of simulated nodes, when given)."""
     from ray import serve
 
     with contextlib.suppress(Exception):  # no Serve started, or Ray already gone: nothing of Serve to stop
         serve.shutdown()
     ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
     while _RUN_DIRS:
         shutil.rmtree(_RUN_DIRS.pop(), ignore_errors=True)

@@ -1,0 +1,72 @@
+"""`tandem run`'s default cluster (2 simulated nodes on one machine) serves through HAProxy: one HAProxy on the
+head, the replicas on the head (where HAProxy reaches them on 127.0.0.1), Train's worker slots on both nodes,
+only loopback listening, and no haproxy left after the session (tandem/local_ray.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from _serve import GOOD, free_port, haproxy_pids, listening_sockets, pid_alive, pids_matching
+from test_ingress import tiny_artifact
+
+from serve_app.placement import SERVE_NODE_LABEL, replica_placement
+from tandem import local_ray
+from tandem.local_ray import ray_session
+
+
+@pytest.mark.timeout(600)
+def test_two_simulated_nodes_serve_through_haproxy(tmp_path, _ray_clusters):
+    import ray
+    from ray.util.state import list_actors
+
+    _ray_clusters.shutdown()  # the session starts its own cluster, as `tandem run` does
+    art = tiny_artifact(tmp_path / "tiny")
+    port = free_port()
+    with ray_session(nodes=2, cpus_per_node=4, slots_per_node=1) as session:
+        assert session["ingress"] == "haproxy" and session["nodes"] == 2
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2 and all(n["Resources"].get("worker_slot") == 1 for n in nodes)
+        assert replica_placement() == {"label_selector": dict([SERVE_NODE_LABEL])}
+        (head,) = [n["NodeID"] for n in nodes if n["Labels"].get(SERVE_NODE_LABEL[0]) == SERVE_NODE_LABEL[1]]
+        # Two replicas: Serve spreads replicas over nodes by default, so without the head label one would sit on
+        # 127.0.0.2, where HAProxy's connections to 127.0.0.2:<port> find nothing listening.
+        url = serve_two_replicas(art, port)
+        assert url == f"http://127.0.0.1:{port}"
+        run_dir = local_ray._RUN_DIRS[-1]  # this session's HAProxy files
+        replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ServeReplica" in a.class_name]
+        assert len(replicas) == 2 and {a.node_id for a in replicas} == {head}, replicas
+        pids = haproxy_pids(run_dir)
+        assert len(pids) == 1, pids  # one HAProxy for the cluster, not one per simulated node
+        (cfg,) = Path(run_dir).glob("h/*/haproxy.tandem.cfg")
+        servers = [
+            ln.split()[2] for ln in cfg.read_text().splitlines() if ln.strip().startswith("server SERVE_REPLICA")
+        ]
+        assert len(servers) == 2 and all(s.startswith("127.0.0.1:") for s in servers), servers
+        assert all(a == "127.0.0.1" for a, _ in listening_sockets(pids))
+        replica_socks = listening_sockets(pids_matching("ray::ServeReplica"))
+        ports = {int(s.rsplit(":", 1)[1]) for s in servers}
+        assert ports <= {p for _, p in replica_socks}
+        assert all(a == "127.0.0.1" for a, p in replica_socks if p in ports), replica_socks
+        with httpx.Client(base_url=url, timeout=30) as c:
+            codes = [c.post("/predict", json=GOOD).status_code for _ in range(40)]
+        assert codes == [200] * 40, codes
+    deadline = time.monotonic() + 30
+    while any(pid_alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"haproxy {pids} outlived the session"
+        time.sleep(0.2)
+    assert not ray.is_initialized()
+
+
+def serve_two_replicas(art: str, port: int) -> str:
+    """`tandem run`'s serve step (tandem.pipeline.serve) with two replicas instead of one."""
+    from ray import serve
+
+    from serve_app.deploy import DeployConfig, serve_artifact
+    from tandem import pipeline
+
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    cfg = DeployConfig(port=port, address="auto", app_name=pipeline.APP_NAME, app={"num_replicas": 2})
+    return serve_artifact(art, cfg)
