@@ -123,9 +123,12 @@ def app_schema(
 
     app_cfg = cfg.app_config(artifact)
     overrides: dict[str, dict[str, Any]] = {n: {"user_config": uc} for n, uc in (user_configs or {}).items()}
-    # The replicas' resource request from AppConfig (num_gpus resolved against the cluster); the same in every
-    # config applied to the app, so a hot update does not restart replicas for it.
-    actor = app_cfg.ray_actor_options(replica_gpus(app_cfg))
+    # The replicas' resource request from AppConfig (num_gpus resolved against the cluster) and their placement
+    # (serve_app/placement.py, as build_app sets it: options given here replace the code's ray_actor_options
+    # whole); the same in every config applied to the app, so a hot update does not restart replicas for it.
+    from serve_app.placement import replica_placement
+
+    actor = {**app_cfg.ray_actor_options(replica_gpus(app_cfg)), **replica_placement()}
     for name in ("Model", "Canary") if app_cfg.canary is not None else ("Model",):
         overrides.setdefault(name, {})["ray_actor_options"] = dict(actor)
     for name, opts in (options or {}).items():

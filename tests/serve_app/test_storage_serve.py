@@ -48,9 +48,10 @@ def cluster_gpus(monkeypatch):
     """Sets the GPUs the 'connected cluster' reports (ray.cluster_resources), without starting Ray."""
     import ray
 
-    def set_gpus(n: float) -> None:
+    def set_gpus(n: float, labels: dict | None = None) -> None:
         monkeypatch.setattr(ray, "is_initialized", lambda: True)
         monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, **({"GPU": n} if n else {})})
+        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Labels": labels or {}}])
 
     return set_gpus
 
@@ -67,10 +68,17 @@ def test_replica_gpu_request_follows_cluster_and_artifact(tmp_path, cluster_gpus
 
 
 def test_explicit_gpus_reach_model_and_canary(tmp_path, cluster_gpus):
+    from serve_app.placement import SERVE_NODE_LABEL
+
     cluster_gpus(0)  # an explicit request is passed on as given, even where the cluster has none now
     cfg = DeployConfig(app={"num_gpus": 0.5, "canary": {"artifact": "s3://b/canary", "weight": 0.2}})
     opts = _actor_options(app_schema("s3://b/stable", cfg, {"Model": {"artifact": "s3://b/v2"}}))
     assert opts == {"Model": {"num_cpus": 1.0, "num_gpus": 0.5}, "Canary": {"num_cpus": 1.0, "num_gpus": 0.5}}
+    # the config's options replace build_app's whole: the replicas' placement (serve_app/placement.py) stays
+    cluster_gpus(0, labels=dict([SERVE_NODE_LABEL]))
+    schema = app_schema("s3://b/stable", cfg)
+    (model,) = [d for d in schema.applications[0].deployments if d.name == "Model"]
+    assert model.ray_actor_options.label_selector == dict([SERVE_NODE_LABEL])
 
 
 @pytest.mark.parametrize("bad", [-1, "many", True])
