@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -259,16 +261,18 @@ class FoldedConvAct(nn.Module):
 
 
 def inference_module(model: nn.Module, *, compile: bool = False) -> nn.Module:
-    """The fastest inference form of `model` (left unchanged): a deep copy in eval mode with every fusable
+    """The inference form of `model` (left unchanged): a deep copy in eval mode with every fusable
     Conv2d -> BatchNorm2d (-> act) chain fused and every `ConvBNAct` replaced by its BN-folded `FoldedConvAct`
     (channels_last on CPU), parameters frozen (requires_grad=False).
 
-    `compile=True` also wraps it in `torch.compile` with inductor's freezing (weights become constants that
-    inductor pre-packs for oneDNN); call it under `torch.no_grad()`/`inference_mode()`. That costs a compile on
-    the first call of each input shape (seconds to a minute on CPU) and pays off for long-running serving.
-    The returned module's outputs equal `model.eval()(x)` (float rounding aside)."""
+    `compile=True` returns that copy as a `CompiledInference` (inductor with freezing, dynamic batch): the
+    form Serve runs fp32 artifacts through and the sweep times (models.quantize.compiled_for_inference), the
+    one bench/train_throughput's whole_model_infer_ratio measures. The returned module's outputs equal
+    `model.eval()(x)` (float rounding aside)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
     m = copy.deepcopy(model).eval()
     fuse_(m)
     for name, op in list(m.named_modules()):
@@ -279,6 +283,50 @@ def inference_module(model: nn.Module, *, compile: bool = False) -> nn.Module:
         m = FoldedConvAct(m)
     for p in m.parameters():
         p.requires_grad_(False)
-    if compile:
-        return torch.compile(m, options={"freezing": True})
-    return m
+    return CompiledInference(m) if compile else m
+
+
+class CompiledInference(nn.Module):
+    """`folded` (an `inference_module` copy) compiled by inductor with freezing (weights become constants that
+    inductor pre-packs for oneDNN), with a dynamic batch dimension, called under inference_mode.
+
+    Why dynamic rather than one static graph per power-of-two bucket (`models.quantize.BucketCompiled`, which
+    int8 needs for its pre-packing): on fp32 it measured as fast (resnet18 32x32: 0.83 / 0.97 of eager at
+    batch 1 / 32, static 0.82 / 0.96), pads nothing, and compiles three graphs instead of one per bucket:
+    batch 1 (specialized), batches 2-15 and batches >= 16 (the conv's output layout changes at batch 16 there).
+    A compile costs seconds to tens of seconds on 2 cores; `warmup` does them ahead and says how long each took.
+    """
+
+    def __init__(self, folded: nn.Module):
+        super().__init__()
+        if not isinstance(folded, nn.Module):
+            raise TypeError(f"folded must be an nn.Module, got {type(folded).__name__}")
+        self.folded = folded
+        # not registered as a submodule: its parameters are `folded`'s, and state_dict() must list them once
+        self.__dict__["_compiled"] = torch.compile(folded, dynamic=True, options={"freezing": True})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of `x`, as an inference tensor (no autograd; read it, do not modify it in place)."""
+        with torch.inference_mode():
+            if not x.is_inference():
+                # dynamo guards an input's dispatch keys: a normal tensor and an inference tensor would each get
+                # their own compile; the copy of one input costs microseconds
+                x = x.clone()
+            return self._compiled(x)
+
+    def warmup(self, example: torch.Tensor, batch_sizes: Iterable[int]) -> dict[int, float]:
+        """Calls the model once per size in `batch_sizes` on copies of the first row of `example` (N >= 1, ...)
+        so that the compiles happen now; returns {batch size: seconds that first call took}."""
+        if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 1:
+            raise ValueError(f"example must be a tensor with at least one row, got {example!r:.80}")
+        seconds = {}
+        with torch.inference_mode():
+            for b in batch_sizes:
+                if not isinstance(b, int) or b < 1:
+                    raise ValueError(f"batch sizes must be positive ints, got {b!r}")
+                x = example[:1].expand(b, *example.shape[1:]).contiguous()
+                t0 = time.perf_counter()
+                self(x)
+                seconds[b] = time.perf_counter() - t0
+                logger.info("CompiledInference: batch %d ready in %.1f s", b, seconds[b])
+        return seconds

@@ -27,7 +27,6 @@ Artifacts (models/artifact.py) store `QuantizedModel.artifact_state()` and rebui
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -178,12 +177,14 @@ class BucketCompiled:
 
 
 def compiled_for_inference(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The fast CPU inference callable of a `QuantizedModel` (its `compile_()`) or of an fp32 `CNN` (BN folded
-    into a copy, then the same `BucketCompiled`), so fp32 and int8 run under the same compiler."""
+    """The fast CPU inference callable of a `QuantizedModel` (its `compile_()`) or of an fp32 model (the form
+    Serve runs: models.fuse.inference_module(compile=True), BN folded, inductor with freezing), so fp32 and
+    int8 run under the same compiler."""
     if isinstance(model, QuantizedModel):
         return model.compile_()
-    folded = fold_bn_(copy.deepcopy(model).eval())
-    return BucketCompiled(lambda example: folded)
+    from models.fuse import inference_module  # the served fp32 form; models.fuse does not import this module
+
+    return inference_module(model, compile=True)
 
 
 class QuantizedModel(nn.Module):

@@ -411,23 +411,55 @@ def test_inference_module_equals_eval_model_and_leaves_it_alone(batch, size):
 
 
 def test_inference_module_from_unified_cnn_and_compiled():
+    """The compiled form (what Serve and the sweep run) equals the eval model at the batch sizes it compiles
+    for; a second model of the same class (a Serve hot update) gets its own weights, not the first one's
+    frozen constants; called with autograd on it records nothing."""
     from models.cnn import ModelConfig, build_model
-    from models.fuse import inference_module
+    from models.fuse import CompiledInference, inference_module
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig.preset("tiny", in_channels=3))
-    model(torch.randn(8, 3, 8, 8))  # one batch of running statistics
-    model.eval()
+    def trained(seed):
+        torch.manual_seed(seed)
+        model = build_model(ModelConfig.preset("tiny", in_channels=3))
+        model(torch.randn(8, 3, 8, 8))  # one batch of running statistics
+        return model.eval()
+
+    model, other = trained(0), trained(1)
     x = torch.randn(2, 3, 8, 8)
     torch._dynamo.reset()
     try:
         compiled = inference_module(model, compile=True)
+        assert isinstance(compiled, CompiledInference)
+        assert len(compiled.state_dict()) == len(inference_module(model).state_dict())  # listed once
+        seconds = compiled.warmup(x, [1, 2])
+        assert sorted(seconds) == [1, 2] and all(s > 0 for s in seconds.values())
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         with torch.no_grad():
             ref = model(x)
             torch.testing.assert_close(inference_module(model)(x), ref, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(compiled(x), ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(compiled(x[:1]), ref[:1], atol=1e-4, rtol=1e-4)
+            ref_other = other(x)
+        out = compiled(x)  # autograd on: run without it, and without a compile for this grad mode
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        with torch.inference_mode():
+            out_other = inference_module(other, compile=True)(x)
+        assert (ref_other - ref).abs().max() > 1e-2  # the two models do differ
+        torch.testing.assert_close(out_other, ref_other, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="batch sizes must be positive ints"):
+            compiled.warmup(x, [0])
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_for_inference_fp32_is_the_served_form():
+    """The sweep times fp32 through the same callable Serve runs."""
+    from models.cnn import ModelConfig, build_model
+    from models.fuse import CompiledInference
+    from models.quantize import compiled_for_inference
+
+    fn = compiled_for_inference(build_model(ModelConfig.preset("tiny", in_channels=3)))
+    assert isinstance(fn, CompiledInference)
 
 
 def test_inference_module_rejects_non_modules():
@@ -435,3 +467,5 @@ def test_inference_module_rejects_non_modules():
 
     with pytest.raises(TypeError, match="nn.Module"):
         inference_module(lambda x: x)
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        inference_module(nn.Conv2d(1, 1, 1), compile="yes")
