@@ -155,3 +155,15 @@ def test_serve_finds_a_runs_artifact(tmp_path):
         artifact_of(_serve_args(artifact="/a", storage=str(store), run_name="r1"))
     with pytest.raises(ValueError, match="needs an artifact"):
         artifact_of(_serve_args(run_name="r1"))
+
+
+def test_serve_flags_reach_the_deploy_config(tmp_path):
+    from tandem.cli import build_parser
+    from tandem.cli_serve import artifact_of, deploy_config
+
+    store = tmp_path / "runs"
+    trained = _fake_artifact(store / "r" / "artifacts" / "trained", "none")
+    args = build_parser().parse_args(["serve", "--storage", str(store), "--run", "r", "--gpus-per-replica", "0.5"])
+    assert artifact_of(args) == trained and deploy_config(args).app["num_gpus"] == 0.5
+    args = build_parser().parse_args(["serve", "s3://bucket/run/tune/artifact"])
+    assert artifact_of(args) == "s3://bucket/run/tune/artifact" and "num_gpus" not in deploy_config(args).app
