@@ -61,11 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def shape(cluster, link: str) -> None:
-    """tbf on both ends of every node's veth (each direction of the inter-node path); None removes it."""
+    """tbf on both ends of every node's veth (each direction of the inter-node path); "unshaped" removes it."""
+    from _netns import NODE_IFNAME
+
     spec = LINKS[link]
     for i, ns in enumerate(cluster.namespaces):
-        host_end = cluster.extra["host_veths"][i]
-        for prefix, dev in ((["ip", "netns", "exec", ns], "tdn0"), ([], host_end)):
+        host_end = cluster.host_veths[i]
+        for prefix, dev in ((["ip", "netns", "exec", ns], NODE_IFNAME), ([], host_end)):
             subprocess.run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
             if spec is not None:
                 rate, burst = spec
@@ -104,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     shared = tempfile.mkdtemp(prefix="tdcl", dir="/tmp")
     rows: dict[str, dict[str, list[dict]]] = {}
     with namespace_cluster(nodes=2, cpus_per_node=3, shared_dir=shared) as cluster:
-        cluster.extra["host_veths"] = [f"tdv{ns[4:]}" for ns in cluster.namespaces]
         for link in args.links:
             shape(cluster, link)
             modes = ["flat", "2bit"] + (["auto"] if link == "unshaped" else [])

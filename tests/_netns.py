@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,9 +111,12 @@ class Cluster:
     node_pids: list[int]
     """PID of each worker node's `ray start --block` (inside its namespaces: /proc/PID/root is its view)."""
     namespaces: list[str]
+    host_veths: list[str]
+    """The host end of each node's veth (on the bridge), e.g. to shape the link with `tc`."""
     base: Path
     """The head's private temp directory (hidden from the nodes)."""
-    extra: dict = field(default_factory=dict)
+    shared_dir: Path | None = None
+    """The directory bound into every node at the same path, if any."""
 
     def submit(self, *entrypoint: str, env_vars: dict[str, str] | None = None, timeout: float = 600,
                excludes: tuple[str, ...] = (".venv", "runs", ".git", "**/__pycache__", "bench/results"),
@@ -221,26 +224,36 @@ def namespace_cluster(
             **(node_env or {}),
         }
         for i, (ns, ip) in enumerate(zip(namespaces, node_ips, strict=True)):
-            stash = stash_root / str(i)
-            stash.mkdir(parents=True)
             start = [str(BIN / "ray"), "start", f"--address={gcs_address}", f"--node-ip-address={ip}",
                      f"--num-cpus={cpus_per_node}", "--temp-dir=/tmp/ray", "--disable-usage-stats",
                      "--block"]  # fmt: skip
-            script = _node_script(hide, keep, str(stash), start)
-            log = open(base / f"node{i}.log", "wb")  # noqa: SIM115 (closed with the process)
-            node_procs.append(
-                subprocess.Popen(
+            # One node at a time, and a second try: `ray start` gives its raylet a fixed 30 s to register with
+            # the GCS, which a loaded 2-core machine missed once (node exited: "timed out during startup").
+            for attempt in range(3):
+                stash = stash_root / f"{i}-{attempt}"
+                stash.mkdir(parents=True)
+                script = _node_script(hide, keep, str(stash), start)
+                log = open(base / f"node{i}.log", "ab")  # noqa: SIM115 (closed with the process)
+                proc = subprocess.Popen(
                     ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                     env=node_environ,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd="/",
                 )  # fmt: skip
-            )
-        _wait_nodes(gcs_address, env, nodes + 1, start_timeout_s, node_procs, base)
+                try:
+                    _wait_nodes(gcs_address, env, i + 2, start_timeout_s, [proc], base, i)
+                    node_procs.append(proc)
+                    break
+                except RuntimeError:
+                    _kill(netns_pids(ns))
+                    proc.wait(timeout=10)
+                    if attempt == 2:
+                        raise
         yield Cluster(head_ip=head_ip, gcs_address=gcs_address, dashboard=f"http://127.0.0.1:{dash}", env=env,
                       node_ips=node_ips, node_pids=[p.pid for p in node_procs], namespaces=namespaces,
-                      base=base)  # fmt: skip
+                      host_veths=[f"tdv{tag}{i}" for i in range(nodes)], base=base,
+                      shared_dir=Path(shared_dir) if shared_dir else None)  # fmt: skip
     finally:
         for ns in namespaces:  # every process of a node lives in its network namespace
             _kill(netns_pids(ns))
@@ -256,13 +269,14 @@ def namespace_cluster(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _wait_nodes(gcs: str, env: dict, want: int, timeout_s: float, procs: list, base: Path) -> None:
-    """Until `want` nodes are alive in the cluster (the head counts), or a node process died."""
+def _wait_nodes(gcs: str, env: dict, want: int, timeout_s: float, procs: list, base: Path, first: int = 0) -> None:
+    """Until `want` nodes are alive in the cluster (the head counts); RuntimeError when a node process (numbered
+    from `first`) exited."""
     code = "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); " \
            "print(sum(n['Alive'] for n in ray.nodes()))"  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while True:
-        for i, p in enumerate(procs):
+        for i, p in enumerate(procs, first):
             if p.poll() is not None:
                 raise RuntimeError(f"node {i} exited ({p.returncode}): " + (base / f"node{i}.log").read_text()[-3000:])
         out = subprocess.run([sys.executable, "-c", code, gcs], env=env, capture_output=True, text=True, timeout=120)
