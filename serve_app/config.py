@@ -198,8 +198,9 @@ class AppConfig:
 
 
 GPU_SCHEMES = ("fp8",)
-"""Artifact quantization schemes that run on a GPU only (FP8 matmuls need CUDA sm_89+). fp32 and the x86 INT8
-(PT2E) artifacts are served on CPU by the replica, so a GPU given to them would sit idle."""
+"""Artifact quantization schemes made for a GPU (FP8 `_scaled_mm` needs CUDA sm_89+; elsewhere models/quantize.py
+falls back to a slow dequantized matmul). fp32 and the x86 INT8 (PT2E) artifacts are served on CPU by the
+replica, so a GPU given to them would sit idle."""
 
 
 def default_num_gpus(cluster_gpus: float, scheme: str) -> float:
