@@ -3,7 +3,9 @@ driver, Ray Train workers and Tune trials all build the same way."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,11 @@ class ModelSpec:
     """Memory mode of the unified operator."""
     user_kwargs: dict = field(default_factory=dict)
     """Keyword arguments of the user function (`--model-args` JSON); `num_classes` is added when it takes it."""
+    input_mean: tuple[float, ...] | None = None
+    """Per-channel mean of the training pixels: a user model gets an `InputNorm` front ((x - mean) / std) that is
+    part of the model, so training, the artifact, the sweep and Serve all apply the same normalization."""
+    input_std: tuple[float, ...] | None = None
+    """Per-channel standard deviation of the training pixels (with input_mean)."""
 
     def __post_init__(self) -> None:
         if self.user is None and self.preset not in ModelConfig.preset_names():
@@ -38,16 +45,43 @@ class ModelSpec:
             raise ValueError(f"user_kwargs must be JSON values (they are recorded in artifacts): {e}") from None
         if self.user_kwargs and self.user is None:
             raise ValueError("user_kwargs need a user model")
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ValueError("input_mean and input_std must be given together")
+        if self.input_mean is not None:
+            if self.user is None:
+                # a preset CNN keeps its own rebuild (models.cnn.CNN); its data (digits) is in [0, 1] already
+                raise ValueError("input normalization is built into user models only")
+            self.input_mean = tuple(float(v) for v in self.input_mean)
+            self.input_std = tuple(float(v) for v in self.input_std)
+            if len(self.input_mean) != len(self.input_std) or not self.input_mean:
+                raise ValueError(f"input_mean and input_std must have one value per channel, got "
+                                 f"{len(self.input_mean)} and {len(self.input_std)}")  # fmt: skip
+            if not all(math.isfinite(m) for m in self.input_mean) or not all(
+                math.isfinite(v) and v > 0 for v in self.input_std
+            ):
+                raise ValueError(f"input_std must be finite and > 0, input_mean finite, got {self.input_mean}, "
+                                 f"{self.input_std}")  # fmt: skip
 
     def to_dict(self) -> dict:
-        return {"preset": self.preset, "user": self.user, "save": self.save, "user_kwargs": dict(self.user_kwargs)}
+        d = {"preset": self.preset, "user": self.user, "save": self.save, "user_kwargs": dict(self.user_kwargs)}
+        if self.input_mean is not None:  # absent otherwise: artifacts written before normalization still read
+            d.update(input_mean=list(self.input_mean), input_std=list(self.input_std))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
-        known = {"preset", "user", "save", "user_kwargs"}
+        known = {"preset", "user", "save", "user_kwargs", "input_mean", "input_std"}
         if not isinstance(d, dict) or set(d) - known:
             raise ValueError(f"model spec must be an object with keys among {sorted(known)}, got {d!r}")
         return cls(**d)
+
+    def normalized(self, mean, std) -> ModelSpec:
+        """This spec with the training data's per-channel statistics as its input normalization (user models; a
+        preset is returned as it is). A constant channel (std ~ 0) is only shifted."""
+        if self.user is None or mean is None or std is None:
+            return self
+        std = tuple(float(v) if v > 1e-6 else 1.0 for v in std)
+        return dataclasses.replace(self, input_mean=tuple(mean), input_std=std)
 
     @property
     def name(self) -> str:
@@ -68,6 +102,11 @@ class ModelSpec:
         from models.user_model import load_model
 
         model = fuse_(load_model(self.user, self.user_kwargs, num_classes), save=self.save)
+        if self.input_mean is not None:
+            if len(self.input_mean) != image_shape[0]:
+                raise ValueError(f"input_mean must have {image_shape[0]} values (one per channel), got "
+                                 f"{len(self.input_mean)}")  # fmt: skip
+            model = Normalized(model, self.input_mean, self.input_std)
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -80,6 +119,30 @@ class ModelSpec:
             )
         setattr(model, SPEC_ATTR, self.to_dict())
         return model
+
+
+class InputNorm(nn.Module):
+    """(x - mean) / std per channel, the constants as buffers (saved with the weights, traced by export)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std
+
+
+class Normalized(nn.Module):
+    """A user model behind its input normalization: `norm` then `net` (the user's module, its names under net.)."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.norm = InputNorm(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.norm(x))
 
 
 # The spec a user model was built from travels with it (a plain attribute), so that saving, pruning and

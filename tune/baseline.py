@@ -20,6 +20,7 @@ from models import storage
 from models.artifact import load_artifact, save_artifact
 from models.cnn import ModelConfig, build_model
 from models.data import DataConfig, load_tensors, prepare_data
+from models.factory import ModelSpec
 from models.training import TrainConfig, evaluate, fit_local
 
 
@@ -28,7 +29,12 @@ class BaselineConfig:
     """Which trained model a sweep starts from."""
 
     preset: str = "small"
-    """Model preset trained when no checkpoint is given."""
+    """Model preset trained when no checkpoint is given (ignored with `model`)."""
+    model: str | None = None
+    """A user model 'package.module:function' (models/user_model.py): trained when no checkpoint is given;
+    with a checkpoint, the artifact must be of this function."""
+    model_args: dict = field(default_factory=dict)
+    """Keyword arguments of `model` (as `--model-args`)."""
     epochs: int = 8
     """Training epochs when no checkpoint is given."""
     seed: int = 0
@@ -46,6 +52,8 @@ class BaselineConfig:
             raise ValueError(f"preset must be one of {ModelConfig.preset_names()}, got {self.preset!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+        if self.model is not None or self.model_args:
+            self.spec()  # validates the form; importing it waits for the process that builds it
         if self.checkpoint is not None and not storage.is_remote(self.checkpoint):
             if not Path(self.checkpoint).is_dir():
                 raise ValueError(f"checkpoint must be an artifact directory, got {self.checkpoint!r}")
@@ -55,7 +63,28 @@ class BaselineConfig:
 
     def cache_name(self) -> str:
         """The folder under cache_path() of a baseline trained here."""
-        return f"{self.preset}-e{self.epochs}-s{self.seed}"
+        if self.model is None:
+            return f"{self.preset}-e{self.epochs}-s{self.seed}"
+        # the data's shape decides the user model's layers too: the data paths are part of the key
+        key = repr(
+            (
+                self.model,
+                sorted(self.model_args.items()),
+                self.data.train_path,
+                self.data.test_path,
+                self.data.image_shape,
+            )
+        )
+        return f"user-{hashlib.sha256(key.encode()).hexdigest()[:12]}-e{self.epochs}-s{self.seed}"
+
+    def spec(self) -> ModelSpec:
+        """The user model's spec (raises ValueError for model_args without a model)."""
+        return ModelSpec(user=self.model, user_kwargs=dict(self.model_args))
+
+    @property
+    def name(self) -> str:
+        """The trained model's name in reports: the user function or `preset:<name>`."""
+        return self.model if self.model is not None else f"preset:{self.preset}"
 
 
 @dataclass(slots=True)
@@ -68,6 +97,8 @@ class EvalData:
     num_classes: int
     class_names: list[str] | None = None
     """Names of the classes (string labels), carried from the baseline artifact into every trial's artifact."""
+    channel_stats: tuple | None = None
+    """(per-channel mean, std) of the training split: the input normalization of a user model trained here."""
 
     def accuracy(self, model: nn.Module) -> float:
         """Top-1 accuracy of `model` on the held-out split, in [0, 1]."""
@@ -102,7 +133,8 @@ def load_data(cfg: BaselineConfig) -> EvalData:
     splits = prepare_data(_local_data(cfg.data, cfg.cache_path()), cfg.cache_path())
     _, x_tr, y_tr = load_tensors(splits.train)
     _, x_te, y_te = load_tensors(splits.test)
-    return EvalData((x_tr, y_tr), (x_te, y_te), splits.image_shape, splits.num_classes)
+    return EvalData((x_tr, y_tr), (x_te, y_te), splits.image_shape, splits.num_classes, splits.class_names,
+                    (splits.train.channel_mean, splits.train.channel_std))  # fmt: skip
 
 
 def load_baseline(cfg: BaselineConfig, data: EvalData | None = None) -> tuple[nn.Module, EvalData]:
@@ -115,13 +147,21 @@ def load_baseline(cfg: BaselineConfig, data: EvalData | None = None) -> tuple[nn
         if cfg.checkpoint:
             raise ValueError(f"checkpoint {str(path)!r} is not an artifact (no manifest.json)")
         torch.manual_seed(cfg.seed)
-        mcfg = ModelConfig.preset(cfg.preset, in_channels=data.input_shape[0], num_classes=data.num_classes)
-        model = build_model(mcfg)
+        if cfg.model is not None:
+            spec = cfg.spec().normalized(*(data.channel_stats or (None, None)))
+            model = spec.build(data.input_shape, data.num_classes)
+        else:
+            mcfg = ModelConfig.preset(cfg.preset, in_channels=data.input_shape[0], num_classes=data.num_classes)
+            model = build_model(mcfg)
         fit_local(model, data.train, data.test, TrainConfig(epochs=cfg.epochs, seed=cfg.seed))
         acc = {"test_accuracy": data.accuracy(model)}
-        save_artifact(model, path, input_shape=data.input_shape, accuracy=acc, probe=data.test[0][:32])
+        save_artifact(model, path, input_shape=data.input_shape, accuracy=acc, probe=data.test[0][:32],
+                      class_names=data.class_names)  # fmt: skip
     model, manifest = load_artifact(path)
     data.class_names = manifest.get("class_names")
+    if cfg.model is not None and (manifest.get("model_spec") or {}).get("user") != cfg.model:
+        got = (manifest.get("model_spec") or {}).get("user") or manifest["architecture"]
+        raise ValueError(f"checkpoint {str(path)!r} must hold a model of {cfg.model!r}, got {got!r}")
     if manifest["quantization"]["scheme"] != "none":
         scheme = manifest["quantization"]["scheme"]
         raise ValueError(f"checkpoint {str(path)!r} must be an fp32 model, got scheme {scheme!r}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -190,7 +191,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                      "artifact": store.fs_uri(ckpt.filesystem, ckpt.path)})  # fmt: skip
     if not rows:
         raise RuntimeError(f"no trial finished; see Tune's logs under {store.join(sweep_uri, 'ray')}")
-    title = f"compression sweep ({baseline.preset})"
+    title = f"compression sweep ({baseline.name})"
     report = write_report(rows, base_acc, cfg.max_acc_drop_pts, out, title=title)
     artifact = None
     if report["chosen"] is not None:
@@ -221,7 +222,10 @@ def main(argv: list[str] | None = None) -> SweepResult:
     p.add_argument("--max-acc-drop", type=float, default=1.0, help="accuracy points the chosen model may lose")
     p.add_argument("--smoke", action="store_true", help="tiny model, 4 trials, seconds per trial")
     p.add_argument("--preset", default="small", help="model preset trained when no --checkpoint is given")
-    p.add_argument("--model", help="user model as package.module:function (the sweep needs a built-in preset)")
+    p.add_argument(
+        "--model", help="user model as package.module:function (trained here unless --checkpoint holds one of it)"
+    )
+    p.add_argument("--model-args", type=json.loads, default={}, help="keyword arguments of --model as JSON")
     p.add_argument("--checkpoint", default=None, help="fp32 artifact directory or storage URI of the trained model")
     p.add_argument("--data", help="training parquet (file, directory or storage URI); default: bundled digits")
     p.add_argument("--test-data", help="held-out parquet; default: a split of --data")
@@ -247,8 +251,6 @@ def main(argv: list[str] | None = None) -> SweepResult:
     )
     p.add_argument("--out", default=None, help="a local directory that also receives the report")
     args = p.parse_args(argv)
-    if args.model is not None:
-        raise ValueError("the sweep needs a built-in preset (artifacts rebuild models.cnn.CNN): drop --model")
     run = claim_run(RunConfig(name=args.name, storage=args.storage))
     run_uri = run.run_uri()
     searcher = OptunaMO() if args.searcher == "optuna" else RandomSearch()
@@ -268,14 +270,18 @@ def main(argv: list[str] | None = None) -> SweepResult:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     common = dict(searcher=searcher, storage=run_uri, gpus_per_trial=gpus, out_dir=out_dir)
     if args.smoke:
-        base = BaselineConfig(preset="tiny", epochs=5, checkpoint=args.checkpoint, data=data)
+        base = BaselineConfig(
+            preset="tiny", model=args.model, model_args=args.model_args, epochs=5, checkpoint=args.checkpoint, data=data
+        )
         trials = {"trials": args.trials} if args.trials is not None else {}
         cfg = SweepConfig.smoke(max_acc_drop_pts=args.max_acc_drop, baseline=base, verbose=1, **trials, **common)
     else:
         cfg = SweepConfig(
             trials=args.trials if args.trials is not None else 16,
             max_acc_drop_pts=args.max_acc_drop,
-            baseline=BaselineConfig(preset=args.preset, checkpoint=args.checkpoint, data=data),
+            baseline=BaselineConfig(
+                preset=args.preset, model=args.model, model_args=args.model_args, checkpoint=args.checkpoint, data=data
+            ),
             concurrency=args.concurrency,
             **common,
         )

@@ -75,7 +75,7 @@ def run_trial(settings: TrialSettings, ctx: TrialContext, report, out_dir: str) 
         accuracy={"test_accuracy": acc, "baseline": base_acc},
         latency_ms=lat,
         pruning=prune_info,
-        source_checkpoint=ctx.baseline.checkpoint or f"trained:{ctx.baseline.preset}",
+        source_checkpoint=ctx.baseline.checkpoint or f"trained:{ctx.baseline.name}",
         probe=data.test[0][:32],
         class_names=data.class_names,
         extra={"trial": settings.to_dict(), "compiled_latency": ctx.measure.compile},
