@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -100,5 +98,13 @@ def _node_logs(cluster) -> str:
                    for i in range(len(cluster.node_pids)))  # fmt: skip
 
 
-if __name__ == "__main__":
-    sys.exit(subprocess.call([sys.executable, "-m", "pytest", __file__, "-q"]))
+def test_cluster_link_benchmark_arguments():
+    """bench/cluster_link.py (built on this module's cluster) parses its modes; it is run by hand, not here."""
+    from bench.cluster_link import parse_args
+
+    quick = parse_args(["--quick"])
+    assert (quick.preset, quick.epochs, quick.repeats, quick.links) == ("small", 1, 1, ["100mbit", "unshaped"])
+    full = parse_args([])
+    assert (full.preset, full.links) == ("resnet18", ["100mbit", "1gbit", "unshaped"])
+    with pytest.raises(SystemExit):
+        parse_args(["--links", "10gbit"])
