@@ -113,6 +113,10 @@ class TrainJob:
     stream: StreamConfig = field(default_factory=StreamConfig)
     rule: WeightRule = field(default_factory=WeightRule)
 
+    def __post_init__(self) -> None:
+        if self.train.infobatch is not None and self.stream.weighted:
+            raise ValueError("train.infobatch needs a uniform stream, got stream.weighted=True as well")
+
 
 class LastLayerTap:
     """Captures the input of the model's last nn.Linear (the penultimate features) on every forward."""
@@ -200,7 +204,7 @@ def _evaluate(model: nn.Module, test, rank: int, world: int, device):
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    from models.training import BNSample, recompute_bn_stats_, train_epoch
+    from models.training import BNSample, infobatch_pruner, recompute_bn_stats_, train_epoch
 
     job: TrainJob = config["job"]
     store = config["store"]
@@ -232,6 +236,15 @@ def train_loop(config: dict) -> None:
         start, restored = _restore(ckpt, model, opt, sched, comm, store if weighted else None, rank), True
     gauges = TrainMetrics(job.dist.name)
     pending, buf_ids, buf_d = [], [], []
+    # InfoBatch: every worker plans the same epoch (same seed, scores pooled after each epoch); its scores are not
+    # checkpointed, so the first epoch after a restore trains on the full data
+    ids = config.get("sample_ids")
+    pruner = None if ids is None else infobatch_pruner(len(ids), job.train, ids)
+
+    def reduce_(t: torch.Tensor) -> None:  # in place over the workers, through the group's device (NCCL on GPU)
+        d = t.to(device)
+        dist.all_reduce(d)
+        t.copy_(d.cpu())
 
     def on_batch(batch, logits) -> None:
         if weighted:
@@ -258,12 +271,17 @@ def train_loop(config: dict) -> None:
         )
 
         bn_sample = BNSample(job.train.bn_recompute_rows)
+        select, on_loss = pruner.hooks(epoch) if pruner is not None else (None, None)
         stats = train_epoch(
-            model, batches, opt, sched, policy, on_batch=on_batch, bn_sample=bn_sample, step_model=ddp
-        )
+            model, batches, opt, sched, policy, on_batch=on_batch, bn_sample=bn_sample, step_model=ddp,
+            select=select, on_loss=on_loss,
+        )  # fmt: skip
         steps = stats.steps
-        sums = torch.tensor([stats.loss * stats.samples, stats.accuracy * stats.samples, stats.samples],
+        skipped = pruner.skipped if pruner is not None else 0
+        sums = torch.tensor([stats.loss * stats.samples, stats.accuracy * stats.samples, stats.samples, skipped],
                             dtype=torch.float64)  # fmt: skip
+        if pruner is not None:
+            pruner.pruner.merge_(reduce_)
         if weighted and buf_ids:
             pending.append(store.record.remote(np.concatenate(buf_ids), np.concatenate(buf_d), len(buf_ids)))
             buf_ids.clear()
@@ -283,6 +301,7 @@ def train_loop(config: dict) -> None:
             "test_loss": test_loss,
             "samples_per_s": sums[2].item() / seconds,
             "steps": steps,
+            "infobatch_skipped": int(sums[3].item()),
             "peak_rss_mb": _peak_rss_mb(),
             "pid": os.getpid(),
             "world_rank": rank,
@@ -397,6 +416,8 @@ def fit_distributed(
             "num_classes": splits.num_classes,
             "num_train": splits.train.num_rows,
             "test_info": splits.test,
+            # InfoBatch's score table is indexed by sample id
+            "sample_ids": read_sample_ids(_local_info(splits.train)) if job.train.infobatch is not None else None,
         },
         torch_config=torch_config(job.dist),
         scaling_config=scaling_config(job.dist, labels),

@@ -17,12 +17,17 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.precision import PrecisionConfig, PrecisionPolicy
+
+if TYPE_CHECKING:
+    from actors.infobatch import InfoBatchConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -48,6 +53,9 @@ class TrainConfig:
     """Seed for initialization and shuffling."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Training dtype / TF32 overrides (default: chosen from the hardware)."""
+    infobatch: InfoBatchConfig | None = None
+    """InfoBatch-style pruning (actors/infobatch.py): each epoch skips a share of the below-mean-loss samples
+    and rescales the kept ones, full data in the last epochs; same optimizer steps and LR schedule. None: off."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -62,6 +70,13 @@ class TrainConfig:
             raise ValueError("lr must be > 0")
         if not isinstance(self.bn_recompute_rows, int) or self.bn_recompute_rows < 0:
             raise ValueError(f"bn_recompute_rows must be an int >= 0, got {self.bn_recompute_rows!r}")
+        if self.infobatch is not None:
+            # imported here: actors/infobatch.py is numpy/torch only, and the Ray-free users of this module
+            # (tune/, QAT) need not load it
+            from actors.infobatch import InfoBatchConfig
+
+            if not isinstance(self.infobatch, InfoBatchConfig):
+                raise TypeError(f"infobatch must be an InfoBatchConfig or None, got {type(self.infobatch).__name__}")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
@@ -145,11 +160,15 @@ def train_epoch(
     on_batch: Callable[[Mapping[str, torch.Tensor], torch.Tensor], None] | None = None,
     bn_sample: BNSample | None = None,
     step_model: nn.Module | None = None,
+    select: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    on_loss: Callable[[Mapping[str, torch.Tensor], torch.Tensor], None] | None = None,
 ) -> EpochStats:
     """One pass over `batches` ((images, labels) or dicts with "image", "label" and optionally "loss_scale", a
-    per-sample loss weight normalized to mean 1 in each batch). `step_model` is what the forward runs through
-    (a DDP wrapper of `model`), `on_batch(batch, logits)` sees each batch after its step, `bn_sample` keeps
-    inputs for `recompute_bn_stats_`. Returns this process's mean loss, accuracy, rows and steps."""
+    per-sample loss weight normalized to mean 1 in each batch, or "loss_weight", one applied as it is).
+    `step_model` is what the forward runs through (a DDP wrapper of `model`), `select(batch)` returns the rows
+    to train on (InfoBatch's `prune_batch`), `on_batch(batch, logits)` sees each batch after its step,
+    `on_loss(batch, per_sample_loss)` its detached per-sample losses, `bn_sample` keeps inputs for
+    `recompute_bn_stats_`. Returns this process's mean loss, accuracy, rows and steps."""
     run = step_model if step_model is not None else model
     run.train()
     scaler = policy.grad_scaler()
@@ -157,12 +176,19 @@ def train_epoch(
     for batch in batches:
         if isinstance(batch, tuple):
             batch = {"image": batch[0], "label": batch[1]}
+        if select is not None:
+            batch = select(batch)
         x, y = batch["image"], batch["label"]
         with policy.autocast():
             logits = run(x)
         per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-        scale = batch.get("loss_scale")
-        loss = per_sample.mean() if scale is None else (per_sample * (scale.float() / scale.float().mean())).mean()
+        scale, weight = batch.get("loss_scale"), batch.get("loss_weight")
+        if weight is not None:
+            loss = (per_sample * weight.float()).mean()
+        elif scale is not None:
+            loss = (per_sample * (scale.float() / scale.float().mean())).mean()
+        else:
+            loss = per_sample.mean()
         optimizer_step(loss, opt, sched, scaler)
         steps += 1
         seen += len(y)
@@ -172,6 +198,8 @@ def train_epoch(
             bn_sample.add(x)
         if on_batch is not None:
             on_batch(batch, logits.detach())
+        if on_loss is not None:
+            on_loss(batch, per_sample.detach())
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, time.perf_counter() - t0, steps)
 
 
@@ -231,12 +259,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return total_loss / len(x), correct / len(x)
 
 
-def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
+def shuffled_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, with_ids: bool = False
+):
+    """(x, y) batches of a random permutation; dicts with the rows' "sample_id" (index into x) when `with_ids`."""
     perm = torch.randperm(len(x), generator=generator)
     for i in range(0, len(x), batch_size):
         idx = perm[i : i + batch_size]
         if len(idx) > 1:  # a batch of 1 has no batch variance for BatchNorm
-            yield x[idx], y[idx]
+            yield {"image": x[idx], "label": y[idx], "sample_id": idx} if with_ids else (x[idx], y[idx])
 
 
 def train_one_epoch(
@@ -262,22 +293,66 @@ def fit_epochs(
 ) -> list[EpochStats]:
     """`cfg.epochs` shuffled passes over CPU tensors `train` (x (N, C, H, W), y (N,)) in this process, with BN
     statistics re-estimated after each; `on_epoch(epoch, stats)` after each. The loop local training, QAT
-    and the sweep's fine-tune share."""
+    and the sweep's fine-tune share. With `cfg.infobatch`, each epoch trains on InfoBatch's kept rows of the
+    same batches (`stats.samples` counts them)."""
     policy = policy or PrecisionPolicy.for_device("cpu", cfg.precision)
     x, y = train
     opt, sched = make_optimizer(model, cfg, math.ceil(len(x) / cfg.batch_size))
     gen = torch.Generator().manual_seed(cfg.seed)
     cb = None if on_step is None else (lambda batch, logits: on_step(len(batch["label"])))
+    pruner = infobatch_pruner(len(x), cfg)
     out = []
     for epoch in range(cfg.epochs):
         sample = BNSample(cfg.bn_recompute_rows)
-        stats = train_epoch(model, shuffled_batches(x, y, cfg.batch_size, gen), opt, sched, policy,
-                            on_batch=cb, bn_sample=sample)  # fmt: skip
+        select, on_loss = pruner.hooks(epoch) if pruner else (None, None)
+        batches = shuffled_batches(x, y, cfg.batch_size, gen, with_ids=pruner is not None)
+        stats = train_epoch(model, batches, opt, sched, policy, on_batch=cb, bn_sample=sample, select=select,
+                            on_loss=on_loss)  # fmt: skip
         recompute_bn_stats_(model, sample.batches)
         out.append(stats)
         if on_epoch is not None:
             on_epoch(epoch, stats)
     return out
+
+
+class EpochPruner:
+    """InfoBatch (actors/infobatch.py) as a training loop uses it: per epoch, `hooks(epoch)` gives train_epoch's
+    `select` (drops the pruned rows of each batch, weights the kept ones) and `on_loss` (records the step's own
+    per-sample losses as scores). `ids`: the dataset's sample ids when they are not 0..n-1 (a Ray Data stream)."""
+
+    def __init__(self, n: int, cfg: TrainConfig, ids: np.ndarray | None = None):
+        from actors.infobatch import InfoBatch
+
+        self.pruner = InfoBatch(n, cfg.infobatch, seed=cfg.seed)
+        self.epochs = cfg.epochs
+        self.sorted_ids = None if ids is None else np.sort(np.asarray(ids))
+        self.skipped = 0
+        """Rows of the last epoch's batches left out."""
+
+    def index(self, sample_id: torch.Tensor) -> np.ndarray:
+        ids = sample_id.detach().cpu().numpy()
+        return ids if self.sorted_ids is None else np.searchsorted(self.sorted_ids, ids)
+
+    def hooks(self, epoch: int):
+        from actors.infobatch import prune_batch
+
+        keep, scale = self.pruner.plan(epoch / self.epochs)
+        self.skipped = 0
+
+        def select(batch):
+            out = prune_batch(batch, self.index(batch["sample_id"]), keep, scale)
+            self.skipped += len(batch["label"]) - len(out["label"])
+            return out
+
+        def on_loss(batch, per_sample):
+            self.pruner.record(self.index(batch["sample_id"]), per_sample.float().cpu().numpy())
+
+        return select, on_loss
+
+
+def infobatch_pruner(n: int, cfg: TrainConfig, ids: np.ndarray | None = None) -> EpochPruner | None:
+    """The epoch pruner of `cfg.infobatch` over `n` samples, or None when it is off."""
+    return None if cfg.infobatch is None else EpochPruner(n, cfg, ids)
 
 
 @dataclass(slots=True)
