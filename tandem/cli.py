@@ -18,6 +18,7 @@ import sys
 
 from actors.comm import CommConfig
 from actors.dataset import DataConfig
+from actors.infobatch import InfoBatchConfig
 from actors.train_local import TrainConfig
 from actors.trainer import DistConfig
 from actors.weight_store import WeightRule
@@ -99,6 +100,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unbiased", action="store_true", help="scale losses by 1/(N p) under weighted sampling")
     g.add_argument("--epoch-size", type=int, help="rows drawn per epoch (default: dataset size)")
     g.add_argument("--weight-every-steps", type=int, default=0, help="apply the weight rule every k steps too")
+    g.add_argument(
+        "--infobatch",
+        action="store_true",
+        help="InfoBatch-style pruning: each epoch skip half of the below-mean-loss samples, rescale the kept ones; "
+        "full data in the last 12.5%% of epochs; same steps and LR schedule (not with --weighted)",
+    )
     g = p.add_argument_group("runs and storage")
     g.add_argument(
         "--storage",
@@ -159,6 +166,7 @@ def run_config(args: argparse.Namespace):
             lr=args.lr,
             seed=args.seed,
             precision=PrecisionConfig(train_dtype=args.precision),
+            infobatch=InfoBatchConfig() if args.infobatch else None,
         ),
         dist=DistConfig(
             num_workers=workers,

@@ -123,6 +123,8 @@ class RunConfig:
         storage.check(self.storage)
         if self.gpus_per_worker is not None and not self.gpus_per_worker >= 0:
             raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
+        if self.train.infobatch is not None and self.stream.weighted:
+            raise ValueError("--infobatch needs a uniform stream, got --weighted as well")
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(preset=self.preset, user=self.model, save=self.save)

@@ -100,3 +100,13 @@ def test_bad_infobatch_config():
         TrainConfig(infobatch=0.5)
     with pytest.raises(ValueError, match="progress must be a number in"):
         InfoBatch(4).plan(1.5)
+
+
+def test_cli_flag_reaches_the_train_config():
+    from tandem.cli import build_parser, run_config
+
+    cfg = run_config(build_parser().parse_args(["run", "--smoke", "--infobatch"]))
+    assert isinstance(cfg.train.infobatch, InfoBatchConfig) and cfg.train_job().train.infobatch is cfg.train.infobatch
+    assert run_config(build_parser().parse_args(["run", "--smoke"])).train.infobatch is None
+    with pytest.raises(ValueError, match="--infobatch needs a uniform stream"):
+        run_config(build_parser().parse_args(["run", "--smoke", "--infobatch", "--weighted"]))
