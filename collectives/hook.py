@@ -5,7 +5,8 @@
 
 The first `warmup_steps` steps use an exact flat allreduce (as PowerSGD's `start_powerSGD_iter`: early gradients
 change fast and residuals would be stale). `mode="auto"` probes the inter-node bandwidth once at construction and
-compresses only below `auto_threshold_gbit`; where the link is fast the hook stays a plain allreduce. The state
+compresses only where the link time the codec saves on this model's gradient exceeds what the codec costs
+(`compression_pays`); elsewhere the hook stays a plain allreduce. The state
 counts bytes sent per level each step and saves the error-feedback residuals (per rank) in `state_dict()`.
 Residuals are keyed by DDP's bucket index and layout; a bucket whose layout changed starts from a zero residual.
 DDP rebuilds its buckets after the first step (in gradient-ready order), so a resumed run reproduces the
@@ -38,8 +39,15 @@ class HookConfig:
     """'always' compress, 'never' (flat allreduce), 'auto' (default): compress iff the probed link is slow.
     Not 'always': compression only pays where the link is slow for the model's compute (issue 15: the `small`
     model on a 1 Gbit/s link trained 0.79x as fast compressed as with a flat allreduce)."""
-    auto_threshold_gbit: float = 2.0
-    """auto mode: compress when the measured inter-node bandwidth (per node) is below this, Gbit/s."""
+    auto_saved_bits_per_elem: float = 50.0
+    """auto mode: link bits per gradient element the codec saves in one step (bench/slow_link, 2 nodes x 2: the
+    flat allreduce took 52 bits per element over the shaped link, the 2-bit hierarchical exchange 2.4)."""
+    auto_codec_fixed_s: float = 0.01
+    """auto mode: the codec's cost per step beyond the flat exchange's that does not grow with the gradient, s
+    (its extra rounds; bench/slow_link, the `small` model: 0.01 s)."""
+    auto_codec_s_per_elem: float = 23e-9
+    """auto mode: the codec's compute per gradient element (encode, decode, error feedback), s (bench/slow_link,
+    11M floats on 2 CPU cores: 0.26 s a step)."""
     probe_bytes: int = 4 << 20
     """auto mode: bytes each rank all-gathers among its peers to measure the link."""
     ranks_per_node: int | None = None
@@ -47,17 +55,17 @@ class HookConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.codec, TwoBitEF | LowRank | NoCompression):
-            raise TypeError(
-                f"codec must be TwoBitEF, LowRank or NoCompression, got {type(self.codec).__name__}"
-            )
+            raise TypeError(f"codec must be TwoBitEF, LowRank or NoCompression, got {type(self.codec).__name__}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.auto_threshold_gbit <= 0 or self.probe_bytes < 1:
-            raise ValueError(
-                f"auto_threshold_gbit and probe_bytes must be > 0, got {self.auto_threshold_gbit}, {self.probe_bytes}"
-            )
+        for name in ("auto_saved_bits_per_elem", "auto_codec_fixed_s", "auto_codec_s_per_elem"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if self.probe_bytes < 1:
+            raise ValueError(f"probe_bytes must be > 0, got {self.probe_bytes}")
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise ValueError(f"ranks_per_node must be >= 1 or None, got {self.ranks_per_node}")
 
@@ -71,9 +79,11 @@ class HookState:
         topology: Topology | None = None,
         transports: tuple[Transport, Transport, Transport] | None = None,
         device: torch.device | None = None,
+        grad_elems: int | None = None,
     ) -> None:
         """`transports`: (flat world, intra-node, inter-node peers); default: torch.distributed groups built from
-        the topology. `device` of the bandwidth probe; default: CUDA with NCCL, else CPU."""
+        the topology. `device` of the bandwidth probe; default: CUDA with NCCL, else CPU. `grad_elems`: gradient
+        elements exchanged per step (what auto mode weighs; `register` counts the model's)."""
         self.config = config
         if topology is None:
             if config.ranks_per_node is not None:
@@ -96,11 +106,13 @@ class HookState:
         self.measured_gbit: float | None = None
         self.compress = config.mode == "always"
         if config.mode == "auto":
+            if not isinstance(grad_elems, int) or grad_elems < 1:
+                raise ValueError(f"auto mode needs grad_elems, a positive int, got {grad_elems!r}")
             if device is None:
                 nccl = dist.is_initialized() and dist.get_backend() == "nccl"
                 device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
             self.measured_gbit = self._probe(device)
-            self.compress = self.measured_gbit < config.auto_threshold_gbit
+            self.compress = compression_pays(config, grad_elems, self.measured_gbit)
         self.last_step_bytes: dict[str, int] = {}
         self._mark = self._counters()
 
@@ -187,8 +199,20 @@ def hierarchical_hook(state: HookState, bucket):
     return fut
 
 
+def compression_pays(config: HookConfig, grad_elems: int, gbit: float) -> bool:
+    """auto mode's decision: the link time the codec saves on `grad_elems` gradient elements per step at `gbit`
+    Gbit/s (per node) exceeds the codec's own cost. With the defaults: the `small` model (79k floats) compresses
+    below ~0.33 Gbit/s, a gradient of millions of floats below ~2.2 Gbit/s (bench/slow_link measured 2-bit at
+    0.79x flat for `small` and 2.17x for 11M floats on 1 Gbit/s, 1.98x and 11.1x on 100 Mbit/s)."""
+    saved_s = grad_elems * config.auto_saved_bits_per_elem / (gbit * 1e9)
+    cost_s = config.auto_codec_fixed_s + grad_elems * config.auto_codec_s_per_elem
+    return saved_s > cost_s
+
+
 def register(ddp_model: torch.nn.parallel.DistributedDataParallel, config: HookConfig, **kwargs) -> HookState:
-    """Builds the state (collective) and registers `hierarchical_hook` on the DDP model."""
+    """Builds the state (collective) and registers `hierarchical_hook` on the DDP model; auto mode weighs the
+    model's gradient (its trainable elements)."""
+    kwargs.setdefault("grad_elems", sum(p.numel() for p in ddp_model.parameters() if p.requires_grad))
     state = HookState(config, **kwargs)
     ddp_model.register_comm_hook(state, hierarchical_hook)
     return state

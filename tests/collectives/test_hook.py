@@ -13,7 +13,7 @@ import torch.nn as nn
 from _dist import run_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from collectives.hook import HookConfig, HookState, register
+from collectives.hook import HookConfig, HookState, compression_pays, register
 from collectives.internode import LowRank, NoCompression, TwoBitEF
 from collectives.topology import Topology
 from collectives.transport import TorchDistTransport
@@ -39,6 +39,10 @@ class _SlowLink(TorchDistTransport):
         time.sleep(max(0.0, node_bits / (self.gbit * 1e9) - (time.perf_counter() - t0)))
         return res
 
+
+SMALL_GRAD, LARGE_GRAD = 20_000, 25_000_000
+"""Gradient elements of the auto-mode test: at SIM_GBIT the codec saves 2 ms a step on the small one (it costs
+10 ms) and 2.5 s on the large one (it costs 0.6 s)."""
 
 WARMUP = 5
 LOSS_TOLERANCE = 0.05  # |mean loss of the last 10 steps, compressed - exact|; exact goes 1.39 -> ~0.63
@@ -127,20 +131,27 @@ def _worker(rank: int, world: int) -> dict:
         out[name] = _train(ddp2, opt2, rank, range(10, 20), state2)
     out["saved_keys"] = sorted(state.state_dict()["residuals"])
 
-    # Auto mode (the default) on a simulated 0.5 Gbit/s inter-node link, against the default 2 Gbit/s threshold
-    # and against 0.1 Gbit/s: the probe must measure the link (<= its speed, not far below) and decide by it.
+    # Auto mode (the default) on a simulated 0.5 Gbit/s inter-node link, for a small gradient (the codec's fixed
+    # cost outweighs the link time it saves) and a large one: the probe must measure the link (<= its speed, not
+    # far below) and the decision follow the gradient's size at that speed.
     out["default_mode"] = HookConfig().mode
-    for name, threshold in (("auto_default_threshold", HookConfig().auto_threshold_gbit), ("auto_low_threshold", 0.1)):
+    for name, elems in (("auto_small_grad", SMALL_GRAD), ("auto_large_grad", LARGE_GRAD)):
         topo = Topology.from_world(world_size=4, per_node=2, rank=rank)
         node_group, peer_group = topo.build_groups()
         transports = (TorchDistTransport(), TorchDistTransport(node_group), _SlowLink(peer_group, SIM_GBIT, 2))
         s = HookState(
-            HookConfig(auto_threshold_gbit=threshold, ranks_per_node=2, probe_bytes=1 << 20),
+            HookConfig(ranks_per_node=2, probe_bytes=1 << 20),
             topology=topo,
             transports=transports,
             device=torch.device("cpu"),
+            grad_elems=elems,
         )
         out[name] = (s.measured_gbit, s.compress)
+    try:
+        HookState(HookConfig(ranks_per_node=2, probe_bytes=1 << 20), device=torch.device("cpu"))
+        out["auto_without_size"] = None
+    except ValueError as e:
+        out["auto_without_size"] = str(e)
 
     # World of 4 is not divisible into nodes of 3.
     try:
@@ -198,17 +209,36 @@ def test_state_dict_round_trip_resumes_bit_exactly(results):
     assert not torch.equal(r["resumed_without_residuals"]["params"], r["uninterrupted"]["params"])
 
 
-def test_auto_mode_follows_the_measured_bandwidth(results):
-    """A probe that mis-counts bytes (2x off) or times the wrong thing fails the bounds; the decision follows."""
+def test_auto_mode_follows_the_measured_bandwidth_and_the_gradient_size(results):
+    """A probe that mis-counts bytes (2x off) or times the wrong thing fails the bounds; on the same slow link the
+    small gradient stays flat and the large one is compressed."""
     for r in results:
         assert r["default_mode"] == "auto"
-        gbit, compress = r["auto_default_threshold"]
-        # the sleep caps the rate at SIM_GBIT; loopback overhead on a loaded machine lowers it, not by 2.5x
-        assert SIM_GBIT * 0.4 < gbit <= SIM_GBIT * 1.05
-        assert compress is True  # 0.5 Gbit/s < 2 Gbit/s: slow link, compress
-        gbit, compress = r["auto_low_threshold"]
-        assert SIM_GBIT * 0.4 < gbit <= SIM_GBIT * 1.05 and compress is False
-    assert len({r["auto_default_threshold"][0] for r in results}) == 1  # one decision, taken by all
+        for name, expected in (("auto_small_grad", False), ("auto_large_grad", True)):
+            gbit, compress = r[name]
+            # the sleep caps the rate at SIM_GBIT; loopback overhead on a loaded machine lowers it, not by 2.5x
+            assert SIM_GBIT * 0.4 < gbit <= SIM_GBIT * 1.05
+            assert compress is expected, (name, gbit)
+            assert (
+                compression_pays(HookConfig(), SMALL_GRAD if name == "auto_small_grad" else LARGE_GRAD, gbit)
+                is expected
+            )
+        assert "auto mode needs grad_elems" in r["auto_without_size"]
+    assert len({r["auto_large_grad"][0] for r in results}) == 1  # one measurement, one decision, taken by all
+
+
+@pytest.mark.parametrize(
+    "elems, gbit, compress",
+    [
+        (77_754, 1.0, False),  # `small` on 1 Gbit/s: bench/slow_link measured 2-bit at 0.79x flat
+        (77_754, 0.1, True),  # ... and 1.98x on 100 Mbit/s
+        (11_172_810, 1.0, True),  # 11M floats on 1 Gbit/s: 2.17x
+        (11_172_810, 0.1, True),  # ... 11.1x on 100 Mbit/s
+        (11_172_810, 10.0, False),  # a 10 Gbit/s link moves it faster than the codec encodes it
+    ],
+)
+def test_compression_pays_where_slow_link_measured_it(elems, gbit, compress):
+    assert compression_pays(HookConfig(), elems, gbit) is compress
 
 
 def test_world_not_divisible_by_node_size_raises_at_construction(results):
