@@ -222,3 +222,20 @@ def test_workers_per_node_places_equal_counts(ray_two_nodes, tmp_path):
     with pytest.raises(ValueError, match="needs 1 nodes with 8 CPU each; the cluster has 0 such node"):
         fit_distributed(_job(1, 4, workers_per_node=4, cpus_per_worker=2), splits, str(tmp_path / "run2"))
     assert time.monotonic() - t0 < 10
+
+
+def test_infobatch_through_ray_train(ray_local, tmp_path):
+    """Both workers plan the same pruned epoch from pooled scores: the middle epoch skips rows (the same count
+    reported by each, an all-reduced sum), the first (nothing scored) and the last (annealing) skip none, and
+    every epoch keeps the uniform run's steps (the LR schedule)."""
+    from actors.infobatch import InfoBatchConfig
+
+    splits = prepare_data(DataConfig(), tmp_path)
+    job = _job(3, 2, name="infobatch")
+    job.train.infobatch = InfoBatchConfig(prune_ratio=0.5, anneal=0.34)  # epoch 2 of 3 (progress 0.67) is full
+    res = fit_distributed(job, splits, str(tmp_path))
+    skipped = [h["infobatch_skipped"] for h in res.history]
+    assert skipped[0] == 0 and skipped[2] == 0 and skipped[1] > 0, skipped
+    assert len({m["infobatch_skipped"] for m in res.all_reports[1]}) == 1
+    steps = splits.train.num_rows // (2 * 32)
+    assert all(m["steps"] == steps for rnd in res.all_reports for m in rnd)
