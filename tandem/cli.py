@@ -13,6 +13,7 @@ On a cluster: ray job submit --working-dir . -- tandem run --address auto --stor
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -34,10 +35,22 @@ def _shape(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--preset", default="small", help="built-in model: tiny, small, resnet18 (default small)")
     g.add_argument("--model", help="user model as package.module:function returning an nn.Module")
+    g.add_argument("--model-args", type=_json_object, default={},
+                   help='keyword arguments of --model as a JSON object, e.g. \'{"width": 16}\'')  # fmt: skip
     g.add_argument("--save", default="lean", choices=["lean", "fast"], help="memory mode of the fused op")
     g.add_argument("--data", help="training parquet (file or directory); default: bundled digits")
     g.add_argument("--test-data", help="held-out parquet; default: a split of --data")
@@ -158,6 +171,7 @@ def run_config(args: argparse.Namespace):
     return RunConfig(
         preset="tiny" if args.smoke and args.model is None and args.preset == "small" else args.preset,
         model=args.model,
+        model_args=args.model_args,
         save=args.save,
         data=DataConfig(train_path=args.data, test_path=args.test_data, image_shape=args.image_shape),
         train=TrainConfig(

@@ -6,7 +6,7 @@
     -> tune: Ray Tune sweep over pruning x quantization, Pareto front, chosen artifact
     -> serve the chosen artifact on Ray Serve (same cluster) -> short load test with adaptive batching
     -> report: terminal table, report.json, report.md, PNG plots
-Tune/serve need a built-in preset (artifacts rebuild models.cnn.CNN); a user model stops after training.
+A user model (`package.module:function`) goes through every step: its artifact records how to rebuild it.
 
 Every run has a name (default: a timestamp) and its own folder `<storage>/<name>` (models/storage.py URI: a
 directory, file://, s3://, gs://) holding everything another node or a later step reads:
@@ -53,6 +53,11 @@ class RunConfig:
     """Built-in model preset (tiny, small, resnet18); ignored when `model` is set."""
     model: str | None = None
     """A user model as 'package.module:function' returning an nn.Module; its Conv->BN->act chains are fused."""
+    model_args: dict = field(default_factory=dict)
+    """Keyword arguments of the user model's function (`--model-args` JSON)."""
+    input_stats: tuple | None = None
+    """(per-channel mean, std) of the training data, set by the job after validating it: a user model normalizes
+    its input with them (models.factory.InputNorm, part of the model and its artifact)."""
     save: str = "lean"
     """Memory mode of the unified operator: lean or fast."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,7 +132,8 @@ class RunConfig:
             raise ValueError("--infobatch needs a uniform stream, got --weighted as well")
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(preset=self.preset, user=self.model, save=self.save)
+        spec = ModelSpec(preset=self.preset, user=self.model, save=self.save, user_kwargs=self.model_args)
+        return spec.normalized(*self.input_stats) if self.input_stats is not None else spec
 
     def train_job(self) -> TrainJob:
         dist = self.dist
@@ -275,6 +281,7 @@ def main(cfg: RunConfig) -> dict:
 def _run(cfg: RunConfig, run_uri: str, scratch: Path, prep: Path) -> dict:
     t0 = time.perf_counter()
     splits, shared = stage_data(cfg.data, prep, run_uri)
+    cfg = replace(cfg, input_stats=(splits.train.channel_mean, splits.train.channel_std))
     spec = cfg.model_spec()
     from models.preflight import preflight
 
@@ -331,10 +338,6 @@ def _after_training(cfg: RunConfig, splits: DataSplits, shared: DataSplits, repo
     weights = report["train"].pop("_weights", None)
     report["plots"] = pipeline.plot_training(report["train"]["history"], weights, scratch)
     if set(cfg.steps) == {"train"}:
-        return
-    if cfg.model is not None:
-        report["skipped"] = "tune/serve/loadtest need a built-in preset; a user model stops after training"
-        print(f"tandem: {report['skipped']}")
         return
     run_uri = cfg.run_uri()
     local_artifact, acc = pipeline.export_trained(report["train"]["checkpoint"], cfg.model_spec(), splits,
