@@ -17,6 +17,14 @@ loopback:
 - the same launcher replaces Ray's `errorfile 503` (a "500 Internal Server Error" page: Ray normalises HAProxy's
   own 502/503/504 to 500) with a 503 + Retry-After in the app's JSON error format, for the one 503 HAProxy makes
   itself (no replica up); replicas' own 503s (admission control) pass through HAProxy untouched;
+- overload is refused at the ingress, at once: the launcher caps each replica server at REPLICA_MAXCONN requests
+  in flight (`maxconn`); when every replica is at its cap one request may wait in HAProxy's queue for a free slot
+  (at most QUEUE_TIMEOUT_MS, `timeout queue`), and while one waits there every further request is answered
+  HAProxy's own 503 (the errorfile above) as soon as HAProxy reads it (`http-request deny ... if { queue gt 0 }`:
+  no timer, which a starved HAProxy fires late - a 5 ms queue timeout measured 12-125 ms at load 38). A
+  replica's own admission control could not refuse at once: its refusals wait on the replica's event loop
+  behind the running batch and every request already there (measured on a loaded 2-core machine: a 300-request
+  burst's 503s took a median 536 ms from reaching HAProxy, 0 % within 10 ms);
 - the launcher starts haproxy with PR_SET_PDEATHSIG (util-linux `setpriv`), so haproxy dies with the actor that
   spawned it: Ray SIGKILLs its workers at shutdown, which skips the actor's own cleanup, and a Ctrl-C'd
   `tandem serve` left haproxy holding port 8000.
@@ -76,6 +84,9 @@ while (($#)); do
     sed -E \
       -e 's/^([[:space:]]*bind )\*?:(@STATS@|@METRICS@)[[:space:]]*$/\1127.0.0.1:\2/' \
       -e 's|^([[:space:]]*errorfile 503 ).*$|\1@ERRORFILE@|' \
+      -e 's/^([[:space:]]*server SERVE_REPLICA[^[:space:]]* [^[:space:]]+ check.*)$/\1 maxconn @MAXCONN@/' \
+      -e 's/^defaults([[:space:]].*)?$/&\n    timeout queue @QUEUE_MS@ms/' \
+      -e 's/^backend [^[:space:]]+[[:space:]]*$/&\n    http-request deny deny_status 503 if { queue gt 0 }/' \
       "$src" > "$dst.$$"
     mv "$dst.$$" "$dst"
     args+=(-f "$dst")
@@ -88,7 +99,14 @@ done
 exec setpriv --pdeathsig KILL @HAPROXY@ "${args[@]}"
 """
 
-_ERROR_503 = b'{"error": "no replica available: the model is not ready or is being replaced; retry"}'
+REPLICA_MAXCONN = 64
+"""Requests HAProxy lets a replica have in flight: one batch at BatchingConfig's default max_batch_size; more would
+wait inside the replica, where neither a refusal nor an answer comes soon."""
+QUEUE_TIMEOUT_MS = 5
+"""How long a request may wait in HAProxy for a replica slot before HAProxy answers 503 (issue 16: overload refused
+within 10 ms of arrival)."""
+
+_ERROR_503 = b'{"error": "overloaded: no replica can take the request now (all busy, or none ready); retry"}'
 
 
 def _real_haproxy() -> str:
@@ -123,6 +141,8 @@ def haproxy_environment(run_dir: str | os.PathLike) -> dict[str, str]:
         _LAUNCHER.replace("@STATS@", str(stats))
         .replace("@METRICS@", str(metrics))
         .replace("@ERRORFILE@", str(errorfile))
+        .replace("@MAXCONN@", str(REPLICA_MAXCONN))
+        .replace("@QUEUE_MS@", str(QUEUE_TIMEOUT_MS))
         .replace("@HAPROXY@", _real_haproxy())
     )
     launcher.write_text(text)

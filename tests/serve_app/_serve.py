@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import threading
+from dataclasses import dataclass
 
 GOOD = {"instances": [[0.5] * 64]}
 """A valid /predict body for the 8x8 test models."""
@@ -18,6 +21,65 @@ def free_port() -> int:
 
 _STARTED: dict[str, str] = {}
 """The GCS address and run directory of the HAProxy cluster this session started."""
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """One request as HAProxy logged it (its `option httplog` line)."""
+
+    status: int
+    total_ms: int
+    """Ta: from HAProxy receiving the request's first byte to its sending the response's last byte."""
+    receive_ms: int
+    """TR: from the request's first byte to the end of its headers (the client's sending; -1 if never)."""
+    server: str
+    """The server that answered (`<NOSRV>` when HAProxy answered itself)."""
+    request: str
+    """The request line, e.g. `POST /predict HTTP/1.1`."""
+
+    @property
+    def answer_ms(self) -> int:
+        """From the request's headers having arrived to the response sent: the server side's own time."""
+        return self.total_ms - max(self.receive_ms, 0)
+
+
+# `frontend backend/server TR/Tw/Tc/Tr/Ta status bytes ... "request line"` (HAProxy's httplog format)
+_HTTPLOG = re.compile(r' \S+ \S+/(\S+) (-?\d+)/-?\d+/-?\d+/-?\d+/\+?(\d+) (\d{3}) .* "([^"]*)"')
+
+
+class HAProxyLog:
+    """HAProxy's access log, received here: Ray's HAProxy config logs every request as syslog to
+    RAY_SERVE_HAPROXY_LOG_TARGET (default UDP 127.0.0.1:514), and the session's cluster points it at this
+    collector's UDP port. Gives server-side timings: how long after a request reached the ingress it was answered."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)  # bursts of thousands of lines
+        self.target = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self._lines: list[str] = []
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self) -> None:
+        while True:
+            self._lines.append(self._sock.recv(65536).decode(errors="replace"))
+
+    def mark(self) -> int:
+        """A position in the log: `since(mark)` gives what was logged after it."""
+        return len(self._lines)
+
+    def since(self, mark: int, path: str = "") -> list[Access]:
+        """Requests logged after `mark` whose request line contains `path`."""
+        found = []
+        for line in self._lines[mark:]:
+            m = _HTTPLOG.search(line)
+            if m and path in m.group(5):
+                found.append(Access(int(m.group(4)), int(m.group(3)), int(m.group(2)), m.group(1), m.group(5)))
+        return found
+
+
+HAPROXY_LOG: HAProxyLog | None = None
+"""The collector of the session's HAProxy cluster (started with it)."""
 
 
 def haproxy_cluster(clusters):
@@ -35,8 +97,19 @@ def haproxy_cluster(clusters):
         return ray
     clusters.shutdown()
     run_dir = short_run_dir()
-    with ingress_environment("haproxy", run_dir):  # Ray's processes copy the environment when they start
-        clusters.ensure("local")
+    global HAPROXY_LOG
+    if HAPROXY_LOG is None:
+        HAPROXY_LOG = HAProxyLog()
+    saved = os.environ.get("RAY_SERVE_HAPROXY_LOG_TARGET")
+    os.environ["RAY_SERVE_HAPROXY_LOG_TARGET"] = HAPROXY_LOG.target
+    try:
+        with ingress_environment("haproxy", run_dir):  # Ray's processes copy the environment when they start
+            clusters.ensure("local")
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_SERVE_HAPROXY_LOG_TARGET")
+        else:
+            os.environ["RAY_SERVE_HAPROXY_LOG_TARGET"] = saved
     _STARTED.update(gcs=ray.get_runtime_context().gcs_address, run_dir=run_dir)
     return ray
 

@@ -30,7 +30,7 @@ from _serve import (
 )
 
 from serve_app.deploy import DeployConfig, serve_artifact
-from tandem.local_ray import haproxy_environment, ingress_environment
+from tandem.local_ray import QUEUE_TIMEOUT_MS, REPLICA_MAXCONN, haproxy_environment, ingress_environment
 
 
 def tiny_artifact(path: Path) -> str:
@@ -73,7 +73,9 @@ def test_environment_and_launcher_config(tmp_path):
     stats, metrics = env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]
     cfg.write_text(
         f"defaults\n    errorfile 503 /x/500.http\nfrontend prometheus\n    bind :{metrics}\n"
-        f"frontend http_frontend\n    bind *:8000\nlisten stats\n  bind *:{stats}\n"
+        f"frontend http_frontend\n    bind *:8000\nlisten stats\n  bind *:{stats}\nbackend tandem\n"
+        "    server SERVE_REPLICA--tandem-Model-ab12 127.0.0.1:30000 check observe layer4 error-limit 3\n"
+        "    server SERVE_PROXY_ACTOR-x 127.0.0.1:8500 check backup\n"
     )
     out = subprocess.run(
         ["bash", "-c", f'sed -n "/^exec/!p" {env["RAY_SERVE_HAPROXY_BINARY_PATH"]} > {run}/l; bash {run}/l -f {cfg}'],
@@ -85,6 +87,11 @@ def test_environment_and_launcher_config(tmp_path):
     assert f"bind 127.0.0.1:{metrics}" in text and f"bind 127.0.0.1:{stats}" in text
     assert "bind *:8000" in text  # the HTTP frontend binds what http_options.host says, untouched
     assert f"errorfile 503 {run}/503.http" in text
+    # Overload refused at the ingress: a cap per replica and a short wait for a slot (the fallback proxy: no cap)
+    assert f"127.0.0.1:30000 check observe layer4 error-limit 3 maxconn {REPLICA_MAXCONN}\n" in text
+    assert "127.0.0.1:8500 check backup\n" in text
+    assert text.startswith(f"defaults\n    timeout queue {QUEUE_TIMEOUT_MS}ms\n")
+    assert "backend tandem\n    http-request deny deny_status 503 if { queue gt 0 }\n    server SERVE_REPLICA" in text
     head = (run / "503.http").read_bytes()
     assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in head and b'{"error":' in head
     with pytest.raises(ValueError, match="short path"):
