@@ -40,10 +40,11 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
   haproxy_vs_proxy_saturated_ratio            adaptive's saturated rate through HAProxy / through a fresh Ray
                                               with Serve's Python proxy                                   >= 2.5
   overload_refused_within_10ms_share          share of the 1.5x overload point's 503s answered within 10 ms
-wrk is installed with apt-get when missing. Writes bench/results/serving.json.
-`--quick` (one repeat, 4 s runs, coarser rate grids: 0.2x steps) stays around
-5 minutes; `--quick --fine --repeats 3` keeps 4 s runs but the full grids and the protocol's 3 repeats (what
-bench/results/serving.json holds, ~30 minutes).
+wrk is installed with apt-get when missing. Writes bench/results/serving.json, with `full_run_estimate_s` (the
+full protocol's time estimated from this run's). `--quick` (one repeat, 4 s runs, coarser rate grids: 0.2x steps)
+produces every key in about 5 minutes on 2 cores (goal <= 8) and writes serving_quick.json instead, a check that
+never overwrites the results; `--quick --fine --repeats 3` keeps 4 s runs but the full grids and the protocol's 3
+repeats (what bench/results/serving.json holds, ~30 minutes).
 """
 
 from __future__ import annotations
@@ -525,8 +526,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.replica_queue < 1:
         p.error(f"--replica-queue must be >= 1, got {args.replica_queue}")
     set_replica_queue(args.replica_queue)
-    repeats = args.repeats or (1 if args.quick else 3)
-    dur = 4.0 if args.quick else 20.0
+    repeats = args.repeats or (1 if args.quick else FULL_REPEATS)
+    dur = 4.0 if args.quick else FULL_RUN_S
     period = 5.0 if args.quick else 10.0
     # Sine means in multiples of the unbatched capacity; steps of 0.1 near the cliff so that a 1.2x difference
     # in the rate held shows. The handle path's grid reaches further: batching holds several times the
@@ -578,14 +579,16 @@ def main(argv: list[str] | None = None) -> dict:
                     )
     finally:
         shutdown_embedded()
+    wall_s = time.monotonic() - t_start
     res.update(
+        full_run_estimate_s=full_run_estimate_s(wall_s, bench.runs, repeats, dur, coarse),
         slo_ms=SLO_S * 1e3,
         quick=args.quick,
         fine_grid=not coarse,
         repeats=repeats,
         run_seconds=dur,
         sine_period_s=period,
-        wall_s=time.monotonic() - t_start,
+        wall_s=wall_s,
         loadavg_before=list(load_before),
         loadavg_after=list(os.getloadavg()),
         other_cpu_cores_median=statistics.median(r["other_cpu_cores"] for r in bench.runs),
@@ -620,9 +623,26 @@ def main(argv: list[str] | None = None) -> dict:
                      "met": "yes" if met else "NO"})  # fmt: skip
     print_table(rows, title=f"serving ({'quick, ' if args.quick else ''}{repeats} repeat(s), {dur:.0f} s runs)")
     print(f"other processes used {res['other_cpu_cores_median']:.2f} cores (median over runs); load {load_before}")
-    path = write_result(args.name or ("serving_overload" if args.overload_only else "serving"), res)
+    est = res["full_run_estimate_s"]
+    print(f"this run: {wall_s / 60:.1f} min; the full protocol (no --quick) would take ~{est / 60:.0f} min")
+    # A coarse quick run never overwrites the protocol's results (serving.json): it is a check, not a result.
+    default = ("serving_overload" if args.overload_only else "serving") + ("_quick" if coarse else "")
+    path = write_result(args.name or default, res)
     print(f"wrote {path}")
     return res
+
+
+FULL_REPEATS, FULL_RUN_S = 3, 20.0
+"""The protocol's repeats and run length (no --quick)."""
+
+
+def full_run_estimate_s(wall_s: float, runs: list[dict], repeats: int, dur: float, coarse: bool) -> float:
+    """The full protocol's wall time estimated from this run's: the load seconds of its runs scale with the run
+    length, the repeats and the rate grid (9 sine points for 5 coarse ones); the rest (deploys, hot updates,
+    closed-loop points, start-up) with the repeats and the grid. Coarse: +-30 %."""
+    load_s = sum(r.get("duration_s", 0.0) for r in runs)
+    points = (FULL_REPEATS / repeats) * (9 / 5 if coarse else 1.0)
+    return (wall_s - load_s) * points + load_s * points * (FULL_RUN_S / dur)
 
 
 def run(
