@@ -46,6 +46,7 @@ measured one. Every inconsistency raises `ArtifactError` (a ValueError) saying w
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -180,6 +181,24 @@ def compiled_tolerance(probe_manifest: dict, logits: torch.Tensor) -> float:
     return floor
 
 
+@torch.no_grad()
+def _compiled_diff(model: nn.Module, probe: torch.Tensor, logits: torch.Tensor) -> float | None:
+    """Max |compiled - reference| logit difference of an INT8 model on the probe, what a load's tolerance derives
+    from. Measured on the model's own compiled graph, or on a compiled copy when the caller did not compile (a
+    smoke sweep measures eager latency): without it a load fell back to a fixed floor that a pruned MobileNetV2
+    exceeded (0.19 vs 0.066), so the sweep's own output did not load. None for fp32 or when inductor fails here
+    (the load then reports its own compile error)."""
+    if not isinstance(model, QuantizedModel) or model.scheme not in ("int8_ptq", "int8_qat"):
+        return None
+    if not model.compiled:
+        model = copy.copy(model)  # shares the runtime; only the copy holds the compiled graph
+        try:
+            model.compile_(probe, batch_sizes=(len(probe),))
+        except Exception:  # inductor fails in many ways (no C compiler, an unsupported op): the load names it
+            return None
+    return (model(probe).float() - logits).abs().max().item()
+
+
 def save_artifact(
     model: nn.Module,
     path: str | os.PathLike,
@@ -210,9 +229,7 @@ def save_artifact(
     num_classes = cfg.num_classes if cfg is not None else logits.shape[1]
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"class_names must have {num_classes} entries, got {len(class_names)}")
-    compiled_diff = None
-    if isinstance(model, QuantizedModel) and model.compiled:  # measured: what a load's tolerance derives from
-        compiled_diff = (model(probe).float() - logits).abs().max().item()
+    compiled_diff = _compiled_diff(model, probe, logits)
 
     if isinstance(model, QuantizedModel):
         tensors, quant = model.artifact_state()
