@@ -412,8 +412,8 @@ def test_inference_module_equals_eval_model_and_leaves_it_alone(batch, size):
 
 def test_inference_module_from_unified_cnn_and_compiled():
     """The compiled form (what Serve and the sweep run) equals the eval model at the batch sizes it compiles
-    for; a second model of the same class (a Serve hot update) gets its own weights, not the first one's
-    frozen constants; called with autograd on it records nothing."""
+    for; a second model of the same class (a Serve hot update) runs with its own weights, not the first one's;
+    called with autograd on it records nothing and compiles nothing."""
     from models.cnn import ModelConfig, build_model
     from models.fuse import CompiledInference, inference_module
 
