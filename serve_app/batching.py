@@ -829,3 +829,12 @@ class AdmissionControl:
                 f"predicted latency {pred * 1e3:.0f} ms > SLO {cfg.slo_s * 1e3:.0f} ms",
             )
         return Verdict(True, pred, raw)
+
+    def refuses(self, verdict: Verdict, queue_len: int, lag_s: float = 0.0, in_grace: bool = False) -> bool:
+        """The liveness rule on top of `check`'s verdict, shared by the replica (serve_app/replica.py) and the
+        simulator, so that what the simulator trains and scores is what the replica runs. With nothing queued a
+        refusal protects no one, and a replica refusing everything would never observe another batch to correct
+        the prediction that made it refuse, so it admits - unless its event loop is far behind (`lag_s`, its
+        standing lag, above half the SLO). `in_grace`: just hot-updated (ModelUserConfig.update_grace_s), admits."""
+        saturated = lag_s > self.config.slo_s / 2
+        return not verdict.admitted and (queue_len > 0 or saturated) and not in_grace

@@ -230,12 +230,10 @@ class ModelServer:
             queued, lag = self.rec.queue_len, self.standing_lag()
             verdict = self.gate.check(queued, self.ctl, lag)
             self.rec.arrival()
-            # Liveness: with nothing queued a rejection protects no one, and a replica refusing everything would
-            # never observe another batch to correct the prediction that made it refuse - unless the event loop
-            # itself is far behind (measured all the time, admitted requests or not).
-            saturated = lag > self.ctl.config.slo_s / 2
+            # The liveness rule (AdmissionControl.refuses, which the simulator runs too); the lag is measured all
+            # the time, admitted requests or not.
             in_grace = time.monotonic() < self._grace_until  # just updated (ModelUserConfig.update_grace_s)
-            if not verdict.admitted and (queued > 0 or saturated) and self.user.admission and not in_grace:
+            if self.user.admission and self.gate.refuses(verdict, queued, lag, in_grace):
                 self.rec.rejected()
                 raise Overloaded(verdict)
             item = _Queued(x)

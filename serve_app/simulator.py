@@ -315,10 +315,11 @@ def simulate(
     while events:
         now, kind, _, payload = heapq.heappop(events)
         if kind == _ARRIVAL:
-            # the replica's order: ask the gate with the queue as it stands, then record
-            admitted = admission is None or admission.check(recorder.queue_len, controller).admitted
+            # the replica's order: ask the gate with the queue as it stands (and its liveness rule), then record
+            queued = recorder.queue_len
+            refused = admission is not None and admission.refuses(admission.check(queued, controller), queued)
             recorder.arrival()
-            if not admitted:
+            if refused:
                 recorder.rejected()
                 rejected += 1
                 continue

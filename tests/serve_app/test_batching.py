@@ -19,6 +19,7 @@ from serve_app.batching import (
     ServiceTimeFit,
     SLOModel,
     Static,
+    Verdict,
     WindowRecorder,
     WindowStats,
 )
@@ -286,6 +287,25 @@ def test_admission_keeps_goodput_under_overload():
     assert guarded.rejected > 0 and guarded.attainment >= 0.9
     assert guarded.goodput_rps > 2 * static.goodput_rps  # the unbounded static queue collapses
     assert guarded.p99_s <= SLO  # what it admits, it serves within the SLO
+
+
+def test_the_liveness_rule_is_the_replicas_in_the_simulator_too():
+    """AdmissionControl.refuses, which ModelServer.infer and simulate both call: a refused verdict refuses only
+    with something queued or the event loop far behind, and never in an update's grace period."""
+    gate = AdmissionControl(BatchingConfig(slo_s=SLO))
+    no = Verdict(False, 1.0, 1.0, 1.0, "predicted latency 1000 ms > SLO 100 ms")
+    assert not gate.refuses(no, 0)  # nothing queued: admitting protects the prediction's chance to correct
+    assert gate.refuses(no, 1) and gate.refuses(no, 0, lag_s=0.6 * SLO)
+    assert not gate.refuses(no, 0, lag_s=0.4 * SLO) and not gate.refuses(no, 5, in_grace=True)
+    assert not gate.refuses(Verdict(True, 0.01, 0.01), 5)
+    # A gate whose SLO no batch can meet, at 5 req/s against ~10 ms batches: the queue is empty at every arrival,
+    # so the simulator, like the replica, refuses none (it refused every one before it ran the rule).
+    ctl = SLOModel(BatchingConfig(slo_s=SLO))
+    strict = AdmissionControl(BatchingConfig(**BatchingConfig.slo_fields(0.001)))
+    res = simulate(ctl, Constant(5.0), SERVICE, duration_s=20.0, seed=0, admission=strict)
+    assert res.rejected == 0 and len(res.latencies_s) >= 80
+    busy = simulate(ctl, Constant(400.0), SERVICE, duration_s=5.0, seed=0, admission=strict)
+    assert busy.rejected > 0  # with a queue it does refuse
 
 
 # --------------------------------------------------------------------------------------------------- bandit
