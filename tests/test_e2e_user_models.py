@@ -1,0 +1,94 @@
+"""A user's torchvision-style model through the whole job: `tandem run --smoke --model tests.models.tv_models:...`
+on a 3-channel parquet written with plain pyarrow (no tandem metadata, so `--image-shape` is needed): trained on
+Ray Train, exported, pruned and quantized in the sweep, the chosen artifact served and load-tested, and `/predict`
+on some rows equal to the chosen artifact's prediction loaded here with the artifact loader."""
+
+import json
+import socket
+import urllib.request
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from models.artifact import load_artifact
+from models.data import colour_images
+from tandem import pipeline
+from tandem.cli import main
+from tune.space import SearchSpace
+from tune.sweep import SweepConfig
+
+SHAPE = (3, 16, 16)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _user_parquet(path, n: int, seed: int) -> np.ndarray:
+    """A user's file as the README describes it: sample_id, image as list<float32> (C*H*W), integer label."""
+    x, y = colour_images(n, SHAPE, 4, seed=seed)
+    images = pa.array([row.reshape(-1) for row in x], type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({"sample_id": np.arange(n, dtype=np.int64), "image": images, "label": y}), path)
+    return x
+
+
+@pytest.mark.timeout(900)
+# torchvision's layer structure at a fraction of the width (--model-args), so each run fits minutes on 2 cores
+@pytest.mark.parametrize("fn, args", [("resnet18", {"width": 16}), ("mobilenet_v2", {"width_mult": 0.5})])
+def test_user_model_run_through_serving(fn, args, tmp_path, _ray_clusters, monkeypatch):
+    _ray_clusters.shutdown()  # the job starts its own embedded cluster
+    x = _user_parquet(tmp_path / "d.parquet", 240, seed=5)
+    rows = x[:6]
+    served: dict = {}
+    loadtest = pipeline.loadtest
+
+    def predict_then_loadtest(url, *args, **kwargs):  # the app lives only while the job runs: ask it here
+        body = json.dumps({"instances": rows.tolist()}).encode()
+        req = urllib.request.Request(f"{url}/predict", data=body, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            served.update(json.loads(r.read()))
+        return loadtest(url, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "loadtest", predict_then_loadtest)
+    smoke = SweepConfig.smoke
+
+    def pruned_int8(*args, **kwargs):  # the hard case is what gets served: a pruned user model, compiled INT8
+        space = SearchSpace(prune_ratio=(0.2, 0.3), quant=("int8_ptq",), finetune_epochs=(0, 1), calib_size=(64,))
+        # pipeline.sweep's smoke path does not pass --max-acc-drop on (default 1 point): a 2-epoch model may lose more
+        return smoke(*args, **{**kwargs, "space": space, "max_acc_drop_pts": 100.0})
+
+    monkeypatch.setattr(SweepConfig, "smoke", pruned_int8)
+    store = tmp_path / "runs"
+    rc = main(["run", "--smoke", "--model", f"tests.models.tv_models:{fn}", "--model-args", json.dumps(args),
+               "--data", str(tmp_path / "d.parquet"), "--image-shape", ",".join(map(str, SHAPE)),
+               "--precision", "fp32", "--lr", "0.05", "--epochs", "2", "--trials", "1", "--max-acc-drop", "100",
+               "--load-rate", "20", "--load-seconds", "2", "--serve-port", str(_free_port()),
+               "--storage", str(store), "--name", "u"])  # fmt: skip
+    assert rc == 0
+    report = json.loads((store / "u" / "report.json").read_text())
+    assert report["model"] == f"tests.models.tv_models:{fn}" and "skipped" not in report
+    assert len(report["preflight"]["fused"]) >= 17, report["preflight"]  # every conv of both models has a BN
+    assert report["tune"]["finished"] >= 1 and report["tune"]["chosen"] is not None, report["tune"]
+    chosen = report["serve"]["artifact"]
+    model, manifest = load_artifact(chosen)
+    assert manifest["architecture"] == "user"
+    assert (
+        manifest["model_spec"]["user"] == f"tests.models.tv_models:{fn}"
+        and manifest["model_spec"]["user_kwargs"] == args
+    )
+    assert len(manifest["model_spec"]["input_mean"]) == 3  # normalized by the training data's statistics
+    assert manifest["quantization"]["scheme"] == "int8_ptq" and 0.2 <= manifest["pruning"]["ratio"] <= 0.3
+    with torch.no_grad():
+        logits = model(torch.from_numpy(rows))
+    assert served["classes"] == logits.argmax(1).tolist(), (served, manifest["quantization"], manifest["pruning"])
+    probs = torch.softmax(logits.float(), 1).numpy()
+    np.testing.assert_allclose(np.asarray(served["probabilities"]), probs, atol=2e-2)
+    # load-tested: every request answered or refused by admission control, none failed. How many make the SLO
+    # depends on the machine (a 2-core runner under other load timed all out in 2 s), so it is not asserted here
+    lt = report["loadtest"]
+    assert lt["sent"] > 0 and lt["errors"] == 0, lt
