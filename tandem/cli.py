@@ -215,7 +215,7 @@ def run_config(args: argparse.Namespace):
 
 
 BENCHMARKS = ("conv_bn", "codec", "checkpointing", "train_throughput", "weighting", "compress", "serving",
-              "slow_link", "compression_accuracy", "scaling_model")  # fmt: skip
+              "slow_link", "compression_accuracy", "scaling_model", "dist_accuracy")  # fmt: skip
 
 
 def run_benchmarks(name: str, quick: bool) -> int:
