@@ -46,6 +46,7 @@ from actors.dataset import write_parquet
 from actors.train_local import TrainConfig, make_optimizer, train_one_epoch
 from bench._common import interleaved_medians, print_table, write_result
 from bench._eager_cnn import build_eager
+from kernels.conv_bn import plan_weight_layouts_
 from kernels.precision import PrecisionConfig, PrecisionPolicy
 from models.cnn import ModelConfig
 from models.fuse import fuse_, inference_module
@@ -114,10 +115,11 @@ def whole_model_case(preset: str, size: int, batch: int, repeats: int, compiled:
     for name in ("eager", "lean", "fast"):
         torch.manual_seed(0)  # same construction order: same initial weights
         models[name] = build_eager(cfg, fusable=name != "eager")
-        if name != "eager":
-            fuse_(models[name], save=name)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    for name in ("lean", "fast"):
+        fuse_(models[name], save=name)
+        plan_weight_layouts_(models[name], x)  # NCHW weights where the maps are small (as models.factory builds)
     fns = {name: _train_step(m, x, y) for name, m in models.items()}
     if compiled:
         torch._dynamo.reset()

@@ -247,3 +247,37 @@ def test_layouts_small_and_large_maps_match_eager(save, size):
     fused.eval(), eager.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_plan_weight_layouts_keeps_small_map_weights_nchw():
+    """After the plan, ops fed maps under 16 pixels hold an NCHW weight (no per-call copy), larger ones
+    channels_last; through `.to()` too; values, Parameters, outputs and gradients unchanged."""
+    from kernels.conv_bn import plan_weight_layouts_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ConvBNAct(3, 8, 3, padding=1, save="fast"),  # 8x8 input: 64 pixels
+        ConvBNAct(8, 8, 3, stride=4, padding=1, save="lean"),  # 8x8 in, 2x2 out
+        ConvBNAct(8, 8, 3, padding=1, save="fast"),  # 2x2 input: 4 pixels
+    )
+    ref = copy.deepcopy(model)
+    params = [p for p in model.parameters()]
+    x = torch.randn(4, 3, 8, 8)
+    assert plan_weight_layouts_(model, x) == 1
+    assert [op.small_maps for op in model] == [False, False, True]
+    model.to(torch.float32)  # _apply re-lays out: the plan must hold
+    w = [op.conv.weight for op in model]
+    assert w[0].is_contiguous(memory_format=torch.channels_last) and not w[0].is_contiguous()
+    assert w[1].is_contiguous(memory_format=torch.channels_last) and not w[1].is_contiguous()
+    assert w[2].is_contiguous()
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
+    assert model[0].training, "training flags restored"
+    out, out_ref = model(x), ref(x)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+    assert w[2].grad.is_contiguous()
+    with pytest.raises(ValueError, match="example must be a"):
+        plan_weight_layouts_(model, torch.randn(3, 8, 8))
