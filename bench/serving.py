@@ -76,6 +76,8 @@ GOALS = {
     "max_rate_ratio_adaptive_vs_static_handle": (">=", 1.5),
 }
 SLO_S = 0.1
+JSON = {"Content-Type": "application/json"}
+"""The app answers 415 to a body of another type (aiohttp's default for bytes is application/octet-stream)."""
 TIGHT_S = 0.025
 NO_QUEUE_BOUND = {"max_queue_len": None}
 VARIANTS = {
@@ -254,7 +256,8 @@ class Bench:
         return row
 
     def closed_loop_capacity(self, variant: str, path: str, seconds: float, clients: int = 32) -> float:
-        """Requests/s answered by `clients` back-to-back callers: the saturated throughput."""
+        """Requests/s answered by `clients` back-to-back callers: the saturated throughput. Raises when none was
+        answered 200 (a capacity of 0 is a broken run, not a measurement)."""
         import aiohttp
         from ray import serve
 
@@ -274,7 +277,7 @@ class Bench:
                 # HTTP requests open connections.
                 for _ in range(5):
                     if path == "http":
-                        async with session.post(f"{self.url}/predict", data=body) as r:
+                        async with session.post(f"{self.url}/predict", data=body, headers=JSON) as r:
                             await r.read()
                     else:
                         await h.respond.remote(Call("predict", body))
@@ -284,7 +287,7 @@ class Bench:
                     nonlocal done
                     while time.monotonic() < stop:
                         if path == "http":
-                            async with session.post(f"{self.url}/predict", data=body) as r:
+                            async with session.post(f"{self.url}/predict", data=body, headers=JSON) as r:
                                 await r.read()
                                 done += r.status == 200
                         else:
@@ -296,7 +299,10 @@ class Bench:
                 await asyncio.gather(*(client() for _ in range(clients)))
             return done
 
-        return asyncio.run(run()) / seconds
+        done = asyncio.run(run())
+        if done == 0:
+            raise RuntimeError(f"{variant} over {path}: no request answered 200 in {seconds} s")
+        return done / seconds
 
 
 # ------------------------------------------------------------------------------------------------ wrk
