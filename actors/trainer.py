@@ -116,6 +116,16 @@ class TrainJob:
     def __post_init__(self) -> None:
         if self.train.infobatch is not None and self.stream.weighted:
             raise ValueError("train.infobatch needs a uniform stream, got stream.weighted=True as well")
+        if self.train.batch_size < self.dist.num_workers:
+            raise ValueError(
+                f"train.batch_size is the global batch, split over the workers: it must be >= the "
+                f"{self.dist.num_workers} workers, got {self.train.batch_size}"
+            )
+
+    @property
+    def worker_batch(self) -> int:
+        """Rows per worker per step: the global batch split evenly (the remainder of an uneven split is dropped)."""
+        return self.train.batch_size // self.dist.num_workers
 
 
 class LastLayerTap:
@@ -220,7 +230,7 @@ def train_loop(config: dict) -> None:
     policy = PrecisionPolicy.for_device(device, job.train.precision)
     policy.apply_backend_flags()
     epoch_rows = job.stream.epoch_size or config["num_train"]
-    steps_per_epoch = max(1, epoch_rows // (world * job.train.batch_size))
+    steps_per_epoch = max(1, epoch_rows // (world * job.worker_batch))
     opt, sched = make_optimizer(model, job.train, steps_per_epoch)
     weighted = job.stream.weighted
     try:  # the test set through Ray Data when the trainer was given one (build_eval_stream), else tensors
@@ -263,7 +273,7 @@ def train_loop(config: dict) -> None:
         pending.clear()
         shard = ray.train.get_dataset_shard("train")
         batches = shard.iter_torch_batches(
-            batch_size=job.train.batch_size,
+            batch_size=job.worker_batch,
             drop_last=True,
             local_shuffle_buffer_size=job.stream.shuffle_buffer,
             local_shuffle_seed=job.train.seed * 1000 + epoch * world + rank,

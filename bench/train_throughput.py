@@ -1,7 +1,8 @@
 """Training throughput with the unified Conv+BN+ReLU operator vs the same network built of eager
 Conv2d -> BatchNorm2d -> ReLU (issue: distributed training, "Benchmarks"; the seed claims +22%).
 
-The network: the `small` preset's layout (bench/_eager_cnn.py), 3x16x16 inputs, 10 classes, batch 64 per worker.
+The network: the `small` preset's layout (bench/_eager_cnn.py), 3x16x16 inputs, 10 classes, batch 64 per worker
+(a global batch of 128 over 2 Ray Train workers).
 Unified = that eager model after `fuse_` (what tandem does with a user model); eager = the same model with a Conv2d
 subclass `fuse_` leaves alone. Same initial weights, same data (synthetic class templates + noise, parquet).
   unified_vs_eager_throughput          Ray Train loop (actors/trainer.py, 2 workers x 1 CPU, DDP allreduce, plain
@@ -212,7 +213,7 @@ def ray_throughput(size: int, n: int, epochs: int, runs: int, workdir: str) -> d
             for name, user in USER_MODELS.items():
                 job = TrainJob(
                     model=ModelSpec(user=user),
-                    train=TrainConfig(epochs=epochs, batch_size=64),
+                    train=TrainConfig(epochs=epochs, batch_size=128),
                     dist=DistConfig(
                         num_workers=2,
                         comm=CommConfig(kind="allreduce"),

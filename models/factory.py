@@ -96,8 +96,13 @@ class ModelSpec:
     def build(self, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """The model for images of `image_shape` (C, H, W) and `num_classes`; a user model is fused and its
         output shape checked on a dummy batch."""
+        from kernels.conv_bn import plan_weight_layouts_
+
         if self.user is None:
-            return build_model(self.config(image_shape, num_classes))
+            model = build_model(self.config(image_shape, num_classes))
+            # weights laid out for the map sizes this data gives (channels_last only where maps are large enough)
+            plan_weight_layouts_(model, torch.zeros(2, *image_shape))
+            return model
         from models.fuse import fuse_
         from models.user_model import load_model
 
@@ -117,6 +122,7 @@ class ModelSpec:
                 f"model {self.user} must map (N, {', '.join(map(str, image_shape))}) to (N, >= {num_classes}) "
                 f"logits, got output shape {tuple(out.shape)}"
             )
+        plan_weight_layouts_(model, torch.zeros(2, *image_shape))
         setattr(model, SPEC_ATTR, self.to_dict())
         return model
 

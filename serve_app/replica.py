@@ -159,7 +159,7 @@ class ModelServer:
             if manifest["quantization"]["scheme"] == "none":
                 # fp32: BN folded into the convs, channels_last (bench/results/train_throughput.json,
                 # whole_model_infer_ratio); INT8 comes back from load_artifact already compiled as measured
-                model = inference_module(model)
+                model = inference_module(model, compile=True)
         ctl = user.build_controller()
         sound = self._warm_up(model, tuple(manifest["input_shape"]), ctl)
         return model, manifest, version, ctl, sound

@@ -45,7 +45,8 @@ def sweep(trained_artifact: str, cfg, shared: DataSplits, out: Path, storage_uri
     baseline = BaselineConfig(preset=cfg.preset, checkpoint=trained_artifact, data=data)
     common = dict(storage=storage_uri, gpus_per_trial=cfg.gpus_per_worker or 0.0)
     if cfg.smoke:
-        scfg = SweepConfig.smoke(str(out), baseline=baseline, trials=cfg.trials, verbose=1, **common)
+        scfg = SweepConfig.smoke(str(out), baseline=baseline, trials=cfg.trials, verbose=1,
+                                max_acc_drop_pts=cfg.max_acc_drop, **common)  # fmt: skip
     else:
         scfg = SweepConfig(trials=cfg.trials, baseline=baseline, out_dir=str(out), max_acc_drop_pts=cfg.max_acc_drop,
                            **common)  # fmt: skip
