@@ -286,6 +286,47 @@ def inference_module(model: nn.Module, *, compile: bool = False) -> nn.Module:
     return CompiledInference(m) if compile else m
 
 
+def fastest_inference_module(
+    model: nn.Module, example: torch.Tensor, batch_sizes: Iterable[int] = (1, 32), iters: int = 5
+) -> tuple[nn.Module, dict[str, float]]:
+    """The faster of `model`'s two inference forms on this machine and input shape: `inference_module(model)`
+    (BN folded, eager) or the same copy compiled (`CompiledInference`). Neither wins everywhere: compiled measured
+    0.81 of eager NCHW on `small` 8x8 but 1.83 on resnet18 8x8, whose 1x1 late maps inductor handles badly
+    (bench/results/train_throughput.json), so the form is chosen by timing both, as the measurements say.
+    Serve's fp32 replicas and the sweep's latency (models.quantize.compiled_for_inference) both call this,
+    so the served form is the measured one. `example` (N >= 1, C, H, W) gives the input shape; the score is
+    the sum over `batch_sizes` of each form's median of `iters` calls, after the compiles (`warmup`).
+    Returns (module, {"eager_s", "compiled_s", "compile_s"})."""
+    if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[0] < 1:
+        raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
+    sizes = tuple(batch_sizes)
+    if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+        raise ValueError(f"batch_sizes must be positive ints, got {list(sizes)}")
+    plain = inference_module(model)
+    compiled = CompiledInference(plain)
+    compile_s = sum(compiled.warmup(example, sizes).values())
+
+    def score(fn: nn.Module) -> float:
+        total = 0.0
+        with torch.inference_mode():
+            for b in sizes:
+                x = example[:1].expand(b, *example.shape[1:]).contiguous()
+                fn(x)  # first call after a switch of form: caches, allocator
+                times = []
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    fn(x)
+                    times.append(time.perf_counter() - t0)
+                total += sorted(times)[len(times) // 2]
+        return total
+
+    eager_s, compiled_s = score(plain), score(compiled)
+    logger.info("inference form: eager %.2f ms, compiled %.2f ms (sum over batch sizes %s): %s", eager_s * 1e3,
+                compiled_s * 1e3, sizes, "compiled" if compiled_s < eager_s else "eager")  # fmt: skip
+    timings = {"eager_s": eager_s, "compiled_s": compiled_s, "compile_s": compile_s}
+    return (compiled if compiled_s < eager_s else plain), timings
+
+
 class CompiledInference(nn.Module):
     """`folded` (an `inference_module` copy) compiled by inductor with a dynamic batch dimension, called under
     inference_mode.

@@ -176,15 +176,20 @@ class BucketCompiled:
             self(example[:1].expand(b, *example.shape[1:]).contiguous())
 
 
-def compiled_for_inference(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The fast CPU inference callable of a `QuantizedModel` (its `compile_()`) or of an fp32 model (the form
-    Serve runs: models.fuse.inference_module(compile=True), BN folded, inductor with freezing), so fp32 and
-    int8 run under the same compiler."""
+def compiled_for_inference(
+    model: nn.Module, example: torch.Tensor | None = None, batch_sizes: Iterable[int] = (1, 32)
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fast CPU inference callable of a `QuantizedModel` (its `compile_()`) or of an fp32 model: with an
+    `example` input, the form Serve runs (models.fuse.fastest_inference_module: BN folded, compiled or not,
+    whichever timed faster on `batch_sizes`); without one, the compiled form."""
     if isinstance(model, QuantizedModel):
         return model.compile_()
-    from models.fuse import inference_module  # the served fp32 form; models.fuse does not import this module
+    # the served fp32 form; models.fuse does not import this module
+    from models.fuse import fastest_inference_module, inference_module
 
-    return inference_module(model, compile=True)
+    if example is None:
+        return inference_module(model, compile=True)
+    return fastest_inference_module(model, example, batch_sizes)[0]
 
 
 class QuantizedModel(nn.Module):

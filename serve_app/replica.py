@@ -147,8 +147,10 @@ class ModelServer:
     def _prepare(self, user: "ModelUserConfig", new_model: bool) -> tuple[Any, dict[str, Any], str, Controller, bool]:
         """(model, manifest, version, warmed-up controller, finite on the warm-up) for `user`; runs off the event
         loop."""
+        import torch
+
         from models.artifact import load_artifact
-        from models.fuse import inference_module
+        from models.fuse import fastest_inference_module
         from models.storage import download_dir
 
         model, manifest, version = self.model, self.manifest, self.version
@@ -156,11 +158,14 @@ class ModelServer:
             # a storage URI (s3://, gs://) is fetched to this replica's node: no replica reads the head's disk
             model, manifest = load_artifact(download_dir(user.artifact))
             version = user.version or manifest["tensors"]["sha256"][:12]
-            if manifest["quantization"]["scheme"] == "none":
-                # fp32: BN folded into the convs, channels_last (bench/results/train_throughput.json,
-                # whole_model_infer_ratio); INT8 comes back from load_artifact already compiled as measured
-                model = inference_module(model, compile=True)
         ctl = user.build_controller()
+        if new_model and manifest["quantization"]["scheme"] == "none":
+            # fp32: BN folded into the convs, compiled or not, whichever timed faster here at batch 1 and the
+            # cap (the form the sweep measured; bench/results/train_throughput.json, whole_model_infer_ratio);
+            # INT8 comes back from load_artifact already compiled as measured
+            example = torch.rand(1, *manifest["input_shape"], generator=torch.Generator().manual_seed(0))
+            model, timings = fastest_inference_module(model, example, (1, ctl.config.max_batch_size))
+            logger.info("%s: fp32 form %s (%s)", self.deployment, type(model).__name__, timings)
         sound = self._warm_up(model, tuple(manifest["input_shape"]), ctl)
         return model, manifest, version, ctl, sound
 

@@ -40,9 +40,11 @@ class MeasureConfig:
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'warmup' else 'positive'} int")
 
 
-def inference_callable(model: nn.Module, compile: bool):
-    """What gets timed: the model itself (eval mode), or `compiled_for_inference(model)`."""
-    return compiled_for_inference(model) if compile else model.eval()
+def inference_callable(model: nn.Module, compile: bool, example: torch.Tensor | None = None,
+                       batch_sizes: tuple[int, ...] = (1, 32)):  # fmt: skip
+    """What gets timed: the model itself (eval mode), or what Serve runs (`compiled_for_inference`, which for
+    fp32 picks the faster form on `example`'s shape and `batch_sizes`)."""
+    return compiled_for_inference(model, example, batch_sizes) if compile else model.eval()
 
 
 def median_ms(fn, x: torch.Tensor, warmup: int, iters: int) -> float:
@@ -60,8 +62,8 @@ def median_ms(fn, x: torch.Tensor, warmup: int, iters: int) -> float:
 
 def latency_ms(model: nn.Module, input_shape: tuple[int, ...], cfg: MeasureConfig) -> dict[str, float]:
     """{"batch_<b>": median ms} for each batch size of `cfg`, on random inputs of `input_shape` (C, H, W)."""
-    fn = inference_callable(model, cfg.compile)
     g = torch.Generator().manual_seed(0)
+    fn = inference_callable(model, cfg.compile, torch.rand(1, *input_shape, generator=g), cfg.batch_sizes)
     return {
         f"batch_{b}": median_ms(fn, torch.rand(b, *input_shape, generator=g), cfg.warmup, cfg.iters)
         for b in cfg.batch_sizes

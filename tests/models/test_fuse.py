@@ -469,3 +469,22 @@ def test_inference_module_rejects_non_modules():
         inference_module(lambda x: x)
     with pytest.raises(TypeError, match="compile must be a bool"):
         inference_module(nn.Conv2d(1, 1, 1), compile="yes")
+
+
+def test_fastest_inference_module_keeps_the_faster_form_and_the_outputs():
+    """Serve's fp32 form: the faster of the eager folded copy and its compile on this input shape (the two
+    orders are each right somewhere: bench/results/train_throughput.json), with the model's outputs."""
+    from models.cnn import ModelConfig, build_model
+    from models.fuse import CompiledInference, fastest_inference_module
+
+    model = build_model(ModelConfig.preset("tiny", in_channels=1)).eval()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    form, t = fastest_inference_module(model, x, (1, 4), iters=3)
+    assert set(t) == {"eager_s", "compiled_s", "compile_s"} and t["compile_s"] > 0
+    assert isinstance(form, CompiledInference) == (t["compiled_s"] < t["eager_s"]), t
+    with torch.no_grad():
+        torch.testing.assert_close(form(x).clone(), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="example must be a"):
+        fastest_inference_module(model, torch.rand(8, 8))
+    with pytest.raises(ValueError, match="batch_sizes must be positive ints"):
+        fastest_inference_module(model, x, (0,))
