@@ -143,7 +143,10 @@ def _node_script(hide: list[str], keep: list[str], stash: str, start: list[str])
     lines = ["set -e"]
     for j, k in enumerate(keep):
         lines += [f"mkdir -p {stash}/{j}", f"mount --bind {shlex.quote(k)} {stash}/{j}"]
-    lines += [f"mount -t tmpfs -o size=8g tdnode {shlex.quote(h)}" for h in hide]
+    # parents first, and each path made inside the tmpfs above it: the project may live under /tmp (a CI clone
+    # in /tmp/ci), which the /tmp tmpfs would otherwise leave without a mount point
+    for h in sorted(hide, key=lambda p: p.rstrip("/").count("/")):
+        lines += [f"mkdir -p {shlex.quote(h)}", f"mount -t tmpfs -o size=8g tdnode {shlex.quote(h)}"]
     for j, k in enumerate(keep):
         lines += [f"mkdir -p {shlex.quote(k)}", f"mount --move {stash}/{j} {shlex.quote(k)}"]
     lines.append("exec " + " ".join(shlex.quote(a) for a in start))

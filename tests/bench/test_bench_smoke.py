@@ -114,4 +114,4 @@ def test_whole_model_case_keys_and_worst_case():
     assert res["whole_model_train_ratio_lean"] == case["train_ratio_lean"] > 0.0
     assert res["whole_model_infer_ratio"] == max(case["infer"][b]["ratio"] for b in ("batch1", "batch32")) > 0.0
     assert "compiled_unified_vs_compiled_eager" not in res
-    assert case["infer_form"] == "inference_module (uncompiled)" and "infer_compile_s" not in case
+    assert case["infer_form"] == "folded eager (--no-compile)" and "infer_compile_s" not in case
