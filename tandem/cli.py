@@ -57,7 +57,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-shape", type=_shape, help="C,H,W when the parquet metadata does not say")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (default 8; 4 with --smoke)")
-    g.add_argument("--batch-size", type=int, default=None, help="samples per optimizer step, split over the workers (64; 32 with --smoke)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="samples per optimizer step, split over the workers (64; 32 with --smoke)")  # fmt: skip
     g.add_argument("--lr", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="training dtype (default: from hardware)")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _netns import pids_with
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -30,27 +31,15 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _pids_with(marker: str) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if marker in (p / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(p.name))
-            except OSError:
-                continue
-    return pids
-
-
 def _stop(marker: str) -> None:
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in _pids_with(marker):
+        for pid in pids_with(marker):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait
-        while _pids_with(marker) and time.monotonic() < deadline:
+        while pids_with(marker) and time.monotonic() < deadline:
             time.sleep(0.2)
 
 
@@ -89,7 +78,7 @@ def head():
     finally:
         _stop(str(temp_dir))
         shutil.rmtree(base, ignore_errors=True)
-    assert not _pids_with(str(temp_dir)), "head processes left behind"
+    assert not pids_with(str(temp_dir)), "head processes left behind"
 
 
 # the job's package: the project without the virtualenv, local runs and git history
