@@ -10,8 +10,11 @@ variable boto and the AWS CLI read too; credentials come from the usual AWS_* va
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -141,6 +144,20 @@ def download_dir(uri: str, local: str | os.PathLike | None = None) -> str:
     dest.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(dest.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return str(dest)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """`download_dir(uri)` for the block: a copy it made (a remote `uri`) is removed when the block ends, the
+    directory itself (a local `uri`) is left alone. For readers that load everything into memory, as a Serve
+    replica loading an artifact: its copy goes as soon as the model is loaded, so none is left behind when the
+    replica swaps artifacts or shuts down (Ray SIGKILLs replicas, so no cleanup at exit could be relied on)."""
+    path = download_dir(uri)
+    try:
+        yield path
+    finally:
+        if path != local_path(uri):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def download_file(uri: str, local: str | os.PathLike | None = None) -> str:

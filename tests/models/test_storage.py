@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow.fs as pafs
 import pytest
 
@@ -66,6 +68,13 @@ def test_s3_round_trip_on_moto_server(tmp_path):
         assert names == {"tandem-ci/runs/r1/artifact/a.txt", "tandem-ci/runs/r1/artifact/sub/b.bin"}
         local = storage.download_dir(dest)
         assert _read_tree(__import__("pathlib").Path(local)) == files
+        # a replica's copy of an artifact lives while it loads, then goes (swap or shutdown leave none behind)
+        with storage.local_copy(dest) as copy:
+            assert copy != local and _read_tree(__import__("pathlib").Path(copy)) == files
+        assert not os.path.exists(copy)
+        with storage.local_copy(str(tmp_path / "src")) as here:  # a local directory is read in place, and kept
+            assert here == str(tmp_path / "src")
+        assert _read_tree(tmp_path / "src") == files
         storage.write_bytes(storage.join(base, "r1", "w.npz"), b"\x00\x01")
         assert storage.read_bytes(storage.join(base, "r1", "w.npz")) == b"\x00\x01"
         assert storage.fs_uri(fs, "tandem-ci/runs/r1") == "s3://tandem-ci/runs/r1"
