@@ -1,4 +1,4 @@
-"""The weighted Ray Data stream: parquet -> decode -> rows drawn by per-sample weight -> shuffled torch batches.
+"""The weighted Ray Data stream: parquet or image files -> decode -> rows drawn by weight -> shuffled torch batches.
 
 Per epoch the weight store draws how often each sample appears (multinomial over w / sum(w), `epoch_size` rows;
 `SampleWeightStore.begin_epoch`). The pipeline repeats each row of a block by its count, asking the store only for
@@ -19,7 +19,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from models.data import DatasetInfo, decode_images, encode_labels, parquet_files
+from models.data import DatasetInfo, decode_images, encode_labels, parquet_files, read_index
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+"""PIL mode `read_images` converts every file to, by channel count (what `models.data.decode_image` gives)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -80,15 +83,58 @@ def redraw_batch(batch: dict[str, np.ndarray], store, unbiased: bool) -> dict[st
     return out
 
 
+def _file_key(path: str) -> str:
+    """'<class>/<file>' of an image path: unique in an image folder, and the same whichever form (leading '/',
+    bucket prefix) Ray Data's `include_paths` hands back."""
+    return "/".join(path.rstrip("/").split("/")[-2:])
+
+
+def join_images(batch: dict[str, np.ndarray], rows: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """`read_images` rows {'image' (B, H, W[, C]) uint8, 'path'} -> {'sample_id', 'image' (B, C, H, W) float32 in
+    [0, 1], 'label'}, the id and label looked up by the file's path in the image index."""
+    images = np.asarray(batch["image"])
+    if images.ndim == 3:  # mode "L": no channel axis
+        images = images[:, None]
+    else:
+        images = images.transpose(0, 3, 1, 2)
+    looked = np.array([rows[_file_key(p)] for p in batch["path"]], dtype=np.int64).reshape(-1, 2)
+    return {
+        "sample_id": looked[:, 0],
+        "image": images.astype(np.float32) * np.float32(1.0 / 255.0),
+        "label": looked[:, 1],
+    }
+
+
+def _read_decoded(info: DatasetInfo, block_rows: int) -> ray.data.Dataset:
+    """{'sample_id', 'image' (C, H, W) float32, 'label' int64} rows of `info`, read and decoded by Ray Data."""
+    if info.images_root is None:
+        ds = ray.data.read_parquet(info.path).select_columns(["sample_id", "image", "label"])
+        return ds.map_batches(
+            decode_batch,
+            batch_format="pyarrow",
+            batch_size=block_rows,
+            fn_kwargs={"image_shape": info.image_shape, "class_names": info.class_names},
+        )
+    from models import storage
+
+    # an image folder: the driver reads only the index (file names); the workers read and decode the files
+    table = read_index(info.path)
+    paths = table.column("path").to_pylist()
+    labels = encode_labels(table.column("label"), info.class_names)
+    ids = table.column("sample_id").to_numpy()
+    rows = {_file_key(p): (int(i), int(lab)) for p, i, lab in zip(paths, ids, labels, strict=True)}
+    fs, _ = storage.resolve(info.images_root)
+    # read_images, not read_binary_files + decode: it converts every file to one mode and yields uint8 arrays
+    # with their path, all we need; the index was validated (suffixes, sizes), so no extension filter
+    ds = ray.data.read_images(
+        paths, filesystem=fs, include_paths=True, mode=_MODES[info.image_shape[0]], file_extensions=None
+    )
+    return ds.map_batches(join_images, batch_format="numpy", batch_size=block_rows, fn_kwargs={"rows": rows})
+
+
 def build_stream(info: DatasetInfo, cfg: StreamConfig, store=None) -> ray.data.Dataset:
     """The training dataset for Ray Train (pass `store` when cfg.weighted)."""
-    ds = ray.data.read_parquet(info.path).select_columns(["sample_id", "image", "label"])
-    ds = ds.map_batches(
-        decode_batch,
-        batch_format="pyarrow",
-        batch_size=cfg.block_rows,
-        fn_kwargs={"image_shape": info.image_shape, "class_names": info.class_names},
-    )
+    ds = _read_decoded(info, cfg.block_rows)
     if decoded_nbytes(info) <= cfg.cache_max_bytes:
         ds = ds.materialize()  # small: decode once; each epoch then only redraws from the cached blocks
     # re-executed every epoch (Train iterates the dataset anew), so each epoch draws a new order
@@ -108,13 +154,7 @@ def build_stream(info: DatasetInfo, cfg: StreamConfig, store=None) -> ray.data.D
 def build_eval_stream(info: DatasetInfo, block_rows: int = 1024) -> ray.data.Dataset:
     """The held-out set as a Ray Data dataset decoded on the workers (pass as the trainer's "test" dataset: Ray
     Train splits it among workers, each scores its share; no worker loads the whole set)."""
-    ds = ray.data.read_parquet(info.path).select_columns(["sample_id", "image", "label"])
-    return ds.map_batches(
-        decode_batch,
-        batch_format="pyarrow",
-        batch_size=block_rows,
-        fn_kwargs={"image_shape": info.image_shape, "class_names": info.class_names},
-    )
+    return _read_decoded(info, block_rows)
 
 
 def decoded_nbytes(info: DatasetInfo) -> int:
@@ -127,7 +167,8 @@ def read_sample_ids(info: DatasetInfo) -> np.ndarray:
     """Only the sample_id column (8 bytes a row), for the weight store."""
     import pyarrow.parquet as pq
 
+    if info.images_root is not None:
+        return read_index(info.path).column("sample_id").to_numpy()
+
     files = parquet_files(info.path)
-    return np.concatenate(
-        [pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy() for f in files]
-    )
+    return np.concatenate([pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy() for f in files])

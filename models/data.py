@@ -10,8 +10,13 @@ Schema (one row per sample):
                the training split, recorded as `class_names`)
 The image shape is stored in the parquet schema metadata under b"tandem.image_shape" ("C,H,W"); a user file
 without it must be given `image_shape`, holds square single-channel images (length a perfect square), or
-encoded images (their decoded shape). An image folder (one subfolder of PNG/JPEG files per class) is written
-as such a parquet (encoded bytes, string labels) without decoding it on the driver twice.
+encoded images (their decoded shape).
+
+An image folder (a local directory or storage URI, one subfolder of PNG/JPEG files per class) is not copied: the
+driver lists its file names and writes them as an *image index* (a small parquet of sample_id, path, label whose
+metadata names the folder, the image shape, the class names and the normalization stats). Ray Data's
+`read_images` reads and decodes the files on the workers (actors/weighted_stream.py); `load_tensors` reads them in
+process. sample_id = position in the sorted listing (+ 2**40 for a separate test folder), label = the subfolder.
 
 Validation reads the files batch by batch (the driver never holds the table) and stops, naming the file and
 the row's sample_id, at: NaN/inf pixels, undecodable images, images of another size, null values, labels of two
@@ -32,6 +37,10 @@ import pyarrow.parquet as pq
 import torch
 
 SHAPE_KEY = b"tandem.image_shape"
+ROOT_KEY = b"tandem.image_root"
+"""Index metadata: the image folder (path or URI) the index's paths are in."""
+INDEX_KEY = b"tandem.image_index"
+"""Index metadata: JSON {"class_names": [...], "mean": [...], "std": [...]}."""
 DIGITS_SHAPE = (1, 8, 8)
 
 
@@ -72,6 +81,8 @@ class DatasetInfo:
     """Per-channel pixel mean over the rows (after decoding and scaling), computed during validation."""
     channel_std: tuple[float, ...] | None = None
     """Per-channel pixel standard deviation over the rows."""
+    images_root: str | None = None
+    """Set for an image folder: `path` is its image index, the images are files under this folder or URI."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,8 +365,15 @@ def validate_parquet(
     """Checks columns, dtypes, image sizes, pixel values, labels and emptiness, streaming over the files;
     raises ValueError naming the problem (and the row's sample_id). String labels are numbered by their sorted
     names, or by `class_names` (the training split's) when given."""
+    files = parquet_files(path)
+    try:
+        first = pq.read_schema(files[0])
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{files[0]}: not a readable parquet file ({e})") from None
+    if ROOT_KEY in (first.metadata or {}):
+        return _index_info(path, files, image_shape, class_names)
     scan = _Scan(path, image_shape)
-    for f in parquet_files(path):
+    for f in files:
         try:
             pf = pq.ParquetFile(f)
             kind = scan.file(f, pf.schema_arrow)
@@ -395,6 +413,20 @@ def validate_parquet(
 
 def load_tensors(info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sample_ids (N,), images (N, C, H, W) float32, labels (N,)) of a validated dataset."""
+    if info.images_root is not None:
+        from models import storage
+
+        table = read_index(info.path)
+        fs, _ = storage.resolve(info.images_root)
+        images = np.empty((table.num_rows, *info.image_shape), np.float32)
+        for i, p in enumerate(table.column("path").to_pylist()):
+            with fs.open_input_file(p) as f:
+                images[i] = decode_image(f.read())
+        return (
+            torch.from_numpy(table.column("sample_id").to_numpy().astype(np.int64)),
+            torch.from_numpy(images),
+            torch.from_numpy(encode_labels(table.column("label"), info.class_names)),
+        )
     ids, images, labels = [], [], []
     for f in parquet_files(info.path):
         table = pq.read_table(f, columns=["sample_id", "image", "label"])
@@ -412,12 +444,21 @@ def prepare_data(cfg: DataConfig, workdir: str | os.PathLike) -> DataSplits:
     """Validates (or writes, for the default digits; converts, for an image folder) the train and test data;
     nothing is trained on bad data."""
     data_dir = Path(workdir) / "data"
-    train_src = cfg.train_path
+    train_src, test_src = cfg.train_path, cfg.test_path
     if train_src is not None and is_image_folder(train_src):
-        train_src = image_folder_to_parquet(train_src, data_dir / f"{Path(train_src).name}.parquet")
-    test_src = cfg.test_path
-    if test_src is not None and is_image_folder(test_src):
-        test_src = image_folder_to_parquet(test_src, data_dir / f"{Path(test_src).name}_test.parquet", start_id=1 << 40)
+        fraction = cfg.test_fraction if test_src is None else 0.0
+        train_src, split_test, classes = index_image_folder(
+            train_src, data_dir / "images.index.parquet", image_shape=cfg.image_shape, test_fraction=fraction
+        )
+        if test_src is None:
+            test_src = split_test
+        elif is_image_folder(test_src):
+            test_src, _, _ = index_image_folder(
+                test_src, data_dir / "images_test.index.parquet", image_shape=cfg.image_shape, start_id=1 << 40,
+                class_names=classes,
+            )  # fmt: skip
+    elif test_src is not None and is_image_folder(test_src):
+        raise ValueError(f"test_path {test_src} is an image folder, train_path {train_src} is not: use one kind")
     if train_src is None:
         train_path, test_path = write_digits(data_dir, cfg.test_fraction)
     elif test_src is None:
@@ -429,6 +470,13 @@ def prepare_data(cfg: DataConfig, workdir: str | os.PathLike) -> DataSplits:
     if test.image_shape != train.image_shape:
         raise ValueError(f"train and test image shapes differ: {train.image_shape} vs {test.image_shape}")
     return DataSplits(train=train, test=test)
+
+
+def _test_mask(ids: np.ndarray, test_fraction: float) -> np.ndarray:
+    """True for the held-out ids: a splitmix64-style mix of the id, then a uniform draw in [0, 1) (stable when rows
+    are added or reordered)."""
+    h = (ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)
+    return (h.astype(np.float64) / float(1 << 53)) < test_fraction
 
 
 def split_parquet(
@@ -448,9 +496,7 @@ def split_parquet(
             for b in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=["sample_id", "image", "label"]):
                 table = pa.Table.from_batches([b])
                 ids = table.column("sample_id").to_numpy().astype(np.int64)
-                # splitmix64-style mix of the id, then a uniform draw in [0, 1)
-                h = (ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)
-                is_test = (h.astype(np.float64) / float(1 << 53)) < test_fraction
+                is_test = _test_mask(ids, test_fraction)
                 if not writers:
                     schema = table.schema.with_metadata(meta)
                     writers = [pq.ParquetWriter(p, schema) for p in paths]
@@ -468,53 +514,176 @@ def split_parquet(
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_STATS_SAMPLE = 256
+"""Images decoded in full on the driver for the normalization stats (evenly spaced over the listing): the rest
+of the folder is only header-checked there and decoded by Ray Data on the workers."""
 
 
 def is_image_folder(path: str) -> bool:
-    """A local directory with one subfolder per class (and no parquet files of its own)."""
-    p = Path(path)
-    return p.is_dir() and not any(p.glob("*.parquet")) and any(c.is_dir() for c in p.iterdir())
+    """A directory (local path or storage URI) with a subfolder per class and no parquet files of its own."""
+    from pyarrow import fs as pafs
+
+    from models import storage
+
+    try:
+        fs, base = storage.resolve(path)
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            return False
+        entries = fs.get_file_info(pafs.FileSelector(base))
+    except (OSError, ValueError):
+        return False
+    if any(e.type == pafs.FileType.File and e.path.endswith(".parquet") for e in entries):
+        return False
+    return any(e.type == pafs.FileType.Directory for e in entries)
 
 
-def image_folder_to_parquet(folder: str, out: str | os.PathLike, start_id: int = 0, rows_per_batch: int = 512) -> str:
-    """Writes an image folder (`folder/<class name>/<file>.png|.jpg`) as tandem parquet: the encoded bytes as they
-    are (decoded where the data is read: Ray Data's workers, or the local loader), string labels = the
-    subfolder names, sample_id = start_id + position in sorted path order. Every file is opened once here so
-    that an unreadable file or one of another size stops the run now, named."""
-    root = Path(folder)
-    classes = sorted(c.name for c in root.iterdir() if c.is_dir())
-    files = [(f, c) for c in classes for f in sorted((root / c).iterdir()) if f.is_file()]
+def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(class names = the sorted subfolder names, [(file path in the folder's filesystem, class name)] sorted by
+    class then file name). Only names are read."""
+    from pyarrow import fs as pafs
+
+    from models import storage
+
+    fs, base = storage.resolve(root)
+    base = base.rstrip("/")
+    entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    classes, files = set(), []
+    for e in entries:
+        parts = e.path[len(base) :].strip("/").split("/")
+        if e.type == pafs.FileType.Directory and len(parts) == 1:
+            classes.add(parts[0])
+        elif e.type == pafs.FileType.File and len(parts) == 2:
+            files.append((e.path, parts[0]))
+    files.sort(key=lambda f: (f[1], f[0]))
     if not files:
-        raise ValueError(f"{folder}: no image files in its class subfolders {classes}")
-    odd = [str(f) for f, _ in files if f.suffix.lower() not in _IMAGE_SUFFIXES]
+        raise ValueError(f"{root}: no image files in its class subfolders {sorted(classes)}")
+    odd = [p for p, _ in files if not p.lower().endswith(_IMAGE_SUFFIXES)]
     if odd:
-        raise ValueError(f"{folder}: files must be PNG or JPEG images, got {odd[:3]}")
+        raise ValueError(f"{root}: files must be PNG or JPEG images, got {odd[:3]}")
+    return sorted(classes | {c for _, c in files}), files
+
+
+def _channels(img) -> int:
+    """Channels `decode_image` gives this PIL image (L 1, RGB 3, RGBA 4; others converted to RGB or RGBA)."""
+    if img.mode in ("L", "RGB", "RGBA"):
+        return {"L": 1, "RGB": 3, "RGBA": 4}[img.mode]
+    return 4 if "A" in img.getbands() else 3
+
+
+def index_image_folder(
+    root: str,
+    out: str | os.PathLike,
+    *,
+    image_shape: tuple[int, int, int] | None = None,
+    test_fraction: float = 0.0,
+    start_id: int = 0,
+    class_names: list[str] | None = None,
+) -> tuple[str, str | None, list[str]]:
+    """Lists image folder `root` and writes its image index to `out` (with test_fraction > 0, the held-out ids by
+    the same hash as `split_parquet` to `out`'s sibling `*_test.index.parquet`); returns (index, test index or
+    None, class names). Every file's header is read (an unreadable file or one of another size or channel count
+    stops the run here, named); the normalization stats come from up to 256 fully decoded files."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from models import storage
+
+    classes, files = list_image_folder(root)
+    if class_names is not None:
+        unknown = sorted(set(classes) - set(class_names))
+        if unknown:
+            raise ValueError(f"{root}: classes {unknown[:5]} are not among the training classes {class_names}")
+        classes = list(class_names)
+    fs, _ = storage.resolve(root)
+    shape = None
+    sample = set(np.linspace(0, len(files) - 1, min(_STATS_SAMPLE, len(files))).round().astype(int).tolist())
+    sums = sq = 0.0
+    pixels = 0
+    for i, (path, _) in enumerate(files):
+        try:
+            with fs.open_input_file(path) as f:
+                data = f.read() if i in sample else f.read(1 << 16)
+                try:
+                    img = Image.open(io.BytesIO(data))
+                except Exception:  # a header past the first 64 KiB (a large JPEG EXIF block): read it all
+                    data = data + f.read()
+                    img = Image.open(io.BytesIO(data))
+            with img:
+                got = (_channels(img), img.size[1], img.size[0])
+            if i in sample:
+                pix = decode_image(data).astype(np.float64)
+                sums, sq = sums + pix.sum((1, 2)), sq + np.square(pix).sum((1, 2))
+                pixels += pix.shape[1] * pix.shape[2]
+        except Exception as e:  # PIL raises many types for a bad file; all mean "unreadable"
+            raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+        if shape is None:
+            shape = got
+            if image_shape is not None and tuple(image_shape) != shape:
+                raise ValueError(f"{path}: image_shape {tuple(image_shape)} given, the images decode to {shape}")
+        elif got != shape:
+            raise ValueError(f"{path}: images must all have shape {shape}, this one decodes to {got} (mixed shapes)")
+        if (i + 1) % 5000 == 0:
+            print(f"tandem: checked {i + 1}/{len(files)} images in {root}", flush=True)
+    mean = sums / pixels
+    std = np.sqrt(np.maximum(sq / pixels - mean * mean, 0.0))
+    meta = {
+        ROOT_KEY: root.encode(),
+        SHAPE_KEY: ",".join(map(str, shape)).encode(),
+        INDEX_KEY: json.dumps({"class_names": classes, "mean": mean.tolist(), "std": std.tolist()}).encode(),
+    }
+    ids = np.arange(start_id, start_id + len(files), dtype=np.int64)
+    table = pa.table(
+        {"sample_id": ids, "path": [p for p, _ in files], "label": [c for _, c in files]}
+    ).replace_schema_metadata(meta)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("sample_id", pa.int64()), ("image", pa.binary()), ("label", pa.string())])
-    shape = None
-    with pq.ParquetWriter(out, schema) as writer:
-        for i in range(0, len(files), rows_per_batch):
-            chunk = files[i : i + rows_per_batch]
-            blobs = []
-            for f, _ in chunk:
-                data = f.read_bytes()
-                try:
-                    got = decode_image(data).shape
-                except Exception as e:  # PIL raises many types for a bad file; all mean "unreadable"
-                    raise ValueError(f"{f}: unreadable image ({type(e).__name__}: {e})") from None
-                if shape is None:
-                    shape = got
-                elif got != shape:
-                    raise ValueError(
-                        f"{f}: images must all have shape {shape}, this one decodes to {got} (mixed shapes)"
-                    )
-                blobs.append(data)
-            ids = np.arange(start_id + i, start_id + i + len(chunk), dtype=np.int64)
-            writer.write_table(
-                pa.table(
-                    {"sample_id": ids, "image": pa.array(blobs, pa.binary()), "label": [c for _, c in chunk]},
-                    schema=schema,
-                )  # fmt: skip
-            )
-    return str(out)
+    if test_fraction <= 0.0:
+        pq.write_table(table, out)
+        return str(out), None, classes
+    is_test = _test_mask(ids, test_fraction)
+    test_out = out.with_name(out.name.replace(".index.parquet", "") + "_test.index.parquet")
+    for name, mask in (("train", ~is_test), ("test", is_test)):
+        if not mask.any():
+            raise ValueError(f"{root}: the {name} split is empty; use more images or another test_fraction")
+    pq.write_table(table.filter(pa.array(~is_test)), out)
+    pq.write_table(table.filter(pa.array(is_test)), test_out)
+    return str(out), str(test_out), classes
+
+
+def read_index(path: str) -> pa.Table:
+    """(sample_id, path, label) of an image index (a file or a directory of them, local or a storage URI)."""
+    from models import storage
+
+    fs, p = storage.resolve(path)
+    return pq.read_table(p, filesystem=fs, columns=["sample_id", "path", "label"])
+
+
+def _index_info(
+    path: str, files: list[str], image_shape: tuple[int, int, int] | None, class_names: tuple[str, ...] | None
+) -> DatasetInfo:
+    import json
+
+    schema = pq.read_schema(files[0])
+    meta = json.loads(schema.metadata[INDEX_KEY])
+    shape = tuple(int(v) for v in schema.metadata[SHAPE_KEY].decode().split(","))
+    if image_shape is not None and tuple(image_shape) != shape:
+        raise ValueError(f"{path}: image_shape {tuple(image_shape)} given, the images decode to {shape}")
+    names = tuple(meta["class_names"]) if class_names is None else tuple(class_names)
+    table = read_index(path)
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: no rows")
+    unknown = sorted(set(table.column("label").to_pylist()) - set(names))
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown[:5]} are not among the training classes {list(names)}")
+    return DatasetInfo(
+        path=path,
+        num_rows=table.num_rows,
+        image_shape=shape,
+        num_classes=len(names),
+        class_names=names,
+        channel_mean=tuple(meta["mean"]),
+        channel_std=tuple(meta["std"]),
+        images_root=schema.metadata[ROOT_KEY].decode(),
+    )

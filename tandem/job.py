@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.dataset import DataConfig, DataSplits, load_tensors, parquet_files, prepare_data
+from actors.dataset import DataConfig, DataSplits, is_image_folder, load_tensors, parquet_files, prepare_data
 from actors.train_local import TrainConfig, fit_local
 from actors.trainer import DistConfig, TrainJob
 from actors.weight_store import WeightRule
@@ -178,7 +178,8 @@ def stage_data(data: DataConfig, scratch: Path, run_uri: str) -> tuple[DataSplit
     inputs = {}
     for key in ("train_path", "test_path"):
         path = getattr(data, key)
-        if path is not None and storage.is_remote(path):
+        # an image folder is read where it is (listed here, read by Ray Data's workers), never downloaded
+        if path is not None and storage.is_remote(path) and not is_image_folder(path):
             dest = scratch / "input" / key
             path = storage.download_dir(path, dest) if storage.is_dir(path) else storage.download_file(path)
         inputs[key] = path

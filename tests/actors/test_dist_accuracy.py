@@ -77,6 +77,7 @@ def test_image_folder_trains_through_ray_data(ray_local, tmp_path):
         Image.fromarray((img.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(d / f"{i:04d}.png")
     splits = prepare_data(DataConfig(train_path=str(tmp_path / "imgs")), tmp_path / "w")
     assert splits.class_names == list(names) and splits.image_shape == (3, 8, 8)
+    assert splits.train.images_root == str(tmp_path / "imgs")  # read by Ray Data's read_images, not converted
     job = TrainJob(
         model=ModelSpec(preset="tiny"),
         train=TrainConfig(epochs=4, batch_size=32, precision=PrecisionConfig(train_dtype="fp32")),
