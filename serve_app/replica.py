@@ -61,6 +61,13 @@ class InferStats:
         }
 
 
+def _form_key(model, manifest: dict[str, Any], cap: int) -> tuple:
+    """What an fp32 inference form is chosen for: the model's class and every tensor's name and shape (pruned
+    channels change them), the input shape and the batch cap it was timed at."""
+    shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return type(model).__qualname__, shapes, tuple(manifest["input_shape"]), cap
+
+
 class ModelFault(Exception):
     """The model's output is not finite. Answered 422 when the model is sound on ordinary inputs (its warm-up on
     [0, 1) images was finite), so these inputs caused it (all 3e38, finite in float32, overflow a CNN); 500 when
@@ -113,6 +120,9 @@ class ModelServer:
         self._lags: deque[float] = deque(maxlen=20)
         self._grace_until = 0.0
         self._sound = True
+        # (what the fp32 form was chosen for, compiled?): a hot update of the same model shape keeps it (_prepare)
+        self._form: tuple[tuple, bool] | None = None
+        self._next_form: tuple[tuple, bool] | None = None
         # The controller learns t(b) from the batch's CPU time when the forward runs in this thread alone (one
         # torch thread, a CPU model): on a shared machine wall time includes the replica being preempted, and
         # outliers of 10-30x (measured under load here) drove the fit's p99 noise up, the cap to 1 and admission
@@ -135,6 +145,7 @@ class ModelServer:
         new_model = self.user is None or (user.artifact, user.version) != (self.user.artifact, self.user.version)
         model, manifest, version, ctl, sound = await asyncio.to_thread(self._prepare, user, new_model)
         self.model, self.manifest, self.version, self._sound = model, manifest, version, sound
+        self._form, self._next_form = self._next_form or self._form, None
         self.input_shape = tuple(manifest["input_shape"])
         self.ctl, self.gate, self.user = ctl, AdmissionControl(ctl.config), user
         self._grace_until = time.monotonic() + user.update_grace_s
@@ -150,10 +161,11 @@ class ModelServer:
         import torch
 
         from models.artifact import load_artifact
-        from models.fuse import fastest_inference_module
+        from models.fuse import CompiledInference, fastest_inference_module, inference_module
         from models.storage import download_dir
 
         model, manifest, version = self.model, self.manifest, self.version
+        self._next_form = None
         if new_model:
             # a storage URI (s3://, gs://) is fetched to this replica's node: no replica reads the head's disk
             model, manifest = load_artifact(download_dir(user.artifact))
@@ -163,9 +175,20 @@ class ModelServer:
             # fp32: BN folded into the convs, compiled or not, whichever timed faster here at batch 1 and the
             # cap (the form the sweep measured; bench/results/train_throughput.json, whole_model_infer_ratio);
             # INT8 comes back from load_artifact already compiled as measured
-            example = torch.rand(1, *manifest["input_shape"], generator=torch.Generator().manual_seed(0))
-            model, timings = fastest_inference_module(model, example, (1, ctl.config.max_batch_size))
-            logger.info("%s: fp32 form %s (%s)", self.deployment, type(model).__name__, timings)
+            key = _form_key(model, manifest, ctl.config.max_batch_size)
+            if self._form is not None and self._form[0] == key:
+                # A hot update of the same architecture and shapes: the form chosen for it stands, and a
+                # compiled one reuses the graphs already compiled here (CompiledInference: the weights are graph
+                # inputs). Choosing again compiled and timed both forms beside the serving event loop, on the
+                # same cores, for 2-25 s per graph on 2 cores: the update-time stall whose backlog HAProxy's
+                # 64-in-flight cap refused (9 of 2741 requests at 0.66x capacity, bench/serving.py).
+                model = CompiledInference(inference_module(model)) if self._form[1] else inference_module(model)
+                logger.info("%s: fp32 form %s (as before this update)", self.deployment, type(model).__name__)
+            else:
+                example = torch.rand(1, *manifest["input_shape"], generator=torch.Generator().manual_seed(0))
+                model, timings = fastest_inference_module(model, example, (1, ctl.config.max_batch_size))
+                logger.info("%s: fp32 form %s (%s)", self.deployment, type(model).__name__, timings)
+            self._next_form = (key, isinstance(model, CompiledInference))
         sound = self._warm_up(model, tuple(manifest["input_shape"]), ctl)
         return model, manifest, version, ctl, sound
 

@@ -366,6 +366,48 @@ def test_admission_refuses_nothing_in_the_grace_after_an_update(served, outside_
         ModelUserConfig.from_dict({"artifact": served["art1"], "update_grace_s": -1})
 
 
+def test_a_hot_update_of_the_same_shape_keeps_the_fp32_form(ray_local, outside_serve, tmp_path, monkeypatch):
+    """A hot update to a model of the same architecture and shapes keeps the fp32 form chosen at the first load
+    (no compile and timing of both forms beside the serving loop: the update-time stall of issue 16) and runs
+    with its own weights; a model of other shapes gets the form chosen again."""
+    import models.fuse
+    from models.artifact import save_artifact
+    from models.cnn import ModelConfig, build_model
+    from serve_app.replica import ModelServer
+
+    chose = []
+
+    def fastest(model, example, batch_sizes):  # the choice, without its compiles: say "compiled" for the test
+        chose.append(tuple(example.shape))
+        return models.fuse.CompiledInference(models.fuse.inference_module(model)), {}
+
+    monkeypatch.setattr(models.fuse, "fastest_inference_module", fastest)
+    monkeypatch.setattr(models.fuse.CompiledInference, "forward", lambda self, x: self.folded(x))
+    arts = {}
+    for name, seed, classes in (("a", 0, 10), ("b", 1, 10), ("c", 2, 5)):
+        torch.manual_seed(seed)
+        model = build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=classes))
+        arts[name] = str(tmp_path / name)
+        save_artifact(model, arts[name], input_shape=SHAPE)
+    x = np.random.default_rng(0).random((3, *SHAPE), dtype=np.float32)
+
+    async def scenario() -> list[tuple[int, str, np.ndarray]]:
+        srv = ModelServer(AppConfig(artifact=arts["a"]).to_dict())
+        seen = []
+        for name in ("a", "b", "c"):
+            await srv.reconfigure({"artifact": arts[name], "version": name, "controller": "static"})
+            probs, version = await srv.infer(x)
+            seen.append((len(chose), version, probs, type(srv.model).__name__))
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [(n, v, form) for n, v, _, form in seen] == [
+        (1, "a", "CompiledInference"), (1, "b", "CompiledInference"), (2, "c", "CompiledInference")
+    ]  # fmt: skip
+    for (_, _, probs, _), name in zip(seen, "abc", strict=True):  # each model's own weights
+        np.testing.assert_allclose(probs, local_predictions(arts[name], torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
