@@ -109,3 +109,22 @@ def test_kwargs_and_num_classes_are_passed(tmp_path, monkeypatch):
     assert load_model("kw_models:fixed", None, num_classes=7).out_features == 3  # not passed when not taken
     with pytest.raises(TypeError, match="cannot be called with {'depth': 2}"):
         load_model("kw_models:fixed", {"depth": 2})
+
+
+def test_runtime_env_ships_the_users_package(tmp_path, monkeypatch):
+    """`tandem run --address` from a plain driver: the package holding the model's module goes to the workers as
+    py_modules; nothing inside a Ray job or for an installed package; clear errors otherwise."""
+    from pathlib import Path
+
+    from models.user_model import JOB_CONFIG_ENV, runtime_env_for
+
+    env = runtime_env_for("tests.models.tv_models:resnet18", environ={})
+    assert env == {"py_modules": [str(Path(__file__).resolve().parents[1])]}  # the `tests` package directory
+    assert runtime_env_for("tests.models.tv_models:resnet18", environ={JOB_CONFIG_ENV: "{}"}) is None
+    assert runtime_env_for("numpy.linalg:norm", environ={}) is None  # installed: the nodes have it too
+    with pytest.raises(ImportError, match="on this driver"):
+        runtime_env_for("no_such_pkg_13.mod:fn", environ={})
+    (tmp_path / "single_file_13.py").write_text("def fn():\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="single-file module"):
+        runtime_env_for("single_file_13:fn", environ={})
