@@ -21,8 +21,9 @@ sit beside it under `whole_model_cases`:
   compiled_unified_vs_compiled_eager    torch.compile(fullgraph) of each, unified save='fast' / eager
                                         (the lean figure beside it: compiled_unified_lean_vs_...)    goal >= 1.0
   whole_model_infer_ratio               eval forward latency at batch 1 and 32, the served form
-                                        models.fuse.fastest_inference_module (BN folded; compiled by
-                                        inductor or not, whichever timed faster) / eager NCHW eval   goal <= 0.82
+                                        models.fuse.fastest_inference_module (BN folded; eager, compiled
+                                        by inductor, or one fused oneDNN primitive per conv+act(+add),
+                                        whichever timed fastest) / eager NCHW eval                   goal <= 0.82
                                         (infer_form says which, infer_compile_s the compile seconds;
                                         with --no-compile the uncompiled form stands in)
 Writes bench/results/train_throughput.json. `--quick`: one Ray run per variant, fewer local repeats, whole-model
@@ -50,7 +51,7 @@ from bench._eager_cnn import build_eager
 from kernels.conv_bn import plan_weight_layouts_
 from kernels.precision import PrecisionConfig, PrecisionPolicy
 from models.cnn import ModelConfig
-from models.fuse import CompiledInference, fastest_inference_module, fuse_, inference_module
+from models.fuse import CompiledInference, OneDNNInference, fastest_inference_module, fuse_, inference_module
 
 USER_MODELS = {"unified": "bench._eager_cnn:build_small_rgb", "eager": "bench._eager_cnn:build_small_rgb_unfused"}
 SEED_CLAIM = 1.22
@@ -145,7 +146,13 @@ def whole_model_case(preset: str, size: int, batch: int, repeats: int, compiled:
         served, choice = fastest_inference_module(models["fast"], x[:1], (1, 32))
         out["infer_compile_s"] = choice["compile_s"]
         out["infer_choice_ms"] = {k: v * 1e3 for k, v in choice.items() if k != "compile_s"}
-        out["infer_form"] = "compiled" if isinstance(served, CompiledInference) else "folded eager"
+        out["infer_form"] = (
+            "compiled"
+            if isinstance(served, CompiledInference)
+            else "oneDNN fused"
+            if isinstance(served, OneDNNInference)
+            else "folded eager"
+        )
     else:  # --no-compile: the uncompiled folded form stands in (infer_form says so)
         served = inference_module(models["fast"])
         out["infer_form"] = "folded eager (--no-compile)"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import time
 import warnings
 from collections import Counter
@@ -35,8 +36,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.activations import ACTIVATIONS
-from kernels.conv_bn import ConvBNAct, SaveMode, _cpu_layout, _match_weight_layout, fold_conv_bn
+from kernels.activations import ACTIVATIONS, get_activation
+from kernels.conv_bn import _CL_MIN_PIXELS, ConvBNAct, SaveMode, _cpu_layout, _match_weight_layout, fold_conv_bn
 
 logger = logging.getLogger(__name__)
 
@@ -289,14 +290,16 @@ def inference_module(model: nn.Module, *, compile: bool = False) -> nn.Module:
 def fastest_inference_module(
     model: nn.Module, example: torch.Tensor, batch_sizes: Iterable[int] = (1, 32), iters: int = 5
 ) -> tuple[nn.Module, dict[str, float]]:
-    """The faster of `model`'s two inference forms on this machine and input shape: `inference_module(model)`
-    (BN folded, eager) or the same copy compiled (`CompiledInference`). Neither wins everywhere: compiled measured
-    0.81 of eager NCHW on `small` 8x8 but 1.83 on resnet18 8x8, whose 1x1 late maps inductor handles badly
-    (bench/results/train_throughput.json), so the form is chosen by timing both, as the measurements say.
-    Serve's fp32 replicas and the sweep's latency (models.quantize.compiled_for_inference) both call this,
-    so the served form is the measured one. `example` (N >= 1, C, H, W) gives the input shape; the score is
-    the sum over `batch_sizes` of each form's median of `iters` calls, after the compiles (`warmup`).
-    Returns (module, {"eager_s", "compiled_s", "compile_s"})."""
+    """The fastest of `model`'s inference forms on this machine and input shape: `inference_module(model)`
+    (BN folded, eager), the same copy compiled (`CompiledInference`), or the oneDNN form (`OneDNNInference`:
+    one fused oneDNN primitive per conv + act (+ residual add), planned per batch size). None wins everywhere:
+    compiled measured 0.81 of eager NCHW on `small` 8x8 but 1.83 on resnet18 8x8, whose 1x1 late maps inductor
+    handles badly (bench/results/train_throughput.json), so the form is chosen by timing them all, as the
+    measurements say. Serve's fp32 replicas and the sweep's latency (models.quantize.compiled_for_inference)
+    both call this, so the served form is the measured one. `example` (N >= 1, C, H, W) gives the input shape;
+    the score is the sum over `batch_sizes` of each form's median of `iters` calls, after the compiles
+    (`warmup`). The oneDNN form is left out where this PyTorch lacks its ops or the input is not CPU float32.
+    Returns (module, {"eager_s", "compiled_s", "onednn_s" (when timed), "compile_s"})."""
     if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[0] < 1:
         raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
     sizes = tuple(batch_sizes)
@@ -305,6 +308,9 @@ def fastest_inference_module(
     plain = inference_module(model)
     compiled = CompiledInference(plain)
     compile_s = sum(compiled.warmup(example, sizes).values())
+    forms: dict[str, nn.Module] = {"eager_s": plain, "compiled_s": compiled}
+    if onednn_available() and example.device.type == "cpu" and example.dtype == torch.float32:
+        forms["onednn_s"] = OneDNNInference(model, example, sizes)
 
     def score(fn: nn.Module) -> float:
         total = 0.0
@@ -320,11 +326,39 @@ def fastest_inference_module(
                 total += sorted(times)[len(times) // 2]
         return total
 
-    eager_s, compiled_s = score(plain), score(compiled)
-    logger.info("inference form: eager %.2f ms, compiled %.2f ms (sum over batch sizes %s): %s", eager_s * 1e3,
-                compiled_s * 1e3, sizes, "compiled" if compiled_s < eager_s else "eager")  # fmt: skip
-    timings = {"eager_s": eager_s, "compiled_s": compiled_s, "compile_s": compile_s}
-    return (compiled if compiled_s < eager_s else plain), timings
+    timings = {key: score(fn) for key, fn in forms.items()}
+    best = min(timings, key=timings.__getitem__)
+    logger.info("inference form: %s (sum over batch sizes %s): %s",
+                ", ".join(f"{k[:-2]} {v * 1e3:.2f} ms" for k, v in timings.items()), sizes, best[:-2])  # fmt: skip
+    return forms[best], {**timings, "compile_s": compile_s}
+
+
+class OneDNNInference(nn.Module):
+    """`onednn_inference_module(model, ...)` planned once per batch size in `batch_sizes` (which convs are
+    packed, and for which input size, depends on the batch: at batch 1 most small convs run faster plain); a call
+    runs the plan of the largest planned batch size <= its own (the smallest plan below that). Outputs equal
+    `model.eval()(x)` (float rounding aside); always under inference_mode."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, batch_sizes: Iterable[int], *, iters: int = 5):
+        super().__init__()
+        if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[0] < 1:
+            raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
+        sizes = sorted(set(batch_sizes))
+        if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+            raise ValueError(f"batch_sizes must be positive ints, got {sizes}")
+        self.batch_sizes = sizes
+        self.plans = nn.ModuleList(
+            onednn_inference_module(model, example[:1].expand(b, *example.shape[1:]).contiguous(), iters=iters)
+            for b in sizes
+        )
+
+    def plan_for(self, batch: int) -> nn.Module:
+        i = max((i for i, b in enumerate(self.batch_sizes) if b <= batch), default=0)
+        return self.plans[i]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.plan_for(x.shape[0])(x)
 
 
 class CompiledInference(nn.Module):
@@ -378,3 +412,217 @@ class CompiledInference(nn.Module):
                 seconds[b] = time.perf_counter() - t0
                 logger.info("CompiledInference: batch %d ready in %.1f s", b, seconds[b])
         return seconds
+
+
+_ONEDNN_UNARY: dict[str, tuple[str, list[float]]] = {
+    "none": ("none", []),
+    "relu": ("relu", []),
+    "relu6": ("hardtanh", [0.0, 6.0]),
+    "silu": ("swish", []),
+}
+"""oneDNN post-op (attr, scalars) of each activation of kernels/activations.py."""
+_RELU_CALLS = (torch.relu, F.relu, torch.relu_)
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch has oneDNN's fused conv ops (the ones inductor's freezing pass emits on CPU)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class OneDNNConvAct(nn.Module):
+    """One folded conv (+ activation, + an optional residual add before it) in one of two ways, chosen per layer
+    by timing (`onednn_inference_module`):
+      - packed: a single oneDNN primitive, `torch.ops.mkldnn._convolution_pointwise` with the activation as a
+        post-op, or its `.binary` overload with the add as a binary post-op and then the activation (the calls
+        inductor's CPU freezing pass emits, here in eager), the weight prepacked once into oneDNN's blocked
+        layout for the input size it was planned on (`_reorder_convolution_weight`). It wins where the conv is
+        big: measured here 170 us against F.conv2d's 214 us for 256 channels on 4x4 maps at batch 1.
+      - plain: F.conv2d, then the add and the activation in place on the conv's own output. The pointwise op
+        costs about 20 us more per call than F.conv2d (26 against 8.5 us for 16 channels on 8x8 at batch 1),
+        so small convs stay plain.
+    Activations are channels_last where the maps have at least `_CL_MIN_PIXELS` pixels, NCHW below (oneDNN's
+    channels_last kernels are slower on tiny maps: kernels.conv_bn._cpu_layout). Any batch size works; a packed
+    weight planned on another batch only changes oneDNN's kernel choice. Inference only: no autograd formula,
+    and the weights are plain tensors, not parameters."""
+
+    def __init__(
+        self, folded: FoldedConvAct, input_size: list[int], *, residual_act: str | None = None, packed: bool = True
+    ):
+        super().__init__()
+        if folded.act.name not in _ONEDNN_UNARY:
+            raise ValueError(f"act must be one of {sorted(_ONEDNN_UNARY)}, got {folded.act.name!r}")
+        if residual_act is not None and (folded.act.name != "none" or residual_act not in _ONEDNN_UNARY):
+            raise ValueError(
+                f"a residual add fuses after an act='none' conv with an activation in {sorted(_ONEDNN_UNARY)}, "
+                f"got act={folded.act.name!r}, residual_act={residual_act!r}"
+            )
+        self.padding, self.stride = list(folded.padding), list(folded.stride)
+        self.dilation, self.groups = list(folded.dilation), folded.groups
+        self.channels_last = input_size[-1] * input_size[-2] >= _CL_MIN_PIXELS
+        self.residual_act, self.packed, self.input_size = residual_act, packed, list(input_size)
+        self.act = get_activation(residual_act if residual_act is not None else folded.act.name)
+        self.attr, self.scalars = _ONEDNN_UNARY[self.act.name]
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        w = folded.weight.detach().contiguous(memory_format=fmt)
+        if packed:
+            w = torch.ops.mkldnn._reorder_convolution_weight(
+                w, self.padding, self.stride, self.dilation, self.groups, self.input_size
+            )
+        self.weight, self.bias = w, folded.bias.detach().clone()
+        self.shape = tuple(folded.weight.shape)
+
+    def extra_repr(self) -> str:
+        add = f", + residual then {self.residual_act}" if self.residual_act is not None else ""
+        return (
+            f"{self.shape}, stride={self.stride}, act={self.act.name if add == '' else 'none'}{add}, "
+            f"{'packed' if self.packed else 'plain'}, {'channels_last' if self.channels_last else 'NCHW'}"
+        )
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._layout(x)
+        if not self.packed:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            if other is not None:
+                y += other
+            return self.act.forward_(y)  # y is ours; inference only
+        if other is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, self.attr,
+                self.scalars, "",
+            )  # fmt: skip
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, self._layout(other), self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "add", None, self.attr, self.scalars, "",
+        )  # fmt: skip
+
+
+def _faster_conv(folded: FoldedConvAct, input_size: list[int], residual_act: str | None, iters: int) -> OneDNNConvAct:
+    """The faster of the packed and plain `OneDNNConvAct` for `folded` on `input_size` (median of `iters` calls
+    each, interleaved, on random data of that size)."""
+    forms = [OneDNNConvAct(folded, input_size, residual_act=residual_act, packed=p) for p in (True, False)]
+    gen = torch.Generator().manual_seed(0)
+    x = forms[0]._layout(torch.randn(input_size, generator=gen))
+    with torch.inference_mode():
+        other = forms[1](x) if residual_act is not None else None  # the output's shape and layout
+        times: list[list[float]] = [[], []]
+        for i in range(iters + 1):
+            for j, f in enumerate(forms):
+                t0 = time.perf_counter()
+                f(x, None if other is None else other.clone())
+                if i:  # the first call of each creates oneDNN's primitive
+                    times[j].append(time.perf_counter() - t0)
+    packed_s, plain_s = (sorted(t)[len(t) // 2] for t in times)
+    return forms[0] if packed_s < plain_s else forms[1]
+
+
+class _FoldedLeaves(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FoldedConvAct) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _relu_node(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_CALLS and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def onednn_inference_module(model: nn.Module, example: torch.Tensor, *, iters: int = 5) -> nn.Module:
+    """`inference_module(model)` with each `FoldedConvAct` run as a single oneDNN primitive (`OneDNNConvAct`:
+    weight prepacked for its input size, the activation as a post-op), and each `conv(act='none') + other ->
+    relu` of a residual block as one primitive with the add as a binary post-op, as inductor's freezing pass
+    would emit, without a compile. The copy is traced with torch.fx (which also drops the per-module Python
+    calls of nested containers); a module fx cannot trace has its children rewritten one by one. `example`
+    (N >= 1, C, H, W) gives the input sizes the weights are packed for. CPU float32 only: raises ValueError
+    otherwise, and RuntimeError where this PyTorch lacks the ops."""
+    if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[0] < 1:
+        raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
+    if example.device.type != "cpu" or example.dtype != torch.float32:
+        raise ValueError(f"example must be a CPU float32 tensor, got {example.device} {example.dtype}")
+    if not onednn_available():
+        raise RuntimeError("this PyTorch build has no oneDNN fused conv ops (torch.ops.mkldnn._convolution_pointwise)")
+    plain = inference_module(model)
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in plain.parameters()):
+        raise ValueError("model must have CPU float32 parameters for the oneDNN form")
+    sizes: dict[str, list[int]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: sizes.__setitem__(name, list(args[0].shape)))
+        for name, m in plain.named_modules()
+        if isinstance(m, FoldedConvAct)
+    ]
+    try:
+        with torch.inference_mode():
+            plain(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    counts = [0, 0]  # convs, residual adds fused
+    form = _onednn_rewrite(plain, "", sizes, iters, counts)
+    logger.info("oneDNN form: %d convs, %d with the residual add fused", *counts)
+    return form
+
+
+def _onednn_rewrite(module: nn.Module, path: str, sizes: dict[str, list[int]], iters: int, counts: list[int]):
+    """`module` (at `path` in the folded model) with its FoldedConvActs made OneDNNConvActs: a GraphModule with
+    the residual adds fused where fx traces it, else the module with each child rewritten in place (a forward
+    that checks its input's shape or branches on data does not trace; its children usually do)."""
+    if isinstance(module, FoldedConvAct):
+        if path in sizes:
+            counts[0] += 1
+            return _faster_conv(module, sizes[path], None, iters)
+        return module
+    if not any(isinstance(m, FoldedConvAct) for m in module.modules()):
+        return module  # nothing to rewrite: no trace, no GraphModule around a plain layer
+    try:
+        graph = _FoldedLeaves().trace(module)
+    except Exception as e:  # noqa: BLE001 - data-dependent control flow, shape checks, ...: children one by one
+        logger.debug("oneDNN form: %s does not trace with fx (%s); its children are rewritten", path or "model", e)
+        for name, child in list(module.named_children()):
+            new = _onednn_rewrite(child, _join(path, name), sizes, iters, counts)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+    gm = fx.GraphModule(module, graph)
+    for node in list(gm.graph.nodes):  # fuse_ leaves nn.Identity where the BN and act were: out of the way
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), FoldedConvAct):
+            continue
+        conv: FoldedConvAct = gm.get_submodule(node.target)
+        size = sizes.get(_join(path, node.target))
+        if size is None:
+            continue  # never called on the example: left as it is
+        counts[0] += 1
+        new_name = f"onednn_{counts[0]}"
+        add = next(iter(node.users)) if len(node.users) == 1 else None
+        relu = next(iter(add.users)) if add is not None and len(add.users) == 1 else None
+        if (
+            conv.act.name == "none"
+            and add is not None
+            and add.op == "call_function"
+            and add.target in (operator.add, torch.add)
+            and len(add.args) == 2
+            and not add.kwargs
+            and relu is not None
+            and _relu_node(relu, gm)
+            and isinstance(other := add.args[1] if add.args[0] is node else add.args[0], fx.Node)
+        ):
+            gm.add_submodule(new_name, _faster_conv(conv, size, "relu", iters))
+            with gm.graph.inserting_before(relu):
+                new = gm.graph.call_module(new_name, (node.args[0], other))
+            relu.replace_all_uses_with(new)
+            for dead in (relu, add, node):
+                gm.graph.erase_node(dead)
+            counts[1] += 1
+        else:
+            gm.add_submodule(new_name, _faster_conv(conv, size, None, iters))
+            node.target = new_name
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm

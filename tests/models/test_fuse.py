@@ -475,16 +475,119 @@ def test_fastest_inference_module_keeps_the_faster_form_and_the_outputs():
     """Serve's fp32 form: the faster of the eager folded copy and its compile on this input shape (the two
     orders are each right somewhere: bench/results/train_throughput.json), with the model's outputs."""
     from models.cnn import ModelConfig, build_model
-    from models.fuse import CompiledInference, fastest_inference_module
+    from models.fuse import CompiledInference, OneDNNInference, fastest_inference_module
 
     model = build_model(ModelConfig.preset("tiny", in_channels=1)).eval()
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     form, t = fastest_inference_module(model, x, (1, 4), iters=3)
-    assert set(t) == {"eager_s", "compiled_s", "compile_s"} and t["compile_s"] > 0
-    assert isinstance(form, CompiledInference) == (t["compiled_s"] < t["eager_s"]), t
+    assert set(t) == {"eager_s", "compiled_s", "onednn_s", "compile_s"} and t["compile_s"] > 0
+    best = min(("eager_s", "compiled_s", "onednn_s"), key=t.__getitem__)
+    kind = {"eager_s": nn.Module, "compiled_s": CompiledInference, "onednn_s": OneDNNInference}[best]
+    assert isinstance(form, kind) and (best == "eager_s") != isinstance(form, CompiledInference | OneDNNInference), t
     with torch.no_grad():
         torch.testing.assert_close(form(x).clone(), model(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="example must be a"):
         fastest_inference_module(model, torch.rand(8, 8))
     with pytest.raises(ValueError, match="batch_sizes must be positive ints"):
         fastest_inference_module(model, x, (0,))
+
+
+@pytest.mark.parametrize("size", [8, 3])
+def test_onednn_form_equals_eval_model_with_residual_adds_fused(size):
+    """The oneDNN form of the eager `small` layout (Sequential conv/bn/relu, `act(conv2(conv1(x)) + shortcut)`)
+    and of the unified CNN: outputs equal the eval model's at batch 1 and 5 (planned at batch 2), channels_last
+    (8x8) and NCHW (3x3 maps), packed or plain per conv; every block's conv2 + add + relu is one module."""
+    from models.cnn import ModelConfig, build_model
+    from models.fuse import FoldedConvAct, OneDNNConvAct, onednn_inference_module
+
+    unified = build_model(ModelConfig.preset("small", in_channels=3))
+    unified(torch.randn(8, 3, 12, 12))  # running statistics
+    for model in (_trained_small(), unified.eval()):
+        form = onednn_inference_module(model, torch.randn(2, 3, size, size), iters=1)
+        ops = [m for m in form.modules() if isinstance(m, OneDNNConvAct)]
+        assert len(ops) == 9 and not any(isinstance(m, FoldedConvAct | nn.BatchNorm2d) for m in form.modules())
+        assert sum(op.residual_act == "relu" for op in ops) == 3, [repr(op) for op in ops]
+        assert all(op.channels_last == (size == 8) for op in ops[:2])  # stem and first block: full-size maps
+        for batch in (1, 5):
+            x = torch.randn(batch, 3, size, size)
+            with torch.inference_mode():
+                torch.testing.assert_close(form(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "silu"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_onednn_conv_act_packed_and_plain_equal_the_folded_conv(act, packed):
+    """Both ways of one conv (the oneDNN primitive with post-ops, F.conv2d then in place) compute the folded
+    conv + act, and conv + residual + relu for act='none'; a residual after an activation is refused."""
+    from models.fuse import FoldedConvAct, OneDNNConvAct
+
+    torch.manual_seed(0)
+    op = ConvBNAct(8, 16, 3, stride=2, padding=1, act=act)
+    op(torch.randn(4, 8, 10, 10))
+    folded = FoldedConvAct(op.eval())
+    x, other = torch.randn(3, 8, 10, 10), torch.randn(3, 16, 5, 5)
+    with torch.inference_mode():
+        ref = folded(x.clone())
+        y = OneDNNConvAct(folded, [3, 8, 10, 10], packed=packed)(x)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        if act == "none":
+            res = OneDNNConvAct(folded, [3, 8, 10, 10], residual_act="relu", packed=packed)(x, other)
+            torch.testing.assert_close(res, torch.relu(ref + other), atol=1e-5, rtol=1e-5)
+    if act != "none":
+        with pytest.raises(ValueError, match="residual add fuses after an act='none' conv"):
+            OneDNNConvAct(folded, [3, 8, 10, 10], residual_act="relu")
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_onednn_packing_is_chosen_by_timing(monkeypatch, slow):
+    """Which way each conv runs is the one that timed faster: slow down the packed calls and every conv is
+    plain; slow down the plain ones and every conv is packed."""
+    import time as time_mod
+
+    from models import fuse
+    from models.cnn import ModelConfig, build_model
+
+    real = fuse.OneDNNConvAct.forward
+
+    def forward(self, x, other=None):
+        if self.packed == slow:
+            time_mod.sleep(0.02)
+        return real(self, x, other)
+
+    monkeypatch.setattr(fuse.OneDNNConvAct, "forward", forward)
+    model = build_model(ModelConfig.preset("tiny", in_channels=1)).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # at load 12 a 2-thread call of these tiny convs took up to 40 ms
+    try:
+        form = fuse.onednn_inference_module(model, torch.randn(1, 1, 8, 8), iters=3)
+    finally:
+        torch.set_num_threads(threads)
+    ops = [m for m in form.modules() if isinstance(m, fuse.OneDNNConvAct)]
+    assert ops and all(op.packed != slow for op in ops)
+
+
+def test_onednn_form_of_an_untraceable_model_and_bad_input():
+    """A model fx cannot trace gets each conv swapped in place (no add fused) and keeps its outputs; the
+    per-batch dispatch runs the plan of the largest planned batch <= the call's; bad examples are refused."""
+    from models.fuse import OneDNNConvAct, OneDNNInference, onednn_inference_module
+
+    torch.manual_seed(0)
+    model = Untraceable()
+    model(torch.randn(4, 3, 8, 8))
+    model.eval()
+    form = onednn_inference_module(model, torch.randn(1, 3, 8, 8))
+    assert sum(isinstance(m, OneDNNConvAct) for m in form.modules()) == 4
+    x = torch.randn(3, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(form(x), model(x), atol=1e-5, rtol=1e-5)
+    by_batch = OneDNNInference(model, x, (4, 1), iters=1)
+    assert by_batch.batch_sizes == [1, 4]
+    assert by_batch.plan_for(1) is by_batch.plans[0] and by_batch.plan_for(3) is by_batch.plans[0]
+    assert by_batch.plan_for(4) is by_batch.plans[1] and by_batch.plan_for(64) is by_batch.plans[1]
+    torch.testing.assert_close(by_batch(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="example must be a"):
+        onednn_inference_module(model, torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match="CPU float32"):
+        onednn_inference_module(model, torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch_sizes must be positive ints"):
+        OneDNNInference(model, x, (0,))
