@@ -3,7 +3,7 @@ the namespace cluster of tests/_netns.py (head + 2 worker nodes that share nothi
 workers on each), with the inter-node veths shaped by `tc tbf` to 100 Mbit and 1 Gbit, then unshaped.
 
 On each link, interleaved (A B A B ...), the same training job with:
-  flat   --comm-mode never   the hook sends every gradient exactly: one flat allreduce over all 4 workers
+  flat   --comm allreduce    DDP's own bucketed allreduce over all 4 workers (no hook): the baseline the issue names
   2bit   --comm-mode always  exact inside a node, the 2-bit codec (error feedback) between the nodes' leaders
   auto   --comm-mode auto    (unshaped link only) compress only where the probed link is slow
 Every job trains the same samples per epoch, so the epoch-time ratio is the ratio of the job's reported training
@@ -13,13 +13,15 @@ accuracy = the job's test accuracy after the same epochs; inter-node bytes per s
 
 Keys: train_epoch_speedup_100mbit (flat / 2bit epoch time, goal >= 5), train_epoch_speedup_1gbit (goal >= 1.3),
 auto_mode_fast_link_ratio (auto / flat on the unshaped link, <= 1.05), inter_node_bytes_ratio (the flat run's
-bytes per rank and step / the 2-bit run's inter-node bytes per step, as the hook counts them; >= 15),
+bytes per rank and step, counted as a ring allreduce sends them / the 2-bit run's inter-node bytes per step, as
+the hook counts them; >= 15),
 acc_delta_pts (2-bit minus flat test accuracy, points, >= -0.5).
 Storage: a directory bound into every node (the NFS case of tests/test_multinode.py). Needs root and
-`ip netns` (otherwise it says why and exits 0, writing nothing). `--quick`: 1 epoch, 1 repeat, a smaller model
-(4 jobs: 100 Mbit flat and 2-bit, unshaped flat and auto; one such job of the `tiny` preset took 158 s and the
-cluster 51 s to start at load 15, so about 8-11 minutes loaded, less on a quiet machine). A full run is 21 jobs
-of resnet18 (roughly an hour; `--repeats 1` for a third of it).
+`ip netns` (otherwise it says why and exits 0, writing nothing). `--quick`: 1 epoch, 1 repeat, `tandem train
+--smoke` sizes (the `tiny` preset, smoke data, the plain codec: no 20-60 s compile per worker), 4 jobs: 100 Mbit
+flat and 2-bit, unshaped flat and auto. A `tiny` job with the compiled codec took 158 s and the cluster 51 s to
+start at load 15; without the compile and on smoke data the 4 jobs are meant to fit 10 minutes (not timed yet:
+the coordinator runs it). A full run is 21 jobs of resnet18 (roughly an hour; `--repeats 1` for a third of it).
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # tests/_netns.py: the cluster helper lives with its test
 
 LINKS = {"100mbit": ("100mbit", "128kbit"), "1gbit": ("1gbit", "1mbit"), "unshaped": None}  # rate, burst (ENV.md)
-MODES = {"flat": "never", "2bit": "always", "auto": "auto"}
+MODES = {"flat": ["--comm", "allreduce"], "2bit": ["--comm-mode", "always"], "auto": ["--comm-mode", "auto"]}
+"""Each mode's `tandem train` flags: flat is DDP's own allreduce, the others the hierarchical hook (2-bit codec)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat, preset small: a check, not a result")
+    p.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat, smoke sizes: a check, not a result")
     p.add_argument("--preset", default=None, help="model preset (default resnet18; small with --quick)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per job (default 2; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per link (default 3; 1 quick)")
@@ -83,8 +86,8 @@ def shape(cluster, link: str) -> None:
 
 def train_job(cluster, args, store: str, name: str, mode: str) -> dict:
     argv = ["tandem", "train", "--address", "auto", "--preset", args.preset, "--workers", "4", "--workers-per-node",
-            "2", "--codec", "2bit", "--comm-mode", MODES[mode], "--epochs", str(args.epochs), "--storage", store,
-            "--name", name]  # fmt: skip
+            "2", "--codec", "2bit", *MODES[mode], "--epochs", str(args.epochs), "--storage", store, "--name", name,
+            *(["--smoke"] if args.quick else [])]  # fmt: skip
     t0 = time.perf_counter()
     out = cluster.submit(*argv, timeout=args.job_timeout)
     if out.returncode != 0:

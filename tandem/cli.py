@@ -89,6 +89,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from checkpoint")
     g.add_argument("--checkpointing", default="none", help="activation checkpointing: none, all, or k")
     g = p.add_argument_group("gradient communication (hierarchical: exact inside a node, compressed between nodes)")
+    g.add_argument(
+        "--comm",
+        choices=["hierarchical", "allreduce"],
+        default="hierarchical",
+        help="hierarchical (default: the hook below) or allreduce (DDP's own flat allreduce, no hook)",
+    )
     g.add_argument("--codec", choices=["2bit", "lowrank", "none"], default="2bit", help="inter-node codec")
     g.add_argument(
         "--comm-mode",
@@ -192,6 +198,7 @@ def run_config(args: argparse.Namespace):
             max_failures=args.max_failures,
             checkpointing=args.checkpointing,
             comm=CommConfig(
+                kind=args.comm,
                 codec=args.codec,
                 mode=args.comm_mode,
                 warmup_steps=args.warmup_steps,
@@ -216,7 +223,7 @@ def run_config(args: argparse.Namespace):
 
 
 BENCHMARKS = ("conv_bn", "codec", "checkpointing", "train_throughput", "weighting", "compress", "serving",
-              "slow_link", "compression_accuracy", "scaling_model", "dist_accuracy")  # fmt: skip
+              "slow_link", "compression_accuracy", "scaling_model", "dist_accuracy", "cluster_link")  # fmt: skip
 
 
 def run_benchmarks(name: str, quick: bool) -> int:
