@@ -43,7 +43,8 @@ def test_weighting_keys_and_pairing():
     assert res["best_variant"] in weighting.VARIANTS and res["best_variant"] not in weighting.PRUNING
     lo, hi = res["infobatch_wall_ratio_ci"]
     assert lo <= res["infobatch_wall_ratio"] <= hi and res["infobatch_wall_ratio"] > 0.0
-    ib = res["variants"]["infobatch"]
+    assert res["infobatch_variant"] == "infobatch_paper"
+    ib = res["variants"]["infobatch_paper"]
     assert ib["mean_train_s_to_target"] > 0.0
     assert res["infobatch_acc_delta_pts"] == pytest.approx(100.0 * (ib["final_acc_mean"] - res["uniform_final_acc"]))
     assert set(res["variants"]) == set(weighting.VARIANTS)
@@ -55,6 +56,33 @@ def test_weighting_keys_and_pairing():
     best = res["variants"][res["best_variant"]]
     assert res["best_ratio"] == best["ratio_vs_uniform_permutation"]
     assert res["best_ratio_ci_high"] == best["ci_vs_uniform_permutation"][1]
+
+
+def test_paper_infobatch_skips_steps_and_paces_the_lr_by_epoch(monkeypatch):
+    """The paper's InfoBatch: pruned epochs make fewer optimizer steps than the uniform run (full data, as many
+    steps as uniform, in the annealed last epoch), and the LR at each step is the uniform schedule's at the same
+    epoch progress, so the last step's LR is the uniform run's near-zero end, not its middle."""
+    data = _tiny_digits()
+    setting = weighting.Setting(dataset="digits", epochs=4, evals_per_epoch=2, batch_size=32)
+    lrs: list[float] = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    run = weighting.train_run(data, setting, weighting.VARIANTS["infobatch_paper"], seed=0)
+    per_epoch = len(data.train_x) // setting.batch_size
+    assert run["uniform_steps"] == 4 * per_epoch
+    assert run["pruned_rows"] > 0 and run["steps"] < run["uniform_steps"] and run["steps"] == len(lrs)
+    assert run["steps"] > run["uniform_steps"] // 2  # half of the below-mean rows at most: above half the steps
+    assert len(run["curve"]) == 4 * 2 and run["curve"][-1][0] == run["steps"] * setting.batch_size
+    peak = max(lrs)
+    assert peak == pytest.approx(0.1, rel=0.05)  # the uniform run's peak (warm-up done within the first epoch)
+    assert lrs[-1] < 0.05 * peak  # cosine end reached on the last step despite fewer steps
+    # the first pruned epoch (epoch 1: scores from epoch 0) starts at progress 1/4 of the cosine
+    assert lrs[per_epoch] == pytest.approx(lrs[per_epoch - 1], rel=0.2)
 
 
 def test_weighting_samplers_draw_what_they_claim():
