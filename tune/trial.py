@@ -40,10 +40,11 @@ class TrialContext:
     """torch threads per trial (trials may run side by side)."""
 
 
-def finetune(model: nn.Module, data: EvalData, epochs: int, lr: float, on_epoch) -> None:
+def finetune(model: nn.Module, data: EvalData, epochs: int, lr: float, on_epoch, seed: int = 0) -> None:
     """`epochs` of SGD on the train split (one cosine schedule over all of them, as after pruning; the one
-    training loop of models/training.py), calling `on_epoch(epoch, test_accuracy)` after each."""
-    cfg = TrainConfig(epochs=epochs, lr=lr)
+    training loop of models/training.py; `seed` draws the batch order), calling `on_epoch(epoch, test_accuracy)`
+    after each."""
+    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed)
     fit_epochs(model, data.train, cfg, lambda epoch, stats: on_epoch(epoch + 1, data.accuracy(model)))
 
 
