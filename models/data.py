@@ -590,6 +590,7 @@ def index_image_folder(
 
     from models import storage
 
+    root = storage.local_path(root) or root.rstrip("/")  # absolute: workers may run in another directory
     classes, files = list_image_folder(root)
     if class_names is not None:
         unknown = sorted(set(classes) - set(class_names))
