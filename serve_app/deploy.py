@@ -21,6 +21,8 @@ from serve_app.config import AppConfig, ModelUserConfig, default_num_gpus
 from serve_app.loadgen import LoadConfig, LoadReport, check_loopback, plot, run_load
 
 IMPORT_PATH = "serve_app.app:build_app"
+DEPLOY_TIMEOUT_S = 300
+"""How long a first deploy may take to reach RUNNING (TimeoutError after; RuntimeError at once when it fails)."""
 # build_app's backpressure_config is {503, retry_after_s 1}; a different value while a bound is lifted makes Serve
 # push the deployment config to the replicas (roll_out).
 _LIFTED_BACKPRESSURE = {"status_code": 503, "retry_after_s": 2}
@@ -30,8 +32,10 @@ _LIFTED_BACKPRESSURE = {"status_code": 503, "retry_after_s": 2}
 class DeployConfig:
     """Where and how to serve; `app` holds `serve_app.config.AppConfig` fields other than `artifact`."""
 
-    host: str = "127.0.0.1"
-    """HTTP host of Serve's proxy (loopback by default)."""
+    host: str | None = None
+    """HTTP host of Serve's frontend (HAProxy or the proxy) and of the replicas' direct-ingress ports; None:
+    `serve_app.placement.http_host()` of the cluster deployed to (loopback on one machine, 0.0.0.0 on a real
+    cluster, where the head's HAProxy must reach replicas on other nodes)."""
     port: int = 8000
     """HTTP port of Serve's proxy."""
     app_name: str = "tandem"
@@ -60,6 +64,8 @@ class DeployConfig:
             raise ValueError(f"port must be an int in (0, 65536), got {self.port!r}")
         if not isinstance(self.access_log, bool):
             raise ValueError(f"access_log must be true or false, got {self.access_log!r}")
+        if self.host is not None and (not isinstance(self.host, str) or not self.host):
+            raise ValueError(f"host must be a non-empty string or None, got {self.host!r}")
         if "artifact" in self.app:
             raise ValueError("app must not hold 'artifact': pass the artifact path to serve_artifact")
 
@@ -68,7 +74,15 @@ class DeployConfig:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        from serve_app.placement import client_host
+
+        return f"http://{client_host(self.host)}:{self.port}"
+
+    def http_options(self) -> dict[str, Any]:
+        """Serve's http_options: the host resolved against the connected cluster when None."""
+        from serve_app.placement import http_host
+
+        return {"host": self.host if self.host is not None else http_host(), "port": self.port}
 
 
 def _ensure_serve(cfg: DeployConfig):
@@ -84,7 +98,7 @@ def _ensure_serve(cfg: DeployConfig):
         else:
             ray.init(address=cfg.address)
     _wait_previous_serve_gone()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=_logging(cfg))
+    serve.start(http_options=cfg.http_options(), logging_config=_logging(cfg))
     return _get_global_client()
 
 
@@ -136,7 +150,7 @@ def app_schema(
     deployments = [{"name": name, **o} for name, o in overrides.items()]
     return ServeDeploySchema(
         **{
-            "http_options": {"host": cfg.host, "port": cfg.port},
+            "http_options": cfg.http_options(),
             "logging_config": _logging(cfg),
             "applications": [
                 {
@@ -189,7 +203,10 @@ def serve_artifact(path: str, cfg: DeployConfig) -> str:
     """Deploys the app serving artifact `path` (starting a local Ray unless `cfg.address`); returns its URL once
     it answers /v2/health/ready."""
     client = _ensure_serve(cfg)
-    client.deploy_apps(app_schema(str(path), cfg), _blocking=True)
+    client.deploy_apps(app_schema(str(path), cfg), _blocking=False)
+    # not deploy_apps' own blocking wait: it gives up after a fixed 60 s, which a replica on a loaded 2-core
+    # worker node overran fetching the artifact from S3 and compiling its inference form (tests/test_multinode.py)
+    client._wait_for_application_running(cfg.app_name, timeout_s=DEPLOY_TIMEOUT_S)
     wait_ready(cfg.url)
     return cfg.url
 

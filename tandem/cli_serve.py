@@ -25,7 +25,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="serve the artifact of run NAME in --storage: the sweep's chosen model, else the trained one"
         " (--name is the model name in the routes)",
     )  # fmt: skip
-    s.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    s.add_argument(
+        "--host",
+        help="HTTP host of the ingress and the replicas (default: 127.0.0.1 on one machine, 0.0.0.0 on a cluster"
+        " with other machines, so the head's HAProxy reaches replicas there)",
+    )  # fmt: skip
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     s.add_argument("--name", default="tandem", help="model name in the /v2/models/{name} routes")
     s.add_argument("--version", help="version label (default: the weights' sha256 prefix)")

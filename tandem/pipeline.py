@@ -86,10 +86,16 @@ def serve(artifact: str, port: int, gpus: float | None = None) -> str:
     from ray import serve as ray_serve
 
     from serve_app.deploy import DeployConfig, serve_artifact
+    from serve_app.placement import http_host
 
     app: dict = {} if gpus is None else {"num_gpus": gpus}
-    ray_serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    return serve_artifact(artifact, DeployConfig(port=port, address="auto", app_name=APP_NAME, app=app))
+    # loopback on one machine; on a real cluster 0.0.0.0, so the head's HAProxy reaches replicas on other nodes
+    # (serve_app/placement.py)
+    host = http_host()
+    ray_serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+    cfg = DeployConfig(host=host, port=port, address="auto", app_name=APP_NAME, app=app)
+    print(f"tandem: HTTP ingress on the head at {host}:{port}; replicas listen on {host} of their nodes")
+    return serve_artifact(artifact, cfg)
 
 
 def run_artifact(storage_uri: str, name: str) -> str:

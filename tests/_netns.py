@@ -161,11 +161,20 @@ def namespace_cluster(
     shared_dir: str | None = None,
     node_env: dict[str, str] | None = None,
     start_timeout_s: float = 180.0,
+    ingress: str = "haproxy",
+    head_env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
     """Head here + `nodes` worker nodes in namespaces. `head_cpus=0` (default) keeps every task, actor, Train
     worker, trial and replica off the head, so whatever they read comes from storage. `shared_dir`: a host
     directory bound into every node at the same path (the NFS case). `node_env`: extra environment of the
-    nodes' Ray processes (e.g. AWS_* for the storage)."""
+    nodes' Ray processes (e.g. AWS_* for the storage). `ingress`: Serve's HTTP ingress, "haproxy" (the head
+    runs HAProxy with tandem's launcher, tandem/local_ray.py; every node has the switch, so the replicas open
+    their direct-ingress ports) or "proxy" (Serve's Python proxy). `head_env`: extra environment of the head's
+    Ray processes (e.g. RAY_SERVE_HAPROXY_LOG_TARGET, where HAProxy sends its access log)."""
+    from tandem.local_ray import INGRESSES, haproxy_environment
+
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {list(INGRESSES)}, got {ingress!r}")
     tag = secrets.token_hex(2)
     subnet = 100 + int(tag, 16) % 100
     head_ip = f"10.{subnet}.77.1"
@@ -178,6 +187,9 @@ def namespace_cluster(
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
     (base / "home").mkdir()
+    ingress_env = haproxy_environment(base) if ingress == "haproxy" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    env.update(ingress_env)
+    env.update(head_env or {})
     namespaces: list[str] = []
     node_procs: list[subprocess.Popen] = []
     head_temp = base / "ray"
@@ -224,6 +236,8 @@ def namespace_cluster(
             "RAY_AUTH_TOKEN": token,
             "GLOO_SOCKET_IFNAME": NODE_IFNAME,
             "LANG": "C.UTF-8",
+            # the replicas' side of the ingress (HAProxy's own files and ports are the head's alone)
+            **{k: v for k, v in ingress_env.items() if not k.startswith("RAY_SERVE_HAPROXY_")},
             **(node_env or {}),
         }
         for i, (ns, ip) in enumerate(zip(namespaces, node_ips, strict=True)):

@@ -7,10 +7,13 @@ node: the NFS case), and its code from the job's working_dir. The run goes throu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 from _moto import moto_server, patched_env
 from _netns import namespace_cluster, unavailable
@@ -21,14 +24,35 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def haproxy_log():
+    """A UDP socket on loopback that the head's HAProxy sends its access log to (syslog, `option httplog`:
+    one line per request, naming the backend server that answered it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield s
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, haproxy_log):
     """One namespace cluster for the module; `shared` is the directory bound into every node (the NFS case)."""
     why = unavailable()
     if why:
         pytest.skip(f"namespace cluster unavailable: {why}")
     shared = tmp_path_factory.mktemp("nfs")
-    with namespace_cluster(nodes=2, cpus_per_node=3, shared_dir=str(shared)) as c:
+    log_target = f"127.0.0.1:{haproxy_log.getsockname()[1]}"
+    with namespace_cluster(nodes=2, cpus_per_node=3, shared_dir=str(shared),
+                           head_env={"RAY_SERVE_HAPROXY_LOG_TARGET": log_target}) as c:  # fmt: skip
         yield c
+
+
+def _drain(sock: socket.socket) -> list[str]:
+    """The datagrams waiting on `sock`, as text."""
+    lines = []
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            lines.append(sock.recv(65536).decode(errors="replace"))
+    return lines
 
 
 def _run_argv(store: str, name: str, port: int, *more: str) -> list[str]:
@@ -39,15 +63,16 @@ def _run_argv(store: str, name: str, port: int, *more: str) -> list[str]:
             "--serve-port", str(port), *more]  # fmt: skip
 
 
-def _check_report(report: dict, store: str, cluster, swept: bool = True) -> None:
+def _check_report(report: dict, store: str, cluster, swept: bool = True, served: bool = True) -> None:
     hist = report["train"]["history"]
     assert hist and all((h.get("grad_bytes_inter_per_step") or 0) > 0 for h in hist), hist
     assert report["storage"] == storage.join(store, report["name"])
     if swept:
         assert report["tune"]["finished"] >= 1 and report["tune"]["artifact"].startswith(store)
-    assert report["serve"]["artifact"].startswith(store)  # the replica (on a worker node) loaded it from there
-    lt = report["loadtest"]
-    assert lt["ok"] > 0, lt
+    if served:
+        assert report["serve"]["artifact"].startswith(store)  # the replica (on a worker node) loaded it from there
+        lt = report["loadtest"]
+        assert lt["ok"] > 0, lt
     for pid in cluster.node_pids:  # what the nodes see: nothing of the head's files
         root = Path(f"/proc/{pid}/root")
         assert sorted(os.listdir(root / str(Path(__file__).resolve().parents[1]).lstrip("/"))) == [".venv"]
@@ -63,34 +88,79 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(600)
-def test_run_on_nodes_sharing_only_an_s3_bucket(cluster):
+def test_run_on_nodes_sharing_only_an_s3_bucket(cluster, haproxy_log):
+    _drain(haproxy_log)
     with moto_server(host=cluster.head_ip) as aws:
         store = "s3://tandem-ci/run"
-        out = cluster.submit(*_run_argv(store, "mn", _free_port()), env_vars=aws, timeout=540)
+        # --weighted: the sample-weight store's snapshots go to the bucket too
+        out = cluster.submit(*_run_argv(store, "mn", _free_port(), "--weighted"), env_vars=aws, timeout=540)
         text = out.stdout + out.stderr
         assert out.returncode == 0 and "succeeded" in text, text[-4000:] + _node_logs(cluster)
         assert "tandem: Serve app 'tandem' deleted" in text
+        # a real cluster's ingress: the replicas listen on all of their node's interfaces (placement.http_host)
+        assert "tandem: HTTP ingress on the head at 0.0.0.0:" in text, text[-4000:]
         with patched_env(aws):
             report = json.loads(storage.read_text(f"{store}/mn/report.json"))
-            assert storage.exists(f"{store}/mn/report.md")
-            assert storage.exists(f"{store}/mn/artifacts/trained/manifest.json")
+            fs = pafs.S3FileSystem(endpoint_override=aws["AWS_ENDPOINT_URL"], scheme="http", region="us-east-1")
+            sel = pafs.FileSelector("tandem-ci/run/mn", recursive=True)
+            rel = {i.path.removeprefix("tandem-ci/run/mn/") for i in fs.get_file_info(sel) if i.is_file}
         assert not list(cluster.shared_dir.iterdir())  # nothing went to the mounted directory
+    # everything another node or a later step reads is in the bucket: the prepared data, Ray Train's checkpoints
+    # (written by the workers), the weight store's snapshot, the artifacts, the Tune experiment, the report
+    for must in ("report.json", "report.md", "training_curves.png", "weight_store.npz", "train_history.json",
+                 "artifacts/trained/manifest.json", "tune/artifact/manifest.json", "tune/pareto.md"):  # fmt: skip
+        assert must in rel, sorted(rel)
+    assert any(f.startswith("data/train/") and f.endswith(".parquet") for f in rel), sorted(rel)
+    assert any(f.startswith("train/checkpoint_") and f.endswith("model.pt") for f in rel), sorted(rel)
+    assert any(f.startswith("tune/ray/compress/") for f in rel), sorted(rel)
     _check_report(report, store, cluster)
+    # served through HAProxy on the head (no Serve proxy ever started) from a replica on a worker node: the load
+    # test's answers (ok > 0 above) came over the bridge from the replica's direct-ingress port
+    actors, where = _serve_actors(cluster)
+    assert [where[n] for c, n in actors if c == "HAProxyManager"] == [cluster.head_ip], actors
+    # Ray's fallback proxy (HAProxy's `backup` server, used only when no replica is up) stays on the head
+    assert {where[n] for c, n in actors if c == "ProxyActor"} <= {cluster.head_ip}, actors
+    replicas = [where[n] for c, n in actors if c.startswith("ServeReplica:tandem:Model")]
+    assert replicas and set(replicas) <= set(cluster.node_ips), (replicas, where)
+    # HAProxy's access log: the load test's requests answered 200 by the replica's own server (direct ingress
+    # over the bridge), none by the fallback proxy
+    log = [x for x in _drain(haproxy_log) if "/predict" in x or "/v2/models" in x]
+    by_replica = [x for x in log if "/SERVE_REPLICA_tandem-Model-" in x and " 200 " in x]
+    assert by_replica and not [x for x in log if "/SERVE_PROXY" in x], log[-5:]
 
 
 @pytest.mark.timeout(600)
 def test_run_on_nodes_sharing_a_mounted_directory(cluster):
     """The NFS case: the storage is a directory every node mounts at the same path (no object store). The sweep
-    is left out (the S3 variant covers it): training, serving from the directory and the report are what
-    differ between the two kinds of storage."""
+    and Serve are left out (the S3 variant covers both, Serve through HAProxy from a worker node): what differs
+    between the two kinds of storage is where the workers write (data, checkpoints) and the driver reads and
+    writes (artifact, report), which training and export cover."""
     store = str(cluster.shared_dir / "runs")
-    out = cluster.submit(*_run_argv(store, "nfs", _free_port(), "--skip", "tune"), timeout=540)
+    out = cluster.submit(*_run_argv(store, "nfs", _free_port(), "--skip", "tune", "--skip", "serve"), timeout=540)
     text = out.stdout + out.stderr
     assert out.returncode == 0 and "succeeded" in text, text[-4000:] + _node_logs(cluster)
     report = json.loads((cluster.shared_dir / "runs" / "nfs" / "report.json").read_text())
     assert (cluster.shared_dir / "runs" / "nfs" / "artifacts" / "trained" / "manifest.json").exists()
     assert any((cluster.shared_dir / "runs" / "nfs" / "train").glob("checkpoint_*"))  # written by the workers
-    _check_report(report, store, cluster, swept=False)
+    assert "serve" not in report and (cluster.shared_dir / "runs" / "nfs" / "report.md").exists()
+    _check_report(report, store, cluster, swept=False, served=False)
+
+
+def _serve_actors(cluster) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(class name, node id) of every actor the cluster has run, dead ones included; node id -> address."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from ray.util.state import list_actors, list_nodes; a = sys.argv[1]; "
+        "print(json.dumps({'actors': [[x.class_name, x.node_id] for x in list_actors(address=a, limit=10000)], "
+        "'nodes': {n.node_id: n.node_ip for n in list_nodes(address=a)}}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, cluster.dashboard], env=cluster.env, capture_output=True,
+                         text=True, timeout=120, cwd=cluster.base)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return [tuple(a) for a in got["actors"]], got["nodes"]
 
 
 def _node_logs(cluster) -> str:
@@ -108,3 +178,17 @@ def test_cluster_link_benchmark_arguments():
     assert (full.preset, full.links) == ("resnet18", ["100mbit", "1gbit", "unshaped"])
     with pytest.raises(SystemExit):
         parse_args(["--links", "10gbit"])
+
+
+def test_cluster_link_flat_baseline_is_ddps_own_allreduce():
+    """The benchmark's flat jobs train with DDP's own allreduce (CommConfig kind 'allreduce': no hook), the
+    baseline the issue's train_epoch_speedup keys name; `tandem bench` lists the benchmark."""
+    from bench.cluster_link import MODES
+    from tandem.cli import BENCHMARKS, build_parser, run_config
+
+    def comm(*flags: str):
+        return run_config(build_parser().parse_args(["train", "--smoke", *flags])).dist.comm
+
+    assert comm(*MODES["flat"]).kind == "allreduce"
+    assert (comm(*MODES["2bit"]).kind, comm(*MODES["2bit"]).mode) == ("hierarchical", "always")
+    assert comm().kind == "hierarchical" and "cluster_link" in BENCHMARKS

@@ -70,3 +70,29 @@ def serve_two_replicas(art: str, port: int) -> str:
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     cfg = DeployConfig(port=port, address="auto", app_name=pipeline.APP_NAME, app={"num_replicas": 2})
     return serve_artifact(art, cfg)
+
+
+def test_http_host_is_loopback_on_one_machine_and_all_interfaces_on_a_cluster():
+    from serve_app.placement import client_host, host_for_nodes
+
+    # an embedded Ray (its node at this machine's address) and the simulated nodes stay on loopback
+    assert host_for_nodes(["192.0.2.2"], own="192.0.2.2") == "127.0.0.1"
+    assert host_for_nodes(["192.0.2.2", "127.0.0.2", "127.0.0.3"], own="192.0.2.2") == "127.0.0.1"
+    # a node on another machine: its replicas must be reachable from the head's HAProxy
+    assert host_for_nodes(["10.0.0.1", "10.0.0.2"], own="10.0.0.1") == "0.0.0.0"
+    assert host_for_nodes(["10.0.0.2"], own="10.0.0.1") == "0.0.0.0"  # a client off the cluster's only node
+    with pytest.raises(TypeError, match="addresses must be non-empty strings"):
+        host_for_nodes(["10.0.0.1", ""], own="10.0.0.1")
+    assert client_host("0.0.0.0") == client_host(None) == "127.0.0.1" and client_host("10.0.0.1") == "10.0.0.1"
+
+
+def test_deploy_config_resolves_its_host_against_the_cluster(monkeypatch):
+    from serve_app import placement
+    from serve_app.deploy import DeployConfig
+
+    monkeypatch.setattr(placement, "http_host", lambda: "0.0.0.0")
+    cfg = DeployConfig(port=8123)
+    assert cfg.http_options() == {"host": "0.0.0.0", "port": 8123} and cfg.url == "http://127.0.0.1:8123"
+    assert DeployConfig(host="10.1.2.3", port=8123).http_options()["host"] == "10.1.2.3"
+    with pytest.raises(ValueError, match="host must be a non-empty string or None"):
+        DeployConfig(host="")

@@ -51,7 +51,8 @@ def cluster_gpus(monkeypatch):
     def set_gpus(n: float, labels: dict | None = None) -> None:
         monkeypatch.setattr(ray, "is_initialized", lambda: True)
         monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, **({"GPU": n} if n else {})})
-        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Labels": labels or {}}])
+        node = {"Alive": True, "Labels": labels or {}, "NodeManagerAddress": "127.0.0.1"}
+        monkeypatch.setattr(ray, "nodes", lambda: [node])
 
     return set_gpus
 
