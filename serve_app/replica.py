@@ -1,4 +1,5 @@
-"""One model replica (`ModelServer`): the model, its batching controller, admission control, metrics, and the
+"""One model replica (`ModelServer`): the model, its batching policy (serve_app.batching.BatchingPolicy: recorder,
+controller, admission control and calibration, the object serve_app/simulator.py drives too), metrics, and the
 routes' logic (`respond(Call) -> Reply`), callable through a handle as well as from the HTTP routes. Hot updates
 come in through `reconfigure` (the deployment's user_config), loaded off the event loop."""
 
@@ -14,7 +15,15 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from serve_app.batching import AdmissionControl, BatchSettings, Controller, Static, Verdict, WindowRecorder
+from serve_app.batching import (
+    AdmissionControl,
+    BatchingPolicy,
+    BatchSettings,
+    Controller,
+    Static,
+    Verdict,
+    WindowRecorder,
+)
 from serve_app.config import UNBATCHED, AppConfig, ModelUserConfig
 from serve_app.metrics import ServeMetrics
 from serve_app.protocol import INPUT_NAME, BadRequest, encode_infer, instances_to_array, parse_infer, parse_json
@@ -112,17 +121,17 @@ class ModelServer:
         self.version = ""
         self.input_shape: tuple[int, int, int] = (0, 0, 0)
         self.user: ModelUserConfig | None = None
-        self.ctl: Controller = Static()
-        self.gate = AdmissionControl(self.ctl.config)
-        self.rec = WindowRecorder(time.monotonic())
+        # recorder, controller, admission control and its calibration (the simulator drives the same object)
+        self.policy = BatchingPolicy(Static(), start=time.monotonic())
         self._control_task: asyncio.Task | None = None
         self._lag_task: asyncio.Task | None = None
         self._lags: deque[float] = deque(maxlen=20)
         self._grace_until = 0.0
         self._sound = True
-        # (what the fp32 form was chosen for, compiled?): a hot update of the same model shape keeps it (_prepare)
-        self._form: tuple[tuple, bool] | None = None
-        self._next_form: tuple[tuple, bool] | None = None
+        # (what the fp32 form was chosen for, the form's class name): a hot update of the same model shape keeps
+        # it (_prepare)
+        self._form: tuple[tuple, str] | None = None
+        self._next_form: tuple[tuple, str] | None = None
         # The controller learns t(b) from the batch's CPU time when the forward runs in this thread alone (one
         # torch thread, a CPU model): on a shared machine wall time includes the replica being preempted, and
         # outliers of 10-30x (measured under load here) drove the fit's p99 noise up, the cap to 1 and admission
@@ -147,7 +156,8 @@ class ModelServer:
         self.model, self.manifest, self.version, self._sound = model, manifest, version, sound
         self._form, self._next_form = self._next_form or self._form, None
         self.input_shape = tuple(manifest["input_shape"])
-        self.ctl, self.gate, self.user = ctl, AdmissionControl(ctl.config), user
+        self.policy.replace(ctl, enforce=user.admission)
+        self.user = user
         self._grace_until = time.monotonic() + user.update_grace_s
         self._apply(ctl.settings)
         self._ensure_control_loop()  # from the start, so the gauges are exported before the first request
@@ -161,7 +171,7 @@ class ModelServer:
         import torch
 
         from models.artifact import load_artifact
-        from models.fuse import CompiledInference, fastest_inference_module, inference_module
+        from models.fuse import CompiledInference, OneDNNInference, fastest_inference_module, inference_module
         from models.storage import download_dir
 
         model, manifest, version = self.model, self.manifest, self.version
@@ -176,19 +186,26 @@ class ModelServer:
             # cap (the form the sweep measured; bench/results/train_throughput.json, whole_model_infer_ratio);
             # INT8 comes back from load_artifact already compiled as measured
             key = _form_key(model, manifest, ctl.config.max_batch_size)
+            example = torch.rand(1, *manifest["input_shape"], generator=torch.Generator().manual_seed(0))
+            sizes = (1, ctl.config.max_batch_size)
             if self._form is not None and self._form[0] == key:
                 # A hot update of the same architecture and shapes: the form chosen for it stands, and a
                 # compiled one reuses the graphs already compiled here (CompiledInference: the weights are graph
                 # inputs). Choosing again compiled and timed both forms beside the serving event loop, on the
                 # same cores, for 2-25 s per graph on 2 cores: the update-time stall whose backlog HAProxy's
                 # 64-in-flight cap refused (9 of 2741 requests at 0.66x capacity, bench/serving.py).
-                model = CompiledInference(inference_module(model)) if self._form[1] else inference_module(model)
+                # The oneDNN form plans its convs again by timing them (no compile).
+                if self._form[1] == CompiledInference.__name__:
+                    model = CompiledInference(inference_module(model))
+                elif self._form[1] == OneDNNInference.__name__:
+                    model = OneDNNInference(model, example, sizes)
+                else:
+                    model = inference_module(model)
                 logger.info("%s: fp32 form %s (as before this update)", self.deployment, type(model).__name__)
             else:
-                example = torch.rand(1, *manifest["input_shape"], generator=torch.Generator().manual_seed(0))
-                model, timings = fastest_inference_module(model, example, (1, ctl.config.max_batch_size))
+                model, timings = fastest_inference_module(model, example, sizes)
                 logger.info("%s: fp32 form %s (%s)", self.deployment, type(model).__name__, timings)
-            self._next_form = (key, isinstance(model, CompiledInference))
+            self._next_form = (key, type(model).__name__)
         sound = self._warm_up(model, tuple(manifest["input_shape"]), ctl)
         return model, manifest, version, ctl, sound
 
@@ -209,6 +226,18 @@ class ModelServer:
                     if r:
                         ctl.observe_batch(b, self._clock() - t0)
         return bool(torch.isfinite(out).all())
+
+    @property
+    def ctl(self) -> Controller:
+        return self.policy.controller
+
+    @property
+    def gate(self) -> AdmissionControl:
+        return self.policy.admission
+
+    @property
+    def rec(self) -> WindowRecorder:
+        return self.policy.recorder
 
     def _apply(self, st: BatchSettings) -> None:
         self._batched.set_max_batch_size(st.max_batch_size)
@@ -240,8 +269,7 @@ class ModelServer:
     async def _control_loop(self) -> None:
         while True:
             await asyncio.sleep(self.ctl.config.window_s)
-            stats = self.rec.close(time.monotonic())
-            st = self.ctl.update(stats)
+            stats, st = self.policy.tick(time.monotonic())
             self._apply(st)
             self.metrics.window(stats, st)
 
@@ -255,14 +283,12 @@ class ModelServer:
         if self.user is not None and self.user.controller == UNBATCHED:
             probs, version = self._forward([x])[0]
         else:
-            queued, lag = self.rec.queue_len, self.standing_lag()
-            verdict = self.gate.check(queued, self.ctl, lag)
-            self.rec.arrival()
-            # The liveness rule (AdmissionControl.refuses, which the simulator runs too); the lag is measured all
-            # the time, admitted requests or not.
+            # Admission control and its liveness rule, as the simulator runs them (BatchingPolicy.arrive); the
+            # loop's lag is measured all the time, admitted requests or not.
             in_grace = time.monotonic() < self._grace_until  # just updated (ModelUserConfig.update_grace_s)
-            if self.user.admission and self.gate.refuses(verdict, queued, lag, in_grace):
-                self.rec.rejected()
+            arrival = self.policy.arrive(self.standing_lag(), in_grace)
+            verdict = arrival.verdict
+            if not arrival.admitted:
                 raise Overloaded(verdict)
             item = _Queued(x)
             try:
@@ -272,12 +298,9 @@ class ModelServer:
                     # Ray drops cancelled requests from the next batch, so batch_start never counts this one:
                     # take it out of the queue here, or queue_len leaks upwards and admission refuses on a
                     # phantom backlog. (Counted as a rejection: it left unserved, an SLO miss either way.)
-                    self.rec.rejected()
+                    self.policy.cancelled()
                 raise
-        latency = time.monotonic() - t0
-        self.rec.done(latency)
-        if verdict is not None and verdict.model_latency_s is not None:
-            self.gate.calibration.observe(verdict.model_latency_s, latency)
+        self.policy.done(time.monotonic() - t0, verdict)
         if not np.isfinite(probs).all():
             if self._sound:
                 raise ModelFault(
@@ -294,12 +317,11 @@ class ModelServer:
         for it in items:
             it.started = True
         xs = [it.x for it in items]
-        self.rec.batch_start(n)
+        self.policy.batch_start(n)
         t0, c0 = time.perf_counter(), self._clock()
         out = self._forward(xs)
         s, work = time.perf_counter() - t0, self._clock() - c0
-        self.rec.batch_end(n, work)
-        self.ctl.observe_batch(n, work)
+        self.policy.batch_end(n, work)
         self.metrics.batch(n, s)
         return out
 

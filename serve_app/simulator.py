@@ -5,8 +5,9 @@ Open-loop Poisson arrivals whose rate follows a pattern (`Constant`, `Step`, `Si
 `@serve.batch` with `max_concurrent_batches=1` and a model call that holds the replica: a batch opens when the
 server is free and a request waits, closes when it holds max_batch_size requests or batch_wait_timeout_s after
 opening, then executes; settings changed by the controller apply from the next batch (Ray reads them when a
-batch opens). Every `window_s` the controller gets the window's WindowStats, exactly as the Serve app will
-feed it. Same seed, same inputs: same result.
+batch opens). Arrivals, batches, answers and the `window_s` ticks go through a `BatchingPolicy`, the object the
+replica (ModelServer) drives: the same admission check and liveness rule, the same window bookkeeping, so a
+controller trained here (the bandit) meets the rules it will run under. Same seed, same inputs: same result.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 from serve_app.batching import (
     AdmissionControl,
     Bandit,
+    BatchingPolicy,
     BatchSettings,
     Controller,
-    WindowRecorder,
     window_reward,
 )
 
@@ -270,7 +271,9 @@ def simulate(
         push(t, _ARRIVAL, i)
     push(window, _TICK)
 
-    recorder = WindowRecorder(start=0.0)
+    # The replica's own batching state and rules (ModelServer drives the same object); refusals only when a
+    # gate is given, and no calibration (the batch model is the whole simulated server).
+    policy = BatchingPolicy(controller, enforce=admission is not None, calibrate=False, admission=admission)
     latency = [math.nan] * len(arrivals)
     queue: deque[int] = deque()  # admitted, not in a closed batch
     ready: deque[list[int]] = deque()  # closed batches waiting for the model (only when it does not block)
@@ -288,7 +291,7 @@ def simulate(
         nonlocal executing, executing_s
         executing = ready.popleft()
         executing_s = service.sample(len(executing), rng)
-        recorder.batch_start(len(executing))
+        policy.batch_start(len(executing))
         batch_sizes.append(len(executing))
         push(now + executing_s, _DONE)
 
@@ -315,12 +318,7 @@ def simulate(
     while events:
         now, kind, _, payload = heapq.heappop(events)
         if kind == _ARRIVAL:
-            # the replica's order: ask the gate with the queue as it stands (and its liveness rule), then record
-            queued = recorder.queue_len
-            refused = admission is not None and admission.refuses(admission.check(queued, controller), queued)
-            recorder.arrival()
-            if refused:
-                recorder.rejected()
+            if not policy.arrive().admitted:  # the replica's admission check and liveness rule
                 rejected += 1
                 continue
             queue.append(payload)
@@ -332,23 +330,21 @@ def simulate(
             if forming and payload == batch_token:
                 close_batch(now)
         elif kind == _DONE:
-            recorder.batch_end(len(executing), executing_s)
-            controller.observe_batch(len(executing), executing_s)
+            policy.batch_end(len(executing), executing_s)
             for i in executing:
                 latency[i] = now - arrivals[i]
-                recorder.done(latency[i])
+                policy.done(latency[i])
             executing = []
             if ready:
                 start_next(now)
             elif blocking and queue:
                 open_batch(now)
         else:  # _TICK
-            stats = recorder.close(now)
+            stats, settings = policy.tick(now)
             assert stats.queue_len == len(queue) + sum(map(len, ready))
             r = window_reward(stats, slo, miss_penalty)
             if r is not None:
                 rewards.append(r)
-            settings = controller.update(stats)
             traces.append(
                 WindowTrace(
                     now, stats.arrival_rate, stats.queue_len, stats.rejected, stats.latency_quantile(0.99), settings

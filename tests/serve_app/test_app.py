@@ -366,7 +366,8 @@ def test_admission_refuses_nothing_in_the_grace_after_an_update(served, outside_
         ModelUserConfig.from_dict({"artifact": served["art1"], "update_grace_s": -1})
 
 
-def test_a_hot_update_of_the_same_shape_keeps_the_fp32_form(ray_local, outside_serve, tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", ["CompiledInference", "OneDNNInference"])
+def test_a_hot_update_of_the_same_shape_keeps_the_fp32_form(ray_local, outside_serve, tmp_path, monkeypatch, form):
     """A hot update to a model of the same architecture and shapes keeps the fp32 form chosen at the first load
     (no compile and timing of both forms beside the serving loop: the update-time stall of issue 16) and runs
     with its own weights; a model of other shapes gets the form chosen again."""
@@ -375,10 +376,14 @@ def test_a_hot_update_of_the_same_shape_keeps_the_fp32_form(ray_local, outside_s
     from models.cnn import ModelConfig, build_model
     from serve_app.replica import ModelServer
 
+    if form == "OneDNNInference" and not models.fuse.onednn_available():
+        pytest.skip("this PyTorch has no oneDNN fused conv ops")
     chose = []
 
-    def fastest(model, example, batch_sizes):  # the choice, without its compiles: say "compiled" for the test
+    def fastest(model, example, batch_sizes):  # the choice, without timing the others: `form` for the test
         chose.append(tuple(example.shape))
+        if form == "OneDNNInference":
+            return models.fuse.OneDNNInference(model, example, batch_sizes), {}
         return models.fuse.CompiledInference(models.fuse.inference_module(model)), {}
 
     monkeypatch.setattr(models.fuse, "fastest_inference_module", fastest)
@@ -401,9 +406,7 @@ def test_a_hot_update_of_the_same_shape_keeps_the_fp32_form(ray_local, outside_s
         return seen
 
     seen = asyncio.run(scenario())
-    assert [(n, v, form) for n, v, _, form in seen] == [
-        (1, "a", "CompiledInference"), (1, "b", "CompiledInference"), (2, "c", "CompiledInference")
-    ]  # fmt: skip
+    assert [(n, v, f) for n, v, _, f in seen] == [(1, "a", form), (1, "b", form), (2, "c", form)]
     for (_, _, probs, _), name in zip(seen, "abc", strict=True):  # each model's own weights
         np.testing.assert_allclose(probs, local_predictions(arts[name], torch.from_numpy(x)).numpy(), atol=1e-5)
 

@@ -308,6 +308,40 @@ def test_the_liveness_rule_is_the_replicas_in_the_simulator_too():
     assert busy.rejected > 0  # with a queue it does refuse
 
 
+def test_one_batching_policy_counts_refuses_calibrates_and_survives_a_controller_swap():
+    """BatchingPolicy, the object both ModelServer and simulate drive: arrivals ask the gate with the queue as it
+    stands and apply the liveness rule (only when enforced), batches teach the controller's fit, answers feed the
+    calibration (only when asked to), and a swapped-in controller keeps the queue count."""
+    from serve_app.batching import BatchingPolicy
+
+    ctl = SLOModel(BatchingConfig(**BatchingConfig.slo_fields(0.001)))  # an SLO no batch meets
+    pol = BatchingPolicy(ctl, calibrate=True)
+    for _ in range(3):
+        assert all(pol.arrive(in_grace=True).admitted for _ in range(4))  # just updated: admits all
+        pol.batch_start(4)
+        pol.batch_end(4, 0.01)
+        for _ in range(4):
+            pol.done(0.02)  # no verdict: nothing to calibrate
+    assert ctl.fit.ready and pol.queue_len == 0 and pol.admission.calibration.samples == 0
+    pol.tick(0.5)
+    first, second = pol.arrive(), pol.arrive()
+    assert first.admitted and not first.verdict.admitted  # nothing queued: the liveness rule admits
+    assert not second.admitted and pol.queue_len == 1  # one queued: refused, not counted as queued
+    assert not pol.arrive(in_grace=False).admitted and pol.arrive(in_grace=True).admitted
+    for _ in range(60):
+        pol.done(0.05, first.verdict)
+    assert pol.admission.calibration.samples == 60
+    pol.replace(Static(BatchingConfig(slo_s=SLO)), enforce=False)
+    assert pol.queue_len == 2 and pol.admission.calibration.samples == 0 and pol.arrive().admitted
+    stats, settings = pol.tick(1.0)
+    assert (stats.arrivals, stats.rejected, stats.queue_len) == (5, 2, 3) and settings == pol.settings
+    off = BatchingPolicy(SLOModel(BatchingConfig(slo_s=SLO)), calibrate=False)
+    off.done(0.05, Verdict(True, 0.01, 0.01))
+    assert off.admission.calibration.samples == 0
+    with pytest.raises(TypeError, match="controller must be a Controller"):
+        BatchingPolicy(object())
+
+
 # --------------------------------------------------------------------------------------------------- bandit
 
 
