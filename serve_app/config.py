@@ -263,3 +263,34 @@ class CanaryConfig:
         if unknown:
             raise ValueError(f"canary config keys must be among {sorted(known)}, got unknown {unknown}")
         return cls(**d)
+
+
+INT8_SCHEMES = ("int8_ptq", "int8_qat")
+"""Artifact schemes of the x86 INT8 path (PT2E + inductor), served on CPU."""
+
+
+def scheme_for_device(caps=None) -> str:
+    """The quantized scheme for the hardware a replica lands on: 'fp8' on CUDA sm_89+ (kernels/precision.py's
+    `infer_target`), 'int8' elsewhere. `caps`: a kernels.precision.DeviceCaps (default: probe this process's
+    device; tests pass a made-up one)."""
+    from kernels.precision import DeviceCaps, PrecisionPolicy, QuantTarget
+
+    if caps is None:
+        caps = DeviceCaps.probe()
+    elif not isinstance(caps, DeviceCaps):
+        raise TypeError(f"caps must be a DeviceCaps or None, got {type(caps).__name__}")
+    return "fp8" if PrecisionPolicy.from_caps(caps).infer_target == QuantTarget.FP8 else "int8"
+
+
+def choose_artifact(artifacts: dict[str, str], caps=None) -> str:
+    """From artifacts of one model by quantization scheme (scheme -> URI: an artifact set that holds both an FP8
+    and an INT8 form, the choice made at load), the one for this hardware: FP8 on sm_89+, else INT8 (int8_ptq
+    before int8_qat), else fp32 ('none'). ValueError when none of them fits (only FP8 off sm_89+)."""
+    if not isinstance(artifacts, dict) or not artifacts:
+        raise TypeError(f"artifacts must be a non-empty dict of scheme -> URI, got {artifacts!r}")
+    want = scheme_for_device(caps)
+    order = ("fp8", *INT8_SCHEMES, "none") if want == "fp8" else (*INT8_SCHEMES, "none")
+    for scheme in order:
+        if scheme in artifacts:
+            return artifacts[scheme]
+    raise ValueError(f"artifacts must hold a scheme this hardware runs ({list(order)}), got {sorted(artifacts)}")
