@@ -40,3 +40,12 @@ def test_probe_on_this_machine():
 
     assert scheme_for_device() == ("fp8" if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
                                    else "int8")  # fmt: skip
+
+
+def test_the_sweep_tries_fp8_only_where_trials_run_it():
+    from tandem.pipeline import quant_schemes, trial_caps
+
+    assert "fp8" in quant_schemes(ADA) and "fp8" in quant_schemes(HOPPER)
+    for caps in (AMPERE, CPU):
+        assert "fp8" not in quant_schemes(caps) and {"none", "int8_ptq"} <= set(quant_schemes(caps))
+    assert trial_caps(0.0) == CPU  # CPU trials: no probe task
