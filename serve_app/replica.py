@@ -172,13 +172,15 @@ class ModelServer:
 
         from models.artifact import load_artifact
         from models.fuse import CompiledInference, OneDNNInference, fastest_inference_module, inference_module
-        from models.storage import download_dir
+        from models.storage import local_copy
 
         model, manifest, version = self.model, self.manifest, self.version
         self._next_form = None
         if new_model:
             # a storage URI (s3://, gs://) is fetched to this replica's node: no replica reads the head's disk
-            model, manifest = load_artifact(download_dir(user.artifact))
+            # (the copy goes once the model is in memory: none is left on a swap or at shutdown)
+            with local_copy(user.artifact) as path:
+                model, manifest = load_artifact(path)
             version = user.version or manifest["tensors"]["sha256"][:12]
         ctl = user.build_controller()
         if new_model and manifest["quantization"]["scheme"] == "none":

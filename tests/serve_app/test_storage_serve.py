@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -107,6 +108,9 @@ def test_replica_loads_and_hot_updates_from_s3(tmp_path, monkeypatch):
     monkeypatch.setattr(ModelServer._batched.set_max_batch_size.__self__, "_queue", None)
     arts = {v: _artifact(tmp_path / v, seed) for v, seed in (("v1", 0), ("v2", 1))}
     x = np.random.default_rng(0).random((3, *SHAPE), dtype=np.float32)
+    scratch = tmp_path / "tmp"  # where the replica's downloads go (models.storage.download_dir: tempfile.mkdtemp)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with moto_server() as env, patched_env(env):
         uris = {v: storage.upload_dir(p, f"s3://tandem-ci/runs/r/{v}") for v, p in arts.items()}
         want = {}
@@ -125,6 +129,7 @@ def test_replica_loads_and_hot_updates_from_s3(tmp_path, monkeypatch):
             for v in ("v1", "v2"):
                 await srv.reconfigure({"artifact": uris[v], "version": v, "controller": "static"})
                 assert srv.version == v
+                assert not list(scratch.glob("tandem-dl-*"))  # the swap left no copy of either artifact
                 probs, _ = await srv.infer(x)
                 got.append(np.asarray(probs))
             return got
