@@ -68,3 +68,33 @@ def client_host(host: str | None) -> str:
     """The address a client on the head uses for a frontend bound to `host` (None: not yet resolved, loopback
     or all interfaces, both of which answer on 127.0.0.1)."""
     return LOOPBACK_HOST if host in (None, ALL_INTERFACES_HOST, "::", "") else host
+
+
+def replica_device(scheme: str, cuda_available: bool) -> str:
+    """Where a replica runs an artifact of quantization `scheme`: "cuda" for the GPU schemes
+    (serve_app.config.GPU_SCHEMES: FP8's `_scaled_mm`) when the replica has a GPU, else "cpu" (fp32 and the x86
+    INT8 path run on CPU; an FP8 replica without a GPU falls back to the slow dequantized matmul)."""
+    from serve_app.config import GPU_SCHEMES
+
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme must be a string, got {scheme!r}")
+    return "cuda" if cuda_available and scheme in GPU_SCHEMES else "cpu"
+
+
+def on_device(model, device: str):
+    """`model` moved to `device`, taking and returning CPU tensors (the replica's batching and responses stay on
+    CPU); the model itself when `device` is "cpu"."""
+    import torch
+
+    if device == "cpu":
+        return model
+
+    class OnDevice(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner.to(device)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.to(device, non_blocking=True)).cpu()
+
+    return OnDevice(model).eval()

@@ -181,6 +181,11 @@ class ModelServer:
             # (the copy goes once the model is in memory: none is left on a swap or at shutdown)
             with local_copy(user.artifact) as path:
                 model, manifest = load_artifact(path)
+            # an FP8 artifact runs on the replica's GPU (asked for by serve_app.config.default_num_gpus), inputs
+            # moved there and outputs back; fp32 and INT8 stay on CPU (serve_app.placement.replica_device)
+            from serve_app.placement import on_device, replica_device
+
+            model = on_device(model, replica_device(manifest["quantization"]["scheme"], torch.cuda.is_available()))
             version = user.version or manifest["tensors"]["sha256"][:12]
         ctl = user.build_controller()
         if new_model and manifest["quantization"]["scheme"] == "none":

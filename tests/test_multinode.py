@@ -133,15 +133,15 @@ def test_run_on_nodes_sharing_only_an_s3_bucket(cluster, haproxy_log):
 def test_run_on_nodes_sharing_a_mounted_directory(cluster):
     """The NFS case: the storage is a directory every node mounts at the same path (no object store). The sweep
     and Serve are left out (the S3 variant covers both, Serve through HAProxy from a worker node): what differs
-    between the two kinds of storage is where the workers write (data, checkpoints) and the driver reads and
-    writes (artifact, report), which training and export cover."""
+    between the two kinds of storage is what the workers read and write there (data, checkpoints) and the
+    report, which training alone covers (with nothing after training the run exports no artifact)."""
     store = str(cluster.shared_dir / "runs")
     out = cluster.submit(*_run_argv(store, "nfs", _free_port(), "--skip", "tune", "--skip", "serve"), timeout=540)
     text = out.stdout + out.stderr
     assert out.returncode == 0 and "succeeded" in text, text[-4000:] + _node_logs(cluster)
     report = json.loads((cluster.shared_dir / "runs" / "nfs" / "report.json").read_text())
-    assert (cluster.shared_dir / "runs" / "nfs" / "artifacts" / "trained" / "manifest.json").exists()
     assert any((cluster.shared_dir / "runs" / "nfs" / "train").glob("checkpoint_*"))  # written by the workers
+    assert any((cluster.shared_dir / "runs" / "nfs" / "data" / "train").rglob("*.parquet"))  # read by the workers
     assert "serve" not in report and (cluster.shared_dir / "runs" / "nfs" / "report.md").exists()
     _check_report(report, store, cluster, swept=False, served=False)
 

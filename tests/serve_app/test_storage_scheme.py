@@ -4,6 +4,7 @@ device capabilities are made up here (kernels.precision.DeviceCaps), so this run
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kernels.precision import DeviceCaps
 from serve_app.config import choose_artifact, scheme_for_device
@@ -49,3 +50,31 @@ def test_the_sweep_tries_fp8_only_where_trials_run_it():
     for caps in (AMPERE, CPU):
         assert "fp8" not in quant_schemes(caps) and {"none", "int8_ptq"} <= set(quant_schemes(caps))
     assert trial_caps(0.0) == CPU  # CPU trials: no probe task
+
+
+def test_an_fp8_replica_runs_on_its_gpu_and_the_rest_on_cpu():
+    from serve_app.placement import on_device, replica_device
+
+    assert replica_device("fp8", cuda_available=True) == "cuda"
+    assert replica_device("fp8", cuda_available=False) == "cpu"  # no GPU given: the slow fallback, on CPU
+    for scheme in ("none", "int8_ptq", "int8_qat"):
+        assert replica_device(scheme, cuda_available=True) == "cpu"
+    with pytest.raises(TypeError, match="scheme must be a string"):
+        replica_device(None, True)
+    model = torch.nn.Linear(4, 2)
+    assert on_device(model, "cpu") is model
+
+
+@pytest.mark.gpu
+def test_on_device_moves_the_model_and_its_inputs_to_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from serve_app.placement import on_device
+
+    model = torch.nn.Linear(4, 2).eval()
+    x = torch.rand(3, 4)
+    want = model(x)
+    wrapped = on_device(model, "cuda")  # moves the module itself (want was taken on CPU before)
+    out = wrapped(x)
+    assert next(wrapped.parameters()).is_cuda and out.device.type == "cpu"
+    assert torch.allclose(out, want.to(out.dtype), atol=1e-5)
