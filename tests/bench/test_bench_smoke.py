@@ -143,3 +143,7 @@ def test_whole_model_case_keys_and_worst_case():
     assert res["whole_model_infer_ratio"] == max(case["infer"][b]["ratio"] for b in ("batch1", "batch32")) > 0.0
     assert "compiled_unified_vs_compiled_eager" not in res
     assert case["infer_form"] == "folded eager (--no-compile)" and "infer_compile_s" not in case
+    # lean saves less than fast, which saves no more than eager (whole model: weights included)
+    assert 0.0 < case["saved_bytes_ratio_lean"] < case["saved_bytes_ratio_fast"] <= 1.0
+    assert res["whole_model_saved_bytes_ratio_lean"] == case["saved_bytes_ratio_lean"]
+    assert case["lean_ops_saving_conv_output"] >= 0

@@ -281,3 +281,33 @@ def test_plan_weight_layouts_keeps_small_map_weights_nchw():
     assert w[2].grad.is_contiguous()
     with pytest.raises(ValueError, match="example must be a"):
         plan_weight_layouts_(model, torch.randn(3, 8, 8))
+
+
+def test_plan_save_modes_keeps_the_conv_output_only_where_it_is_smaller_than_the_weight():
+    """Lean ops whose conv output (at the example's batch) has no more elements than their weight save it
+    (`fast`); the others stay lean, `fast` ops are left alone; outputs, gradients and training flags unchanged."""
+    from kernels.conv_bn import plan_save_modes_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ConvBNAct(3, 8, 3, padding=1, save="lean"),  # out 4x8x8x8 = 2048 > weight 216: stays lean
+        ConvBNAct(8, 32, 3, stride=4, padding=1, save="lean"),  # out 4x32x2x2 = 512 <= 2304: fast
+        ConvBNAct(32, 32, 1, save="lean"),  # out 512 <= weight 1024: fast
+        ConvBNAct(32, 8, 1, save="fast"),  # already fast
+    )
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, 8)
+    assert plan_save_modes_(model, x) == 2
+    assert [op.save.value for op in model] == ["lean", "fast", "fast", "fast"]
+    assert model[0].training and model[1].bn.training, "training flags restored"
+    # a larger batch makes the outputs outgrow the weights: nothing switches
+    big = copy.deepcopy(ref)
+    assert plan_save_modes_(big, torch.randn(64, 3, 8, 8)) == 0
+    out, out_ref = model(x), ref(x)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="example must be a"):
+        plan_save_modes_(model, torch.randn(3, 8, 8))
