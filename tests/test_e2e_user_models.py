@@ -1,7 +1,13 @@
 """A user's torchvision-style model through the whole job: `tandem run --smoke --model tests.models.tv_models:...`
 on a 3-channel parquet written with plain pyarrow (no tandem metadata, so `--image-shape` is needed): trained on
 Ray Train, exported, pruned and quantized in the sweep, the chosen artifact served and load-tested, and `/predict`
-on some rows equal to the chosen artifact's prediction loaded here with the artifact loader."""
+on some rows equal to the chosen artifact's prediction loaded here with the artifact loader.
+
+Sized for CI (2 cores): 128 rows, 1 epoch (accuracy is not what is tested here: --max-acc-drop 100), one sweep
+trial without fine-tuning, and the replica's batch cap at 8, so that its warm-up compiles the INT8 graph for 4
+batch buckets (1, 2, 4, 8) instead of 7 (up to 64): each INT8 bucket is an inductor compile of several seconds.
+MobileNetV2 takes a shorter path to training: one simulated node and one Ray Train worker (ResNet-18 runs the
+distributed one, 2 workers on 2 simulated nodes); every step after training is the same for both."""
 
 import json
 import socket
@@ -39,10 +45,13 @@ def _user_parquet(path, n: int, seed: int) -> np.ndarray:
 
 @pytest.mark.timeout(900)
 # torchvision's layer structure at a fraction of the width (--model-args), so each run fits minutes on 2 cores
-@pytest.mark.parametrize("fn, args", [("resnet18", {"width": 16}), ("mobilenet_v2", {"width_mult": 0.5})])
-def test_user_model_run_through_serving(fn, args, tmp_path, _ray_clusters, monkeypatch):
+@pytest.mark.parametrize(
+    "fn, args, cluster",
+    [("resnet18", {"width": 16}, []), ("mobilenet_v2", {"width_mult": 0.5}, ["--nodes", "1", "--workers", "1"])],
+)
+def test_user_model_run_through_serving(fn, args, cluster, tmp_path, _ray_clusters, monkeypatch):
     _ray_clusters.shutdown()  # the job starts its own embedded cluster
-    x = _user_parquet(tmp_path / "d.parquet", 240, seed=5)
+    x = _user_parquet(tmp_path / "d.parquet", 128, seed=5)
     rows = x[:6]
     served: dict = {}
     loadtest = pipeline.loadtest
@@ -55,10 +64,21 @@ def test_user_model_run_through_serving(fn, args, tmp_path, _ray_clusters, monke
         return loadtest(url, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "loadtest", predict_then_loadtest)
+    from dataclasses import replace
+
+    from serve_app import deploy
+
+    serve_artifact = deploy.serve_artifact
+
+    def small_cap(path, cfg):  # fewer INT8 buckets to compile in the replica's warm-up (module docstring)
+        batching = {"max_batch_size": 8, "initial_batch_size": 4}
+        return serve_artifact(path, replace(cfg, app={**cfg.app, "batching": batching}))
+
+    monkeypatch.setattr(deploy, "serve_artifact", small_cap)
     smoke = SweepConfig.smoke
 
     def pruned_int8(*args, **kwargs):  # the hard case is what gets served: a pruned user model, compiled INT8
-        space = SearchSpace(prune_ratio=(0.2, 0.3), quant=("int8_ptq",), finetune_epochs=(0, 1), calib_size=(64,))
+        space = SearchSpace(prune_ratio=(0.2, 0.3), quant=("int8_ptq",), finetune_epochs=(0, 0), calib_size=(32,))
         # pipeline.sweep's smoke path does not pass --max-acc-drop on (default 1 point): a 2-epoch model may lose more
         return smoke(*args, **{**kwargs, "space": space, "max_acc_drop_pts": 100.0})
 
@@ -66,9 +86,9 @@ def test_user_model_run_through_serving(fn, args, tmp_path, _ray_clusters, monke
     store = tmp_path / "runs"
     rc = main(["run", "--smoke", "--model", f"tests.models.tv_models:{fn}", "--model-args", json.dumps(args),
                "--data", str(tmp_path / "d.parquet"), "--image-shape", ",".join(map(str, SHAPE)),
-               "--precision", "fp32", "--lr", "0.05", "--epochs", "2", "--trials", "1", "--max-acc-drop", "100",
-               "--load-rate", "20", "--load-seconds", "2", "--serve-port", str(_free_port()),
-               "--storage", str(store), "--name", "u"])  # fmt: skip
+               "--precision", "fp32", "--lr", "0.05", "--epochs", "1", "--trials", "1", "--max-acc-drop", "100",
+               "--load-rate", "10", "--load-seconds", "1", "--serve-port", str(_free_port()),
+               "--storage", str(store), "--name", "u", *cluster])  # fmt: skip
     assert rc == 0
     report = json.loads((store / "u" / "report.json").read_text())
     assert report["model"] == f"tests.models.tv_models:{fn}" and "skipped" not in report
