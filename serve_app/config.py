@@ -28,7 +28,7 @@ class ModelUserConfig:
     controller: str = "slo_model"
     """Batching controller: static, aimd, slo_model (default), bandit, or unbatched."""
     batching: dict[str, Any] = field(default_factory=dict)
-    """BatchingConfig fields (serve_app/batching.py); unknown keys are an error."""
+    """BatchingConfig fields (serve_app/batching/settings.py); unknown keys are an error."""
     admission: bool = True
     """Admission control (503 + Retry-After when the SLO cannot be met); False serves like plain `@serve.batch`
     (baselines in bench/serving.py)."""

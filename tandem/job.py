@@ -307,10 +307,14 @@ def _run(cfg: RunConfig, run_uri: str, scratch: Path, prep: Path) -> dict:
         report["seconds"] = time.perf_counter() - t0
         _finish(report, cfg, scratch)
         return report
+    from models.user_model import runtime_env_for
     from tandem.local_ray import ray_session
 
     per_node = -(-cfg.dist.num_workers // cfg.nodes)
-    with ray_session(cfg.address, cfg.nodes, slots_per_node=per_node) as session:
+    # a user model's package reaches a cluster's workers, trials and replicas through the job's runtime_env
+    # (nothing to ship on the embedded cluster, inside a Ray job, or for an installed package)
+    env = runtime_env_for(cfg.model) if cfg.address is not None and cfg.model else None
+    with ray_session(cfg.address, cfg.nodes, slots_per_node=per_node, runtime_env=env) as session:
         cfg = _gpus(cfg)
         report["config"] = _config_dict(cfg)
         report["cluster"] = session

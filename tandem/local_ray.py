@@ -216,18 +216,20 @@ def ray_session(
     cpus_per_node: int = 8,
     slots_per_node: int = 2,
     ingress: str = "haproxy",
+    runtime_env: dict | None = None,
 ) -> Iterator[dict]:
     """Connects to `address`, or starts an embedded cluster of `nodes` simulated nodes, each offering
     `slots_per_node` units of the custom resource `worker_slot` (so Train workers asking for one each are spread
     evenly over the simulated nodes); shuts down what it started. `ingress` (embedded cluster only): Serve's HTTP
     ingress, "haproxy" (default) or "proxy"; with simulated nodes the HTTP-serving replicas run on the head
-    (module docstring)."""
+    (module docstring). `runtime_env` (existing cluster only): the job-level runtime_env, e.g. the user model's
+    package (models.user_model.runtime_env_for)."""
     if nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {nodes}")
     if ingress not in INGRESSES:
         raise ValueError(f"ingress must be one of {list(INGRESSES)}, got {ingress!r}")
     if address is not None:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         try:
             yield {"address": address, "embedded": False, "nodes": len(ray.nodes())}
         finally:

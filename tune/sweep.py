@@ -262,7 +262,10 @@ def main(argv: list[str] | None = None) -> SweepResult:
     # on an existing cluster Ray refuses num_cpus/num_gpus; only the embedded one over-declares CPUs
     if not ray.is_initialized():
         if args.address:
-            ray.init(address=args.address)
+            from models.user_model import runtime_env_for
+
+            env = runtime_env_for(args.model) if args.model else None
+            ray.init(address=args.address, runtime_env=env)
         else:
             ray.init(num_cpus=max(4, args.concurrency))
     gpus = args.gpus_per_trial
