@@ -11,6 +11,7 @@ be computed from them (last-layer gradient norm) without another backward pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -43,6 +44,10 @@ class ModelConfig:
     """What the unified op saves for backward: lean (recompute conv) or fast (keep conv output)."""
     preset_name: str | None = field(default=None)
     """Name of the preset this config came from, if any (recorded in artifacts)."""
+    input_mean: tuple[float, ...] | None = None
+    """Per-channel mean of the training pixels, subtracted from the input (with input_std), or None."""
+    input_std: tuple[float, ...] | None = None
+    """Per-channel standard deviation of the training pixels, divided out after the mean, or None."""
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "num_classes"):
@@ -57,6 +62,17 @@ class ModelConfig:
         if any(not isinstance(w, int) or w < 1 for w in self.widths + self.depths):
             raise ValueError(f"widths and depths must be positive ints, got {self.widths}, {self.depths}")
         SaveMode.parse(self.save)
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ValueError("input_mean and input_std must be given together")
+        if self.input_mean is not None:
+            self.input_mean, self.input_std = tuple(self.input_mean), tuple(self.input_std)
+            stats = self.input_mean + self.input_std
+            if len(self.input_mean) != self.in_channels or len(self.input_std) != self.in_channels:
+                raise ValueError(f"input_mean and input_std must have {self.in_channels} values (one per channel), "
+                                 f"got {len(self.input_mean)} and {len(self.input_std)}")  # fmt: skip
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in stats) or min(self.input_std) <= 0:
+                raise ValueError(f"input_mean must be finite and input_std finite and > 0, got {self.input_mean}, "
+                                 f"{self.input_std}")  # fmt: skip
         from kernels.activations import get_activation
 
         get_activation(self.act)
@@ -123,11 +139,19 @@ class CNN(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(cin, cfg.num_classes)
+        # the training data's per-channel normalization, part of the model so that every caller (training, the
+        # sweep, Serve) applies it alike; not in the state_dict: the artifact's model_config carries it
+        stats = (cfg.input_mean, cfg.input_std) if cfg.input_mean is not None else (None, None)
+        for name, v in zip(("input_mean", "input_std"), stats):
+            t = None if v is None else torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+            self.register_buffer(name, t, persistent=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_last) pooled penultimate activations."""
         if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"input must be (N, {self.cfg.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if self.input_mean is not None:
+            x = (x - self.input_mean) / self.input_std
         return self.pool(self.blocks(self.stem(x))).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

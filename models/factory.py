@@ -28,8 +28,9 @@ class ModelSpec:
     user_kwargs: dict = field(default_factory=dict)
     """Keyword arguments of the user function (`--model-args` JSON); `num_classes` is added when it takes it."""
     input_mean: tuple[float, ...] | None = None
-    """Per-channel mean of the training pixels: a user model gets an `InputNorm` front ((x - mean) / std) that is
-    part of the model, so training, the artifact, the sweep and Serve all apply the same normalization."""
+    """Per-channel mean of the training pixels: a user model gets an `InputNorm` front ((x - mean) / std), a preset
+    CNN normalizes in its forward (ModelConfig.input_mean); either way it is part of the model, so training, the
+    artifact, the sweep and Serve all apply the same normalization."""
     input_std: tuple[float, ...] | None = None
     """Per-channel standard deviation of the training pixels (with input_mean)."""
 
@@ -48,9 +49,6 @@ class ModelSpec:
         if (self.input_mean is None) != (self.input_std is None):
             raise ValueError("input_mean and input_std must be given together")
         if self.input_mean is not None:
-            if self.user is None:
-                # a preset CNN keeps its own rebuild (models.cnn.CNN); its data (digits) is in [0, 1] already
-                raise ValueError("input normalization is built into user models only")
             self.input_mean = tuple(float(v) for v in self.input_mean)
             self.input_std = tuple(float(v) for v in self.input_std)
             if len(self.input_mean) != len(self.input_std) or not self.input_mean:
@@ -76,9 +74,10 @@ class ModelSpec:
         return cls(**d)
 
     def normalized(self, mean, std) -> ModelSpec:
-        """This spec with the training data's per-channel statistics as its input normalization (user models; a
-        preset is returned as it is). A constant channel (std ~ 0) is only shifted."""
-        if self.user is None or mean is None or std is None:
+        """This spec with the training data's per-channel statistics as its input normalization (a user model gets
+        an InputNorm module in front, a preset CNN normalizes in its own forward). A constant channel (std ~ 0) is
+        only shifted."""
+        if mean is None or std is None:
             return self
         std = tuple(float(v) if v > 1e-6 else 1.0 for v in std)
         return dataclasses.replace(self, input_mean=tuple(mean), input_std=std)
@@ -91,7 +90,11 @@ class ModelSpec:
         """The ModelConfig of a preset for this data (None for a user model)."""
         if self.user is not None:
             return None
-        return ModelConfig.preset(self.preset, in_channels=image_shape[0], num_classes=num_classes, save=self.save)
+        if self.input_mean is not None and len(self.input_mean) != image_shape[0]:
+            raise ValueError(f"input_mean must have {image_shape[0]} values (one per channel), got "
+                             f"{len(self.input_mean)}")  # fmt: skip
+        return ModelConfig.preset(self.preset, in_channels=image_shape[0], num_classes=num_classes, save=self.save,
+                                  input_mean=self.input_mean, input_std=self.input_std)  # fmt: skip
 
     def build(self, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """The model for images of `image_shape` (C, H, W) and `num_classes`; a user model is fused and its

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from models import storage
 from models.artifact import load_artifact, save_artifact
-from models.cnn import ModelConfig, build_model
+from models.cnn import ModelConfig
 from models.data import DataConfig, load_tensors, prepare_data
 from models.factory import ModelSpec
 from models.training import TrainConfig, evaluate, fit_local
@@ -78,8 +78,9 @@ class BaselineConfig:
         return f"user-{hashlib.sha256(key.encode()).hexdigest()[:12]}-e{self.epochs}-s{self.seed}"
 
     def spec(self) -> ModelSpec:
-        """The user model's spec (raises ValueError for model_args without a model)."""
-        return ModelSpec(user=self.model, user_kwargs=dict(self.model_args))
+        """The model's spec: the user function, else the preset (raises ValueError for model_args without a
+        model)."""
+        return ModelSpec(preset=self.preset, user=self.model, user_kwargs=dict(self.model_args))
 
     @property
     def name(self) -> str:
@@ -147,12 +148,8 @@ def load_baseline(cfg: BaselineConfig, data: EvalData | None = None) -> tuple[nn
         if cfg.checkpoint:
             raise ValueError(f"checkpoint {str(path)!r} is not an artifact (no manifest.json)")
         torch.manual_seed(cfg.seed)
-        if cfg.model is not None:
-            spec = cfg.spec().normalized(*(data.channel_stats or (None, None)))
-            model = spec.build(data.input_shape, data.num_classes)
-        else:
-            mcfg = ModelConfig.preset(cfg.preset, in_channels=data.input_shape[0], num_classes=data.num_classes)
-            model = build_model(mcfg)
+        spec = cfg.spec().normalized(*(data.channel_stats or (None, None)))
+        model = spec.build(data.input_shape, data.num_classes)
         fit_local(model, data.train, data.test, TrainConfig(epochs=cfg.epochs, seed=cfg.seed))
         acc = {"test_accuracy": data.accuracy(model)}
         save_artifact(model, path, input_shape=data.input_shape, accuracy=acc, probe=data.test[0][:32],
