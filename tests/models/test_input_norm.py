@@ -1,7 +1,7 @@
-"""Per-channel input normalization of a user model (and of a preset, in its own forward): computed once from the training data (validation), built into
-the model as its `InputNorm` front, recorded in the artifact's spec, and so applied the same by training, the
-artifact's local prediction and Serve's path (load_artifact + models.fuse.inference_module, as serve_app's
-replica does), including INT8."""
+"""Per-channel input normalization of a user model (and of a preset, in its own forward): computed once from the
+training data (validation), built into the model as its `InputNorm` front, recorded in the artifact's spec, and so
+applied the same by training, the artifact's local prediction and Serve's path (load_artifact +
+models.fuse.inference_module, as serve_app's replica does), including INT8."""
 
 from __future__ import annotations
 
