@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from models.artifact import load_artifact, save_artifact
-from models.data import DataConfig, colour_images, load_tensors, prepare_data, write_parquet
 from models.cnn import ModelConfig
+from models.data import DataConfig, colour_images, load_tensors, prepare_data, write_parquet
 from models.factory import ModelSpec
 from models.fuse import inference_module
 from models.quantize import Int8PTQ, quantize_
