@@ -55,7 +55,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ import time
 from pathlib import Path
 
 from bench._common import print_table, write_result
+from tandem.local_ray import free_port as _free_port
 
 GOALS = {
     "saturated_ratio_adaptive_vs_static": (">=", 1.3),
@@ -143,9 +143,7 @@ class CpuMeter:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_port("127.0.0.1")
 
 
 def make_artifacts(root: Path) -> dict[str, str]:

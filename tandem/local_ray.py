@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -67,8 +68,24 @@ _COALESCE_S = 2.0
 _MAX_RUN_DIR = 97 - 3 - 56 - len("/metrics.sock")
 
 
+_QUIET_PORTS = (20000, 29999)
+"""Ports below the kernel's ephemeral range (32768+ by default) and outside Ray's own defaults (worker ports
+10002-19999, Serve's direct-ingress ports 30000-31000): a process that binds port 0 later, as Ray's do while a
+cluster starts, cannot take one of these between our check and our bind (seen: HAProxy's frontend on a port
+`bind(0)` had returned, 'Address already in use' a second later)."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now."""
+    """A port nothing listens on now, from the quiet range above (any free port if none is found there)."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randint(*_QUIET_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

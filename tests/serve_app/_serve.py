@@ -8,15 +8,15 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from tandem.local_ray import free_port as _free_port
+
 GOOD = {"instances": [[0.5] * 64]}
 """A valid /predict body for the 8x8 test models."""
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on now (for Serve's HTTP proxy)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now (for Serve's HTTP ingress), outside the ranges Ray binds."""
+    return _free_port("127.0.0.1")
 
 
 _STARTED: dict[str, str] = {}
