@@ -272,15 +272,20 @@ def test_plan_weight_layouts_keeps_small_map_weights_nchw():
     assert w[2].is_contiguous()
     assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
     assert model[0].training, "training flags restored"
+    _assert_same_outputs_and_grads(model, ref, x)
+    assert w[2].grad.is_contiguous()
+    with pytest.raises(ValueError, match="example must be a"):
+        plan_weight_layouts_(model, torch.randn(3, 8, 8))
+
+
+def _assert_same_outputs_and_grads(model: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
+    """`model` and its untouched copy `ref` give the same outputs on `x` and the same parameter gradients."""
     out, out_ref = model(x), ref(x)
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     out.square().sum().backward()
     out_ref.square().sum().backward()
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
-    assert w[2].grad.is_contiguous()
-    with pytest.raises(ValueError, match="example must be a"):
-        plan_weight_layouts_(model, torch.randn(3, 8, 8))
 
 
 def test_plan_save_modes_keeps_the_conv_output_only_where_it_is_smaller_than_the_weight():
@@ -303,11 +308,6 @@ def test_plan_save_modes_keeps_the_conv_output_only_where_it_is_smaller_than_the
     # a larger batch makes the outputs outgrow the weights: nothing switches
     big = copy.deepcopy(ref)
     assert plan_save_modes_(big, torch.randn(64, 3, 8, 8)) == 0
-    out, out_ref = model(x), ref(x)
-    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
-    out.square().sum().backward()
-    out_ref.square().sum().backward()
-    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+    _assert_same_outputs_and_grads(model, ref, x)
     with pytest.raises(ValueError, match="example must be a"):
         plan_save_modes_(model, torch.randn(3, 8, 8))
