@@ -135,6 +135,27 @@ def haproxy_pids(run_dir: str) -> list[int]:
     return pids
 
 
+def haproxy_servers(run_dir: str, count: int, timeout: float = 60.0) -> list[str]:
+    """The replica addresses (host:port) in HAProxy's config under `run_dir`, once it lists `count` of them.
+
+    HAProxy gets target changes once per 2 s (RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S), so a replica's server line
+    may appear a little after the app answers (through the fallback proxy until then). Returns what is listed at
+    `timeout` if that never happens, for the caller's assertion to show.
+    """
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while True:
+        servers = []
+        for cfg in Path(run_dir).glob("h/*/haproxy.tandem.cfg"):
+            lines = cfg.read_text().splitlines()
+            servers += [ln.split()[2] for ln in lines if ln.strip().startswith("server SERVE_REPLICA")]
+        if len(servers) >= count or time.monotonic() > deadline:
+            return servers
+        time.sleep(0.5)
+
+
 def pid_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:

@@ -24,6 +24,7 @@ from _serve import (
     haproxy_cluster,
     haproxy_pids,
     haproxy_run_dir,
+    haproxy_servers,
     listening_sockets,
     pid_alive,
     pids_matching,
@@ -109,16 +110,7 @@ def test_only_loopback_listens(ray_local, app):
     socks = listening_sockets(pids)
     assert {p for _, p in socks} >= {app["cfg"].port} and len(socks) >= 3, socks
     assert all(a == "127.0.0.1" for a, _ in socks), socks
-    (cfg,) = Path(run_dir).glob("h/*/haproxy.tandem.cfg")
-    # HAProxy gets target changes once per 2 s (RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S): the replica's server line
-    # may appear a little after the app answers (through the fallback proxy until then)
-    deadline = time.monotonic() + 60
-    while True:
-        lines = cfg.read_text().splitlines()
-        servers = [line.split()[2] for line in lines if line.strip().startswith("server SERVE_REPLICA")]
-        if servers or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    servers = haproxy_servers(run_dir, 1)
     assert servers and all(s.startswith("127.0.0.1:") for s in servers), servers
     replica_ports = {int(s.rsplit(":", 1)[1]) for s in servers}
     replicas = listening_sockets(pids_matching("ray::ServeReplica"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _serve import GOOD, free_port, haproxy_pids, listening_sockets, pid_alive, pids_matching
+from _serve import GOOD, free_port, haproxy_pids, haproxy_servers, listening_sockets, pid_alive, pids_matching
 from test_ingress import tiny_artifact
 
 from serve_app.placement import SERVE_NODE_LABEL, replica_placement
@@ -40,10 +40,8 @@ def test_two_simulated_nodes_serve_through_haproxy(tmp_path, _ray_clusters):
         assert len(replicas) == 2 and {a.node_id for a in replicas} == {head}, replicas
         pids = haproxy_pids(run_dir)
         assert len(pids) == 1, pids  # one HAProxy for the cluster, not one per simulated node
-        (cfg,) = Path(run_dir).glob("h/*/haproxy.tandem.cfg")
-        servers = [
-            ln.split()[2] for ln in cfg.read_text().splitlines() if ln.strip().startswith("server SERVE_REPLICA")
-        ]
+        assert len(list(Path(run_dir).glob("h/*/haproxy.tandem.cfg"))) == 1
+        servers = haproxy_servers(run_dir, 2)
         assert len(servers) == 2 and all(s.startswith("127.0.0.1:") for s in servers), servers
         assert all(a == "127.0.0.1" for a, _ in listening_sockets(pids))
         replica_socks = listening_sockets(pids_matching("ray::ServeReplica"))
