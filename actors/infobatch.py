@@ -3,23 +3,26 @@
 Each epoch, among the samples whose last recorded loss is below the mean of the recorded losses ("well learned"),
 a random share `prune_ratio` is skipped; the kept well-learned samples have their loss scaled by
 1 / (1 - prune_ratio), so the expected gradient over the epoch stays that of the full data. Samples not yet scored
-are always kept. In the last `anneal` share of training every sample is used, unscaled (the paper's annealing,
+are always kept. In the last `anneal` share of the epochs every sample is used, unscaled (the paper's annealing,
 which removes the remaining bias before the end). Scoring costs nothing extra: the per-sample losses are those the
 step computed anyway.
 
     pruner = InfoBatch(n, InfoBatchConfig(prune_ratio=0.5, anneal=0.125), seed=0)
-    idx, scale = pruner.epoch(progress)       # progress: fraction of the training budget done, in [0, 1]
+    idx, scale = pruner.epoch(progress)       # progress: share of the epochs done, in [0, 1]
     ... loss = (per_sample_loss * scale_of_batch).mean(); pruner.record(batch_idx, per_sample_loss)
 
-The trainers (models/training.py `fit_epochs`, actors/trainer.py) keep their batches and steps, so the LR schedule
-is the uniform run's step for step: `plan` says which samples this epoch keeps and `prune_batch` drops the others
-from each batch before the forward (fewer rows to compute, same number of optimizer steps). In a data-parallel
-run each worker scores the rows it read and `merge_` pools the scores after each epoch.
+As the paper runs it, an epoch is its kept rows only, in full batches, so a pruned epoch makes fewer optimizer
+steps (that is where the time goes); the LR schedule is paced by epoch progress (models/training.py
+`EpochPacedLR`). Every loop runs these semantics: bench/weighting.py, `fit_epochs` over tensors (`epoch`), and
+the Ray Train workers over a stream (`KeptStream`: each worker re-batches the kept rows of its shard into a
+planned number of steps, the same on every worker). In a data-parallel run each worker scores the rows it read
+and `merge_` pools the scores after each epoch; `state_dict` goes into the run's checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +34,7 @@ class InfoBatchConfig:
     prune_ratio: float = 0.5
     """Share of the well-learned (below-mean loss) samples skipped each epoch."""
     anneal: float = 0.125
-    """Final share of the training budget that uses the full data (the paper's default 0.125)."""
+    """Final share of the epochs that uses the full data (the paper's default 0.125)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune_ratio < 1.0:
@@ -95,22 +98,101 @@ class InfoBatch:
         self.scores[got] = total[got] / count[got]
         self._fresh[:] = False
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Scores and the draw's generator state (a checkpoint: a restored run prunes from its first epoch and
+        draws what the uninterrupted run would)."""
+        return {"scores": self.scores.copy(), "rng": np.array(json.dumps(self.rng.bit_generator.state))}
 
-def prune_batch(
-    batch: Mapping[str, torch.Tensor], index: np.ndarray, keep: np.ndarray, scale: np.ndarray, min_rows: int = 2
-) -> dict[str, torch.Tensor]:
-    """The rows of `batch` this epoch keeps (`index`: each row's sample index into `keep`/`scale`), with
-    "loss_weight" = scale * kept / rows: the mean of weight x loss over the kept rows is then sum(scale x loss)
-    / rows, the full batch's mean loss in expectation. At least `min_rows` rows stay (a data-parallel worker must
-    step with the others; BatchNorm needs two rows), the first ones of the batch, at their scale."""
-    rows = len(index)
-    sel = keep[index]
-    if sel.sum() < min(min_rows, rows):
-        sel = sel.copy()
-        sel[: min(min_rows, rows)] = True
-    weight = scale[index][sel] * (sel.sum() / rows)
-    first = next(iter(batch.values()))
-    mask = torch.from_numpy(sel).to(first.device)
-    out = {k: v[mask] for k, v in batch.items()}
-    out["loss_weight"] = torch.from_numpy(weight.astype(np.float32)).to(first.device)
-    return out
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        scores = np.asarray(state["scores"], dtype=np.float64)
+        if scores.shape != (self.n,):
+            raise ValueError(f"scores must have shape ({self.n},), got {scores.shape}")
+        self.scores = scores.copy()
+        self.rng.bit_generator.state = json.loads(str(state["rng"]))
+        self._fresh[:] = False
+
+
+Batch = dict[str, torch.Tensor]
+
+
+def _cat(parts: list[Batch]) -> Batch:
+    return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _split(part: Batch, rows: int) -> tuple[Batch, Batch]:
+    return {k: v[:rows] for k, v in part.items()}, {k: v[rows:] for k, v in part.items()}
+
+
+class KeptStream:
+    """One epoch of a stream of batches as InfoBatch trains it: the kept rows (`keep[index_of(sample_id)]`),
+    re-batched into exactly `steps` full batches of `batch_size` rows with "loss_weight" = their `scale`.
+
+    Data-parallel workers must make the same number of steps, but each reads its own shard, whose kept share
+    varies: every worker makes the planned `steps` (from the kept share of the whole data). A worker with kept
+    rows left over drops them (as a stream drops its last partial batch); one that runs short fills its last
+    batches with rows it skipped, unscaled (full data), and with too few of those repeats its last batch. The
+    stream is read to its end either way (Ray Data's split feeds all workers together). `read` and `trained`
+    count the rows of this epoch."""
+
+    def __init__(
+        self,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        index_of: Callable[[torch.Tensor], np.ndarray],
+        keep: np.ndarray,
+        scale: np.ndarray,
+        batch_size: int,
+        steps: int,
+        spare_rows: int | None = None,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 2:
+            raise ValueError(f"batch_size must be an int >= 2 (BatchNorm needs two rows), got {batch_size!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        self.batches, self.index_of = batches, index_of
+        self.keep, self.scale = keep, scale
+        self.batch_size, self.steps = batch_size, steps
+        self.spare_rows = 2 * batch_size if spare_rows is None else spare_rows
+        """Skipped rows held back (per epoch) to fill a short shard's last batches."""
+        self.read = self.trained = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        bs = self.batch_size
+        kept: list[Batch] = []
+        spare: list[Batch] = []
+        n_kept = n_spare = emitted = 0
+        last: Batch | None = None
+        for batch in self.batches:
+            rows = len(batch["label"])
+            self.read += rows
+            if emitted == self.steps:
+                continue  # drain: the other workers' shards are fed from the same stream
+            idx = self.index_of(batch["sample_id"])
+            sel = self.keep[idx]
+            device = batch["label"].device
+            mask = torch.from_numpy(sel).to(device)
+            part = {k: v[mask] for k, v in batch.items() if k != "loss_weight"}
+            part["loss_weight"] = torch.from_numpy(self.scale[idx][sel].astype(np.float32)).to(device)
+            kept.append(part)
+            n_kept += int(sel.sum())
+            if n_spare < self.spare_rows and not sel.all():
+                rest = {k: v[~mask] for k, v in batch.items() if k != "loss_weight"}
+                rest["loss_weight"] = torch.ones(int((~sel).sum()), device=device)
+                spare.append(rest)
+                n_spare += len(rest["label"])
+            while n_kept >= bs and emitted < self.steps:
+                last, rest = _split(_cat(kept), bs)
+                kept, n_kept = [rest], n_kept - bs
+                emitted += 1
+                self.trained += bs
+                yield last
+        pool = [p for p in kept + spare if len(p["label"])]
+        while emitted < self.steps:  # this shard kept fewer rows than the plan: skipped rows, then repeats
+            have = sum(len(p["label"]) for p in pool)
+            if have >= 2:
+                last, rest = _split(_cat(pool), min(bs, have))
+                pool = [rest]
+            elif last is None:
+                raise ValueError(f"the stream gave fewer than 2 rows to make {self.steps} steps from")
+            emitted += 1
+            self.trained += len(last["label"])
+            yield last

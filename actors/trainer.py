@@ -5,7 +5,8 @@ difficulty sent to the weight store, selective activation checkpointing, checkpo
 Driver side: `fit_distributed(job, splits)`. Worker side: `train_loop(config)`, run by TorchTrainer on every worker.
 
 Checkpoint layout (one directory per epoch; every rank writes into the same one):
-    model.pt, optim.pt (optimizer + scheduler), meta.json (epoch, model spec), weights.npz (weight store) — rank 0
+    model.pt, optim.pt (optimizer + scheduler), meta.json (epoch, model spec), weights.npz (weight store),
+    infobatch.npz (InfoBatch's pooled scores and draw state) — rank 0
     comm_rank{r}.pt — each rank's gradient-communication state (error-feedback residuals, counters)
 """
 
@@ -36,6 +37,7 @@ from actors.train_local import TrainConfig, make_optimizer
 from actors.train_metrics import TrainMetrics
 from actors.weight_store import SampleWeightStore, WeightRule, last_layer_grad_norm
 from actors.weighted_stream import StreamConfig, build_stream, read_sample_ids
+from kernels.conv_bn import plan_save_modes_on_first_step_
 from kernels.precision import PrecisionPolicy
 from models.checkpointing import CheckpointConfig as ActivationCheckpointing
 from models.checkpointing import checkpoint_
@@ -157,7 +159,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _restore(ckpt: Checkpoint, model, opt, sched, comm, store, rank: int) -> int:
+def _restore(ckpt: Checkpoint, model, opt, sched, comm, store, rank: int, pruner=None) -> int:
     """Loads a checkpoint into this worker; returns the first epoch still to run."""
     with ckpt.as_directory() as d:
         d = Path(d)
@@ -172,10 +174,13 @@ def _restore(ckpt: Checkpoint, model, opt, sched, comm, store, rank: int) -> int
         if rank == 0 and store is not None and (d / "weights.npz").exists():
             with np.load(d / "weights.npz", allow_pickle=False) as z:
                 ray.get(store.load_state.remote({k: z[k] for k in z.files}))
+        if pruner is not None and (d / "infobatch.npz").exists():  # every worker: they plan the same epochs
+            with np.load(d / "infobatch.npz", allow_pickle=False) as z:
+                pruner.pruner.load_state_dict({k: z[k] for k in z.files})
     return int(meta["epoch"]) + 1
 
 
-def _save(model, opt, sched, comm, store, rank: int, epoch: int, job: TrainJob) -> str:
+def _save(model, opt, sched, comm, store, rank: int, epoch: int, job: TrainJob, pruner=None) -> str:
     d = tempfile.mkdtemp(prefix=f"tandem-ckpt-r{rank}-")
     torch.save(comm.state_dict(), os.path.join(d, f"comm_rank{rank}.pt"))
     if rank == 0:
@@ -185,6 +190,8 @@ def _save(model, opt, sched, comm, store, rank: int, epoch: int, job: TrainJob) 
         if store is not None:
             state = ray.get(store.state.remote())
             np.savez(os.path.join(d, "weights.npz"), **state)
+        if pruner is not None:  # scores pooled by merge_: rank 0's are every worker's
+            np.savez(os.path.join(d, "infobatch.npz"), **pruner.pruner.state_dict())
     return d
 
 
@@ -214,7 +221,7 @@ def _evaluate(model: nn.Module, test, rank: int, world: int, device):
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    from models.training import BNSample, infobatch_pruner, recompute_bn_stats_, train_epoch
+    from models.training import BNSample, EpochPacedLR, infobatch_pruner, recompute_bn_stats_, train_epoch
 
     job: TrainJob = config["job"]
     store = config["store"]
@@ -223,6 +230,8 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(job.train.seed)
     model = job.model.build(config["image_shape"], config["num_classes"]).to(device)
+    # lean ops keep or recompute their conv output by its size at this worker's batch, decided by the first step
+    plan_save_modes_on_first_step_(model)
     checkpoint_(model, ActivationCheckpointing.parse(job.dist.checkpointing))
     tap = LastLayerTap(model)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -240,16 +249,16 @@ def train_loop(config: dict) -> None:
     if test is None:
         _, test_x, test_y = load_tensors(_local_info(config["test_info"]))
         test = (test_x, test_y)
+    # InfoBatch: every worker plans the same epoch (same seed, scores pooled after each epoch, both checkpointed)
+    ids = config.get("sample_ids")
+    pruner = None if ids is None else infobatch_pruner(len(ids), job.train, ids)
+    pace = None if pruner is None else EpochPacedLR(sched, steps_per_epoch)
     start, restored = 0, False
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        start, restored = _restore(ckpt, model, opt, sched, comm, store if weighted else None, rank), True
+        start, restored = _restore(ckpt, model, opt, sched, comm, store if weighted else None, rank, pruner), True
     gauges = TrainMetrics(job.dist.name)
     pending, buf_ids, buf_d = [], [], []
-    # InfoBatch: every worker plans the same epoch (same seed, scores pooled after each epoch); its scores are not
-    # checkpointed, so the first epoch after a restore trains on the full data
-    ids = config.get("sample_ids")
-    pruner = None if ids is None else infobatch_pruner(len(ids), job.train, ids)
 
     def reduce_(t: torch.Tensor) -> None:  # in place over the workers, through the group's device (NCCL on GPU)
         d = t.to(device)
@@ -281,13 +290,15 @@ def train_loop(config: dict) -> None:
         )
 
         bn_sample = BNSample(job.train.bn_recompute_rows)
-        select, on_loss = pruner.hooks(epoch) if pruner is not None else (None, None)
+        if pruner is not None:  # the kept rows only: fewer steps (as many on every worker), the LR by progress
+            batches = pruner.stream_batches(epoch, batches, job.worker_batch, epoch_rows, world)
+            pace.begin_epoch(epoch, batches.steps)
         stats = train_epoch(
-            model, batches, opt, sched, policy, on_batch=on_batch, bn_sample=bn_sample, step_model=ddp,
-            select=select, on_loss=on_loss,
+            model, batches, opt, pace or sched, policy, on_batch=on_batch, bn_sample=bn_sample, step_model=ddp,
+            on_loss=pruner.record if pruner is not None else None,
         )  # fmt: skip
         steps = stats.steps
-        skipped = pruner.skipped if pruner is not None else 0
+        skipped = max(0, batches.read - batches.trained) if pruner is not None else 0
         sums = torch.tensor([stats.loss * stats.samples, stats.accuracy * stats.samples, stats.samples, skipped],
                             dtype=torch.float64)  # fmt: skip
         if pruner is not None:
@@ -324,7 +335,7 @@ def train_loop(config: dict) -> None:
             metrics.update({f"weights_{k}": v for k, v in ray.get(store.stats.remote()).items() if k != "epoch"})
         if rank == 0:
             gauges.update(metrics)
-        d = _save(model, opt, sched, comm, store if weighted else None, rank, epoch, job)
+        d = _save(model, opt, sched, comm, store if weighted else None, rank, epoch, job, pruner)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 

@@ -20,13 +20,16 @@ Variants (classes below; seeds paired: the same initial weights for every varian
                           last-layer gradient norm of sample i, redrawn every k steps, unbiased; importance
                           sampling by the gradient-norm bound (Katharopoulos & Fleuret 2018) mixed with uniform
   difficulty_mix_biased   the same draw without the loss correction (hard-example emphasis, as the seed's rule)
-  infobatch               InfoBatch-style pruning (actors/infobatch.py, ICLR 2024): each epoch skips half of the
-                          below-mean-loss samples, scales the kept ones' loss by 2, full data in the last 12.5% of
-                          the budget; scores are the step's own per-sample losses. Same LR schedule (per step) as
-                          uniform; compared by training CPU time to the target (sampling and scoring included)
-  infobatch_paper         the same pruning as the paper runs it: an epoch is its kept rows only, so it makes fewer
-                          optimizer steps; the LR follows epoch progress (the uniform run's LR at the same share
-                          of the epochs), full data in the last 12.5% of the epochs. The infobatch_* keys are its
+  infobatch               InfoBatch-style pruning (actors/infobatch.py, ICLR 2024): each epoch skips a share r of
+                          the below-mean-loss samples, scales the kept ones' loss by 1 / (1 - r), full data in the
+                          last share of the budget (InfoBatchConfig's defaults); scores are the step's own
+                          per-sample losses. The uniform run's steps over full batches of kept rows (the budget of
+                          samples spans more, shorter epochs); compared by training CPU time to the target
+                          (sampling and scoring included)
+  infobatch_paper         the same pruning as the paper runs it, and as the trainer's `--infobatch` does: an epoch
+                          is its kept rows only, so it makes fewer optimizer steps; the LR follows epoch progress
+                          (models/training.py EpochPacedLR: the uniform run's LR at the same share of the
+                          epochs); the trainer's InfoBatchConfig defaults. The infobatch_* keys report it.
 
 Keys, per dataset (prefix `mnist1d_`, `digits_`):
   seed_rule_ratio         mean samples to target, seed_rule / uniform_permutation         goal <= 1.05
@@ -59,7 +62,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -70,6 +73,7 @@ from actors.train_local import TrainConfig, evaluate, make_optimizer
 from actors.weight_store import SampleWeightStore, WeightRule, last_layer_grad_norm
 from bench._common import print_table, write_result
 from models.cnn import ModelConfig, build_model
+from models.training import EpochPacedLR
 
 GOALS = {
     "best_ratio": 0.85,
@@ -82,9 +86,9 @@ GOALS = {
 }
 CONTROLS = ("uniform_permutation", "uniform_replacement")
 PRUNING = ("infobatch", "infobatch_paper")
+"""Variants that skip samples rather than weight them: compared by wall-clock, not in the best-variant choice."""
 INFOBATCH_KEYS_FROM = "infobatch_paper"
 """The variant the infobatch_* keys report: the paper's (fewer steps), which alone can save wall-clock."""
-"""Variants that skip samples rather than weight them: compared by wall-clock, not in the best-variant choice."""
 
 
 # -- data -------------------------------------------------------------------------------------------------------
@@ -284,14 +288,14 @@ class InfoBatchVariant:
     """InfoBatch-style pruning (`InfoBatchSampler`)."""
 
     name: str
-    prune_ratio: float = 0.5
-    anneal: float = 0.125
+    config: InfoBatchConfig = field(default_factory=InfoBatchConfig)
+    """Prune share and annealing: by default the trainer's (`--infobatch`)."""
     skip_steps: bool = False
     """True: as the paper, an epoch is the kept rows only (fewer optimizer steps), the LR schedule paced by epoch
     progress, the annealing by epoch (`train_run_epochs`); False: the uniform run's steps over the same samples."""
 
     def build(self, n: int, batch_size: int, seed: int) -> Sampler:
-        return InfoBatchSampler(n, batch_size, seed, InfoBatchConfig(prune_ratio=self.prune_ratio, anneal=self.anneal))
+        return InfoBatchSampler(n, batch_size, seed, self.config)
 
 
 Variant = PermutationVariant | StoreVariant | MixVariant | InfoBatchVariant
@@ -409,9 +413,8 @@ def train_run_epochs(data: Data, setting: Setting, variant: InfoBatchVariant, se
     )
     cfg = TrainConfig(epochs=setting.epochs, batch_size=bs, lr=setting.lr, seed=seed)
     opt, sched = make_optimizer(model, cfg, steps_per_epoch)
-    factor = sched.lr_lambdas[0]  # the uniform run's LR factor by step
-    base = list(sched.base_lrs)  # the groups' lr already holds factor(0)
-    pruner = InfoBatch(n, InfoBatchConfig(prune_ratio=variant.prune_ratio, anneal=variant.anneal), seed=seed)
+    pruner = InfoBatch(n, variant.config, seed=seed)
+    pace = EpochPacedLR(sched, steps_per_epoch)  # the trainer's pacing (models/training.py)
     curve: list[tuple[int, float, float]] = []
     train_s, samples, steps, pruned = 0.0, 0, 0, 0
     model.train()
@@ -420,13 +423,11 @@ def train_run_epochs(data: Data, setting: Setting, variant: InfoBatchVariant, se
         order, scales = pruner.epoch(epoch / setting.epochs)
         pruned += pruner.pruned_last_epoch
         nb = len(order) // bs
+        pace.begin_epoch(epoch, nb)
         train_s += time.thread_time() - t0
         evals = {max(1, round(nb * (k + 1) / setting.evals_per_epoch)) for k in range(setting.evals_per_epoch)}
         for b in range(nb):
             t0 = time.thread_time()
-            progress = (epoch + b / nb) / setting.epochs
-            for g, lr in zip(opt.param_groups, base):
-                g["lr"] = lr * factor(int(progress * total))
             idx = order[b * bs : (b + 1) * bs]
             x, y = data.train_x[idx], data.train_y[idx]
             per_sample = F.cross_entropy(model(x), y, reduction="none")
@@ -434,6 +435,7 @@ def train_run_epochs(data: Data, setting: Setting, variant: InfoBatchVariant, se
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            pace.step()
             pruner.record(idx, per_sample.detach().numpy())
             samples, steps = samples + len(idx), steps + 1
             train_s += time.thread_time() - t0

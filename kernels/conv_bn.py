@@ -499,10 +499,47 @@ def plan_save_modes_(model: nn.Module, example: torch.Tensor) -> int:
             m.training = flag
     switched = 0
     for op in ops:
-        if op in outputs and outputs[op] <= op.conv.weight.numel():
+        if op in outputs and _saves_output(op, outputs[op]):
             op.save = SaveMode.FAST
             switched += 1
     return switched
+
+
+def _saves_output(op: ConvBNAct, output_numel: int) -> bool:
+    """plan_save_modes_' rule: a conv output no larger than the weight (saved anyway) is kept, not recomputed."""
+    return output_numel <= op.conv.weight.numel()
+
+
+class SavePlan:
+    """`plan_save_modes_` made by the first training step instead of a forward of its own: each lean op decides
+    at its first forward in training mode with grad enabled, at the batch training really runs (a Ray Train
+    worker's share of the global batch), then drops its hook; that first step runs lean, every later step the
+    planned form. Builds that only serve inference (replicas, sweep trials) pay nothing. `switched`: ops that
+    now save their conv output; `pending`: ops not yet planned."""
+
+    def __init__(self, model: nn.Module):
+        self.switched = 0
+        self._hooks = {}
+        for op in model.modules():
+            if isinstance(op, ConvBNAct) and op.save is SaveMode.LEAN:
+                self._hooks[op] = op.register_forward_hook(self._decide)
+
+    @property
+    def pending(self) -> int:
+        return len(self._hooks)
+
+    def _decide(self, op: ConvBNAct, args, out: torch.Tensor) -> None:
+        if not (op.training and torch.is_grad_enabled()):
+            return  # an evaluation's batch is not the training batch
+        self._hooks.pop(op).remove()
+        if _saves_output(op, out.numel()):
+            op.save = SaveMode.FAST
+            self.switched += 1
+
+
+def plan_save_modes_on_first_step_(model: nn.Module) -> SavePlan:
+    """Installs `SavePlan` on `model`'s lean ops (call it where training starts, before torch.compile)."""
+    return SavePlan(model)
 
 
 class ConvBNAct(nn.Module):

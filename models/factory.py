@@ -98,14 +98,15 @@ class ModelSpec:
 
     def build(self, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """The model for images of `image_shape` (C, H, W) and `num_classes`; a user model is fused and its
-        output shape checked on a dummy batch."""
+        output shape checked on a dummy batch. One eval forward at batch 2 lays out the weights (and checks a
+        user model's output); a lean model's save plan is made where training starts (models/training.py), since
+        only backward needs it."""
         from kernels.conv_bn import plan_weight_layouts_
 
         if self.user is None:
             model = build_model(self.config(image_shape, num_classes))
             # weights laid out for the map sizes this data gives (channels_last only where maps are large enough)
             plan_weight_layouts_(model, torch.zeros(2, *image_shape))
-            self._plan_save(model, image_shape)
             return model
         from models.fuse import fuse_
         from models.user_model import load_model
@@ -116,29 +117,20 @@ class ModelSpec:
                 raise ValueError(f"input_mean must have {image_shape[0]} values (one per channel), got "
                                  f"{len(self.input_mean)}")  # fmt: skip
             model = Normalized(model, self.input_mean, self.input_std)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.zeros(2, *image_shape))
-        model.train(was_training)
-        if out.dim() != 2 or out.shape[1] < num_classes:
+        outputs: list[torch.Tensor] = []  # the layout plan's forward is the shape check's too
+        hook = model.register_forward_hook(lambda module, args, out: outputs.append(out))
+        try:
+            plan_weight_layouts_(model, torch.zeros(2, *image_shape))
+        finally:
+            hook.remove()
+        out = outputs[0]
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < num_classes:
             raise ValueError(
                 f"model {self.user} must map (N, {', '.join(map(str, image_shape))}) to (N, >= {num_classes}) "
-                f"logits, got output shape {tuple(out.shape)}"
+                f"logits, got output {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
             )
-        plan_weight_layouts_(model, torch.zeros(2, *image_shape))
-        self._plan_save(model, image_shape)
         setattr(model, SPEC_ATTR, self.to_dict())
         return model
-
-    def _plan_save(self, model: nn.Module, image_shape: tuple[int, int, int]) -> None:
-        """A lean model recomputes its convs in backward only where that saves memory worth the time
-        (kernels.conv_bn.plan_save_modes_, planned at batch 64, the bench's batch: lean/eager samples/s went
-        0.85 -> 0.94 on resnet18 8x8, 0.80 -> 0.91 on small 8x8 with it)."""
-        if self.save == "lean":
-            from kernels.conv_bn import plan_save_modes_
-
-            plan_save_modes_(model, torch.zeros(64, *image_shape))
 
 
 class InputNorm(nn.Module):

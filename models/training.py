@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.conv_bn import plan_save_modes_on_first_step_
 from kernels.precision import PrecisionConfig, PrecisionPolicy
 
 if TYPE_CHECKING:
@@ -57,8 +58,9 @@ class TrainConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Training dtype / TF32 overrides (default: chosen from the hardware)."""
     infobatch: InfoBatchConfig | None = None
-    """InfoBatch-style pruning (actors/infobatch.py): each epoch skips a share of the below-mean-loss samples
-    and rescales the kept ones, full data in the last epochs; same optimizer steps and LR schedule. None: off."""
+    """InfoBatch-style pruning (actors/infobatch.py): each epoch trains on its kept rows only (a share of the
+    below-mean-loss samples skipped, the kept ones rescaled; fewer optimizer steps, the LR paced by epoch
+    progress), full data in the last epochs. None: off."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -104,6 +106,35 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class EpochPacedLR:
+    """`make_optimizer`'s schedule paced by epoch progress instead of by step: step b of an epoch of nb steps
+    runs at the LR the uniform run has at the same share of the epochs, (epoch + b / nb) / epochs, i.e. its step
+    (epoch * nb + b) * steps_per_epoch // nb. For epochs that make fewer steps than the uniform run (InfoBatch as
+    the paper runs it); with nb = steps_per_epoch it is the schedule itself. `step()` as a scheduler's; the
+    scheduler's `last_epoch` follows, so its checkpointed state stays meaningful."""
+
+    def __init__(self, sched: torch.optim.lr_scheduler.LambdaLR, steps_per_epoch: int):
+        self.sched, self.steps_per_epoch = sched, steps_per_epoch
+        self.epoch, self.steps, self.b = 0, steps_per_epoch, 0
+
+    def begin_epoch(self, epoch: int, steps: int) -> None:
+        """The next `steps` optimizer steps make epoch `epoch`."""
+        self.epoch, self.steps, self.b = epoch, max(1, steps), 0
+        self._apply()
+
+    def step(self) -> None:
+        self.b += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        s = self.sched
+        k = (self.epoch * self.steps + self.b) * self.steps_per_epoch // self.steps
+        lrs = [base * f(k) for base, f in zip(s.base_lrs, s.lr_lambdas, strict=True)]
+        for g, lr in zip(s.optimizer.param_groups, lrs, strict=True):
+            g["lr"] = lr
+        s.last_epoch, s._last_lr = k, lrs
 
 
 @dataclass(slots=True)
@@ -163,13 +194,12 @@ def train_epoch(
     on_batch: Callable[[Mapping[str, torch.Tensor], torch.Tensor], None] | None = None,
     bn_sample: BNSample | None = None,
     step_model: nn.Module | None = None,
-    select: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     on_loss: Callable[[Mapping[str, torch.Tensor], torch.Tensor], None] | None = None,
 ) -> EpochStats:
     """One pass over `batches` ((images, labels) or dicts with "image", "label" and optionally "loss_scale", a
     per-sample loss weight normalized to mean 1 in each batch, or "loss_weight", one applied as it is).
-    `step_model` is what the forward runs through (a DDP wrapper of `model`), `select(batch)` returns the rows
-    to train on (InfoBatch's `prune_batch`), `on_batch(batch, logits)` sees each batch after its step,
+    `step_model` is what the forward runs through (a DDP wrapper of `model`), `on_batch(batch, logits)` sees
+    each batch after its step,
     `on_loss(batch, per_sample_loss)` its detached per-sample losses, `bn_sample` keeps inputs for
     `recompute_bn_stats_`. Returns this process's mean loss, accuracy, rows and steps."""
     run = step_model if step_model is not None else model
@@ -179,8 +209,6 @@ def train_epoch(
     for batch in batches:
         if isinstance(batch, tuple):
             batch = {"image": batch[0], "label": batch[1]}
-        if select is not None:
-            batch = select(batch)
         x, y = batch["image"], batch["label"]
         with policy.autocast():
             logits = run(x)
@@ -295,22 +323,29 @@ def fit_epochs(
     policy: PrecisionPolicy | None = None,
 ) -> list[EpochStats]:
     """`cfg.epochs` shuffled passes over CPU tensors `train` (x (N, C, H, W), y (N,)) in this process, with BN
-    statistics re-estimated after each; `on_epoch(epoch, stats)` after each. The loop local training, QAT
-    and the sweep's fine-tune share. With `cfg.infobatch`, each epoch trains on InfoBatch's kept rows of the
-    same batches (`stats.samples` counts them)."""
+    statistics re-estimated after each; `on_epoch(epoch, stats)` after each; a lean model's save plan is made by
+    its first step (kernels.conv_bn.SavePlan). The loop local training, QAT
+    and the sweep's fine-tune share. With `cfg.infobatch`, each epoch trains on InfoBatch's kept rows only
+    (fewer steps, `stats.samples` counts them), the LR paced by epoch progress."""
     policy = policy or PrecisionPolicy.for_device("cpu", cfg.precision)
     x, y = train
-    opt, sched = make_optimizer(model, cfg, math.ceil(len(x) / cfg.batch_size))
+    plan_save_modes_on_first_step_(model)  # lean ops: recompute or keep the conv output, at this batch
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
     cb = None if on_step is None else (lambda batch, logits: on_step(len(batch["label"])))
     pruner = infobatch_pruner(len(x), cfg)
+    pace = EpochPacedLR(sched, steps_per_epoch) if pruner else None
     out = []
     for epoch in range(cfg.epochs):
         sample = BNSample(cfg.bn_recompute_rows)
-        select, on_loss = pruner.hooks(epoch) if pruner else (None, None)
-        batches = shuffled_batches(x, y, cfg.batch_size, gen, with_ids=pruner is not None)
-        stats = train_epoch(model, batches, opt, sched, policy, on_batch=cb, bn_sample=sample, select=select,
-                            on_loss=on_loss)  # fmt: skip
+        if pruner:
+            batches = pruner.tensor_batches(epoch, x, y, cfg.batch_size)
+            pace.begin_epoch(epoch, len(batches))
+        else:
+            batches = shuffled_batches(x, y, cfg.batch_size, gen)
+        stats = train_epoch(model, batches, opt, pace or sched, policy, on_batch=cb, bn_sample=sample,
+                            on_loss=pruner.record if pruner else None)  # fmt: skip
         recompute_bn_stats_(model, sample.batches)
         out.append(stats)
         if on_epoch is not None:
@@ -319,9 +354,10 @@ def fit_epochs(
 
 
 class EpochPruner:
-    """InfoBatch (actors/infobatch.py) as a training loop uses it: per epoch, `hooks(epoch)` gives train_epoch's
-    `select` (drops the pruned rows of each batch, weights the kept ones) and `on_loss` (records the step's own
-    per-sample losses as scores). `ids`: the dataset's sample ids when they are not 0..n-1 (a Ray Data stream)."""
+    """InfoBatch (actors/infobatch.py) as a training loop uses it: each epoch's batches of kept rows (over tensors,
+    `tensor_batches`; over a stream, `stream_batches`), and `record`, train_epoch's `on_loss`, which keeps the
+    step's own per-sample losses as scores. `ids`: the dataset's sample ids when they are not 0..n-1 (a Ray Data
+    stream)."""
 
     def __init__(self, n: int, cfg: TrainConfig, ids: np.ndarray | None = None):
         from actors.infobatch import InfoBatch
@@ -330,27 +366,38 @@ class EpochPruner:
         self.epochs = cfg.epochs
         self.sorted_ids = None if ids is None else np.sort(np.asarray(ids))
         self.skipped = 0
-        """Rows of the last epoch's batches left out."""
+        """Rows of the last epoch left out."""
 
     def index(self, sample_id: torch.Tensor) -> np.ndarray:
         ids = sample_id.detach().cpu().numpy()
         return ids if self.sorted_ids is None else np.searchsorted(self.sorted_ids, ids)
 
-    def hooks(self, epoch: int):
-        from actors.infobatch import prune_batch
+    def record(self, batch: Mapping[str, torch.Tensor], per_sample: torch.Tensor) -> None:
+        self.pruner.record(self.index(batch["sample_id"]), per_sample.float().cpu().numpy())
+
+    def tensor_batches(self, epoch: int, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[dict]:
+        """Epoch `epoch` over tensors x (N, ...), y (N,): the kept rows shuffled, in batches of `batch_size` (the
+        last one partial if it has 2 rows or more), each with its rows' "loss_weight" and "sample_id"."""
+        order, scale = self.pruner.epoch(epoch / self.epochs)
+        self.skipped = len(x) - len(order)
+        out = []
+        for i in range(0, len(order), batch_size):
+            idx = torch.from_numpy(order[i : i + batch_size])
+            if len(idx) > 1:  # a batch of 1 has no batch variance for BatchNorm
+                weight = torch.from_numpy(scale[i : i + batch_size])
+                out.append({"image": x[idx], "label": y[idx], "sample_id": idx, "loss_weight": weight})
+        return out
+
+    def stream_batches(self, epoch: int, batches: Iterable[Mapping[str, torch.Tensor]], batch_size: int,
+                       rows: int, workers: int = 1):  # fmt: skip
+        """Epoch `epoch` over a stream of batches that reads `rows` rows over all `workers` (this worker's share
+        of them): the kept rows re-batched (actors/infobatch.py `KeptStream`), as many steps on every worker,
+        the kept share of the data's worth: (rows x kept share) // (workers x batch_size), at least 1."""
+        from actors.infobatch import KeptStream
 
         keep, scale = self.pruner.plan(epoch / self.epochs)
-        self.skipped = 0
-
-        def select(batch):
-            out = prune_batch(batch, self.index(batch["sample_id"]), keep, scale)
-            self.skipped += len(batch["label"]) - len(out["label"])
-            return out
-
-        def on_loss(batch, per_sample):
-            self.pruner.record(self.index(batch["sample_id"]), per_sample.float().cpu().numpy())
-
-        return select, on_loss
+        steps = max(1, int(rows * keep.mean()) // (workers * batch_size))
+        return KeptStream(batches, self.index, keep, scale, batch_size, steps)
 
 
 def infobatch_pruner(n: int, cfg: TrainConfig, ids: np.ndarray | None = None) -> EpochPruner | None:

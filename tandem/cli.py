@@ -124,7 +124,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--infobatch",
         action="store_true",
         help="InfoBatch-style pruning: each epoch skip half of the below-mean-loss samples, rescale the kept ones; "
-        "full data in the last 12.5%% of epochs; same steps and LR schedule (not with --weighted)",
+        "full data in the last 12.5%% of epochs; an epoch is its kept rows only (fewer steps, the LR paced by epoch "
+        "progress; not with --weighted)",
     )
     g = p.add_argument_group("runs and storage")
     g.add_argument(

@@ -311,3 +311,35 @@ def test_plan_save_modes_keeps_the_conv_output_only_where_it_is_smaller_than_the
     _assert_same_outputs_and_grads(model, ref, x)
     with pytest.raises(ValueError, match="example must be a"):
         plan_save_modes_(model, torch.randn(3, 8, 8))
+
+
+def test_save_plan_decides_at_the_first_training_step_at_its_batch():
+    """`plan_save_modes_on_first_step_` makes plan_save_modes_' choice at the batch training runs, by the first
+    forward in training mode with grad enabled (evaluations and no-grad forwards leave it pending), once."""
+    from kernels.conv_bn import plan_save_modes_, plan_save_modes_on_first_step_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ConvBNAct(3, 8, 3, padding=1, save="lean"),
+        ConvBNAct(8, 32, 3, stride=4, padding=1, save="lean"),
+        ConvBNAct(32, 32, 1, save="lean"),
+    )
+    ref = copy.deepcopy(model)
+    plan = plan_save_modes_on_first_step_(model)
+    assert plan.pending == 3
+    model.eval()
+    model(torch.randn(4, 3, 8, 8))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 8, 8))
+    assert plan.pending == 3 and all(op.save.value == "lean" for op in model)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()  # the first step, at batch 4
+    assert plan.pending == 0 and plan.switched == plan_save_modes_(ref, torch.randn(4, 3, 8, 8)) == 2
+    assert [op.save for op in model] == [op.save for op in ref]
+    assert all(not op._forward_hooks for op in model)  # hooks removed: later batches change nothing
+    big = copy.deepcopy(ref)
+    for op in big:
+        op.save = SaveMode.LEAN
+    plan = plan_save_modes_on_first_step_(big)
+    big(torch.randn(64, 3, 8, 8)).sum().backward()  # a larger batch: every output outgrows its weight
+    assert plan.switched == 0 and all(op.save is SaveMode.LEAN for op in big)
