@@ -13,7 +13,10 @@ Step time = median over measured steps of the slowest rank; link bytes = veth tx
 
 Keys (grad11m): speedup_100mbit (flat / hierarchical 2-bit, goal >= 5), speedup_1gbit (goal >= 1.5),
 vs_powersgd_100mbit / _1gbit (hierarchical 2-bit / PowerSGD), auto_mode_fast_link_ratio (auto / flat, unshaped,
-goal <= 1.05), link_bytes_per_step (per link, workload, method), step_s (the full table).
+goal <= 1.05), link_bytes_per_step (per link, workload, method), step_s (the full table), auto_decisions (per link
+and workload: whether auto compressed, the Gbit/s it probed), auto_rule_per_link (collectives/hook.py's auto
+constants each link was measured under). Links kept from an earlier run (--links) lose their `auto` columns when
+those were measured under other constants (auto_dropped_stale names them): they would show what an old rule did.
 Needs root (netns, tc); without it prints why and exits 0 writing nothing. Namespaces are deleted on every exit
 path (finally, SIGTERM/SIGINT); every link run and the whole benchmark are bounded in time.
 """
@@ -48,7 +51,8 @@ def _powersgd_waited(state, bucket):
 
 
 def _attach(ddp, method: str, per_node: int):
-    """Registers the method's comm hook on the DDP model (flat: none)."""
+    """Registers the method's comm hook on the DDP model (flat: none); returns the hierarchical hook's state
+    (None for the others)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     from collectives.hook import HookConfig, register
@@ -62,7 +66,8 @@ def _attach(ddp, method: str, per_node: int):
     elif method != "flat":
         codec = {"hier_exact": NoCompression(), "hier_lowrank": LowRank(rank=4)}.get(method, TwoBitEF())
         mode = "auto" if method == "auto" else "always"
-        register(ddp, HookConfig(codec=codec, mode=mode, warmup_steps=1, ranks_per_node=per_node))
+        return register(ddp, HookConfig(codec=codec, mode=mode, warmup_steps=1, ranks_per_node=per_node))
+    return None
 
 
 def _workload(name: str, quick: bool):
@@ -135,7 +140,7 @@ def worker(args) -> None:
                 continue
             model, step = _workload(wl, args.quick)
             ddp = DDP(model)
-            _attach(ddp, method, per_node=2)
+            state = _attach(ddp, method, per_node=2)
             times, b0 = [], 0
             for i in range(args.warmup + args.steps):
                 dist.barrier()
@@ -149,6 +154,8 @@ def worker(args) -> None:
                     times.append(t.item())
             link = (_link_bytes(args.ifname) - b0) / args.steps
             results[wl][method] = {"step_s": statistics.median(times), "link_bytes_per_step": link}
+            if method == "auto":  # what the rule decided here, so the column is tied to the rule that made it
+                results[wl][method].update(compressed=state.compress, probed_gbit=state.measured_gbit)
             if rank == 0:
                 print(
                     f"  {wl:8s} {method:13s} {statistics.median(times):8.3f} s  {link / 1e6:9.2f} MB/step",
@@ -259,6 +266,27 @@ def _warm_codec_cache(cache: Path) -> None:
     codec2bit.decode_add_(torch.zeros_like(x), payload)
 
 
+def auto_rule() -> dict:
+    """The auto mode's constants (collectives/hook.py HookConfig) that the `auto` columns are measured under."""
+    from collectives.hook import HookConfig
+
+    cfg = HookConfig()
+    return {k: getattr(cfg, k) for k in ("auto_saved_bits_per_elem", "auto_codec_fixed_s", "auto_codec_s_per_elem")}
+
+
+def drop_stale_auto(runs: dict, rules: dict, rule: dict) -> list[str]:
+    """Removes the `auto` entries of links measured under another auto rule than `rule` (`rules`: the rule
+    recorded per link; a link without one predates the record): such a column says what an old rule did.
+    Returns the links dropped."""
+    stale = []
+    for link, per_wl in runs.items():
+        if rules.get(link) != rule and any("auto" in per_m for per_m in per_wl.values()):
+            for per_m in per_wl.values():
+                per_m.pop("auto", None)
+            stale.append(link)
+    return stale
+
+
 def summarize(runs: dict) -> dict:
     def t(link, method, wl="grad11m"):
         return runs.get(link, {}).get(wl, {}).get(method, {}).get("step_s")
@@ -274,6 +302,12 @@ def summarize(runs: dict) -> dict:
         "auto_mode_fast_link_ratio": ratio(t("unshaped", "auto"), t("unshaped", "flat")),
         "speedup_small_100mbit": ratio(t("100mbit", "flat", "small"), t("100mbit", "hier_2bit", "small")),
         "speedup_small_1gbit": ratio(t("1gbit", "flat", "small"), t("1gbit", "hier_2bit", "small")),
+        "auto_decisions": {
+            link: {
+                wl: {k: r["auto"].get(k) for k in ("compressed", "probed_gbit")} for wl, r in res.items() if "auto" in r
+            }
+            for link, res in runs.items()
+        },
         "link_bytes_per_step": {
             link: {wl: {m: v["link_bytes_per_step"] for m, v in r.items()} for wl, r in res.items()}
             for link, res in runs.items()
@@ -303,17 +337,24 @@ def main(args) -> int:
     runs: dict = {}
     measured_at: dict = {}
     measured_steps: dict = {}
+    rules: dict = {}  # the auto rule each link's `auto` column was measured under
     saved = RESULTS / "slow_link.json"
     if set(args.links) != set(LINKS) and saved.exists():  # re-measure some links, keep the others
         old_result = json.loads(saved.read_text())
         for link, per_wl in old_result.get("step_s", {}).items():
+            decisions = old_result.get("auto_decisions", {}).get(link, {})
             runs[link] = {
                 wl: {
-                    m: {"step_s": t, "link_bytes_per_step": old_result["link_bytes_per_step"][link][wl][m]}
+                    m: {
+                        "step_s": t,
+                        "link_bytes_per_step": old_result["link_bytes_per_step"][link][wl][m],
+                        **(decisions.get(wl, {}) if m == "auto" else {}),
+                    }
                     for m, t in per_m.items()
                 }
                 for wl, per_m in per_wl.items()
             }
+        rules.update(old_result.get("auto_rule_per_link", {}))
         first = {link: old_result.get("timestamp") for link in old_result.get("step_s", {})}
         measured_at.update(old_result.get("measured_at") or first)
         measured_steps.update(old_result.get("measured_steps") or {link: old_result["steps"] for link in first})
@@ -335,10 +376,14 @@ def main(args) -> int:
                     runs[link] = res
                     measured_at[link] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                     measured_steps[link] = args.steps
+                    rules[link] = auto_rule()
     finally:
         nets.close()
         for s, h in old.items():
             signal.signal(s, h)
+    stale = drop_stale_auto(runs, rules, auto_rule())
+    if stale:
+        print(f"auto columns of {stale} were measured under an earlier auto rule: dropped (re-measure them)")
     summary = summarize(runs)
     rows = [
         {"link": link, "workload": wl, "method": m, "step s": v["step_s"],
@@ -360,6 +405,8 @@ def main(args) -> int:
         measured_at=measured_at,
         warmup=args.warmup,
         measured_steps=measured_steps,
+        auto_rule_per_link={link: rules[link] for link in runs if link in rules},
+        auto_dropped_stale=stale,
         load_average_1min_at_end=os.getloadavg()[0],
         wall_s=time.monotonic() - started,
     )
