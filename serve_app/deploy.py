@@ -207,6 +207,12 @@ def serve_artifact(path: str, cfg: DeployConfig) -> str:
     # not deploy_apps' own blocking wait: it gives up after a fixed 60 s, which a replica on a loaded 2-core
     # worker node overran fetching the artifact from S3 and compiling its inference form (tests/test_multinode.py)
     client._wait_for_application_running(cfg.app_name, timeout_s=DEPLOY_TIMEOUT_S)
+    # a re-deploy that keeps the replicas (same args) is a hot update: RUNNING before the swap (_wait_served)
+    app_cfg = cfg.app_config(path)
+    models = {"Model": asdict(app_cfg.model_user_config())}
+    if app_cfg.canary is not None:
+        models["Canary"] = asdict(app_cfg.canary_user_config())
+    _wait_served(cfg, list(models), models)
     wait_ready(cfg.url)
     return cfg.url
 
@@ -241,6 +247,7 @@ def roll_out(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any
     models = [n for n in user_configs if n in ("Model", "Canary")]
     if not models or not _bounded(cfg, models):
         update_user_configs(path, cfg, user_configs)
+        _wait_served(cfg, models, user_configs)
         return
     lifted = {n: {"max_queued_requests": -1, "backpressure_config": _LIFTED_BACKPRESSURE} for n in models}
     # Lifted in a config of its own first, so that the callers' routers (a long-poll push) and the replicas (a
@@ -255,9 +262,20 @@ def roll_out(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any
         grace = max(ModelUserConfig.from_dict(user_configs[n]).update_grace_s for n in models)
         for name in models:
             wait_reconfigured(cfg, name, user_configs[name], timeout_s)
+        _wait_served(cfg, models, user_configs)
         time.sleep(grace)
     finally:  # the bound back even when the update failed (no replica touched)
         update_user_configs(path, cfg, {})
+
+
+def _wait_served(cfg: DeployConfig, models: list[str], user_configs: dict[str, dict[str, Any]]) -> None:
+    """Until every replica of `models` serves its new user_config: a replica's reconfigure returns at once and
+    swaps the new model in when it is loaded and warmed up (ModelServer.reconfigure; serve_app/served.py), which
+    may take as long as a first deploy's load."""
+    from serve_app.served import wait_served
+
+    for name in models:
+        wait_served(_ensure_serve(cfg), cfg.app_name, name, user_configs[name], DEPLOY_TIMEOUT_S)
 
 
 def _bounded(cfg: DeployConfig, deployments: list[str]) -> bool:

@@ -1,7 +1,8 @@
 """One model replica (`ModelServer`): the model, its batching policy (serve_app.batching.BatchingPolicy: recorder,
 controller, admission control and calibration, the object serve_app/simulator.py drives too), metrics, and the
 routes' logic (`respond(Call) -> Reply`), callable through a handle as well as from the HTTP routes. Hot updates
-come in through `reconfigure` (the deployment's user_config), loaded off the event loop."""
+come in through `reconfigure` (the deployment's user_config), loaded off the event loop in the background and
+swapped in when ready; each replica records what it serves (serve_app.served)."""
 
 import asyncio
 import json
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from serve_app import form_choice
 from serve_app.batching import (
     AdmissionControl,
     BatchingPolicy,
@@ -28,6 +30,7 @@ from serve_app.config import UNBATCHED, AppConfig, ModelUserConfig
 from serve_app.metrics import ServeMetrics
 from serve_app.protocol import INPUT_NAME, BadRequest, encode_infer, instances_to_array, parse_infer, parse_json
 from serve_app.routes import Call, Reply
+from serve_app.served import publish, split_load_delay
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,6 +97,20 @@ class Overloaded(Exception):
 
 
 @dataclass(slots=True)
+class _Prepared:
+    """A model ready to swap in (ModelServer._prepare): warmed up, its controller seeded by the warm-up."""
+
+    model: Any
+    manifest: dict[str, Any]
+    version: str
+    ctl: Controller
+    sound: bool
+    """Its outputs were finite on the warm-up (ModelFault's 422 vs 500)."""
+    form: tuple[tuple, str] | None
+    """(what the fp32 form was chosen for, the form's class name); None when no fp32 form was chosen."""
+
+
+@dataclass(slots=True)
 class _Queued:
     """A request's images while it waits for a batch; `started` once Ray hands it to the batch handler."""
 
@@ -108,8 +125,14 @@ class ModelServer:
     as well as from this class's own HTTP routes.
     """
 
-    def __init__(self, app: dict[str, Any], deployment: str = "Model") -> None:
+    def __init__(
+        self, app: dict[str, Any], deployment: str = "Model", *, background_updates: bool | None = None
+    ) -> None:
+        """`background_updates`: whether a hot update returns from `reconfigure` at once and swaps in the background
+        (see there); None: so in a Serve replica, where `reconfigure` holds the replica out of routing, while a
+        ModelServer used directly (tests, tools) has nothing that does and applies each config before returning."""
         import torch
+        from ray.serve.context import _get_internal_replica_context
 
         self.cfg = AppConfig.from_dict(app)
         self.deployment = deployment
@@ -131,7 +154,14 @@ class ModelServer:
         # (what the fp32 form was chosen for, the form's class name): a hot update of the same model shape keeps
         # it (_prepare)
         self._form: tuple[tuple, str] | None = None
-        self._next_form: tuple[tuple, str] | None = None
+        # Hot updates (reconfigure): the config asked for last, a counter that tells a superseded load from the
+        # current one, one load at a time, and the background swap in progress.
+        self._wanted: ModelUserConfig | None = None
+        self._generation = 0
+        self._swap_lock = asyncio.Lock()
+        self._swap_task: asyncio.Task | None = None
+        self._in_replica = _get_internal_replica_context() is not None
+        self._background_updates = self._in_replica if background_updates is None else background_updates
         # The controller learns t(b) from the batch's CPU time when the forward runs in this thread alone (one
         # torch thread, a CPU model): on a shared machine wall time includes the replica being preempted, and
         # outliers of 10-30x (measured under load here) drove the fit's p99 noise up, the cap to 1 and admission
@@ -140,42 +170,91 @@ class ModelServer:
 
     # -- hot update
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Loads and verifies the artifact named by `user_config` and warms it up in a worker thread while this
-        replica goes on serving with the current model, then swaps model and controller in one step on the event
-        loop; requests in flight finish on whichever model their batch started with.
+        """Applies `user_config` (a hot update). The first one (replica start-up) loads the model before this
+        returns: a replica is not ready without one. Every later one returns at once: a background task loads,
+        verifies and warms up the new model in a worker thread while this replica goes on serving with the
+        current one, then swaps model and controller in one step on the event loop (requests in flight finish on
+        whichever model their batch started with) and records what it serves (serve_app.served, which
+        serve_app.deploy.roll_out waits on).
 
-        Why a thread: a synchronous reconfigure held the replica's event loop for the whole load and warm-up
-        (~0.1-0.5 s), and the requests of that window queued at the replica or the proxy, where bounds
-        (max_queued_requests, admission's max_queue_len) refused some of them (14 of 945 once in CI). Serving on
-        through the update needs no grace period or lifted bound to lose nothing."""
+        Why return at once: while `reconfigure` runs, Serve holds the replica UPDATING and takes it out of
+        HAProxy's backend (after RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S, 2 s); an update whose load outlasted
+        that on a loaded machine (a compile, a slow download, a starved thread) left no server, and HAProxy
+        answered 503 (1 and 55 of 777 requests in two soaks at load 20-42). Why a thread: a synchronous load held
+        the event loop for the whole load and warm-up, and the requests of that window queued where bounds
+        refused some of them (14 of 945 once in CI)."""
+        user_config, delay = split_load_delay(dict(user_config))
         user = ModelUserConfig.from_dict(user_config)
-        if self.user is not None and asdict(user) == asdict(self.user):
+        if self._wanted is not None and asdict(user) == asdict(self._wanted):
             return
-        new_model = self.user is None or (user.artifact, user.version) != (self.user.artifact, self.user.version)
-        model, manifest, version, ctl, sound = await asyncio.to_thread(self._prepare, user, new_model)
-        self.model, self.manifest, self.version, self._sound = model, manifest, version, sound
-        self._form, self._next_form = self._next_form or self._form, None
-        self.input_shape = tuple(manifest["input_shape"])
-        self.policy.replace(ctl, enforce=user.admission)
-        self.user = user
-        self._grace_until = time.monotonic() + user.update_grace_s
-        self._apply(ctl.settings)
-        self._ensure_control_loop()  # from the start, so the gauges are exported before the first request
-        if new_model:
-            self.metrics.model_version(version)
-            logger.info("%s: serving %s version %s", self.deployment, user.artifact, version)
+        self._wanted = user
+        self._generation += 1
+        if self.model is None or not self._background_updates:
+            await self._swap_in(user, self._generation, delay)  # start-up: failures fail the replica's start
+            return
+        self._swap_task = asyncio.get_running_loop().create_task(
+            self._swap_in_background(user, self._generation, delay)
+        )
 
-    def _prepare(self, user: "ModelUserConfig", new_model: bool) -> tuple[Any, dict[str, Any], str, Controller, bool]:
-        """(model, manifest, version, warmed-up controller, finite on the warm-up) for `user`; runs off the event
-        loop."""
+    async def settled(self) -> None:
+        """Returns once no hot update is loading: the last `reconfigure`'s config serves, or failed to load."""
+        while self._swap_task is not None and not self._swap_task.done():
+            await self._swap_task
+
+    async def _swap_in_background(self, user: ModelUserConfig, generation: int, delay_s: float) -> None:
+        """`_swap_in` for a hot update: a failure leaves the current model serving and is recorded for the
+        roll-out (RuntimeError there), not raised into Serve (which no longer waits on it)."""
+        try:
+            await self._swap_in(user, generation, delay_s)
+        except Exception as e:
+            logger.exception("%s: could not swap in %s; still serving version %s", self.deployment, user.artifact,
+                             self.version)  # fmt: skip
+            if generation == self._generation:
+                self._wanted = self.user  # re-applying the failed config tries again
+                await asyncio.to_thread(self._publish, user, f"{type(e).__name__}: {e}")
+
+    async def _swap_in(self, user: ModelUserConfig, generation: int, delay_s: float) -> None:
+        """Loads `user`'s model off the event loop and swaps it in, unless a later reconfigure superseded it
+        (loads run one at a time; a superseded one is skipped or dropped)."""
+        async with self._swap_lock:
+            if generation != self._generation:
+                return
+            new_model = self.user is None or (user.artifact, user.version) != (self.user.artifact, self.user.version)
+            p = await asyncio.to_thread(self._prepare, user, new_model, delay_s)
+            if generation != self._generation:
+                return
+            self.model, self.manifest, self.version, self._sound = p.model, p.manifest, p.version, p.sound
+            self._form = p.form or self._form
+            self.input_shape = tuple(p.manifest["input_shape"])
+            self.policy.replace(p.ctl, enforce=user.admission)
+            self.user = user
+            self._grace_until = time.monotonic() + user.update_grace_s
+            self._apply(p.ctl.settings)
+            self._ensure_control_loop()  # from the start, so the gauges are exported before the first request
+            if new_model:
+                self.metrics.model_version(p.version)
+                logger.info("%s: serving %s version %s", self.deployment, user.artifact, p.version)
+        await asyncio.to_thread(self._publish, user, None)
+
+    def _publish(self, user: ModelUserConfig, error: str | None) -> None:
+        """Records what this replica serves (serve_app.served); nothing outside a Serve replica (unit tests)."""
+        from ray.serve.context import _get_internal_replica_context
+
+        ctx = _get_internal_replica_context()
+        if ctx is not None:
+            publish(ctx.app_name, ctx.deployment, ctx.replica_id.unique_id, user, error)
+
+    def _prepare(self, user: ModelUserConfig, new_model: bool, delay_s: float = 0.0) -> "_Prepared":
+        """The model, manifest, version and warmed-up controller for `user`; runs off the event loop.
+        `delay_s`: the test hook's sleep (serve_app.served.LOAD_DELAY_KEY), a load made slow on purpose."""
         import torch
 
         from models.artifact import load_artifact
         from models.fuse import CompiledInference, OneDNNInference, fastest_inference_module, inference_module
         from models.storage import local_copy
 
-        model, manifest, version = self.model, self.manifest, self.version
-        self._next_form = None
+        time.sleep(delay_s)
+        model, manifest, version, form = self.model, self.manifest, self.version, None
         if new_model:
             # a storage URI (s3://, gs://) is fetched to this replica's node: no replica reads the head's disk
             # (the copy goes once the model is in memory: none is left on a swap or at shutdown)
@@ -195,26 +274,35 @@ class ModelServer:
             key = _form_key(model, manifest, ctl.config.max_batch_size)
             example = torch.rand(1, *manifest["input_shape"], generator=torch.Generator().manual_seed(0))
             sizes = (1, ctl.config.max_batch_size)
+            threads = self.cfg.torch_threads
+            chosen, why = None, ""
             if self._form is not None and self._form[0] == key:
                 # A hot update of the same architecture and shapes: the form chosen for it stands, and a
                 # compiled one reuses the graphs already compiled here (CompiledInference: the weights are graph
                 # inputs). Choosing again compiled and timed both forms beside the serving event loop, on the
                 # same cores, for 2-25 s per graph on 2 cores: the update-time stall whose backlog HAProxy's
                 # 64-in-flight cap refused (9 of 2741 requests at 0.66x capacity, bench/serving.py).
+                chosen, why = self._form[1], "as before this update"
+            elif self._in_replica:
+                # another replica of this shape on this node timed the forms already (serve_app/form_choice.py)
+                chosen, why = form_choice.recall(key, threads), "chosen on this node before"
+            if chosen is not None:
                 # The oneDNN form plans its convs again by timing them (no compile).
-                if self._form[1] == CompiledInference.__name__:
+                if chosen == CompiledInference.__name__:
                     model = CompiledInference(inference_module(model))
-                elif self._form[1] == OneDNNInference.__name__:
+                elif chosen == OneDNNInference.__name__:
                     model = OneDNNInference(model, example, sizes)
                 else:
                     model = inference_module(model)
-                logger.info("%s: fp32 form %s (as before this update)", self.deployment, type(model).__name__)
+                logger.info("%s: fp32 form %s (%s)", self.deployment, type(model).__name__, why)
             else:
                 model, timings = fastest_inference_module(model, example, sizes)
                 logger.info("%s: fp32 form %s (%s)", self.deployment, type(model).__name__, timings)
-            self._next_form = (key, type(model).__name__)
+                if self._in_replica:
+                    form_choice.remember(key, threads, type(model).__name__)
+            form = (key, type(model).__name__)
         sound = self._warm_up(model, tuple(manifest["input_shape"]), ctl)
-        return model, manifest, version, ctl, sound
+        return _Prepared(model, manifest, version, ctl, sound, form)
 
     def _warm_up(self, model, input_shape: tuple[int, ...], ctl: Controller, rounds: int = 3) -> bool:
         """Runs the model on every power-of-two batch size up to the cap, `rounds` times, and seeds the new

@@ -411,6 +411,74 @@ def test_a_hot_update_of_the_same_shape_keeps_the_fp32_form(ray_local, outside_s
         np.testing.assert_allclose(probs, local_predictions(arts[name], torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
+def test_a_hot_update_returns_at_once_and_the_old_model_serves_until_the_swap(
+    ray_local, outside_serve, tmp_path, monkeypatch
+):
+    """In a Serve replica (background_updates) `reconfigure` of a hot update returns at once and the current model
+    serves while the new one loads (here held 2 s by the test hook); then it is swapped in. A load that fails
+    leaves the current model serving; of two updates in a row only the last lands."""
+    import models.fuse
+    from models.artifact import save_artifact
+    from models.cnn import ModelConfig, build_model
+    from serve_app.replica import ModelServer
+    from serve_app.served import LOAD_DELAY_KEY
+
+    # the served form as is (the form choice is test_a_hot_update_of_the_same_shape_keeps_the_fp32_form's)
+    def as_is(model, example, batch_sizes):
+        return models.fuse.inference_module(model), {}
+
+    monkeypatch.setattr(models.fuse, "fastest_inference_module", as_is)
+    arts = {}
+    for seed, (name, classes) in enumerate((("a", 10), ("b", 10), ("c", 5))):  # "c": other shapes, a new form
+        torch.manual_seed(seed)
+        arts[name] = str(tmp_path / name)
+        model = build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=classes))
+        save_artifact(model, arts[name], input_shape=SHAPE)
+    x = np.zeros((1, *SHAPE), np.float32)
+
+    def user(name: str, **extra) -> dict:
+        return {"artifact": arts.get(name, str(tmp_path / name)), "version": name, "controller": "static", **extra}
+
+    async def scenario() -> None:
+        srv = ModelServer(AppConfig(artifact=arts["a"]).to_dict(), background_updates=True)
+        await srv.reconfigure(user("a"))  # start-up: loaded before it returns
+        assert srv.version == "a"
+        t0 = time.monotonic()
+        await srv.reconfigure(user("b", **{LOAD_DELAY_KEY: 2.0}))
+        returned_s = time.monotonic() - t0
+        served_meanwhile = [(await srv.infer(x))[1] for _ in range(3)]
+        await srv.settled()
+        assert returned_s < 1.0 and served_meanwhile == ["a"] * 3  # the load sleeps 2 s before it starts
+        assert (await srv.infer(x))[1] == "b" and srv.user.artifact == arts["b"]
+
+        await srv.reconfigure(user("missing"))  # fails in the background: "b" serves on
+        await srv.settled()
+        assert (await srv.infer(x))[1] == "b" and srv.user.artifact == arts["b"]
+
+        await srv.reconfigure(user("a", **{LOAD_DELAY_KEY: 0.5}))
+        await asyncio.sleep(0.1)  # "a" is loading
+        await srv.reconfigure(user("c"))  # supersedes it: "a" is dropped when its load ends, then "c" loads
+        await srv.settled()
+        probs, version = await srv.infer(x)
+        assert version == "c" and probs.shape == (1, 5) and srv.user.artifact == arts["c"]
+
+    asyncio.run(scenario())
+
+
+def test_the_load_delay_hook_is_checked_and_not_part_of_the_config():
+    from serve_app.served import LOAD_DELAY_KEY, normalize, split_load_delay
+
+    base = {"artifact": "/a", "version": "v"}
+    assert split_load_delay({**base, LOAD_DELAY_KEY: 3}) == (base, 3.0)
+    assert (
+        normalize({**base, LOAD_DELAY_KEY: 3})
+        == normalize(base)
+        == json.loads(json.dumps(asdict(ModelUserConfig(**base))))
+    )
+    with pytest.raises(ValueError, match=f"{LOAD_DELAY_KEY} must be a number of seconds"):
+        split_load_delay({**base, LOAD_DELAY_KEY: -1})
+
+
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()

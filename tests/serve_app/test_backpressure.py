@@ -8,6 +8,7 @@ import asyncio
 import os
 import threading
 import time
+from dataclasses import asdict
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ import torch
 from _serve import GOOD, free_port, haproxy_cluster
 
 from serve_app.batching import BatchingConfig
-from serve_app.deploy import DeployConfig, hot_update, serve_artifact
+from serve_app.deploy import DeployConfig, hot_update, roll_out, serve_artifact
 from serve_app.loadgen import LoadConfig, run_load
 from serve_app.simulator import Constant
 
@@ -66,6 +67,49 @@ def test_burst_beyond_the_bound_gets_503_with_retry_after(ray_local, bounded_app
     with httpx.Client(base_url=url, timeout=30) as c:  # and it keeps serving
         r = c.post("/predict", json=GOOD)
         assert r.status_code == 200 and r.json()["version"] == "bp"
+
+
+def test_a_slow_hot_update_under_load_loses_nothing(ray_local, bounded_app):
+    """A hot update whose load is held open 3 s (the test hook serve_app.served.LOAD_DELAY_KEY) under 100 req/s:
+    the old model answers while the new one loads, `roll_out` returns once the replica swapped it in, the replica
+    is not restarted, and no request is lost. By design: `reconfigure` returns at once (ModelServer.reconfigure),
+    so Serve never holds the replica UPDATING long enough for HAProxy to drop it from its backend (2 s), whatever
+    the load takes."""
+    from serve_app.served import LOAD_DELAY_KEY
+
+    url, old = bounded_app["url"], bounded_app["cfg"]
+    slo = {**BatchingConfig.slo_fields(10.0), "max_queue_len": None}  # as the soak below: count only the update
+    cfg = DeployConfig(port=old.port, app={"version": "bp", "batching": slo})
+    serve_artifact(bounded_app["path"], cfg)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        replica = c.get("/v2/models/tandem").json()["parameters"]["replica"]
+    user = asdict(cfg.app_config(bounded_app["path"]).model_user_config())
+    user.update(artifact=bounded_app["update"], version="slow", **{LOAD_DELAY_KEY: 3.0})
+    result, took = {}, {}
+    load = LoadConfig(pattern=Constant(100.0), duration_s=9.0, timeout_s=10.0)
+    thread = threading.Thread(target=lambda: result.update(r=run_load(url, load)))
+    thread.start()
+    time.sleep(1.5)
+
+    def update() -> None:
+        t0 = time.monotonic()
+        roll_out(bounded_app["path"], cfg, {"Model": user})
+        took["s"] = time.monotonic() - t0
+
+    updating = threading.Thread(target=update)
+    updating.start()
+    time.sleep(1.0)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        during = c.post("/predict", json=GOOD).json()["version"]  # the load sleeps 3 s before it starts
+        updating.join()
+        after = c.post("/predict", json=GOOD).json()["version"]
+        meta = c.get("/v2/models/tandem").json()
+    thread.join()
+    report = result["r"]
+    refused_at = sorted({round(t, 1) for t, _, status in report.samples if status != 200})
+    assert (during, after) == ("bp", "slow") and took["s"] >= 3.0  # roll_out waited for the swap
+    assert meta["parameters"]["replica"] == replica  # swapped in place, not restarted
+    assert report.sent > 740 and report.ok == report.sent, (report.status_counts, refused_at)
 
 
 # Issue 16's soak, each variant 20 times in a row on the module's one cluster (CI runs each once):
