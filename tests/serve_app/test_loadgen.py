@@ -90,6 +90,9 @@ def test_summary_arithmetic():
     assert r.status_counts == {"200": 90, "503": 5, "timeout": 3, "500": 1, "connection_error": 1}
     assert [row["offered"] for row in r.timeline] == [90.0, 10.0]
     assert "samples" not in r.to_dict() and json.dumps(r.to_dict(), allow_nan=True)
+    assert "within 100 ms: 10.00% of the requests sent (goal >= 99%: NOT met)" in r.summary()
+    good = summarize([(i * 0.01, 0.005, 200) for i in range(99)] + [(1.0, 0.2, 200)], 1.0, 0.1)
+    assert "within 100 ms: 99.00% of the requests sent (goal >= 99%: met)" in good.summary()
 
 
 @pytest.fixture
