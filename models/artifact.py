@@ -60,7 +60,7 @@ from kernels.conv_bn import ConvBNAct
 from models.cnn import ModelConfig, build_model
 from models.factory import USER_ARCHITECTURE, ModelSpec, describe
 from models.prune import apply_module_shapes_, channel_counts, module_shapes, resize_
-from models.quantize import QuantizedModel, restore_quantized
+from models.quantize import CONFIGS, QuantizedModel, restore_quantized
 
 FORMAT = "tandem.artifact"
 FORMAT_VERSION = 1
@@ -473,3 +473,60 @@ def _compile_and_check(model: QuantizedModel, x: torch.Tensor, want: torch.Tenso
     clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
     if not torch.equal(got.argmax(1)[clear], want.argmax(1)[clear]):
         raise ArtifactError(f"{p}: the compiled model's predictions differ from those recorded when saved")
+
+
+# A serving set: one point of the sweep in the forms the sweep measured, the choice among them left to the
+# replica's hardware at load (serve_app.config.served_artifact: FP8 on sm_89+, INT8 elsewhere). A directory
+# holding only serving.json:
+#     format      "tandem.serving_set"
+#     forms       {scheme: {"artifact": URI of that form's artifact (a sweep trial's), "latency_ms": float (as the
+#                 sweep measured it), and what else the sweep recorded: "accuracy", "trial", "measured_on", ...}}
+#     default     the scheme of the sweep's chosen row, one of forms
+SERVING_SET = "serving.json"
+SERVING_SET_FORMAT = "tandem.serving_set"
+SCHEMES = ("none", *CONFIGS)
+"""Quantization schemes an artifact (and a serving set's form) may have."""
+
+
+def check_serving_set(data: object, where: str = "serving set") -> dict:
+    """`data` as a valid serving set (the dict itself); ArtifactError saying what is wrong."""
+    if not isinstance(data, dict) or data.get("format") != SERVING_SET_FORMAT:
+        raise ArtifactError(f"{where}: must be an object with format {SERVING_SET_FORMAT!r}, got {data!r:.200}")
+    forms = data.get("forms")
+    if not isinstance(forms, dict) or not forms:
+        raise ArtifactError(f"{where}: forms must be a non-empty object of scheme -> form, got {forms!r:.200}")
+    for scheme, form in forms.items():
+        if scheme not in SCHEMES:
+            raise ArtifactError(f"{where}: form schemes must be among {list(SCHEMES)}, got {scheme!r}")
+        if not isinstance(form, dict) or not isinstance(form.get("artifact"), str) or not form["artifact"]:
+            raise ArtifactError(f"{where}: form {scheme!r} must hold an artifact URI string, got {form!r:.200}")
+        lat = form.get("latency_ms")
+        if isinstance(lat, bool) or not isinstance(lat, int | float) or not lat > 0:
+            raise ArtifactError(f"{where}: form {scheme!r} must hold its measured latency_ms > 0, got {lat!r}")
+    if data.get("default") not in forms:
+        raise ArtifactError(f"{where}: default must be one of the forms {sorted(forms)}, got {data.get('default')!r}")
+    return data
+
+
+def write_serving_set(uri: str, forms: dict[str, dict], default: str) -> str:
+    """Writes the serving set `<uri>/serving.json` (validated first); returns `uri`."""
+    from models import storage
+
+    data = check_serving_set({"format": SERVING_SET_FORMAT, "forms": forms, "default": default}, uri)
+    storage.write_text(storage.join(uri, SERVING_SET), json.dumps(data, indent=2, default=str))
+    return uri
+
+
+def read_serving_set(uri: str) -> dict | None:
+    """The validated serving set at `uri` (a path or storage URI); None when `uri` holds no serving.json (one
+    artifact)."""
+    from models import storage
+
+    path = storage.join(uri, SERVING_SET)
+    if not storage.exists(path):
+        return None
+    try:
+        data = json.loads(storage.read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    return check_serving_set(data, path)

@@ -294,3 +294,29 @@ def choose_artifact(artifacts: dict[str, str], caps=None) -> str:
         if scheme in artifacts:
             return artifacts[scheme]
     raise ValueError(f"artifacts must hold a scheme this hardware runs ({list(order)}), got {sorted(artifacts)}")
+
+
+def served_artifact(uri: str, caps=None) -> str:
+    """The artifact a replica loads for `uri` (what ModelUserConfig.artifact names): `uri` itself when it is
+    one artifact; for a serving set (models.artifact.read_serving_set: the forms the sweep measured) the form for
+    this replica's hardware (`choose_artifact`; `caps` as in `scheme_for_device`), logged, and a log line too
+    when this hardware would run FP8 but the set has no FP8 form (the INT8 form is served instead)."""
+    import logging
+
+    from models.artifact import read_serving_set
+
+    served = read_serving_set(uri)
+    if served is None:
+        return uri
+    from kernels.precision import DeviceCaps
+
+    caps = DeviceCaps.probe() if caps is None else caps  # probed once, for the choice and the log line
+    forms = served["forms"]
+    artifact = choose_artifact({scheme: form["artifact"] for scheme, form in forms.items()}, caps)
+    scheme = next(s for s, form in forms.items() if form["artifact"] == artifact)
+    log = logging.getLogger("ray.serve")
+    if scheme_for_device(caps) == "fp8" and scheme != "fp8":
+        log.warning("serving set %s has no FP8 form measured on a GPU: this FP8-capable replica serves %s", uri, scheme)
+    log.info("serving set %s: %s form (measured %.3g ms at the sweep's batch, on %s) from %s", uri, scheme,
+             forms[scheme]["latency_ms"], forms[scheme].get("measured_on", "?"), artifact)  # fmt: skip
+    return artifact

@@ -34,8 +34,8 @@ class DeployConfig:
 
     host: str | None = None
     """HTTP host of Serve's frontend (HAProxy or the proxy) and of the replicas' direct-ingress ports; None:
-    `serve_app.placement.http_host()` of the cluster deployed to (loopback on one machine, 0.0.0.0 on a real
-    cluster, where the head's HAProxy must reach replicas on other nodes)."""
+    `serve_app.placement.http_host` (loopback for a local Ray this process starts, 0.0.0.0 on a cluster given
+    by `address`, where the head's HAProxy must reach replicas on other nodes, also those that join later)."""
     port: int = 8000
     """HTTP port of Serve's proxy."""
     app_name: str = "tandem"
@@ -82,7 +82,8 @@ class DeployConfig:
         """Serve's http_options: the host resolved against the connected cluster when None."""
         from serve_app.placement import http_host
 
-        return {"host": self.host if self.host is not None else http_host(), "port": self.port}
+        # address None: this process starts (or started) its own local Ray; an address: a cluster it joined
+        return {"host": self.host if self.host is not None else http_host(self.address is None), "port": self.port}
 
 
 def _ensure_serve(cfg: DeployConfig):
@@ -168,7 +169,8 @@ def app_schema(
 
 def replica_gpus(app_cfg: AppConfig) -> float:
     """GPUs per model replica: AppConfig.num_gpus, or when None, `default_num_gpus` of the connected cluster's
-    GPUs and the artifact's quantization scheme (its manifest, read from storage only where there are GPUs)."""
+    GPUs and the artifact's quantization scheme (its manifest, or a serving set's forms, read from storage only
+    where there are GPUs)."""
     if app_cfg.num_gpus is not None:
         return app_cfg.num_gpus
     import ray
@@ -177,7 +179,11 @@ def replica_gpus(app_cfg: AppConfig) -> float:
     if gpus < 1:
         return 0.0
     from models import storage
+    from models.artifact import read_serving_set
 
+    served = read_serving_set(app_cfg.artifact)
+    if served is not None:  # a GPU where one of its forms runs on it (FP8); each replica picks its form at load
+        return max(default_num_gpus(gpus, scheme) for scheme in served["forms"])
     manifest = json.loads(storage.read_text(storage.join(app_cfg.artifact, "manifest.json")))
     return default_num_gpus(gpus, manifest["quantization"]["scheme"])
 

@@ -4,20 +4,24 @@ With the HAProxy ingress (Ray 2.60, direct ingress) every replica starts its own
 `http_options.host` (there is no per-node host: ray/serve/_private/replica.py binds the controller's
 http_options with a port of its own), and the head's HAProxy reaches a replica on its own node at 127.0.0.1
 but one on another node at that node's Ray address (ray/serve/_private/haproxy.py `_target_to_server`). So:
-- on one machine (every node at this machine's own address or on loopback: an embedded Ray, or tandem's simulated
-  nodes on 127.0.0.2, ...) the host stays loopback (`http_host`), nothing listens beyond it, and the replicas
+- on one machine (the Ray tandem started itself: an embedded Ray, or tandem's simulated nodes on 127.0.0.2, ...)
+  the host stays loopback (`http_host`), nothing listens beyond it, and the replicas
   must run on the head: nothing listens on 127.0.0.2 either. That cluster labels its head with
   SERVE_NODE_LABEL; when a live node carries it, the replicas get it as their `label_selector`.
-- on a real cluster (a node at another machine's address) the host is 0.0.0.0, Ray's own HAProxy-mode default:
-  a replica listens on every interface of its node, its private address among them, so the head's HAProxy
-  reaches it wherever it lands; the head's HTTP frontend (HAProxy or Serve's proxy) listens on all the head's
-  interfaces too, as a cluster's ingress must. A real cluster can still pin its replicas by giving a node the
-  label (`ray start --labels`).
+- on a real cluster the host is 0.0.0.0, Ray's own HAProxy-mode default: a replica listens on every interface of
+  its node, its private address among them, so the head's HAProxy reaches it wherever it lands; the head's HTTP
+  frontend (HAProxy or Serve's proxy) listens on all the head's interfaces too, as a cluster's ingress must. A
+  real cluster can still pin its replicas by giving a node the label (`ray start --labels`). Not the node's
+  private address: the one host is bound on every node, and another node does not have the head's address.
+Which of the two is decided by who started Ray, not by the nodes up now (`host_for_cluster`): tandem's own
+embedded Ray (one node, or simulated nodes on loopback) stays on one machine, so loopback; a cluster tandem
+connected to (`--address`) gets the cluster host even while only its head is up, because worker nodes that join
+later (autoscaling, `ray start --address` by hand) get replicas too, and the host cannot change without a
+restart of Serve. Only a head bound to loopback itself, which no other machine can join, stays on loopback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 SERVE_NODE_LABEL = ("tandem-serve-node", "head")
@@ -40,28 +44,29 @@ def replica_placement() -> dict[str, Any]:
     return {}
 
 
-def host_for_nodes(addresses: Iterable[str], own: str) -> str:
-    """Serve's HTTP host for a cluster whose live nodes have these Ray addresses, seen from a process at address
-    `own`: loopback when every node is on loopback or at `own` (one machine), else all interfaces (module
-    docstring). A cluster that has only its head now and autoscales later gets loopback: serve it with
-    `tandem serve --host 0.0.0.0` (README)."""
-    addrs = list(addresses)
-    if not all(isinstance(a, str) and a for a in [*addrs, own]):
-        raise TypeError(f"addresses must be non-empty strings, got {addrs!r} and own {own!r}")
-    if all(a == own or a.startswith("127.") or a == "::1" for a in addrs):
+def host_for_cluster(embedded: bool, head_address: str) -> str:
+    """Serve's HTTP host (module docstring): loopback when tandem started this Ray itself (`embedded`) or the
+    cluster's head is on loopback (`head_address`, the GCS host: no other machine can join it), else all
+    interfaces, whatever nodes are up now."""
+    if not isinstance(embedded, bool):
+        raise TypeError(f"embedded must be a bool, got {embedded!r}")
+    if not isinstance(head_address, str) or not head_address:
+        raise TypeError(f"head_address must be a non-empty string, got {head_address!r}")
+    host = head_address.strip("[]")
+    if embedded or host.startswith("127.") or host in ("::1", "localhost"):
         return LOOPBACK_HOST
     return ALL_INTERFACES_HOST
 
 
-def http_host() -> str:
-    """`host_for_nodes` of the connected cluster's live nodes (loopback when Ray is not connected)."""
+def http_host(embedded: bool) -> str:
+    """`host_for_cluster` of the connected cluster (loopback when Ray is not connected). `embedded`: this
+    process started the Ray it is connected to (tandem.local_ray), rather than connecting to a cluster."""
     import ray
 
     if not ray.is_initialized():
         return LOOPBACK_HOST
-    own = ray.util.get_node_ip_address()
-    # a node record without an address (a test's stand-in for ray.nodes) counts as this machine
-    return host_for_nodes((n.get("NodeManagerAddress", own) for n in ray.nodes() if n["Alive"]), own)
+    head = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]  # "host:port" of the head's GCS
+    return host_for_cluster(embedded, head)
 
 
 def client_host(host: str | None) -> str:

@@ -22,13 +22,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--storage", help="with --run: the runs' storage URI (as `tandem run --storage`)")
     s.add_argument(
         "--run", dest="run_name",
-        help="serve the artifact of run NAME in --storage: the sweep's chosen model, else the trained one"
-        " (--name is the model name in the routes)",
+        help="serve run NAME in --storage: the sweep's serving set (each replica loads the measured form for its"
+        " hardware), else its chosen model, else the trained one (--name is the model name in the routes)",
     )  # fmt: skip
     s.add_argument(
         "--host",
-        help="HTTP host of the ingress and the replicas (default: 127.0.0.1 on one machine, 0.0.0.0 on a cluster"
-        " with other machines, so the head's HAProxy reaches replicas there)",
+        help="HTTP host of the ingress and the replicas (default: 127.0.0.1 on the Ray this command starts, 0.0.0.0"
+        " on a cluster given by --address, so the head's HAProxy reaches replicas on other nodes)",
     )  # fmt: skip
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     s.add_argument("--name", default="tandem", help="model name in the /v2/models/{name} routes")

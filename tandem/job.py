@@ -362,9 +362,11 @@ def _after_training(cfg: RunConfig, splits: DataSplits, shared: DataSplits, repo
         report["artifact_check"] = check_artifact_out_of_process(storage.download_dir(chosen))
         # replicas ask for a GPU where the artifact runs on one (serve_app.config.default_num_gpus): the INT8 and
         # fp32 artifacts are served on CPU even on a GPU cluster
-        url = pipeline.serve(chosen, cfg.serve_port)
-        report["serve"] = {"url": url, "artifact": chosen}
-        print(f"tandem: serving {chosen} at {url}")
+        # the sweep's serving set where it wrote one: each replica loads the measured form for its hardware
+        served = report.get("tune", {}).get("serving") or chosen
+        url = pipeline.serve(served, cfg.serve_port, embedded=report["cluster"]["embedded"])
+        report["serve"] = {"url": url, **pipeline.served_forms(served)}
+        print(f"tandem: serving {served} at {url}")
         if "loadtest" in cfg.steps:
             report["loadtest"] = pipeline.loadtest(
                 url, cfg.load_rate, cfg.load_seconds, scratch / "latency_under_load.png"

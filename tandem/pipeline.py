@@ -65,6 +65,7 @@ def sweep(trained_artifact: str, cfg, shared: DataSplits, out: Path, storage_uri
         "front": res.front,
         "chosen": res.chosen,
         "artifact": str(res.artifact) if res.artifact else None,
+        "serving": res.serving,
         "paths": {k: str(v) for k, v in res.paths.items()},
         "seconds": time.perf_counter() - t0,
     }
@@ -107,40 +108,59 @@ def trial_outcomes(tune_summary: dict) -> str:
 APP_NAME = "tandem"
 
 
-def serve(artifact: str, port: int, gpus: float | None = None) -> str:
+def serve(artifact: str, port: int, gpus: float | None = None, *, embedded: bool) -> str:
     """Deploys `artifact` (a storage URI or local path) on Serve on the connected cluster (proxy on the head
     only); returns the URL. Each replica fetches the artifact from storage onto its own node
     (serve_app/replica.py), so none reads the head's disk. `gpus`: per replica (None: serve_app's default, a GPU
-    where the cluster has one and the artifact's scheme runs on it)."""
+    where the cluster has one and the artifact's scheme runs on it). `embedded`: tandem started this Ray itself
+    (tandem.local_ray.ray_session), which keeps HTTP on loopback."""
     from ray import serve as ray_serve
 
     from serve_app.deploy import DeployConfig, serve_artifact
     from serve_app.placement import http_host
 
     app: dict = {} if gpus is None else {"num_gpus": gpus}
-    # loopback on one machine; on a real cluster 0.0.0.0, so the head's HAProxy reaches replicas on other nodes
-    # (serve_app/placement.py)
-    host = http_host()
+    # loopback on tandem's own Ray; on a cluster it connected to 0.0.0.0, so the head's HAProxy reaches replicas
+    # on other nodes, also on nodes that join after this (serve_app/placement.py)
+    host = http_host(embedded)
     ray_serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     cfg = DeployConfig(host=host, port=port, address="auto", app_name=APP_NAME, app=app)
     print(f"tandem: HTTP ingress on the head at {host}:{port}; replicas listen on {host} of their nodes")
     return serve_artifact(artifact, cfg)
 
 
+def served_forms(uri: str) -> dict:
+    """What serving `uri` serves, for the report: {"artifact": what a CPU replica loads, "serving_set": `uri`
+    when it is a serving set (else None), "forms": scheme -> artifact of the set (empty for one artifact)}."""
+    from kernels.precision import DeviceCaps
+    from models.artifact import read_serving_set
+    from serve_app.config import served_artifact
+
+    served = read_serving_set(uri)
+    if served is None:
+        return {"artifact": uri, "serving_set": None, "forms": {}}
+    forms = {scheme: form["artifact"] for scheme, form in served["forms"].items()}
+    return {"artifact": served_artifact(uri, DeviceCaps("cpu")), "serving_set": uri, "forms": forms}
+
+
 def run_artifact(storage_uri: str, name: str) -> str:
-    """The artifact a run left in `<storage_uri>/<name>` (tandem/job.py's layout): the sweep's chosen model
-    (tune/artifact) when the run swept and a trial was within the bound, else the trained fp32 model."""
+    """What a run left in `<storage_uri>/<name>` (tandem/job.py's layout) to serve: the sweep's serving set
+    (tune/serving: the measured forms, one picked by each replica's hardware) when the run swept and a trial was
+    within the bound, else its chosen model (tune/artifact), else the trained fp32 model."""
     from models import storage
+    from models.artifact import SERVING_SET
 
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"run name must be a non-empty string without '/', got {name!r}")
     run = storage.join(storage_uri, name)
     if not storage.is_dir(run):
         raise ValueError(f"run must exist in the storage, got no {run}")
-    for candidate in (storage.join(run, "tune", "artifact"), storage.join(run, "artifacts", "trained")):
-        if storage.exists(storage.join(candidate, "manifest.json")):
+    for candidate, marker in ((storage.join(run, "tune", "serving"), SERVING_SET),
+                              (storage.join(run, "tune", "artifact"), "manifest.json"),
+                              (storage.join(run, "artifacts", "trained"), "manifest.json")):  # fmt: skip
+        if storage.exists(storage.join(candidate, marker)):
             return candidate
-    raise ValueError(f"run must hold an artifact (tune/artifact or artifacts/trained), got none in {run}")
+    raise ValueError(f"run must hold an artifact (tune/serving, tune/artifact or artifacts/trained), got none in {run}")
 
 
 def stop_serving() -> None:

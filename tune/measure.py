@@ -60,11 +60,34 @@ def median_ms(fn, x: torch.Tensor, warmup: int, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], cfg: MeasureConfig) -> dict[str, float]:
-    """{"batch_<b>": median ms} for each batch size of `cfg`, on random inputs of `input_shape` (C, H, W)."""
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], cfg: MeasureConfig,
+               device: str = "cpu") -> dict[str, float]:  # fmt: skip
+    """{"batch_<b>": median ms} for each batch size of `cfg`, on random inputs of `input_shape` (C, H, W).
+    `device` "cpu" times `inference_callable` (what a CPU replica runs); "cuda" times what an FP8 replica runs
+    (serve_app.placement.on_device): the eager model on the GPU, CPU inputs moved there and outputs back (which
+    waits for the GPU); the model is back on CPU afterwards."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     g = torch.Generator().manual_seed(0)
-    fn = inference_callable(model, cfg.compile, torch.rand(1, *input_shape, generator=g), cfg.batch_sizes)
-    return {
-        f"batch_{b}": median_ms(fn, torch.rand(b, *input_shape, generator=g), cfg.warmup, cfg.iters)
-        for b in cfg.batch_sizes
-    }
+
+    def timed(fn) -> dict[str, float]:
+        return {
+            f"batch_{b}": median_ms(fn, torch.rand(b, *input_shape, generator=g), cfg.warmup, cfg.iters)
+            for b in cfg.batch_sizes
+        }
+
+    if device == "cpu":
+        return timed(inference_callable(model, cfg.compile, torch.rand(1, *input_shape, generator=g), cfg.batch_sizes))
+    model.to(device).eval()
+    try:
+        return timed(lambda x: model(x.to(device, non_blocking=True)).cpu())
+    finally:
+        model.to("cpu")
+
+
+def device_label(device: str) -> str:
+    """Where a latency was measured, as recorded with it: "cpu", or "cuda sm_XY" (compute capability)."""
+    if device == "cpu":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability()
+    return f"cuda sm_{major}{minor}"

@@ -38,6 +38,30 @@ def choose(rows: list[dict], baseline_accuracy: float, max_acc_drop_pts: float) 
     return min(ok, key=lambda r: (r["latency_ms"], r["size_bytes"], -r["accuracy"]))
 
 
+GPU_FORMS = ("fp8",)
+"""Schemes served on a GPU (serve_app.config.GPU_SCHEMES); the rest (fp32, the x86 INT8 path) on CPU."""
+
+
+def serving_forms(rows: list[dict], baseline_accuracy: float, max_acc_drop_pts: float) -> dict[str, dict]:
+    """The sweep's choice per kind of replica hardware, from the measured rows only (a form the sweep did not
+    measure is never served): scheme -> row.
+    - CPU replicas (and GPUs without FP8): the fastest row within the accuracy bound among the CPU schemes
+      (fp32, INT8; usually INT8), keyed by its scheme;
+    - sm_89+ replicas: the fastest FP8 row within the bound whose latency was measured on a GPU (`measured_on`
+      "cuda..."), keyed "fp8"; none when the trials ran FP8 only as a CPU emulation or not at all.
+    Empty when no row is within the bound."""
+    forms = {}
+    cpu = choose([r for r in rows if r.get("quant") not in GPU_FORMS], baseline_accuracy, max_acc_drop_pts)
+    if cpu is not None:
+        forms[cpu.get("quant", "none")] = cpu
+    gpu = [r for r in rows if r.get("quant") in GPU_FORMS and str(r.get("measured_on", "")).startswith("cuda")]
+    for scheme in GPU_FORMS:
+        best = choose([r for r in gpu if r["quant"] == scheme], baseline_accuracy, max_acc_drop_pts)
+        if best is not None:
+            forms[scheme] = best
+    return forms
+
+
 _COLUMNS = ("trial", "prune_ratio", "quant", "per_channel", "finetune_epochs", "calib_size", "accuracy",
             "acc_drop_pts", "latency_ms", "size_bytes", "macs")  # fmt: skip
 

@@ -136,6 +136,10 @@ class SweepResult:
     """Trials the ASHA scheduler stopped before their last fine-tuning epoch (not in `rows`)."""
     failed: int = 0
     """Trials that raised (not in `rows`; Tune's logs under out_dir/ray say why)."""
+    serving: str | None = None
+    """The serving set (models.artifact.write_serving_set) of the measured forms a replica picks from by its
+    hardware (tune.pareto.serving_forms), under `storage` (else out_dir); None when no trial was within the
+    accuracy drop."""
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
@@ -201,14 +205,35 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         else:
             with tempfile.TemporaryDirectory(prefix="tandem-chosen-") as tmp:
                 store.upload_dir(store.download_dir(report["chosen"]["artifact"], tmp), artifact)
+    serving = write_forms(rows, report["chosen"], base_acc, cfg.max_acc_drop_pts, store.join(sweep_uri, "serving"))
     if cfg.storage is not None:
         for path in report["paths"].values():
             store.upload_file(path, store.join(cfg.storage, Path(path).name))
-    return SweepResult(rows, report["front"], report["chosen"], base_acc, artifact, report["paths"], stopped, failed)
+    return SweepResult(rows, report["front"], report["chosen"], base_acc, artifact, report["paths"], stopped, failed,
+                       serving)  # fmt: skip
+
+
+_FORM_KEYS = ("latency_ms", "latency_batch_1_ms", "accuracy", "acc_drop_pts", "trial", "measured_on", "prune_ratio",
+              "size_bytes")  # fmt: skip
+
+
+def write_forms(rows: list[dict], chosen: dict | None, base_acc: float, max_acc_drop_pts: float,
+                uri: str) -> str | None:  # fmt: skip
+    """Writes the serving set of the measured forms at `uri` (each form's artifact is its trial's, as measured),
+    the chosen row's scheme the default where it is among them; returns `uri`, None when no row qualifies."""
+    from models.artifact import write_serving_set
+    from tune.pareto import serving_forms
+
+    forms = serving_forms(rows, base_acc, max_acc_drop_pts)
+    if not forms:
+        return None
+    entries = {q: {"artifact": r["artifact"], **{k: r[k] for k in _FORM_KEYS if k in r}} for q, r in forms.items()}
+    default = chosen["quant"] if chosen is not None and chosen.get("quant") in forms else next(iter(forms))
+    return write_serving_set(uri, entries, default)
 
 
 _METRICS = ("accuracy", "acc_drop_pts", "baseline_accuracy", "latency_ms", "latency_batch_1_ms",
-            "latency_batch_32_ms", "size_bytes", "params", "macs")  # fmt: skip
+            "latency_batch_32_ms", "size_bytes", "params", "macs", "measured_on")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> SweepResult:
@@ -295,7 +320,10 @@ def main(argv: list[str] | None = None) -> SweepResult:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for path in result.paths.values():
             Path(args.out, Path(path).name).write_bytes(Path(path).read_bytes())
-    print(f"report: {store.join(run_uri, 'pareto.md')}\nchosen artifact: {result.artifact}")
+    print(
+        f"report: {store.join(run_uri, 'pareto.md')}\nchosen artifact: {result.artifact}\n"
+        f"serving set (each replica loads the measured form for its hardware): {result.serving}"
+    )
     return result
 
 

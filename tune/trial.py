@@ -20,7 +20,8 @@ from models.prune import prune_
 from models.quantize import quantize_
 from models.training import TrainConfig, fit_epochs
 from tune.baseline import BaselineConfig, EvalData, load_baseline
-from tune.measure import MeasureConfig, latency_ms
+from tune.measure import MeasureConfig, device_label, latency_ms
+from tune.pareto import GPU_FORMS
 from tune.space import TrialSettings
 
 _NOT_YET = 1e12  # latency/size of a report before the last (finite: searchers may reject inf)
@@ -68,7 +69,10 @@ def run_trial(settings: TrialSettings, ctx: TrialContext, report, out_dir: str) 
     if (qcfg := settings.quant_config()) is not None:
         model = quantize_(model, qcfg, calib=data.train[0], train=data.train)
     acc = data.accuracy(model)
-    lat = latency_ms(model, data.input_shape, ctx.measure)
+    # FP8 is timed where a replica serves it: on the trial's GPU when it has one (sm_89+ for real FP8); every
+    # other scheme, and FP8 without a GPU (an emulation, never served as FP8), on CPU
+    device = "cuda" if settings.quant in GPU_FORMS and torch.cuda.is_available() else "cpu"
+    lat = latency_ms(model, data.input_shape, ctx.measure, device=device)
     manifest = save_artifact(
         model,
         out_dir,
@@ -79,7 +83,11 @@ def run_trial(settings: TrialSettings, ctx: TrialContext, report, out_dir: str) 
         source_checkpoint=ctx.baseline.checkpoint or f"trained:{ctx.baseline.name}",
         probe=data.test[0][:32],
         class_names=data.class_names,
-        extra={"trial": settings.to_dict(), "compiled_latency": ctx.measure.compile},
+        extra={
+            "trial": settings.to_dict(),
+            "compiled_latency": ctx.measure.compile,
+            "measured_on": device_label(device),
+        },
     )
     final = {
         "final": True,
@@ -89,6 +97,7 @@ def run_trial(settings: TrialSettings, ctx: TrialContext, report, out_dir: str) 
         "latency_ms": lat[f"batch_{ctx.measure.batch_sizes[-1]}"],
         **{f"latency_{k}_ms": v for k, v in lat.items()},
         "size_bytes": manifest["size_bytes"],
+        "measured_on": device_label(device),
         "params": params,
         "macs": macs,
         "epoch": settings.plain_finetune_epochs() + 1,

@@ -12,7 +12,7 @@ import pytest
 from _serve import GOOD, free_port, haproxy_pids, haproxy_servers, listening_sockets, pid_alive, pids_matching
 from test_ingress import tiny_artifact
 
-from serve_app.placement import SERVE_NODE_LABEL, replica_placement
+from serve_app.placement import SERVE_NODE_LABEL, http_host, replica_placement
 from tandem import local_ray
 from tandem.local_ray import ray_session
 
@@ -26,7 +26,11 @@ def test_two_simulated_nodes_serve_through_haproxy(tmp_path, _ray_clusters):
     art = tiny_artifact(tmp_path / "tiny")
     port = free_port()
     with ray_session(nodes=2, cpus_per_node=4, slots_per_node=1) as session:
-        assert session["ingress"] == "haproxy" and session["nodes"] == 2
+        assert session["ingress"] == "haproxy" and session["nodes"] == 2 and session["embedded"]
+        # tandem started this Ray: loopback; the same cluster joined by address (its head at this machine's
+        # address, the worker on 127.0.0.2): all interfaces, whatever nodes are up
+        assert http_host(session["embedded"]) == "127.0.0.1"
+        assert http_host(False) == "0.0.0.0", ray.get_runtime_context().gcs_address
         nodes = [n for n in ray.nodes() if n["Alive"]]
         assert len(nodes) == 2 and all(n["Resources"].get("worker_slot") == 1 for n in nodes)
         assert replica_placement() == {"label_selector": dict([SERVE_NODE_LABEL])}
@@ -70,27 +74,32 @@ def serve_two_replicas(art: str, port: int) -> str:
     return serve_artifact(art, cfg)
 
 
-def test_http_host_is_loopback_on_one_machine_and_all_interfaces_on_a_cluster():
-    from serve_app.placement import client_host, host_for_nodes
+def test_http_host_is_loopback_on_tandems_own_ray_and_all_interfaces_on_a_cluster():
+    from serve_app.placement import client_host, host_for_cluster
 
-    # an embedded Ray (its node at this machine's address) and the simulated nodes stay on loopback
-    assert host_for_nodes(["192.0.2.2"], own="192.0.2.2") == "127.0.0.1"
-    assert host_for_nodes(["192.0.2.2", "127.0.0.2", "127.0.0.3"], own="192.0.2.2") == "127.0.0.1"
-    # a node on another machine: its replicas must be reachable from the head's HAProxy
-    assert host_for_nodes(["10.0.0.1", "10.0.0.2"], own="10.0.0.1") == "0.0.0.0"
-    assert host_for_nodes(["10.0.0.2"], own="10.0.0.1") == "0.0.0.0"  # a client off the cluster's only node
-    with pytest.raises(TypeError, match="addresses must be non-empty strings"):
-        host_for_nodes(["10.0.0.1", ""], own="10.0.0.1")
+    # the Ray tandem started itself (embedded, simulated nodes): one machine now and later
+    assert host_for_cluster(True, "192.0.2.2") == "127.0.0.1"
+    # a cluster tandem connected to: all interfaces even while only its head is up (workers may join later)
+    assert host_for_cluster(False, "10.0.0.1") == "0.0.0.0"
+    # ... unless its head is bound to loopback: no other machine can join it
+    assert host_for_cluster(False, "127.0.0.1") == host_for_cluster(False, "[::1]") == "127.0.0.1"
+    with pytest.raises(TypeError, match="head_address must be a non-empty string"):
+        host_for_cluster(False, "")
+    with pytest.raises(TypeError, match="embedded must be a bool"):
+        host_for_cluster(None, "10.0.0.1")
     assert client_host("0.0.0.0") == client_host(None) == "127.0.0.1" and client_host("10.0.0.1") == "10.0.0.1"
 
 
-def test_deploy_config_resolves_its_host_against_the_cluster(monkeypatch):
+def test_deploy_config_resolves_its_host_by_who_started_ray(monkeypatch):
     from serve_app import placement
     from serve_app.deploy import DeployConfig
 
-    monkeypatch.setattr(placement, "http_host", lambda: "0.0.0.0")
+    asked = []
+    monkeypatch.setattr(placement, "http_host", lambda embedded: asked.append(embedded) or "0.0.0.0")
     cfg = DeployConfig(port=8123)
     assert cfg.http_options() == {"host": "0.0.0.0", "port": 8123} and cfg.url == "http://127.0.0.1:8123"
+    DeployConfig(port=8123, address="auto").http_options()
+    assert asked == [True, False]  # no address: this process starts its own Ray; an address: a cluster
     assert DeployConfig(host="10.1.2.3", port=8123).http_options()["host"] == "10.1.2.3"
     with pytest.raises(ValueError, match="host must be a non-empty string or None"):
         DeployConfig(host="")
