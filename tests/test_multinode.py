@@ -114,6 +114,12 @@ def test_run_on_nodes_sharing_only_an_s3_bucket(cluster, haproxy_log):
     assert any(f.startswith("train/checkpoint_") and f.endswith("model.pt") for f in rel), sorted(rel)
     assert any(f.startswith("tune/ray/compress/") for f in rel), sorted(rel)
     _check_report(report, store, cluster)
+    # the sweep's serving set (where a trial was a CPU form: the smoke space may draw only emulated FP8) is what
+    # was deployed; the replica (on a CPU node) loaded its INT8/fp32 form from the bucket
+    if report["tune"]["serving"] is not None:
+        assert "tune/serving/serving.json" in rel and report["serve"]["serving_set"] == report["tune"]["serving"]
+        forms = report["serve"]["forms"]
+        assert "fp8" not in forms and report["serve"]["artifact"] in forms.values(), forms
     # served through HAProxy on the head (no Serve proxy ever started) from a replica on a worker node: the load
     # test's answers (ok > 0 above) came over the bridge from the replica's direct-ingress port
     actors, where = _serve_actors(cluster)
@@ -171,16 +177,31 @@ def _node_logs(cluster) -> str:
                    for i in range(len(cluster.node_pids)))  # fmt: skip
 
 
-def test_cluster_link_benchmark_arguments():
-    """bench/cluster_link.py (built on this module's cluster) parses its modes; it is run by hand, not here."""
-    from bench.cluster_link import parse_args
+def test_cluster_link_benchmark_arguments(tmp_path):
+    """bench/cluster_link.py (built on this module's cluster) parses its modes, plans its jobs A B B A per link,
+    and writes an epoch's worth of rows (steps x batch) as the training data; it is run by hand, not here."""
+    import pyarrow.parquet as pq
+
+    from bench.cluster_link import parse_args, plan, write_data
 
     quick = parse_args(["--quick"])
-    assert (quick.preset, quick.epochs, quick.repeats, quick.links) == ("small", 1, 1, ["100mbit", "unshaped"])
+    assert (quick.preset, quick.epochs, quick.repeats, quick.links) == ("tiny", 1, 1, ["100mbit", "unshaped"])
+    assert plan(quick) == [("100mbit", "flat", 0), ("100mbit", "2bit", 0), ("unshaped", "flat", 0),
+                           ("unshaped", "auto", 0)]  # fmt: skip
     full = parse_args([])
-    assert (full.preset, full.links) == ("resnet18", ["100mbit", "1gbit", "unshaped"])
-    with pytest.raises(SystemExit):
-        parse_args(["--links", "10gbit"])
+    assert (full.preset, full.links, full.epochs) == ("resnet18", ["100mbit", "1gbit", "unshaped"], 2)
+    jobs = plan(full)
+    assert len(jobs) == 12
+    assert [m for link, m, _ in jobs if link == "1gbit"] == ["flat", "2bit", "2bit", "flat"]
+    assert [m for link, m, _ in jobs if link == "unshaped"] == ["flat", "auto", "auto", "flat"]
+    for bad in (["--links", "10gbit"], ["--batch-size", "30"], ["--steps-per-epoch", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    train, test = write_data(tmp_path, full.steps_per_epoch * full.batch_size)
+    table = pq.read_table(train)
+    assert table.num_rows == 512 and pq.read_table(test).num_rows == 360
+    assert table.schema.metadata == pq.read_table(test).schema.metadata  # the image shape travels with the rows
+    assert len(set(table.column("label").to_pylist())) == 10
 
 
 def test_cluster_link_flat_baseline_is_ddps_own_allreduce():
