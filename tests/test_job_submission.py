@@ -124,10 +124,12 @@ def _serve_apps(head: dict) -> str:
 def test_job_submit_tandem_run_twice(head, tmp_path):
     """The same `tandem run` job twice: both succeed as two runs, and neither leaves its Serve app behind. The
     sweep is left out here (test_job_submit_tandem_tune submits it): what a repeat could trip over is the run's
-    name, Ray Train's snapshot and the Serve app, and serving the fp32 artifact spares two INT8 compiles."""
+    name, Ray Train's snapshot and the Serve app, and serving the fp32 artifact spares two INT8 compiles. One Train
+    worker, not the smoke default's 2: that the defaults fit this 4-CPU head is test_job_submit_tandem_train's."""
     store = tmp_path / "runs"
-    argv = ["tandem", "run", "--smoke", "--address", "auto", "--epochs", "1", "--skip", "tune", "--load-seconds", "2",
-            "--load-rate", "20", "--serve-port", str(_free_ports(1)[0]), "--storage", str(store)]  # fmt: skip
+    argv = ["tandem", "run", "--smoke", "--address", "auto", "--epochs", "1", "--workers", "1", "--skip", "tune",
+            "--load-seconds", "1", "--load-rate", "20", "--serve-port", str(_free_ports(1)[0]), "--storage",
+            str(store)]  # fmt: skip
     for i in range(2):
         out = _submit(head, *argv, timeout=600)
         text = out.stdout + out.stderr
