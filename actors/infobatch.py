@@ -32,9 +32,12 @@ import torch
 @dataclass(kw_only=True, slots=True)
 class InfoBatchConfig:
     prune_ratio: float = 0.5
-    """Share of the well-learned (below-mean loss) samples skipped each epoch."""
+    """Share of the well-learned (below-mean loss) samples skipped each epoch. The paper's 0.5: on MNIST-1D
+    (bench/weighting, seeds 100-104, held out from its 20-seed run) 0.6 and 0.7 ended 1.3 and 2.0 accuracy points
+    below uniform, 0.5 0.8-0.9, and reached the target no sooner."""
     anneal: float = 0.125
-    """Final share of the epochs that uses the full data (the paper's default 0.125)."""
+    """Final share of the epochs that uses the full data. The paper's 0.125: 0.25 measured the same within noise
+    (bench/weighting, seeds 100-114: time to target 0.895 vs 0.883 of uniform's, accuracy -0.68 vs -0.73 points)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune_ratio < 1.0:
