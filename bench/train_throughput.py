@@ -19,6 +19,8 @@ sit beside it under `whole_model_cases`:
                                         unified save='fast' / eager NCHW chain                       goal >= 1.0
   whole_model_train_ratio_lean          the same with save='lean', planned by plan_save_modes_ (ops
                                         whose conv output is no bigger than their weight save it)     goal >= 0.9
+                                        at batch 64: the plan training's first step makes at its batch
+                                        (kernels.conv_bn.SavePlan), so the form a batch-64 run trains
   compiled_unified_vs_compiled_eager    torch.compile(fullgraph) of each, unified save='fast' / eager
                                         (the lean figure beside it: compiled_unified_lean_vs_...)    goal >= 1.0
   whole_model_infer_ratio               eval forward latency at batch 1 and 32, the served form
@@ -27,6 +29,10 @@ sit beside it under `whole_model_cases`:
                                         whichever timed fastest) / eager NCHW eval                   goal <= 0.82
                                         (infer_form says which, infer_compile_s the compile seconds;
                                         with --no-compile the uncompiled form stands in)
+  whole_model_infer_ratio_vs_inductor_frozen
+                                        the same served form / torch.compile of the eager eval model with
+                                        inductor freezing (BN folded and weights prepacked by inductor itself),
+                                        the worst over cases and batches 1, 32 (not with --no-compile) goal <= 1.0
 Writes bench/results/train_throughput.json. `--quick`: one Ray run per variant, fewer local repeats, whole-model
 cases on `small` only. `--no-ray` measures the local ratios only; `--no-compile` skips the compiled comparison
 (inductor compiles each variant: minutes on CPU).
@@ -165,6 +171,9 @@ def whole_model_case(preset: str, size: int, batch: int, repeats: int, compiled:
     else:  # --no-compile: the uncompiled folded form stands in (infer_form says so)
         served = inference_module(models["fast"])
         out["infer_form"] = "folded eager (--no-compile)"
+    frozen = None
+    if compiled:  # the stock alternative a user would reach for: inductor freezing of the eager model
+        frozen = torch.compile(copy.deepcopy(eager_eval), options={"freezing": True})
     infer = {}
     for b in (1, 32):
         xi = torch.randn(b, 3, size, size, generator=gen)
@@ -180,12 +189,22 @@ def whole_model_case(preset: str, size: int, batch: int, repeats: int, compiled:
             # a folded, channels_last resnet18 sums in another order than the NCHW chain: its logits differed by
             # up to 1.9e-3 (0.8 %) here; a wrong fold differs by O(1)
             torch.testing.assert_close(served(xi), eager_eval(xi), atol=1e-2, rtol=1e-2)
-        ti = interleaved_medians(
-            {"eager": fwd(eager_eval), "unified": fwd(served)}, repeats * 3, clock=time.thread_time
-        )
+        fns = {"eager": fwd(eager_eval), "unified": fwd(served)}
+        if frozen is not None:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                torch.testing.assert_close(frozen(xi), eager_eval(xi), atol=1e-2, rtol=1e-2)  # compiles it here
+            out[f"frozen_compile_s_batch{b}"] = time.perf_counter() - t0
+            fns["eager_inductor_frozen"] = fwd(frozen)
+        ti = interleaved_medians(fns, repeats * 3, clock=time.thread_time)
         infer[f"batch{b}"] = {"ms": {k: v * 1e3 for k, v in ti.items()}, "ratio": ti["unified"] / ti["eager"]}
+        if frozen is not None:
+            infer[f"batch{b}"]["ratio_vs_inductor_frozen"] = ti["unified"] / ti["eager_inductor_frozen"]
     out["infer"] = infer
     out["infer_ratio"] = max(v["ratio"] for v in infer.values())
+    if frozen is not None:
+        out["infer_ratio_vs_inductor_frozen"] = max(v["ratio_vs_inductor_frozen"] for v in infer.values())
+        torch._dynamo.reset()
     return out
 
 
@@ -208,6 +227,9 @@ def whole_model(presets: list[str], sizes: list[int], repeats: int, compiled: bo
     if compiled:
         res["compiled_unified_vs_compiled_eager"] = min(c["compiled_ratio_fast"] for c in cases.values())
         res["compiled_unified_lean_vs_compiled_eager"] = min(c["compiled_ratio_lean"] for c in cases.values())
+        res["whole_model_infer_ratio_vs_inductor_frozen"] = max(
+            c["infer_ratio_vs_inductor_frozen"] for c in cases.values()
+        )
     res["whole_model_cases"] = cases
     return res
 

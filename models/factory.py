@@ -127,7 +127,7 @@ class ModelSpec:
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < num_classes:
             raise ValueError(
                 f"model {self.user} must map (N, {', '.join(map(str, image_shape))}) to (N, >= {num_classes}) "
-                f"logits, got output {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+                f"logits, got output shape {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
             )
         setattr(model, SPEC_ATTR, self.to_dict())
         return model

@@ -29,7 +29,7 @@ def test_build_runs_one_forward_and_leaves_the_save_plan_to_training(monkeypatch
 
 
 def test_build_rejects_a_user_model_with_the_wrong_output():
-    with pytest.raises(ValueError, match=r"must map \(N, 3, 8, 8\) to \(N, >= 20\) logits, got output \(2, 10\)"):
+    with pytest.raises(ValueError, match=r"must map \(N, 3, 8, 8\) to \(N, >= 20\) logits, got output shape \(2, 10\)"):
         ModelSpec(user="bench._eager_cnn:build_small_rgb").build((3, 8, 8), 20)
 
 
