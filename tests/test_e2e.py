@@ -22,9 +22,10 @@ def _free_port() -> int:
 def test_tandem_run_smoke(tmp_path, _ray_clusters):
     _ray_clusters.shutdown()  # the job starts its own embedded cluster
     store, work = tmp_path / "runs", tmp_path / "work"
-    # 2 trials, not the smoke default 4: the sweep's own tests cover the search; here it is one step of the run
-    rc = main(["run", "--smoke", "--precision", "fp32", "--trials", "2", "--serve-port", str(_free_port()),
-               "--storage", str(store), "--name", "e2e", "--workdir", str(work)])  # fmt: skip
+    # 1 trial, not the smoke default 4, and a 2 s load test, not 5: the sweep's and the load generator's own tests
+    # cover the search and the load; here each is one step of the run
+    rc = main(["run", "--smoke", "--precision", "fp32", "--trials", "1", "--load-seconds", "2", "--serve-port",
+               str(_free_port()), "--storage", str(store), "--name", "e2e", "--workdir", str(work)])  # fmt: skip
     assert rc == 0
     run = store / "e2e"
     report = json.loads((run / "report.json").read_text())
@@ -49,10 +50,26 @@ def test_identical_train_runs_in_a_row_then_resume(tmp_path, _ray_clusters):
     """The same `tandem train` twice on one workdir: the second is a new run beside the first (it used to restore
     the first's Ray Train snapshot and crash with an IndexError). Then `--resume NAME` continues the first from
     its latest checkpoint (Ray Train restores it) and its report holds the earlier epoch too; a new run under a
-    taken name is refused before anything starts. (One test: three trainings, not four.)"""
+    taken name is refused before anything starts. (One test: three trainings, not four.)
+
+    The three trainings are jobs on one Ray head started here (`--address`, as on a cluster), not three embedded
+    clusters started and stopped in turn: what a repeat trips over (the run's name, Ray Train's snapshot) lives in
+    the storage, not in the cluster; the embedded cluster is test_tandem_run_smoke's."""
+    from ray.cluster_utils import Cluster
+
     _ray_clusters.shutdown()
-    common = ["--smoke", "--nodes", "1", "--precision", "fp32", "--storage", str(tmp_path / "runs"), "--workdir",
-              str(tmp_path / "work")]  # fmt: skip
+    # 4 CPUs: the smoke defaults' 2 workers + 1 for data, the size of the head in tests/test_job_submission.py
+    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False,
+                                                         "temp_dir": os.environ["RAY_TMPDIR"]})  # fmt: skip
+    try:
+        _train_runs_in_a_row_then_resume(tmp_path, head.address)
+    finally:
+        head.shutdown()
+
+
+def _train_runs_in_a_row_then_resume(tmp_path, address: str) -> None:
+    common = ["--smoke", "--address", address, "--precision", "fp32", "--storage", str(tmp_path / "runs"),
+              "--workdir", str(tmp_path / "work")]  # fmt: skip
     argv = ["train", *common, "--epochs", "1"]
     assert main(argv) == 0
     first = json.loads((tmp_path / "work" / "report.json").read_text())
