@@ -5,9 +5,11 @@ come in through `reconfigure` (the deployment's user_config), loaded off the eve
 swapped in when ready; each replica records what it serves (serve_app.served)."""
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -26,13 +28,37 @@ from serve_app.batching import (
     Verdict,
     WindowRecorder,
 )
-from serve_app.config import UNBATCHED, AppConfig, ModelUserConfig, served_artifact
+from serve_app.config import UNBATCHED, AppConfig, ModelUserConfig
 from serve_app.metrics import ServeMetrics
 from serve_app.protocol import INPUT_NAME, BadRequest, encode_infer, instances_to_array, parse_infer, parse_json
 from serve_app.routes import Call, Reply
 from serve_app.served import publish, split_load_delay
 
 logger = logging.getLogger("ray.serve")
+
+_MODEL_LOCK = threading.RLock()
+"""Held by every forward pass of the serving model and by every torch.fx trace in this process: fx's tracer patches
+nn.Module.__call__ and __getattr__ process-wide while it traces, so a model the serving loop runs meanwhile went
+through the tracer and failed ("module is not installed as a submodule": 500s right after a hot update began, while
+the loader thread traced the new oneDNN form; 2668 failed calls of 2675 in a two-thread check). Re-entrant: a
+forward that compiles (a new batch shape) traces inside it."""
+
+
+def _serialize_fx_traces() -> None:
+    """Makes torch.fx.Tracer.trace take _MODEL_LOCK (once per process)."""
+    import torch.fx
+
+    trace = torch.fx.Tracer.trace
+    if getattr(trace, "_tandem_locked", False):
+        return
+
+    @functools.wraps(trace)
+    def locked(self, *args, **kwargs):
+        with _MODEL_LOCK:
+            return trace(self, *args, **kwargs)
+
+    locked._tandem_locked = True
+    torch.fx.Tracer.trace = locked
 
 
 @dataclass(slots=True)
@@ -137,6 +163,7 @@ class ModelServer:
         self.cfg = AppConfig.from_dict(app)
         self.deployment = deployment
         torch.set_num_threads(self.cfg.torch_threads)
+        _serialize_fx_traces()  # a hot update's load traces beside the serving loop (_MODEL_LOCK)
         self.metrics = ServeMetrics(deployment, self.cfg.name)
         self.stats = InferStats()
         self.model = None
@@ -258,7 +285,7 @@ class ModelServer:
         if new_model:
             # a storage URI (s3://, gs://) is fetched to this replica's node: no replica reads the head's disk
             # (the copy goes once the model is in memory: none is left on a swap or at shutdown)
-            with local_copy(served_artifact(user.artifact)) as path:  # a serving set: this hardware's form
+            with local_copy(user.artifact) as path:
                 model, manifest = load_artifact(path)
             # an FP8 artifact runs on the replica's GPU (asked for by serve_app.config.default_num_gpus), inputs
             # moved there and outputs back; fp32 and INT8 stay on CPU (serve_app.placement.replica_device)
@@ -426,7 +453,7 @@ class ModelServer:
 
         model, version = self.model, self.version  # one model per batch, even across a hot update
         sizes = [len(x) for x in xs]
-        with torch.inference_mode():
+        with torch.inference_mode(), _MODEL_LOCK:
             logits = model(torch.from_numpy(np.concatenate(xs)))  # (sum N, K)
             probs = torch.softmax(logits.float(), dim=1).numpy()
         return [(p, version) for p in np.split(probs, np.cumsum(sizes)[:-1])]

@@ -465,6 +465,41 @@ def test_a_hot_update_returns_at_once_and_the_old_model_serves_until_the_swap(
     asyncio.run(scenario())
 
 
+def test_fx_traces_in_another_thread_never_break_a_forward(ray_local, outside_serve):
+    """torch.fx patches nn.Module.__call__ process-wide while it traces (a hot update's loader thread traces the
+    oneDNN form while the old model serves): the replica's forward passes and every trace take one lock, so no
+    forward goes through the tracer (without it: NameError "module is not installed as a submodule", a 500)."""
+    import torch.fx
+
+    from models.cnn import ModelConfig, build_model
+    from serve_app.replica import ModelServer
+
+    srv = ModelServer(AppConfig(artifact="/a").to_dict())
+    srv.model, srv.version = build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=10)).eval(), "v"
+    # fx-traceable, and long enough to trace (~20 ms) that the GIL passes to the forwards mid-trace: without the
+    # lock every forward failed (300 of 300)
+    other = torch.nn.Sequential(*[torch.nn.ReLU() for _ in range(300)])
+    stop, traced, outs = threading.Event(), [], []
+
+    def trace() -> None:
+        while not stop.is_set():
+            traced.append(torch.fx.symbolic_trace(other))
+            time.sleep(0.001)  # lets the forwards in between traces
+
+    tracer = threading.Thread(target=trace)
+    tracer.start()
+    try:
+        x = np.zeros((2, *SHAPE), np.float32)
+        deadline = time.monotonic() + 60
+        while (len(traced) < 5 or len(outs) < 100) and time.monotonic() < deadline:
+            outs.append(srv._forward([x]))
+    finally:
+        stop.set()
+        tracer.join()
+    assert len(traced) >= 5 and len(outs) >= 100  # traces and forwards interleaved
+    assert all(p.shape == (2, 10) and v == "v" for ((p, v),) in outs)
+
+
 def test_the_load_delay_hook_is_checked_and_not_part_of_the_config():
     from serve_app.served import LOAD_DELAY_KEY, normalize, split_load_delay
 
