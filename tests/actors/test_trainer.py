@@ -61,6 +61,21 @@ def test_two_nodes_four_workers(ray_two_nodes, tmp_path):
         assert 0 < 8 * m["grad_bytes_inter_per_step"] < m["grad_bytes_intra_per_step"]
 
 
+def test_workers_per_node_places_equal_counts(ray_two_nodes, tmp_path):
+    """Label selectors put 2 + 2 workers on the two nodes with no custom resource and PACK placement (which would
+    fill one node first); a request no node can hold fails before training."""
+    splits = prepare_data(DataConfig(), tmp_path)
+    job = _job(1, 4, workers_per_node=2, placement="PACK", name="per-node")
+    res = fit_distributed(job, splits, str(tmp_path / "run"))
+    placement = sorted((m["node_rank"], m["local_rank"]) for m in res.all_reports[-1])
+    assert placement == [(0, 0), (0, 1), (1, 0), (1, 1)], placement
+    assert (tmp_path / "run" / "per-node").is_dir()  # Ray Train's run lives under the run's storage
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="needs 1 nodes with 8 CPU each; the cluster has 0 such node"):
+        fit_distributed(_job(1, 4, workers_per_node=4, cpus_per_worker=2), splits, str(tmp_path / "run2"))
+    assert time.monotonic() - t0 < 10
+
+
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path):
     splits = prepare_data(DataConfig(), tmp_path)
     job = _job(5, 2, max_failures=1, name="kill-test")
@@ -148,21 +163,29 @@ def test_train_metrics_reach_the_metrics_endpoint(ray_local):
     ray = ray_local
 
     @ray.remote(num_cpus=0)
-    def set_gauges():
-        from actors.train_metrics import TrainMetrics
+    class Reporter:
+        """Holds the gauges, as a Train worker does, until the export has been seen (Ray exports a process's
+        metrics every few seconds: waiting for the line, not a fixed sleep)."""
 
-        TrainMetrics("metrics-test").update({"loss": 0.125, "test_accuracy": 0.875, "restored": True})
-        time.sleep(12)  # export happens every few seconds
+        def report(self) -> None:
+            from actors.train_metrics import TrainMetrics
 
-    ray.get(set_gauges.remote())
+            self.metrics = TrainMetrics("metrics-test")
+            self.metrics.update({"loss": 0.125, "test_accuracy": 0.875, "restored": True})
+
+    reporter = Reporter.remote()
+    ray.get(reporter.report.remote())
     port = ray.nodes()[0]["MetricsExportPort"]
     deadline = time.monotonic() + 60
     text = ""
-    while time.monotonic() < deadline:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        if 'run="metrics-test"' in text:
-            break
-        time.sleep(2)
+    try:
+        while time.monotonic() < deadline:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            if 'run="metrics-test"' in text:
+                break
+            time.sleep(1)
+    finally:
+        ray.kill(reporter)
     mine = 'run="metrics-test"'
     lines = [ln for ln in text.splitlines() if ln.startswith("ray_tandem_train_test_accuracy{") and mine in ln]
     assert lines and float(lines[0].rsplit(" ", 1)[1]) == 0.875, lines
@@ -209,25 +232,11 @@ def test_plan_nodes_pins_equal_workers_per_node():
         DistConfig(num_workers=4, workers_per_node=3)
 
 
-def test_workers_per_node_places_equal_counts(ray_two_nodes, tmp_path):
-    """Label selectors put 2 + 2 workers on the two nodes with no custom resource and PACK placement (which would
-    fill one node first); a request no node can hold fails before training."""
-    splits = prepare_data(DataConfig(), tmp_path)
-    job = _job(1, 4, workers_per_node=2, placement="PACK", name="per-node")
-    res = fit_distributed(job, splits, str(tmp_path / "run"))
-    placement = sorted((m["node_rank"], m["local_rank"]) for m in res.all_reports[-1])
-    assert placement == [(0, 0), (0, 1), (1, 0), (1, 1)], placement
-    assert (tmp_path / "run" / "per-node").is_dir()  # Ray Train's run lives under the run's storage
-    t0 = time.monotonic()
-    with pytest.raises(ValueError, match="needs 1 nodes with 8 CPU each; the cluster has 0 such node"):
-        fit_distributed(_job(1, 4, workers_per_node=4, cpus_per_worker=2), splits, str(tmp_path / "run2"))
-    assert time.monotonic() - t0 < 10
-
-
 def test_infobatch_through_ray_train(ray_local, tmp_path):
     """Both workers plan the same pruned epoch from pooled scores: the middle epoch skips rows (the same count
-    reported by each, an all-reduced sum), the first (nothing scored) and the last (annealing) skip none, and
-    every epoch keeps the uniform run's steps (the LR schedule)."""
+    reported by each, an all-reduced sum), the first (nothing scored) and the last (annealing) skip none. As the
+    paper runs it (9b6a3d2), the pruned epoch trains its kept rows only, so it makes fewer steps than the full
+    ones, the same number on every worker (data-parallel workers step together)."""
     from actors.infobatch import InfoBatchConfig
 
     splits = prepare_data(DataConfig(), tmp_path)
@@ -237,8 +246,9 @@ def test_infobatch_through_ray_train(ray_local, tmp_path):
     skipped = [h["infobatch_skipped"] for h in res.history]
     assert skipped[0] == 0 and skipped[2] == 0 and skipped[1] > 0, skipped
     assert len({m["infobatch_skipped"] for m in res.all_reports[1]}) == 1
-    steps = splits.train.num_rows // 32  # batch_size is the global batch: as many steps as local training
-    assert all(m["steps"] == steps for rnd in res.all_reports for m in rnd)
+    full = splits.train.num_rows // 32  # batch_size is the global batch: as many steps as local training
+    steps = [sorted({m["steps"] for m in rnd}) for rnd in res.all_reports]
+    assert steps[0] == steps[2] == [full] and len(steps[1]) == 1 and 0 < steps[1][0] < full, (steps, full)
 
 
 def test_batch_size_is_the_global_batch():
