@@ -41,10 +41,13 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
                                               with Serve's Python proxy                                   >= 2.5
   overload_refused_within_10ms_share          share of the 1.5x overload point's 503s answered within 10 ms
 wrk is installed with apt-get when missing. Writes bench/results/serving.json, with `full_run_estimate_s` (the
-full protocol's time estimated from this run's). `--quick` (one repeat, 4 s runs, coarser rate grids: 0.2x steps)
-produces every key in about 5 minutes on 2 cores (goal <= 8) and writes serving_quick.json instead, a check that
-never overwrites the results; `--quick --fine --repeats 3` keeps 4 s runs but the full grids and the protocol's 3
-repeats (what bench/results/serving.json holds, ~30 minutes).
+full protocol's time estimated from this run's).
+The protocol (no flags, `python -m bench.serving`): 3 repeats, variants interleaved, medians; 4 s open-loop runs (one
+whole sine period each), 5 s closed-loop points, the 0.1x rate grids, each variant climbing a grid only until its
+first failing rate (plus the overload point), no redeploys through HAProxy (the proxy-side bound is not applied
+there): ~30 minutes on 2 cores. `--bandit` adds the Bandit controller to the max-rate section. `--quick` (one
+repeat, coarser rate grids: 0.2x steps) produces every key in about 5 minutes and writes serving_quick.json
+instead, a check that never overwrites the results.
 """
 
 from __future__ import annotations
@@ -164,17 +167,29 @@ def make_artifacts(root: Path) -> dict[str, str]:
 
 
 class Bench:
-    def __init__(self, artifacts: dict[str, str], meter: CpuMeter) -> None:
+    def __init__(self, artifacts: dict[str, str], meter: CpuMeter, ingress: str = "haproxy") -> None:
         from serve_app.deploy import DeployConfig, serve_artifact
 
         self.artifacts = artifacts
         self.meter = meter
+        self.proxy_bound = ingress == "proxy"
+        """Whether Serve's proxy-side bound (max_queued_requests) exists here: only with the Python proxy (build_app
+        does not apply it through HAProxy, which has no proxy queue)."""
         self.cfg = DeployConfig(port=free_port(), app={"version": "tiny"})
         self.url = serve_artifact(artifacts["tiny"], self.cfg)
         self.model = "tiny"
         self.variant = None
         self.runs: list[dict] = []
         self.app_extra: dict = {}
+        self.phase_s: dict[str, float] = {}
+        """Wall seconds per section of the protocol (`mark`), for the full protocol's time estimate."""
+        self._mark = time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        """Books the wall time since the last mark (or the deploy) to `phase`."""
+        now = time.monotonic()
+        self.phase_s[phase] = self.phase_s.get(phase, 0.0) + now - self._mark
+        self._mark = now
 
     def redeploy(self, app_extra: dict) -> None:
         """Re-applies the app with other args (deployment options such as max_queued_requests): the replica
@@ -186,6 +201,13 @@ class Bench:
         self.cfg = DeployConfig(port=self.cfg.port, app={"version": "tiny", **app_extra})
         self.url = serve_artifact(self.artifacts["tiny"], self.cfg)
         self.app_extra, self.variant, self.model = dict(app_extra), None, "tiny"
+
+    def bounded(self, queued: int) -> dict:
+        """App args of a deployment with Serve's proxy-side bound at `queued` (module `bounded`); none through
+        HAProxy, where the bound is not applied: re-deploying for it only restarted the replica (two start-ups per
+        repeat, each planning the fp32 form: minutes of the protocol) to serve the same thing. The replica-side
+        queue bound of `adaptive_bounded` is its user_config and needs no redeploy."""
+        return bounded(queued) if self.proxy_bound else {}
 
     def use(self, variant: str, model: str | None = None, roll_out: bool = False) -> None:
         """Switches the replica to `variant` (and `model`) in place, then lets it settle for a window.
@@ -389,27 +411,31 @@ def max_rate_held(
     dur: float,
     path: str,
     period_s: float,
+    always: float | None = None,
 ) -> tuple[dict[str, float], dict[tuple[str, float], list[dict]]]:
     """Highest sine mean (multiples of `cap`) whose median attainment over `repeats` is >= 99%, per variant;
-    variants interleaved at each rate. Also returns the runs by (variant, multiple)."""
+    variants interleaved at each rate. Also returns the runs by (variant, multiple).
+
+    A rate is held up to the first one that fails (a lucky pass above a failure is noise, not capacity), so a
+    variant that failed is not run at higher rates, except at `always` (the overload point every variant runs):
+    the same result for a fraction of the protocol's time (most of the grid lies above the cliff)."""
     from serve_app.simulator import Sine
 
     runs: dict[tuple[str, float], list[dict]] = {}
+    held = dict.fromkeys(variants, 0.0)
+    climbing = list(variants)
     for m in mults:
+        now = list(variants) if m == always else climbing
         for _ in range(repeats):
-            for v in variants:
+            for v in now:
                 pattern = Sine(m * cap, 0.5, period_s)
                 run = bench.http if path == "http" else bench.handle
                 runs.setdefault((v, m), []).append(run(v, pattern, dur, tag=f"sine {m:.2f}x"))
-    held = {}
-    for v in variants:
-        # Held up to the first rate that fails (a lucky pass above a failure is noise, not capacity).
-        top = 0.0
-        for m in mults:
+        for v in list(climbing):
             if statistics.median(r["slo_attainment"] for r in runs[(v, m)]) < 0.99:
-                break
-            top = m
-        held[v] = top * cap
+                climbing.remove(v)
+            else:
+                held[v] = m * cap
     return held, runs
 
 
@@ -436,7 +462,7 @@ def overload_bounded(
     from serve_app.simulator import Sine
 
     plan = [("static_default", "static_default", {}), ("adaptive", "adaptive", {})]
-    plan += [(f"adaptive_q{q}", "adaptive_bounded", bounded(q)) for q in bounds]
+    plan += [(f"adaptive_q{q}", "adaptive_bounded", bench.bounded(q)) for q in bounds]
     runs: dict[str, list[dict]] = {}
     for _ in range(repeats):
         for name, v, extra in plan:
@@ -471,9 +497,12 @@ def hot_update_loss(
     from serve_app.simulator import Constant
 
     plan = [("adaptive", "adaptive", {}, False)]
-    for q in bounds:
-        plan += [(f"adaptive_q{q}", "adaptive_bounded", bounded(q), False)]
-        plan += [(f"adaptive_q{q}_roll_out", "adaptive_bounded", bounded(q), True)]
+    if bench.proxy_bound:
+        for q in bounds:
+            plan += [(f"adaptive_q{q}", "adaptive_bounded", bounded(q), False)]
+            plan += [(f"adaptive_q{q}_roll_out", "adaptive_bounded", bounded(q), True)]
+    else:  # no proxy-side bound to lift through HAProxy: a plain re-apply and roll_out (waits for the swap)
+        plan += [("adaptive_roll_out", "adaptive", {}, True)]
     runs: dict[str, list[dict]] = {}
     for _ in range(repeats):
         for name, v, extra, via_roll_out in plan:
@@ -511,6 +540,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="one repeat, 4 s runs, coarse grids (~5 minutes)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per point (default 3; 1 with --quick)")
     p.add_argument("--fine", action="store_true", help="with --quick: the full rate grids (0.1x steps)")
+    p.add_argument("--bandit", action="store_true", help="also the Bandit controller in the HTTP max-rate section "
+                   "(not in the protocol's 30 minutes)")  # fmt: skip
     p.add_argument("--name", default=None, help="results file name (default serving, serving_overload)")
     p.add_argument("--overload-only", action="store_true", help="only the interleaved overload section "
                    "(static defaults, adaptive, adaptive with the proxy-side bound) and the hot-update section "
@@ -537,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_replica_queue(args.replica_queue)
     repeats = args.repeats or (1 if args.quick else FULL_REPEATS)
     dur = 4.0 if args.quick else FULL_RUN_S
-    period = 5.0 if args.quick else 10.0
+    period = 5.0 if args.quick else FULL_SINE_PERIOD_S
     # Sine means in multiples of the unbatched capacity; steps of 0.1 near the cliff so that a 1.2x difference
     # in the rate held shows. The handle path's grid reaches further: batching holds several times the
     # unbatched capacity there.
@@ -553,19 +584,21 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     from tandem.local_ray import init_embedded, shutdown_embedded
 
-    wrk_s = 3.0 if args.quick else 10.0
+    wrk_s = 3.0 if args.quick else FULL_WRK_S
     init_embedded(8, args.ingress, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = make_artifacts(Path(tmp))
-            bench = Bench(artifacts, CpuMeter())
+            bench = Bench(artifacts, CpuMeter(), args.ingress)
+            setup_s = time.monotonic() - t_start  # Ray, artifacts, the first deploy (planning the fp32 form)
             if args.overload_only:
-                cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if args.quick else 8.0)
+                cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if args.quick else FULL_WRK_S)
                 res = {"unbatched_capacity_rps": cap, **overload_bounded(bench, cap, repeats, dur, period, bounds)}
                 res.update(hot_update_loss(bench, cap, repeats, bounds))
             else:
                 res = {"ingress": args.ingress, "generator_ceiling_rps": generator_ceiling(bench.url, wrk_s)}
                 sat = saturated(bench, ["nobatch", "static_default", "adaptive"], wrk_s, repeats)
+                bench.mark("saturated")
                 held = {v: x["rps_within_slo"] for v, x in sat.items()}
                 res.update(
                     saturated_rps_within_slo=held,
@@ -573,12 +606,13 @@ def main(argv: list[str] | None = None) -> dict:
                     saturated_ratio_adaptive_vs_static=ratio(held["adaptive"], held["static_default"]),
                     saturated_ratio_adaptive_vs_unbatched=ratio(held["adaptive"], held["nobatch"]),
                 )
-                res.update(run(bench, repeats, dur, period, mults, hmults, args.quick, bounds))
+                res.update(run(bench, repeats, dur, period, mults, hmults, args.quick, bounds, args.bandit))
                 if args.ingress == "haproxy":  # the same adaptive deployment through Serve's Python proxy
                     serve.shutdown()
                     shutdown_embedded()
                     init_embedded(8, "proxy", include_dashboard=False, log_to_driver=False)
-                    proxy_bench = Bench(artifacts, CpuMeter())
+                    proxy_bench = Bench(artifacts, CpuMeter(), "proxy")
+                    bench.mark("setup_proxy")
                     proxy = saturated(proxy_bench, ["adaptive"], wrk_s, repeats)["adaptive"]
                     bench.runs.extend(proxy_bench.runs)
                     res.update(
@@ -586,17 +620,22 @@ def main(argv: list[str] | None = None) -> dict:
                         proxy_generator_ceiling_rps=generator_ceiling(proxy_bench.url, wrk_s),
                         haproxy_vs_proxy_saturated_ratio=ratio(held["adaptive"], proxy["rps_within_slo"]),
                     )
+                    bench.mark("saturated")
     finally:
         shutdown_embedded()
     wall_s = time.monotonic() - t_start
     res.update(
-        full_run_estimate_s=full_run_estimate_s(wall_s, bench.runs, repeats, dur, coarse),
+        full_run_estimate_s=full_run_estimate_s(setup_s, bench.phase_s, repeats, coarse),
+        phase_s=bench.phase_s,
+        setup_s=setup_s,
         slo_ms=SLO_S * 1e3,
         quick=args.quick,
         fine_grid=not coarse,
         repeats=repeats,
         run_seconds=dur,
         sine_period_s=period,
+        wrk_seconds=wrk_s,
+        proxy_side_bound_applied=args.ingress == "proxy",
         wall_s=wall_s,
         loadavg_before=list(load_before),
         loadavg_after=list(os.getloadavg()),
@@ -641,17 +680,23 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
-FULL_REPEATS, FULL_RUN_S = 3, 20.0
-"""The protocol's repeats and run length (no --quick)."""
+FULL_REPEATS, FULL_RUN_S, FULL_SINE_PERIOD_S, FULL_WRK_S = 3, 4.0, 4.0, 5.0
+"""The protocol's repeats, open-loop run length (one whole +-50 % sine period per run), and closed-loop (wrk,
+capacity) point length (no --quick): short points, so that 3 interleaved repeats of every section fit in 30 minutes
+on 2 cores (with 20 s runs: ~2 hours, estimated); the JSON states them (run_seconds, sine_period_s, wrk_seconds)."""
 
 
-def full_run_estimate_s(wall_s: float, runs: list[dict], repeats: int, dur: float, coarse: bool) -> float:
-    """The full protocol's wall time estimated from this run's: the load seconds of its runs scale with the run
-    length, the repeats and the rate grid (9 sine points for 5 coarse ones); the rest (deploys, hot updates,
-    closed-loop points, start-up) with the repeats and the grid. Coarse: +-30 %."""
-    load_s = sum(r.get("duration_s", 0.0) for r in runs)
-    points = (FULL_REPEATS / repeats) * (9 / 5 if coarse else 1.0)
-    return (wall_s - load_s) * points + load_s * points * (FULL_RUN_S / dur)
+def full_run_estimate_s(setup_s: float, phase_s: dict[str, float], repeats: int, coarse: bool) -> float:
+    """The protocol's wall time estimated from this run's sections (`Bench.mark`): start-up once, every section
+    times the protocol's repeats over this run's, and the sine sections of a coarse grid times 1.5 (the 0.1x grid
+    has two points for each 0.2x step up to a variant's first failure, where it stops climbing: ~1.5x the
+    points run, not 9/5). Assumes this run's point lengths (--quick: 3 s closed-loop points for 5 s, so a little
+    low there)."""
+    total = setup_s
+    for phase, s in phase_s.items():
+        grid = 1.5 if coarse and phase.startswith("sine") else 1.0
+        total += s * (FULL_REPEATS / repeats) * grid if phase != "setup_proxy" else s
+    return total
 
 
 def run(
@@ -663,19 +708,22 @@ def run(
     hmults: list[float],
     quick: bool,
     bounds: tuple[int, ...] = BOUNDS,
+    bandit: bool = False,
 ) -> dict:
     from serve_app.simulator import Constant
 
-    cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if quick else 8.0)
+    probe_s = 3.0 if quick else FULL_WRK_S
+    cap = bench.closed_loop_capacity("nobatch", "http", probe_s)
     print(f"unbatched HTTP capacity {cap:.1f}/s", flush=True)
     # The ceiling of any max-rate ratio here: saturated throughput with batching over without (the proxy's cost
     # per request does not batch).
-    batched_cap = {
-        v: bench.closed_loop_capacity(v, "http", 3.0 if quick else 8.0) for v in ("static_default", "adaptive")
-    }
+    batched_cap = {v: bench.closed_loop_capacity(v, "http", probe_s) for v in ("static_default", "adaptive")}
     print(f"batched HTTP capacity {batched_cap}", flush=True)
-    variants = ["nobatch", "static_default", "adaptive"] + ([] if quick else ["bandit"])
-    held, runs = max_rate_held(bench, variants, cap, mults, repeats, dur, "http", period)
+    bench.mark("capacity")
+    variants = ["nobatch", "static_default", "adaptive"] + (["bandit"] if bandit else [])
+    over = min(mults, key=lambda m: abs(m - 1.5))
+    held, runs = max_rate_held(bench, variants, cap, mults, repeats, dur, "http", period, always=over)
+    bench.mark("sine_http")
 
     # Tight latency at 1.0x capacity: the static grid against adaptive, interleaved.
     tight: dict[str, list[float]] = {}
@@ -686,9 +734,9 @@ def run(
             r = bench.http(v, Constant(cap), dur, slo_s=TIGHT_S, tag="tight 1.0x")
             tight.setdefault(v, []).append(r["slo_attainment"])
     tight_med = {v: statistics.median(xs) for v, xs in tight.items()}
+    bench.mark("tight")
     best_static = max((v for v in tight_med if v.startswith("static")), key=tight_med.get)
 
-    over = min(mults, key=lambda m: abs(m - 1.5))
     goodput = {v: statistics.median(r["goodput_rps"] for r in runs[(v, over)]) for v in variants}
     # Refused at once: the share of the overload point's 503s answered within 10 ms of being sent.
     refused = {v: sum(r["rejected_503"] for r in runs[(v, over)]) for v in variants}
@@ -696,21 +744,23 @@ def run(
     fast_share = {v: fast[v] / refused[v] if refused[v] else None for v in variants}
 
     over_bounded = overload_bounded(bench, cap, repeats, dur, period, bounds)
+    bench.mark("overload")
     over_bounded.update(hot_update_loss(bench, cap, repeats, bounds))
+    bench.mark("hot_update")
 
-    hcap = bench.closed_loop_capacity("nobatch", "handle", 3.0 if quick else 8.0)
+    hcap = bench.closed_loop_capacity("nobatch", "handle", probe_s)
     print(f"unbatched handle capacity ({HANDLE_MODEL}) {hcap:.1f}/s", flush=True)
-    hbatched_cap = {
-        v: bench.closed_loop_capacity(v, "handle", 3.0 if quick else 8.0) for v in ("static_default", "adaptive")
-    }
+    hbatched_cap = {v: bench.closed_loop_capacity(v, "handle", probe_s) for v in ("static_default", "adaptive")}
     print(f"batched handle capacity {hbatched_cap}", flush=True)
-    hheld, hruns = max_rate_held(bench, ["static_default", "adaptive"], hcap, hmults, repeats, dur, "handle", period)
-
+    bench.mark("capacity")
     # The handle path's overload point: 3x the unbatched capacity, ~1.5x what static batching holds there (as
     # 1.5x is on HTTP). Higher, the load generator itself (same process, same 2 cores) saturates and every
     # variant collapses whatever the replica does (measured at 5x and 6x).
     hover = min(hmults, key=lambda m: abs(m - 3.0))
+    hvariants = ["static_default", "adaptive"]
+    hheld, hruns = max_rate_held(bench, hvariants, hcap, hmults, repeats, dur, "handle", period, always=hover)
     hgoodput = {v: statistics.median(r["goodput_rps"] for r in hruns[(v, hover)]) for v in hheld}
+    bench.mark("sine_handle")
 
     def summary(rs: dict[tuple[str, float], list[dict]], m: float) -> dict[str, dict]:
         keys = ("p50_ms", "p99_ms", "throughput_rps", "goodput_rps", "errors", "timeouts", "rejected_503",
