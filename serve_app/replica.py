@@ -28,7 +28,7 @@ from serve_app.batching import (
     Verdict,
     WindowRecorder,
 )
-from serve_app.config import UNBATCHED, AppConfig, ModelUserConfig
+from serve_app.config import UNBATCHED, AppConfig, ModelUserConfig, served_artifact
 from serve_app.metrics import ServeMetrics
 from serve_app.protocol import INPUT_NAME, BadRequest, encode_infer, instances_to_array, parse_infer, parse_json
 from serve_app.routes import Call, Reply
@@ -285,7 +285,7 @@ class ModelServer:
         if new_model:
             # a storage URI (s3://, gs://) is fetched to this replica's node: no replica reads the head's disk
             # (the copy goes once the model is in memory: none is left on a swap or at shutdown)
-            with local_copy(user.artifact) as path:
+            with local_copy(served_artifact(user.artifact)) as path:  # a serving set: this hardware's form
                 model, manifest = load_artifact(path)
             # an FP8 artifact runs on the replica's GPU (asked for by serve_app.config.default_num_gpus), inputs
             # moved there and outputs back; fp32 and INT8 stay on CPU (serve_app.placement.replica_device)
