@@ -5,17 +5,11 @@ checks every file the bucket must hold), not repeated here on the embedded clust
 
 import json
 import os
-import socket
 
 import pytest
 
 from tandem.cli import main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tandem.local_ray import free_port
 
 
 @pytest.mark.timeout(900)
@@ -25,7 +19,7 @@ def test_tandem_run_smoke(tmp_path, _ray_clusters):
     # 1 trial, not the smoke default 4, and a 2 s load test, not 5: the sweep's and the load generator's own tests
     # cover the search and the load; here each is one step of the run
     rc = main(["run", "--smoke", "--precision", "fp32", "--trials", "1", "--load-seconds", "2", "--serve-port",
-               str(_free_port()), "--storage", str(store), "--name", "e2e", "--workdir", str(work)])  # fmt: skip
+               str(free_port()), "--storage", str(store), "--name", "e2e", "--workdir", str(work)])  # fmt: skip
     assert rc == 0
     run = store / "e2e"
     report = json.loads((run / "report.json").read_text())

@@ -12,7 +12,6 @@ MobileNetV2 takes a shorter path to training: one simulated node and one Ray Tra
 distributed one, 2 workers on 2 simulated nodes); every step after training is the same for both."""
 
 import json
-import socket
 import urllib.request
 
 import numpy as np
@@ -25,16 +24,12 @@ from models.artifact import load_artifact
 from models.data import colour_images
 from tandem import pipeline
 from tandem.cli import main
+from tandem.local_ray import free_port
 from tune.space import SearchSpace
 from tune.sweep import SweepConfig
 
 SHAPE = (3, 16, 16)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _user_parquet(path, n: int, seed: int) -> np.ndarray:
@@ -89,7 +84,7 @@ def test_user_model_run_through_serving(fn, args, cluster, tmp_path, _ray_cluste
     rc = main(["run", "--smoke", "--model", f"tests.models.tv_models:{fn}", "--model-args", json.dumps(args),
                "--data", str(tmp_path / "d.parquet"), "--image-shape", ",".join(map(str, SHAPE)),
                "--precision", "fp32", "--lr", "0.05", "--epochs", "1", "--trials", "1", "--max-acc-drop", "100",
-               "--load-rate", "10", "--load-seconds", "1", "--serve-port", str(_free_port()),
+               "--load-rate", "10", "--load-seconds", "1", "--serve-port", str(free_port()),
                "--storage", str(store), "--name", "u", *cluster])  # fmt: skip
     assert rc == 0
     report = json.loads((store / "u" / "report.json").read_text())

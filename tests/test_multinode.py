@@ -19,6 +19,7 @@ from _moto import moto_server, patched_env
 from _netns import namespace_cluster, unavailable
 
 from models import storage
+from tandem.local_ray import free_port
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
@@ -79,13 +80,6 @@ def _check_report(report: dict, store: str, cluster, swept: bool = True, served:
         assert not (root / str(cluster.base).lstrip("/")).exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.timeout(600)
 def test_run_on_nodes_sharing_only_an_s3_bucket(cluster, haproxy_log):
@@ -93,7 +87,7 @@ def test_run_on_nodes_sharing_only_an_s3_bucket(cluster, haproxy_log):
     with moto_server(host=cluster.head_ip) as aws:
         store = "s3://tandem-ci/run"
         # --weighted: the sample-weight store's snapshots go to the bucket too
-        out = cluster.submit(*_run_argv(store, "mn", _free_port(), "--weighted"), env_vars=aws, timeout=540)
+        out = cluster.submit(*_run_argv(store, "mn", free_port(), "--weighted"), env_vars=aws, timeout=540)
         text = out.stdout + out.stderr
         assert out.returncode == 0 and "succeeded" in text, text[-4000:] + _node_logs(cluster)
         assert "tandem: Serve app 'tandem' deleted" in text
@@ -145,7 +139,7 @@ def test_run_on_nodes_sharing_a_mounted_directory(cluster):
     between the two kinds of storage is what the workers read and write there (data, checkpoints) and the
     report, which training alone covers (with nothing after training the run exports no artifact)."""
     store = str(cluster.shared_dir / "runs")
-    out = cluster.submit(*_run_argv(store, "nfs", _free_port(), "--skip", "tune", "--skip", "serve"), timeout=540)
+    out = cluster.submit(*_run_argv(store, "nfs", free_port(), "--skip", "tune", "--skip", "serve"), timeout=540)
     text = out.stdout + out.stderr
     assert out.returncode == 0 and "succeeded" in text, text[-4000:] + _node_logs(cluster)
     report = json.loads((cluster.shared_dir / "runs" / "nfs" / "report.json").read_text())
