@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+import threading
 import time
 import warnings
 from collections import Counter
@@ -43,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 _ACT_NAMES: dict[type[nn.Module], str] = {a.module: a.name for a in ACTIVATIONS.values() if a.module}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+FX_TRACE_LOCK = threading.RLock()
+"""Held around this module's torch.fx traces; take it around any forward that may run beside them (the serving
+replica's, serve_app/replica.py). fx's tracer patches nn.Module.__call__ and __getattr__ process-wide while it
+traces, so a model run in another thread meanwhile went through the tracer and failed ("module is not installed as
+a submodule": 2668 of 2675 calls in a two-thread check while a hot update traced the oneDNN form)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +135,8 @@ def _trace(module: nn.Module, training: bool | None) -> fx.Graph:
     try:
         for m, flag in flags:
             m.training = flag if training is None else training
-        return _Tracer().trace(module)
+        with FX_TRACE_LOCK:
+            return _Tracer().trace(module)
     finally:
         for m, flag in flags:
             m.training = flag
@@ -578,7 +585,8 @@ def _onednn_rewrite(module: nn.Module, path: str, sizes: dict[str, list[int]], i
     if not any(isinstance(m, FoldedConvAct) for m in module.modules()):
         return module  # nothing to rewrite: no trace, no GraphModule around a plain layer
     try:
-        graph = _FoldedLeaves().trace(module)
+        with FX_TRACE_LOCK:
+            graph = _FoldedLeaves().trace(module)
     except Exception as e:  # noqa: BLE001 - data-dependent control flow, shape checks, ...: children one by one
         logger.debug("oneDNN form: %s does not trace with fx (%s); its children are rewritten", path or "model", e)
         for name, child in list(module.named_children()):
