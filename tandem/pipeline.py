@@ -47,13 +47,9 @@ def sweep(trained_artifact: str, cfg, shared: DataSplits, out: Path, storage_uri
     if cfg.smoke:
         scfg = SweepConfig.smoke(str(out), baseline=baseline, trials=cfg.trials, verbose=1,
                                 max_acc_drop_pts=cfg.max_acc_drop, **common)  # fmt: skip
-    else:
-        from tune.space import SearchSpace
-
-        # FP8 only where the trials run it (sm_89+); elsewhere an FP8 trial would time a slow emulation
-        space = SearchSpace(quant=quant_schemes(trial_caps(common["gpus_per_trial"])))
+    else:  # FP8 stays in the space only where the trials run it (tune.sweep.sweep_space)
         scfg = SweepConfig(trials=cfg.trials, baseline=baseline, out_dir=str(out), max_acc_drop_pts=cfg.max_acc_drop,
-                           space=space, **common)  # fmt: skip
+                           **common)  # fmt: skip
     t0 = time.perf_counter()
     res = run_sweep(scfg)
     return {
@@ -69,31 +65,6 @@ def sweep(trained_artifact: str, cfg, shared: DataSplits, out: Path, storage_uri
         "paths": {k: str(v) for k, v in res.paths.items()},
         "seconds": time.perf_counter() - t0,
     }
-
-
-def quant_schemes(caps) -> tuple[str, ...]:
-    """The sweep's quantization choices for trials on hardware `caps` (kernels.precision.DeviceCaps): fp32 and
-    INT8 everywhere, FP8 where it runs (CUDA sm_89+: serve_app.config.scheme_for_device)."""
-    from serve_app.config import scheme_for_device
-    from tune.space import QUANT_SCHEMES
-
-    fp8 = scheme_for_device(caps) == "fp8"
-    return tuple(q for q in QUANT_SCHEMES if q != "fp8" or fp8)
-
-
-def trial_caps(gpus_per_trial: float):
-    """The hardware a sweep's trials get: a GPU's capabilities, probed by a task asking for one, when they ask
-    for GPUs; else CPU."""
-    from kernels.precision import DeviceCaps
-
-    if not gpus_per_trial:
-        return DeviceCaps("cpu")
-    import ray
-
-    def probe() -> DeviceCaps:  # a function, as ray.remote needs (a bound classmethod is refused)
-        return DeviceCaps.probe()
-
-    return ray.get(ray.remote(num_gpus=min(1.0, gpus_per_trial), num_cpus=0)(probe).remote())
 
 
 def trial_outcomes(tune_summary: dict) -> str:

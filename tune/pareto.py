@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tune.space import caps_of_label, runs_fp8
+
 OBJECTIVES: dict[str, str] = {"accuracy": "max", "latency_ms": "min", "size_bytes": "min"}
 
 
@@ -47,14 +49,20 @@ def serving_forms(rows: list[dict], baseline_accuracy: float, max_acc_drop_pts: 
     measure is never served): scheme -> row.
     - CPU replicas (and GPUs without FP8): the fastest row within the accuracy bound among the CPU schemes
       (fp32, INT8; usually INT8), keyed by its scheme;
-    - sm_89+ replicas: the fastest FP8 row within the bound whose latency was measured on a GPU (`measured_on`
-      "cuda..."), keyed "fp8"; none when the trials ran FP8 only as a CPU emulation or not at all.
+    - sm_89+ replicas: the fastest FP8 row within the bound whose latency was measured on a GPU that runs FP8
+      (`measured_on` "cuda sm_89" or newer), keyed "fp8"; none when the trials ran FP8 only as an emulation (on a
+      CPU or an older GPU) or not at all.
     Empty when no row is within the bound."""
+
+    def measured_where_served(row: dict) -> bool:
+        caps = caps_of_label(str(row.get("measured_on", "")))
+        return caps is not None and runs_fp8(caps)
+
     forms = {}
     cpu = choose([r for r in rows if r.get("quant") not in GPU_FORMS], baseline_accuracy, max_acc_drop_pts)
     if cpu is not None:
         forms[cpu.get("quant", "none")] = cpu
-    gpu = [r for r in rows if r.get("quant") in GPU_FORMS and str(r.get("measured_on", "")).startswith("cuda")]
+    gpu = [r for r in rows if r.get("quant") in GPU_FORMS and measured_where_served(r)]
     for scheme in GPU_FORMS:
         best = choose([r for r in gpu if r["quant"] == scheme], baseline_accuracy, max_acc_drop_pts)
         if best is not None:

@@ -6,8 +6,9 @@ Dimensions: prune ratio (uniform), quantization scheme (none, int8_ptq, int8_qat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
+from kernels.precision import DeviceCaps, PrecisionPolicy, QuantTarget
 from models.prune import PruneConfig
 from models.quantize import CONFIGS, FP8, Int8PTQ, Int8QAT, QuantConfig
 
@@ -60,6 +61,35 @@ class SearchSpace:
             "calib_size": tune.choice(list(self.calib_size)),
             "per_channel": tune.choice(list(self.per_channel)),
         }
+
+    def for_hardware(self, caps: DeviceCaps) -> SearchSpace:
+        """This space for trials that run on `caps`: FP8 stays only where they run it (`runs_fp8`: CUDA sm_89+);
+        elsewhere an FP8 trial would time an fp32 emulation that is never served (tune.pareto.serving_forms), a
+        trial lost. ValueError when no scheme of the space is left."""
+        quant = tuple(q for q in self.quant if q != "fp8" or runs_fp8(caps))
+        if not quant:
+            raise ValueError(f"quant must hold a scheme trials on {caps} run (fp8 needs CUDA sm_89+), got "
+                             f"{list(self.quant)}")  # fmt: skip
+        return replace(self, quant=quant)
+
+
+def runs_fp8(caps: DeviceCaps) -> bool:
+    """Whether hardware `caps` runs FP8 inference (kernels/precision.py's infer target: CUDA sm_89+), the rule
+    Serve's replicas follow too (serve_app.config.scheme_for_device)."""
+    if not isinstance(caps, DeviceCaps):
+        raise TypeError(f"caps must be a kernels.precision.DeviceCaps, got {type(caps).__name__}")
+    return PrecisionPolicy.from_caps(caps).infer_target == QuantTarget.FP8
+
+
+def caps_of_label(label: str) -> DeviceCaps | None:
+    """The hardware a latency was measured on, from its label (tune.measure.device_label: "cpu" or
+    "cuda sm_XY"); None for a label it cannot read (a row of an older sweep)."""
+    if label == "cpu":
+        return DeviceCaps("cpu")
+    sm = label.removeprefix("cuda sm_") if isinstance(label, str) and label.startswith("cuda sm_") else ""
+    if len(sm) < 2 or not sm.isdigit():
+        return None
+    return DeviceCaps("cuda", (int(sm[:-1]), int(sm[-1])))  # sm_89 -> (8, 9), sm_100 -> (10, 0)
 
 
 def _pair(v, name: str) -> tuple:

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernels.precision import DeviceCaps
 from models import storage as store
 from tune.baseline import BaselineConfig, load_baseline
 from tune.measure import MeasureConfig
@@ -87,6 +88,9 @@ class SweepConfig:
     """Storage URI of the sweep (Tune experiment, trial artifacts, chosen artifact, report); None: out_dir/ray."""
     gpus_per_trial: float = 0.0
     """GPUs each trial asks for (tune.with_resources); its latency is then measured on that GPU."""
+    trial_hardware: DeviceCaps | None = None
+    """The hardware the trials land on, which decides whether FP8 stays in the space (`sweep_space`); None:
+    probed when the sweep starts (`trial_caps`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.trials, int) or self.trials < 1:
@@ -99,6 +103,9 @@ class SweepConfig:
             raise TypeError(f"searcher must be OptunaMO or RandomSearch, got {type(self.searcher).__name__}")
         if not isinstance(self.gpus_per_trial, int | float) or self.gpus_per_trial < 0:
             raise ValueError(f"gpus_per_trial must be a number >= 0, got {self.gpus_per_trial!r}")
+        if self.trial_hardware is not None and not isinstance(self.trial_hardware, DeviceCaps):
+            raise TypeError(f"trial_hardware must be a kernels.precision.DeviceCaps or None, got "
+                            f"{type(self.trial_hardware).__name__}")  # fmt: skip
         if self.storage is not None:
             store.check(self.storage)
 
@@ -142,11 +149,37 @@ class SweepResult:
     accuracy drop."""
 
 
+def trial_caps(gpus_per_trial: float) -> DeviceCaps:
+    """The hardware a sweep's trials get: when they ask for GPUs, the capabilities of one, probed by a task that
+    asks for one as a trial does (on a cluster whose GPUs are all of one kind, as cluster.yaml's); else CPU."""
+    if not gpus_per_trial:
+        return DeviceCaps("cpu")
+    import ray
+
+    def probe() -> DeviceCaps:  # a function, as ray.remote needs (a bound classmethod is refused)
+        return DeviceCaps.probe()
+
+    return ray.get(ray.remote(num_gpus=min(1.0, gpus_per_trial), num_cpus=0)(probe).remote())
+
+
+def sweep_space(cfg: SweepConfig) -> SearchSpace:
+    """The space the sweep searches: `cfg.space` for the trials' hardware (SearchSpace.for_hardware: FP8 only
+    where the trials run it, CUDA sm_89+, as Serve's replicas pick it), printed when FP8 was left out."""
+    caps = cfg.trial_hardware if cfg.trial_hardware is not None else trial_caps(cfg.gpus_per_trial)
+    space = cfg.space.for_hardware(caps)
+    if space.quant != cfg.space.quant:
+        where = "CPU" if caps.cuda_capability is None else f"CUDA sm_{''.join(map(str, caps.cuda_capability))}"
+        print(f"tandem: fp8 left out of the sweep: its trials run on {where} (FP8 needs CUDA sm_89+); "
+              f"searching {', '.join(space.quant)}", flush=True)  # fmt: skip
+    return space
+
+
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Runs the sweep on the current Ray cluster (ray.init() first) and writes its report."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    space = sweep_space(cfg)
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sweep_uri = cfg.storage or str(out)
@@ -166,11 +199,11 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     if cfg.asha:
         scheduler = ASHAScheduler(
             metric="accuracy", mode="max", time_attr="training_iteration", grace_period=1, reduction_factor=2,
-            max_t=cfg.space.finetune_epochs[1] + 1,
+            max_t=space.finetune_epochs[1] + 1,
         )  # fmt: skip
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(tune_trainable, ctx=ctx), cfg.trial_resources()),
-        param_space=cfg.space.to_tune(),
+        param_space=space.to_tune(),
         tune_config=tune.TuneConfig(
             search_alg=cfg.searcher.build(),
             scheduler=scheduler,

@@ -44,11 +44,13 @@ def test_probe_on_this_machine():
 
 
 def test_the_sweep_tries_fp8_only_where_trials_run_it():
-    from tandem.pipeline import quant_schemes, trial_caps
+    from tune.space import SearchSpace
+    from tune.sweep import trial_caps
 
-    assert "fp8" in quant_schemes(ADA) and "fp8" in quant_schemes(HOPPER)
+    assert "fp8" in SearchSpace().for_hardware(ADA).quant and "fp8" in SearchSpace().for_hardware(HOPPER).quant
     for caps in (AMPERE, CPU):
-        assert "fp8" not in quant_schemes(caps) and {"none", "int8_ptq"} <= set(quant_schemes(caps))
+        quant = SearchSpace().for_hardware(caps).quant
+        assert "fp8" not in quant and {"none", "int8_ptq", "int8_qat"} <= set(quant)
     assert trial_caps(0.0) == CPU  # CPU trials: no probe task
 
 

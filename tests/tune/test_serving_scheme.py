@@ -50,6 +50,45 @@ def test_serving_forms_are_the_fastest_measured_rows_within_the_bound_per_hardwa
     assert serving_forms(ROWS, 0.99, 0.0) == {}
 
 
+def test_fp8_timed_on_a_gpu_without_fp8_is_no_form():
+    # an FP8 trial that landed on an sm_80 GPU timed an emulation there: no sm_89+ replica serves that measurement
+    rows = [*ROWS[:4], _row("fp8_ampere", "fp8", 0.95, 0.2, "cuda sm_80"), _row("fp8_ada", "fp8", 0.95, 0.7,
+                                                                                   "cuda sm_89")]  # fmt: skip
+    assert {q: r["trial"] for q, r in serving_forms(rows, 0.95, 1.0).items()} == {"int8_ptq": "int8_fast",
+                                                                                   "fp8": "fp8_ada"}  # fmt: skip
+    assert "fp8" not in serving_forms(rows[:5], 0.95, 1.0)
+    assert "fp8" not in serving_forms([*ROWS[:4], _row("old", "fp8", 0.95, 0.2, "cuda")], 0.95, 1.0)
+
+
+@pytest.mark.parametrize(("hardware", "gpus", "fp8"), [(SM90, 1.0, True), (SM80, 1.0, False), (CPU, 0.0, False),
+                                                       (None, 0.0, False)])  # fmt: skip
+def test_the_sweeps_space_has_fp8_only_where_its_trials_run_it(hardware, gpus, fp8, capsys):
+    """The smoke sweep's space (tandem run --smoke, tandem tune --smoke) by the trials' hardware: made up, or
+    probed (None; CPU trials need no probe task)."""
+    from tune.sweep import SweepConfig, sweep_space
+
+    cfg = SweepConfig.smoke(trial_hardware=hardware, gpus_per_trial=gpus)
+    assert "fp8" in cfg.space.quant  # asked for: the smoke space holds every scheme
+    space = sweep_space(cfg)
+    assert ("fp8" in space.quant) is fp8 and {"none", "int8_ptq", "int8_qat"} <= set(space.quant)
+    assert ("fp8 left out of the sweep" in capsys.readouterr().out) is not fp8
+    assert space.to_tune()["quant"].categories == list(space.quant)  # what Tune draws from
+    assert space.finetune_epochs == cfg.space.finetune_epochs and space.calib_size == cfg.space.calib_size
+
+
+def test_a_space_of_fp8_alone_on_hardware_without_it_is_refused():
+    from tune.space import SearchSpace
+    from tune.sweep import SweepConfig, sweep_space
+
+    assert SearchSpace(quant=("fp8",)).for_hardware(SM90).quant == ("fp8",)
+    with pytest.raises(ValueError, match="quant must hold a scheme trials on .* run"):
+        sweep_space(SweepConfig(space=SearchSpace(quant=("fp8",)), trial_hardware=CPU))
+    with pytest.raises(TypeError, match="trial_hardware must be a kernels.precision.DeviceCaps"):
+        SweepConfig(trial_hardware="sm_90")
+    with pytest.raises(TypeError, match="caps must be a kernels.precision.DeviceCaps"):
+        SearchSpace().for_hardware("cpu")
+
+
 def test_the_sweep_writes_the_set_with_each_forms_measurements(tmp_path):
     chosen = ROWS[4]  # the sweep's chosen row (fastest within the bound overall): the default
     uri = write_forms(ROWS, chosen, 0.95, 1.0, str(tmp_path / "serving"))
@@ -156,3 +195,17 @@ def test_latency_on_cuda_times_the_model_there_and_leaves_it_on_cpu():
     lat = latency_ms(model, (1, 8, 8), MeasureConfig(batch_sizes=(1, 8), compile=False, warmup=1, iters=3), "cuda")
     assert set(lat) == {"batch_1", "batch_8"} and all(v > 0 for v in lat.values())
     assert next(model.parameters()).device.type == "cpu" and device_label("cuda").startswith("cuda sm_")
+
+
+@pytest.mark.gpu
+def test_trials_that_ask_for_a_gpu_search_fp8_by_the_gpu_they_get(ray_local):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from tune.space import runs_fp8
+    from tune.sweep import SweepConfig, sweep_space, trial_caps
+
+    caps = trial_caps(1.0)  # probed by a task that asks for a GPU, as a trial does
+    assert caps.device_type == "cuda" and caps.cuda_capability == torch.cuda.get_device_capability()
+    assert ("fp8" in sweep_space(SweepConfig.smoke(gpus_per_trial=1.0)).quant) is runs_fp8(caps)
