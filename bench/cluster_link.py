@@ -141,14 +141,23 @@ def train_job(cluster, args, store: str, data: tuple[str, str], name: str, mode:
         raise RuntimeError(f"job {name} failed:\n{(out.stdout + out.stderr)[-3000:]}")
     report = json.loads((Path(store) / name / "report.json").read_text())
     last = report["train"]["history"][-1]  # the timed epoch: the first pays the one-off warm-ups
+    return {**epoch_row(last, args), "job_s": time.perf_counter() - t0}
+
+
+def epoch_row(last: dict, args: argparse.Namespace) -> dict:
+    """A job's row from its timed epoch's training metrics (`last`: its report's last history entry)."""
     return {
         "samples_per_s": last["samples_per_s"],
         "epoch_s": args.steps_per_epoch * args.batch_size / last["samples_per_s"],
         "steps": last.get("steps"),
         "test_accuracy": last["test_accuracy"],
         "inter_bytes": last.get("grad_bytes_inter_per_step") or 0,
-        "flat_bytes": last.get("grad_bytes_flat_per_step") or last.get("grad_bytes_per_step") or 0,
-        "job_s": time.perf_counter() - t0,
+        # the world group's bytes: DDP's allreduce (flat runs; FlatAllreduce names them grad_bytes_per_step), or
+        # the hook's flat path (auto that chose not to compress); not the hierarchical run's intra + inter total
+        "flat_bytes": last.get("grad_bytes_flat_per_step", last.get("grad_bytes_per_step")) or 0,
+        "total_bytes": last.get("grad_bytes_per_step") or 0,
+        # the hook's decision in the timed epoch (auto: what its bandwidth probe chose); None for DDP's own
+        "compressing": last.get("compressing"),
     }  # fmt: skip
 
 
@@ -186,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             if res["steps"] not in (None, args.steps_per_epoch):
                 print(f"cluster_link: warning: the job trained {res['steps']} steps per epoch, not "
                       f"{args.steps_per_epoch}", flush=True)  # fmt: skip
+            decided = f", compressing {res['compressing']}" if m == "auto" else ""
             print(f"[{i}/{len(jobs)}] {link:>9} {m:>5} round {r + 1}: epoch {res['epoch_s']:.1f} s "
-                  f"({res['samples_per_s']:.1f} samples/s), acc {res['test_accuracy']:.3f}, job {res['job_s']:.0f} s, "
-                  f"total {time.perf_counter() - t_start:.0f} s", flush=True)  # fmt: skip
+                  f"({res['samples_per_s']:.1f} samples/s), acc {res['test_accuracy']:.3f}{decided}, job "
+                  f"{res['job_s']:.0f} s, total {time.perf_counter() - t_start:.0f} s", flush=True)  # fmt: skip
         shape(cluster, "unshaped")
 
     def rate(link: str, m: str) -> float:
@@ -212,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             result[f"train_epoch_speedup_{link}"] = rate(link, "2bit") / rate(link, "flat")
     if "unshaped" in rows:
         result["auto_mode_fast_link_ratio"] = rate("unshaped", "flat") / rate("unshaped", "auto")
+        result["auto_mode_compressing"] = [x["compressing"] for x in rows["unshaped"]["auto"]]  # its decisions
     two_bit = [r for r in rows.values() if "2bit" in r]
     inter = statistics.median(x["inter_bytes"] for x in two_bit[0]["2bit"]) if two_bit else 0
     result["inter_node_bytes_ratio"] = (statistics.median(x["flat_bytes"] for x in two_bit[0]["flat"]) / inter

@@ -80,7 +80,6 @@ def _check_report(report: dict, store: str, cluster, swept: bool = True, served:
         assert not (root / str(cluster.base).lstrip("/")).exists()
 
 
-
 @pytest.mark.timeout(600)
 def test_run_on_nodes_sharing_only_an_s3_bucket(cluster, haproxy_log):
     _drain(haproxy_log)
@@ -108,12 +107,12 @@ def test_run_on_nodes_sharing_only_an_s3_bucket(cluster, haproxy_log):
     assert any(f.startswith("train/checkpoint_") and f.endswith("model.pt") for f in rel), sorted(rel)
     assert any(f.startswith("tune/ray/compress/") for f in rel), sorted(rel)
     _check_report(report, store, cluster)
-    # the sweep's serving set (where a trial was a CPU form: the smoke space may draw only emulated FP8) is what
-    # was deployed; the replica (on a CPU node) loaded its INT8/fp32 form from the bucket
-    if report["tune"]["serving"] is not None:
-        assert "tune/serving/serving.json" in rel and report["serve"]["serving_set"] == report["tune"]["serving"]
-        forms = report["serve"]["forms"]
-        assert "fp8" not in forms and report["serve"]["artifact"] in forms.values(), forms
+    # the sweep's serving set is what was deployed (CPU trials draw no FP8: tune.sweep.sweep_space, so the one
+    # trial is a CPU form); the replica (on a CPU node) loaded its INT8/fp32 form from the bucket
+    assert report["tune"]["serving"] is not None, report["tune"]
+    assert "tune/serving/serving.json" in rel and report["serve"]["serving_set"] == report["tune"]["serving"]
+    forms = report["serve"]["forms"]
+    assert "fp8" not in forms and report["serve"]["artifact"] in forms.values(), forms
     # served through HAProxy on the head (no Serve proxy ever started) from a replica on a worker node: the load
     # test's answers (ok > 0 above) came over the bridge from the replica's direct-ingress port
     actors, where = _serve_actors(cluster)
@@ -196,6 +195,26 @@ def test_cluster_link_benchmark_arguments(tmp_path):
     assert table.num_rows == 512 and pq.read_table(test).num_rows == 360
     assert table.schema.metadata == pq.read_table(test).schema.metadata  # the image shape travels with the rows
     assert len(set(table.column("label").to_pylist())) == 10
+
+
+def test_cluster_link_rows_keep_each_level_and_autos_decision():
+    """A job's row: DDP's allreduce bytes for a flat job, the hook's inter-node and world-group bytes (not its
+    intra + inter total) and its decision for a hierarchical one (auto's, on the unshaped link)."""
+    from bench.cluster_link import epoch_row, parse_args
+
+    args = parse_args([])
+    flat = epoch_row({"samples_per_s": 64.0, "steps": 8, "test_accuracy": 0.5, "comm": "allreduce",
+                      "grad_bytes_per_step": 67e6}, args)  # fmt: skip
+    assert (flat["epoch_s"], flat["flat_bytes"], flat["inter_bytes"], flat["compressing"]) == (8.0, 67e6, 0, None)
+    hook = {"samples_per_s": 32.0, "steps": 8, "test_accuracy": 0.5, "grad_bytes_intra_per_step": 45e6,
+            "grad_bytes_inter_per_step": 1.4e6, "grad_bytes_flat_per_step": 0,
+            "grad_bytes_per_step": 46.4e6}  # fmt: skip
+    two_bit = epoch_row({**hook, "compressing": True}, args)
+    assert (two_bit["epoch_s"], two_bit["flat_bytes"], two_bit["inter_bytes"]) == (16.0, 0, 1.4e6)
+    assert two_bit["total_bytes"] == 46.4e6 and two_bit["compressing"] is True
+    auto_flat = {**hook, "grad_bytes_intra_per_step": 0, "grad_bytes_inter_per_step": 0,
+                 "grad_bytes_flat_per_step": 67e6, "grad_bytes_per_step": 67e6, "compressing": False}  # fmt: skip
+    assert epoch_row(auto_flat, args)["flat_bytes"] == 67e6 and epoch_row(auto_flat, args)["compressing"] is False
 
 
 def test_cluster_link_flat_baseline_is_ddps_own_allreduce():
