@@ -51,9 +51,7 @@ def test_ray_collective_transport_on_two_gpus(ray_local):
     x0, x1 = torch.arange(8.0), torch.arange(8.0) + 100
     assert torch.equal(a["all_reduce"], x0 + x1) and torch.equal(b["all_reduce"], x0 + x1)
     assert torch.equal(a["reduce_scatter"], (x0 + x1)[:4]) and torch.equal(b["reduce_scatter"], (x0 + x1)[4:])
-    assert torch.equal(a["all_gather"], torch.cat([x0, x1])) and torch.equal(
-        b["all_gather"], torch.cat([x0, x1])
-    )
+    assert torch.equal(a["all_gather"], torch.cat([x0, x1])) and torch.equal(b["all_gather"], torch.cat([x0, x1]))
     assert torch.equal(a["all_to_all"], torch.cat([x0[:4], x1[:4]]))
     assert torch.equal(b["all_to_all"], torch.cat([x0[4:], x1[4:]]))
     assert torch.equal(a["twobit"], b["twobit"])
