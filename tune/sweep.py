@@ -162,6 +162,16 @@ def trial_caps(gpus_per_trial: float) -> DeviceCaps:
     return ray.get(ray.remote(num_gpus=min(1.0, gpus_per_trial), num_cpus=0)(probe).remote())
 
 
+def trial_gpus(requested: float | None) -> float:
+    """GPUs per trial: `requested` (--gpus-per-trial) as given, else 1 where the connected cluster has GPUs and 0
+    where it has none (issue 14: the trials, like Train workers and Serve replicas, use a cluster's GPUs)."""
+    if requested is not None:
+        return float(requested)
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def sweep_space(cfg: SweepConfig) -> SearchSpace:
     """The space the sweep searches: `cfg.space` for the trials' hardware (SearchSpace.for_hardware: FP8 only
     where the trials run it, CUDA sm_89+, as Serve's replicas pick it), printed when FP8 was left out."""
@@ -326,9 +336,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
             ray.init(address=args.address, runtime_env=env)
         else:
             ray.init(num_cpus=max(4, args.concurrency))
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = trial_gpus(args.gpus_per_trial)
     common = dict(searcher=searcher, storage=run_uri, gpus_per_trial=gpus, out_dir=out_dir)
     if args.smoke:
         base = BaselineConfig(

@@ -76,6 +76,18 @@ def test_the_sweeps_space_has_fp8_only_where_its_trials_run_it(hardware, gpus, f
     assert space.finetune_epochs == cfg.space.finetune_epochs and space.calib_size == cfg.space.calib_size
 
 
+def test_trials_ask_for_a_gpu_where_the_cluster_has_one(monkeypatch):
+    import ray
+
+    from tune.sweep import SweepConfig, trial_gpus
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 4.0, "CPU": 32.0})
+    assert trial_gpus(None) == 1.0 and SweepConfig(gpus_per_trial=trial_gpus(None)).trial_resources()["gpu"] == 1
+    assert trial_gpus(0.5) == 0.5 and trial_gpus(0) == 0.0  # --gpus-per-trial as given
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    assert trial_gpus(None) == 0.0
+
+
 def test_a_space_of_fp8_alone_on_hardware_without_it_is_refused():
     from tune.space import SearchSpace
     from tune.sweep import SweepConfig, sweep_space
