@@ -2,7 +2,10 @@
 
 Per epoch the weight store draws how often each sample appears (multinomial over w / sum(w), `epoch_size` rows;
 `SampleWeightStore.begin_epoch`). The pipeline repeats each row of a block by its count, asking the store only for
-the counts of that block's ids, so it streams: no stage holds the dataset, and the driver never materializes it.
+the counts of that block's ids, so it streams: no stage holds the dataset. A small decoded dataset (under
+`StreamConfig.cache_max_bytes`) is decoded once and kept in the object store, by the driver for parquet (one read,
+not Ray Data's file listing; `_decoded_here`), by Ray Data's tasks for an image folder; a larger one streams from
+its files every epoch.
 Rows are shuffled across the whole dataset every epoch (`StreamConfig.global_shuffle`), Ray Train splits the
 stream among workers (`streaming_split(equal=True)`), and each worker shuffles locally.
 Ray Data has no weighted sampling of its own (ray-project/ray#31127), hence this stage.
@@ -132,11 +135,35 @@ def _read_decoded(info: DatasetInfo, block_rows: int) -> ray.data.Dataset:
     return ds.map_batches(join_images, batch_format="numpy", batch_size=block_rows, fn_kwargs={"rows": rows})
 
 
+def _decoded_here(info: DatasetInfo, block_rows: int) -> ray.data.Dataset:
+    """The rows of `_read_decoded`, read and decoded in this process and put into the object store as blocks of
+    `block_rows` rows. For a small parquet dataset this beats Ray Data's read: Ray 2.60's parquet datasource lists
+    files through a pool of 32 footer-reading actors, ~20 s on a 2-core machine even for one file (the 1437
+    digits on an embedded 2-node cluster: read + decode + materialize 15.5 s, this 0.9 s), where one process reads
+    and decodes them in milliseconds."""
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockAccessor
+
+    from models import storage
+
+    fs, path = storage.resolve(info.path)
+    table = pq.read_table(path, filesystem=fs, columns=["sample_id", "image", "label"])
+    blocks = [
+        BlockAccessor.batch_to_block(decode_batch(table.slice(i, block_rows), info.image_shape, info.class_names))
+        for i in range(0, table.num_rows, block_rows)
+    ]
+    return ray.data.from_arrow(blocks)
+
+
 def build_stream(info: DatasetInfo, cfg: StreamConfig, store=None) -> ray.data.Dataset:
     """The training dataset for Ray Train (pass `store` when cfg.weighted)."""
-    ds = _read_decoded(info, cfg.block_rows)
-    if decoded_nbytes(info) <= cfg.cache_max_bytes:
-        ds = ds.materialize()  # small: decode once; each epoch then only redraws from the cached blocks
+    if decoded_nbytes(info) > cfg.cache_max_bytes:
+        ds = _read_decoded(info, cfg.block_rows)  # large: streams from the files, decoded on the workers each epoch
+    elif info.images_root is None:
+        ds = _decoded_here(info, cfg.block_rows)  # small parquet: decoded once, here; epochs redraw from the blocks
+    else:
+        # a small image folder: decoded once by Ray Data's parallel reads (many small files, possibly remote)
+        ds = _read_decoded(info, cfg.block_rows).materialize()
     # re-executed every epoch (Train iterates the dataset anew), so each epoch draws a new order
     ds = ds.random_shuffle() if cfg.global_shuffle else ds.randomize_block_order()
     if cfg.weighted:
