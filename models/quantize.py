@@ -162,12 +162,20 @@ class BucketCompiled:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         b = 1 << max(n - 1, 0).bit_length()
-        if b != n:
-            x = torch.cat([x, x.new_zeros(b - n, *x.shape[1:])])
+        # Every bucket's graph is called with an inference tensor (the padded copy, or a copy made here; a batch
+        # of images, microseconds): dynamo guards a graph on its input's dispatch keys, so a normal tensor (a
+        # caller outside inference_mode, or a view of one) and an inference tensor (the serving replica's, made
+        # under inference_mode) each compiled the bucket once more. A replica warmed up with the one and served
+        # with the other paid that recompile in its first request (1.6 s against 8-11 ms after it).
+        with torch.inference_mode():
+            if b != n:
+                x = torch.cat([x, x.new_zeros(b - n, *x.shape[1:])])
+            elif not x.is_inference():
+                x = x.clone()
         fn = self._fns.get(b)
         if fn is None:
-            fn = self._fns[b] = torch.compile(self.build(x), dynamic=False)
-        with torch.no_grad(), self._freezing:
+            fn = self._fns[b] = torch.compile(self.build(x.clone()), dynamic=False)  # export takes a normal one
+        with torch.inference_mode(), self._freezing:
             return fn(x)[:n]
 
     def warmup(self, example: torch.Tensor, batch_sizes: Iterable[int]) -> None:
@@ -318,8 +326,11 @@ def _x86_quantizer():
 def _prepare(folded: nn.Module, example: torch.Tensor, dynamic: bool = True):
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
+    from models.fuse import FX_TRACE_LOCK
+
     shapes = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},) if dynamic else None
-    exported = torch.export.export(folded.eval(), (example,), dynamic_shapes=shapes).module()
+    with FX_TRACE_LOCK:  # export traces with an fx tracer too: not beside a serving forward (models.fuse)
+        exported = torch.export.export(folded.eval(), (example,), dynamic_shapes=shapes).module()
     _split_shared_sources_(exported)
     return prepare_pt2e(exported, _x86_quantizer())
 
