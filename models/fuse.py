@@ -39,6 +39,8 @@ import torch.nn.functional as F
 
 from kernels.activations import ACTIVATIONS, get_activation
 from kernels.conv_bn import _CL_MIN_PIXELS, ConvBNAct, SaveMode, _cpu_layout, _match_weight_layout, fold_conv_bn
+from kernels.winograd import TILES as WINOGRAD_TILES
+from kernels.winograd import winograd_conv3x3, winograd_weight
 
 logger = logging.getLogger(__name__)
 
@@ -437,7 +439,7 @@ def onednn_available() -> bool:
 
 
 class OneDNNConvAct(nn.Module):
-    """One folded conv (+ activation, + an optional residual add before it) in one of two ways, chosen per layer
+    """One folded conv (+ activation, + an optional residual add before it) in one of three ways, chosen per layer
     by timing (`onednn_inference_module`):
       - packed: a single oneDNN primitive, `torch.ops.mkldnn._convolution_pointwise` with the activation as a
         post-op, or its `.binary` overload with the add as a binary post-op and then the activation (the calls
@@ -447,13 +449,27 @@ class OneDNNConvAct(nn.Module):
       - plain: F.conv2d, then the add and the activation in place on the conv's own output. The pointwise op
         costs about 20 us more per call than F.conv2d (26 against 8.5 us for 16 channels on 8x8 at batch 1),
         so small convs stay plain.
+      - winograd (`winograd` = m, 2 or 4; stride-1 3x3 convs only): kernels/winograd.py's F(m x m, 3 x 3), then
+        the add and the activation in place. oneDNN's direct convs already run near this CPU's peak, so only
+        fewer multiplications help: resnet18 32x32 at batch 32, 512 channels on 4x4 maps 8.3 ms against
+        oneDNN's best 13.9; 256 on 8x8 7.2 (m=4) against 13.3; but 69.9 (m=2) against 14.0 for 64 channels on
+        32x32, whose transforms cost more than they save.
     Activations are channels_last where the maps have at least `_CL_MIN_PIXELS` pixels, NCHW below (oneDNN's
-    channels_last kernels are slower on tiny maps: kernels.conv_bn._cpu_layout). Any batch size works; a packed
-    weight planned on another batch only changes oneDNN's kernel choice. Inference only: no autograd formula,
+    channels_last kernels are slower on tiny maps: kernels.conv_bn._cpu_layout), unless `channels_last` says
+    otherwise: the plain form is also timed NCHW, which won on resnet18's 4x4 maps at batch 32 (512 channels:
+    14.3 ms against 21.8 channels_last and 20.3 packed, whose primitive is channels_last). Any batch size works;
+    a packed weight planned on another batch only changes oneDNN's kernel choice. Inference only: no autograd formula,
     and the weights are plain tensors, not parameters."""
 
     def __init__(
-        self, folded: FoldedConvAct, input_size: list[int], *, residual_act: str | None = None, packed: bool = True
+        self,
+        folded: FoldedConvAct,
+        input_size: list[int],
+        *,
+        residual_act: str | None = None,
+        packed: bool = True,
+        channels_last: bool | None = None,
+        winograd: int = 0,
     ):
         super().__init__()
         if folded.act.name not in _ONEDNN_UNARY:
@@ -465,7 +481,17 @@ class OneDNNConvAct(nn.Module):
             )
         self.padding, self.stride = list(folded.padding), list(folded.stride)
         self.dilation, self.groups = list(folded.dilation), folded.groups
-        self.channels_last = input_size[-1] * input_size[-2] >= _CL_MIN_PIXELS
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last must be a bool or None, got {type(channels_last).__name__}")
+        rule = input_size[-1] * input_size[-2] >= _CL_MIN_PIXELS
+        self.channels_last = rule if channels_last is None else channels_last
+        if winograd:
+            if winograd not in WINOGRAD_TILES:
+                raise ValueError(f"winograd must be 0 or one of {WINOGRAD_TILES}, got {winograd!r}")
+            if not _winograd_fits(folded):
+                raise ValueError(f"winograd needs a stride-1, 3x3, ungrouped conv, got {folded.extra_repr()}")
+            packed, self.channels_last = False, True  # its tiles are gathered from channels_last rows
+        self.winograd = winograd
         self.residual_act, self.packed, self.input_size = residual_act, packed, list(input_size)
         self.act = get_activation(residual_act if residual_act is not None else folded.act.name)
         self.attr, self.scalars = _ONEDNN_UNARY[self.act.name]
@@ -475,6 +501,8 @@ class OneDNNConvAct(nn.Module):
             w = torch.ops.mkldnn._reorder_convolution_weight(
                 w, self.padding, self.stride, self.dilation, self.groups, self.input_size
             )
+        elif winograd:
+            w = winograd_weight(folded.weight.detach(), winograd)  # (a^2, C, K)
         self.weight, self.bias = w, folded.bias.detach().clone()
         self.shape = tuple(folded.weight.shape)
 
@@ -482,8 +510,11 @@ class OneDNNConvAct(nn.Module):
         add = f", + residual then {self.residual_act}" if self.residual_act is not None else ""
         return (
             f"{self.shape}, stride={self.stride}, act={self.act.name if add == '' else 'none'}{add}, "
-            f"{'packed' if self.packed else 'plain'}, {'channels_last' if self.channels_last else 'NCHW'}"
+            f"{self._kind()}, {'channels_last' if self.channels_last else 'NCHW'}"
         )
+
+    def _kind(self) -> str:
+        return f"winograd F({self.winograd}, 3)" if self.winograd else "packed" if self.packed else "plain"
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
@@ -491,7 +522,10 @@ class OneDNNConvAct(nn.Module):
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         x = self._layout(x)
         if not self.packed:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            if self.winograd:
+                y = winograd_conv3x3(x, self.weight, self.bias, self.winograd, self.padding[0])
+            else:
+                y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
             if other is not None:
                 y += other
             return self.act.forward_(y)  # y is ours; inference only
@@ -506,23 +540,76 @@ class OneDNNConvAct(nn.Module):
         )  # fmt: skip
 
 
-def _faster_conv(folded: FoldedConvAct, input_size: list[int], residual_act: str | None, iters: int) -> OneDNNConvAct:
-    """The faster of the packed and plain `OneDNNConvAct` for `folded` on `input_size` (median of `iters` calls
-    each, interleaved, on random data of that size)."""
-    forms = [OneDNNConvAct(folded, input_size, residual_act=residual_act, packed=p) for p in (True, False)]
-    gen = torch.Generator().manual_seed(0)
-    x = forms[0]._layout(torch.randn(input_size, generator=gen))
-    with torch.inference_mode():
-        other = forms[1](x) if residual_act is not None else None  # the output's shape and layout
-        times: list[list[float]] = [[], []]
-        for i in range(iters + 1):
-            for j, f in enumerate(forms):
-                t0 = time.perf_counter()
-                f(x, None if other is None else other.clone())
-                if i:  # the first call of each creates oneDNN's primitive
-                    times[j].append(time.perf_counter() - t0)
-    packed_s, plain_s = (sorted(t)[len(t) // 2] for t in times)
-    return forms[0] if packed_s < plain_s else forms[1]
+def _winograd_fits(folded: FoldedConvAct) -> bool:
+    """A stride-1, undilated, ungrouped 3x3 conv with equal padding on both axes (what kernels/winograd.py does)."""
+    return (
+        tuple(folded.weight.shape[-2:]) == (3, 3)
+        and tuple(folded.stride) == (1, 1)
+        and tuple(folded.dilation) == (1, 1)
+        and folded.groups == 1
+        and folded.padding[0] == folded.padding[1]
+    )
+
+
+_FLUSH_BYTES = 8 << 20
+"""Written before each timed call while planning: twice the per-core L2 of the CPUs measured here (4 MiB)."""
+
+
+class _ConvChoice(nn.Module):
+    """The candidate `OneDNNConvAct`s of one conv while `onednn_inference_module` plans: packed, plain
+    channels_last, plain NCHW and, for a stride-1 3x3 conv, Winograd F(2, 3) and F(4, 3). Its first call (the
+    planning forward) times each on the arguments it really gets, so in the layout the layer before it chose
+    (a form that wants the other layout pays its copy), interleaved, median of `iters` calls after one that
+    creates oneDNN's primitive, by this thread's CPU time (a loaded machine does not inflate it), with the core's
+    cache flushed before each call (in a model every layer's weights and input were pushed out of it by the
+    layers between two calls: timed with a hot cache, Winograd's 4x larger transformed weights looked faster at
+    batch 1 than they ran in resnet18, 0.99 of eager against 0.81); then `chosen` is the fastest and every call
+    runs it. Deciding on random data of the right size alone, with each form's
+    favourite layout for free, chose NCHW and channels_last in turn from layer to layer: resnet18 8x8 at batch
+    32 then ran 0.94 of eager against 0.67 with the fixed layout rule."""
+
+    def __init__(self, folded: FoldedConvAct, input_size: list[int], residual_act: str | None, iters: int):
+        super().__init__()
+        kw = {"residual_act": residual_act}
+        forms = [
+            OneDNNConvAct(folded, input_size, **kw, packed=True),
+            OneDNNConvAct(folded, input_size, **kw, packed=False, channels_last=True),
+            OneDNNConvAct(folded, input_size, **kw, packed=False, channels_last=False),
+        ]
+        if _winograd_fits(folded):
+            forms += [OneDNNConvAct(folded, input_size, **kw, winograd=m) for m in WINOGRAD_TILES]
+        self.forms = nn.ModuleList(forms)
+        self.iters = iters
+        self.chosen: OneDNNConvAct | None = None
+        self._flush = torch.empty(_FLUSH_BYTES // 4)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if self.chosen is None:
+            times: list[list[float]] = [[] for _ in self.forms]
+            for i in range(self.iters + 1):
+                for j, f in enumerate(self.forms):
+                    o = None if other is None else other.clone()  # a binary post-op may write into it
+                    self._flush.fill_(float(i))
+                    t0 = time.thread_time()
+                    f(x, o)
+                    if i:
+                        times[j].append(time.thread_time() - t0)
+            medians = [sorted(t)[len(t) // 2] for t in times]
+            self.chosen = self.forms[medians.index(min(medians))]
+        del self._flush
+        return self.chosen(x, other)
+
+
+def _resolve_choices(module: nn.Module) -> nn.Module:
+    """`module` with each planned `_ConvChoice` replaced by the form it chose (an unplanned one, never called by
+    the planning forward, by its plain form in the pixel rule's layout)."""
+    if isinstance(module, _ConvChoice):
+        return module.chosen or module.forms[1]
+    for name, child in list(module.named_children()):
+        new = _resolve_choices(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
 
 
 class _FoldedLeaves(fx.Tracer):
@@ -539,13 +626,14 @@ def _relu_node(node: fx.Node, root: nn.Module) -> bool:
 
 
 def onednn_inference_module(model: nn.Module, example: torch.Tensor, *, iters: int = 5) -> nn.Module:
-    """`inference_module(model)` with each `FoldedConvAct` run as a single oneDNN primitive (`OneDNNConvAct`:
-    weight prepacked for its input size, the activation as a post-op), and each `conv(act='none') + other ->
-    relu` of a residual block as one primitive with the add as a binary post-op, as inductor's freezing pass
-    would emit, without a compile. The copy is traced with torch.fx (which also drops the per-module Python
-    calls of nested containers); a module fx cannot trace has its children rewritten one by one. `example`
-    (N >= 1, C, H, W) gives the input sizes the weights are packed for. CPU float32 only: raises ValueError
-    otherwise, and RuntimeError where this PyTorch lacks the ops."""
+    """`inference_module(model)` with each `FoldedConvAct` run as an `OneDNNConvAct`: a single oneDNN primitive
+    (weight prepacked for its input size, the activation as a post-op), F.conv2d channels_last or NCHW, or
+    Winograd, whichever timed fastest on the planning forward over `example` (`_ConvChoice`); each
+    `conv(act='none') + other -> relu` of a residual block is one module (the add a binary post-op of the
+    primitive, as inductor's freezing pass would emit, without a compile). The copy is traced with torch.fx
+    (which also drops the per-module Python calls of nested containers); a module fx cannot trace has its
+    children rewritten one by one. `example` (N >= 1, C, H, W) gives the input sizes planned for. CPU float32
+    only: raises ValueError otherwise, and RuntimeError where this PyTorch lacks the ops."""
     if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[0] < 1:
         raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
     if example.device.type != "cpu" or example.dtype != torch.float32:
@@ -569,6 +657,11 @@ def onednn_inference_module(model: nn.Module, example: torch.Tensor, *, iters: i
             h.remove()
     counts = [0, 0]  # convs, residual adds fused
     form = _onednn_rewrite(plain, "", sizes, iters, counts)
+    with torch.inference_mode():
+        form(example)  # the planning forward: each conv times its forms on its real input (_ConvChoice)
+    form = _resolve_choices(form)
+    if isinstance(form, fx.GraphModule):
+        form.recompile()
     logger.info("oneDNN form: %d convs, %d with the residual add fused", *counts)
     return form
 
@@ -580,7 +673,7 @@ def _onednn_rewrite(module: nn.Module, path: str, sizes: dict[str, list[int]], i
     if isinstance(module, FoldedConvAct):
         if path in sizes:
             counts[0] += 1
-            return _faster_conv(module, sizes[path], None, iters)
+            return _ConvChoice(module, sizes[path], None, iters)
         return module
     if not any(isinstance(m, FoldedConvAct) for m in module.modules()):
         return module  # nothing to rewrite: no trace, no GraphModule around a plain layer
@@ -621,7 +714,7 @@ def _onednn_rewrite(module: nn.Module, path: str, sizes: dict[str, list[int]], i
             and _relu_node(relu, gm)
             and isinstance(other := add.args[1] if add.args[0] is node else add.args[0], fx.Node)
         ):
-            gm.add_submodule(new_name, _faster_conv(conv, size, "relu", iters))
+            gm.add_submodule(new_name, _ConvChoice(conv, size, "relu", iters))
             with gm.graph.inserting_before(relu):
                 new = gm.graph.call_module(new_name, (node.args[0], other))
             relu.replace_all_uses_with(new)
@@ -629,7 +722,7 @@ def _onednn_rewrite(module: nn.Module, path: str, sizes: dict[str, list[int]], i
                 gm.graph.erase_node(dead)
             counts[1] += 1
         else:
-            gm.add_submodule(new_name, _faster_conv(conv, size, None, iters))
+            gm.add_submodule(new_name, _ConvChoice(conv, size, None, iters))
             node.target = new_name
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -496,7 +496,8 @@ def test_fastest_inference_module_keeps_the_faster_form_and_the_outputs():
 def test_onednn_form_equals_eval_model_with_residual_adds_fused(size):
     """The oneDNN form of the eager `small` layout (Sequential conv/bn/relu, `act(conv2(conv1(x)) + shortcut)`)
     and of the unified CNN: outputs equal the eval model's at batch 1 and 5 (planned at batch 2), channels_last
-    (8x8) and NCHW (3x3 maps), packed or plain per conv; every block's conv2 + add + relu is one module."""
+    (8x8) and 3x3 maps, each conv in the form it timed fastest (Winograd only where it applies); every block's
+    conv2 + add + relu is one module."""
     from models.cnn import ModelConfig, build_model
     from models.fuse import FoldedConvAct, OneDNNConvAct, onednn_inference_module
 
@@ -507,7 +508,7 @@ def test_onednn_form_equals_eval_model_with_residual_adds_fused(size):
         ops = [m for m in form.modules() if isinstance(m, OneDNNConvAct)]
         assert len(ops) == 9 and not any(isinstance(m, FoldedConvAct | nn.BatchNorm2d) for m in form.modules())
         assert sum(op.residual_act == "relu" for op in ops) == 3, [repr(op) for op in ops]
-        assert all(op.channels_last == (size == 8) for op in ops[:2])  # stem and first block: full-size maps
+        assert all(not op.winograd or (op.shape[-2:] == (3, 3) and op.stride == [1, 1]) for op in ops)
         for batch in (1, 5):
             x = torch.randn(batch, 3, size, size)
             with torch.inference_mode():
@@ -538,10 +539,36 @@ def test_onednn_conv_act_packed_and_plain_equal_the_folded_conv(act, packed):
             OneDNNConvAct(folded, [3, 8, 10, 10], residual_act="relu")
 
 
-@pytest.mark.parametrize("slow", [True, False])
-def test_onednn_packing_is_chosen_by_timing(monkeypatch, slow):
-    """Which way each conv runs is the one that timed faster: slow down the packed calls and every conv is
-    plain; slow down the plain ones and every conv is packed."""
+def test_onednn_winograd_form_equals_the_folded_conv_and_needs_stride_1():
+    """The Winograd way of a stride-1 3x3 conv computes the folded conv + act (and + residual + relu); a strided
+    conv is refused."""
+    from models.fuse import FoldedConvAct, OneDNNConvAct
+
+    torch.manual_seed(0)
+    for m in (2, 4):
+        op = ConvBNAct(8, 16, 3, padding=1, act="none")
+        op(torch.randn(4, 8, 7, 7))
+        folded = FoldedConvAct(op.eval())
+        x, other = torch.randn(3, 8, 7, 7), torch.randn(3, 16, 7, 7)
+        with torch.inference_mode():
+            ref = folded(x.clone())
+            form = OneDNNConvAct(folded, [3, 8, 7, 7], winograd=m)
+            torch.testing.assert_close(form(x), ref, atol=1e-4, rtol=1e-4)
+            res = OneDNNConvAct(folded, [3, 8, 7, 7], residual_act="relu", winograd=m)(x, other)
+            torch.testing.assert_close(res, torch.relu(ref + other), atol=1e-4, rtol=1e-4)
+        assert not form.packed and f"winograd F({m}, 3)" in repr(form)
+    strided = FoldedConvAct(ConvBNAct(8, 16, 3, stride=2, padding=1).eval())
+    with pytest.raises(ValueError, match="winograd needs a stride-1, 3x3"):
+        OneDNNConvAct(strided, [3, 8, 7, 7], winograd=2)
+    with pytest.raises(ValueError, match="winograd must be 0 or one of"):
+        OneDNNConvAct(folded, [3, 8, 7, 7], winograd=3)
+
+
+@pytest.mark.parametrize("fast", ["packed", "nchw", "winograd"])
+def test_onednn_form_is_chosen_by_timing(monkeypatch, fast):
+    """Each conv runs the form that timed fastest on its planning call: make every form but one kind spend 5 ms of
+    CPU time per call and every conv picks that kind (Winograd where it applies, the strided convs fall back to
+    the fastest of the rest). Timed by thread CPU time, so the delay is a busy loop, not a sleep."""
     import time as time_mod
 
     from models import fuse
@@ -549,21 +576,23 @@ def test_onednn_packing_is_chosen_by_timing(monkeypatch, slow):
 
     real = fuse.OneDNNConvAct.forward
 
+    def kind(op) -> str:
+        return "winograd" if op.winograd else "packed" if op.packed else "cl" if op.channels_last else "nchw"
+
     def forward(self, x, other=None):
-        if self.packed == slow:
-            time_mod.sleep(0.02)
+        if kind(self) != fast:
+            end = time_mod.thread_time() + 0.005
+            while time_mod.thread_time() < end:
+                pass
         return real(self, x, other)
 
     monkeypatch.setattr(fuse.OneDNNConvAct, "forward", forward)
     model = build_model(ModelConfig.preset("tiny", in_channels=1)).eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # at load 12 a 2-thread call of these tiny convs took up to 40 ms
-    try:
-        form = fuse.onednn_inference_module(model, torch.randn(1, 1, 8, 8), iters=3)
-    finally:
-        torch.set_num_threads(threads)
+    form = fuse.onednn_inference_module(model, torch.randn(1, 1, 8, 8), iters=1)
     ops = [m for m in form.modules() if isinstance(m, fuse.OneDNNConvAct)]
-    assert ops and all(op.packed != slow for op in ops)
+    fits = [op.shape[-2:] == (3, 3) and op.stride == [1, 1] for op in ops]
+    assert ops and all(kind(op) == fast for op, f in zip(ops, fits) if f or fast != "winograd"), [repr(o) for o in ops]
+    assert any(fits)
 
 
 def test_onednn_form_of_an_untraceable_model_and_bad_input():
@@ -575,7 +604,7 @@ def test_onednn_form_of_an_untraceable_model_and_bad_input():
     model = Untraceable()
     model(torch.randn(4, 3, 8, 8))
     model.eval()
-    form = onednn_inference_module(model, torch.randn(1, 3, 8, 8))
+    form = onednn_inference_module(model, torch.randn(1, 3, 8, 8), iters=1)
     assert sum(isinstance(m, OneDNNConvAct) for m in form.modules()) == 4
     x = torch.randn(3, 3, 8, 8)
     with torch.inference_mode():
