@@ -326,7 +326,9 @@ def _run(cfg: RunConfig, run_uri: str, scratch: Path, prep: Path) -> dict:
             if cfg.keep_serving and "serve" in report:
                 _block_serving(report["serve"]["url"])
         finally:
-            if "serve" in report:  # the app goes with the job (its replicas hold CPUs, its proxy the port)
+            # the app goes with the job (its replicas hold CPUs, its proxy the port); on the embedded cluster it
+            # goes with the cluster, which ray_session then stops (draining replicas first only took time)
+            if "serve" in report and not report["cluster"]["embedded"]:
                 from tandem import pipeline
 
                 pipeline.stop_serving()
@@ -356,15 +358,30 @@ def _after_training(cfg: RunConfig, splits: DataSplits, shared: DataSplits, repo
         if report["tune"]["paths"].get("plot"):
             report["plots"]["pareto_front"] = report["tune"]["paths"]["plot"]
     if "serve" in cfg.steps:
+        from concurrent.futures import ThreadPoolExecutor
+
         from models.preflight import check_artifact_out_of_process
 
-        # loaded as a replica will, in a fresh process, before anything is deployed
-        report["artifact_check"] = check_artifact_out_of_process(storage.download_dir(chosen))
+        # loaded as a replica will, in a fresh process, before anything is deployed; Serve's controller and
+        # ingress start meanwhile (they deploy nothing), so the check's seconds hide Serve's start-up
+        embedded = report["cluster"]["embedded"]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            check = pool.submit(check_artifact_out_of_process, storage.download_dir(chosen))
+            try:
+                pipeline.start_serving(cfg.serve_port, embedded=embedded)
+                report["artifact_check"] = check.result()
+            except BaseException:
+                from ray import serve as ray_serve
+
+                # nothing was deployed: on a cluster, a Serve without apps goes (as after stop_serving)
+                if not embedded and not ray_serve.status().applications:
+                    ray_serve.shutdown()
+                raise
         # replicas ask for a GPU where the artifact runs on one (serve_app.config.default_num_gpus): the INT8 and
         # fp32 artifacts are served on CPU even on a GPU cluster
         # the sweep's serving set where it wrote one: each replica loads the measured form for its hardware
         served = report.get("tune", {}).get("serving") or chosen
-        url = pipeline.serve(served, cfg.serve_port, embedded=report["cluster"]["embedded"])
+        url = pipeline.serve(served, cfg.serve_port, embedded=embedded)
         report["serve"] = {"url": url, **pipeline.served_forms(served)}
         print(f"tandem: serving {served} at {url}")
         if "loadtest" in cfg.steps:

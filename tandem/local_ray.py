@@ -264,7 +264,7 @@ def ray_session(
         try:
             yield {"address": "embedded", "embedded": True, "nodes": 1, "ingress": ingress}
         finally:
-            shutdown_embedded()
+            shutdown_embedded(drain_serve=False)
         return
     from ray.cluster_utils import Cluster
 
@@ -296,7 +296,7 @@ def ray_session(
         ray.init(address=cluster.address, log_to_driver=True)
         yield {"address": cluster.address, "embedded": True, "nodes": nodes, "ingress": ingress}
     finally:
-        shutdown_embedded(cluster)
+        shutdown_embedded(cluster, drain_serve=False)
 
 
 _DASHBOARD_PORT = 8265
@@ -330,13 +330,17 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def shutdown_embedded(cluster=None) -> None:
-    """Stops what an embedded Ray serves: Serve first (its controller stops HAProxy and drains the replicas),
-    then Ray (and `cluster`, a ray.cluster_utils.Cluster of simulated nodes, when given)."""
+def shutdown_embedded(cluster=None, *, drain_serve: bool = True) -> None:
+    """Stops an embedded Ray (and `cluster`, a ray.cluster_utils.Cluster of simulated nodes, when given). With
+    `drain_serve`, Serve is shut down first: its controller lets the replicas answer what they hold (a served app
+    that clients may still be calling, `tandem serve`). Without it the replicas and HAProxy simply die with the
+    cluster (HAProxy by PR_SET_PDEATHSIG, see the launcher): ray_session's callers are done with Serve when they
+    leave the block, and a drain there cost seconds for nothing."""
     from ray import serve
 
-    with contextlib.suppress(Exception):  # no Serve started, or Ray already gone: nothing of Serve to stop
-        serve.shutdown()
+    if drain_serve:
+        with contextlib.suppress(Exception):  # no Serve started, or Ray already gone: nothing of Serve to stop
+            serve.shutdown()
     ray.shutdown()
     if cluster is not None:
         cluster.shutdown()

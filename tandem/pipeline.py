@@ -79,22 +79,30 @@ def trial_outcomes(tune_summary: dict) -> str:
 APP_NAME = "tandem"
 
 
-def serve(artifact: str, port: int, gpus: float | None = None, *, embedded: bool) -> str:
-    """Deploys `artifact` (a storage URI or local path) on Serve on the connected cluster (proxy on the head
-    only); returns the URL. Each replica fetches the artifact from storage onto its own node
-    (serve_app/replica.py), so none reads the head's disk. `gpus`: per replica (None: serve_app's default, a GPU
-    where the cluster has one and the artifact's scheme runs on it). `embedded`: tandem started this Ray itself
-    (tandem.local_ray.ray_session), which keeps HTTP on loopback."""
+def start_serving(port: int, *, embedded: bool) -> str:
+    """Starts Serve's controller and HTTP ingress (on the head only) on the connected cluster, deploying nothing;
+    returns the HTTP host. Loopback on tandem's own Ray (`embedded`); on a cluster it connected to 0.0.0.0, so
+    the head's HAProxy reaches replicas on other nodes, also on nodes that join after this
+    (serve_app/placement.py). Where Serve runs already it is left as it is."""
     from ray import serve as ray_serve
 
-    from serve_app.deploy import DeployConfig, serve_artifact
     from serve_app.placement import http_host
 
-    app: dict = {} if gpus is None else {"num_gpus": gpus}
-    # loopback on tandem's own Ray; on a cluster it connected to 0.0.0.0, so the head's HAProxy reaches replicas
-    # on other nodes, also on nodes that join after this (serve_app/placement.py)
     host = http_host(embedded)
     ray_serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+    return host
+
+
+def serve(artifact: str, port: int, gpus: float | None = None, *, embedded: bool) -> str:
+    """Deploys `artifact` (a storage URI or local path) on Serve on the connected cluster (proxy on the head
+    only, started by `start_serving` unless it runs); returns the URL. Each replica fetches the artifact from
+    storage onto its own node (serve_app/replica.py), so none reads the head's disk. `gpus`: per replica (None:
+    serve_app's default, a GPU where the cluster has one and the artifact's scheme runs on it). `embedded`:
+    tandem started this Ray itself (tandem.local_ray.ray_session), which keeps HTTP on loopback."""
+    from serve_app.deploy import DeployConfig, serve_artifact
+
+    app: dict = {} if gpus is None else {"num_gpus": gpus}
+    host = start_serving(port, embedded=embedded)
     cfg = DeployConfig(host=host, port=port, address="auto", app_name=APP_NAME, app=app)
     print(f"tandem: HTTP ingress on the head at {host}:{port}; replicas listen on {host} of their nodes")
     return serve_artifact(artifact, cfg)
