@@ -1,5 +1,7 @@
 """`ray job submit -- tandem train ...` against a head this test starts (`ray start --head`, token auth on as Ray
-2.60 enables it by default), then stops: only the processes of this head, found by its temp dir, by PID."""
+2.60 enables it by default), then stops: only the processes of this head, found by its temp dir, by PID. The head
+is on loopback (127.0.0.2: no other machine can join it), so the jobs' Serve apps listen on loopback only
+(serve_app.placement.host_for_cluster), not on every interface of the machine."""
 
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ def head():
         str(BIN / "ray"),
         "start",
         "--head",
+        # loopback, but not 127.0.0.1: Ray replaces 127.0.0.1 and localhost with the machine's address
+        # (ray._private.services.resolve_ip_for_localhost), which would put the jobs' Serve apps on 0.0.0.0
+        "--node-ip-address=127.0.0.2",
         f"--port={gcs}",
         f"--dashboard-port={dash}",
         "--dashboard-host=127.0.0.1",
@@ -107,6 +112,18 @@ def _submit(head: dict, *entrypoint: str, timeout: float) -> subprocess.Complete
         time.sleep(3)
 
 
+def _listening(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on `port` (IPv4 and IPv6, from /proc/net)."""
+    addrs = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                addrs.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(host)[::-1]) if len(host) == 8 else host)
+    return addrs
+
+
 def _serve_logs(head: dict) -> str:
     """The tail of the head's Serve controller and replica logs (why an app did not come up)."""
     logs = sorted((head["base"] / "ray").glob("session_*/logs/serve/*.log"))
@@ -135,6 +152,7 @@ def test_job_submit_tandem_run_twice(head, tmp_path):
         text = out.stdout + out.stderr
         assert out.returncode == 0 and "succeeded" in text, f"job {i + 1}: " + text[-3000:]
         assert "load test at" in text and "tandem: Serve app 'tandem' deleted" in text
+        assert "tandem: HTTP ingress on the head at 127.0.0.1:" in text  # the head is on loopback
         assert "tandem:" not in _serve_apps(head).split("applications:", 1)[-1]
     runs = sorted(store.iterdir())
     assert len(runs) == 2 and all((r / "report.json").exists() for r in runs)
@@ -198,6 +216,7 @@ def test_job_submit_tandem_serve(head, tmp_path):
     assert f"serving {artifact}" in text
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10) as r:
         assert r.status == 200
+    assert _listening(port) == {"127.0.0.1"}  # a head on loopback: the app is not reachable from other machines
 
 
 def test_job_submit_without_token_is_refused(head):
