@@ -148,3 +148,26 @@ def test_image_folder_on_s3(ray_local, tmp_path, monkeypatch):
         assert not (tmp_path / "w" / "input").exists()
         # Ray Data's workers reach the same server through the filesystem object (its endpoint travels with it)
         _check_image_stream(splits, build_eval_stream(splits.train))
+
+
+@pytest.mark.timeout(180)
+def test_small_parquet_on_s3_is_decoded_from_the_bucket(ray_local, tmp_path, monkeypatch):
+    """A run's training split on an object store (its layout: a directory of parquet files) is read from the bucket
+    by the driver's one read, as a cluster run that shares only the bucket does."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from models import storage
+    from models.data import parquet_files
+    from tests._moto import moto_server
+
+    splits = prepare_data(DataConfig(), tmp_path)
+    with moto_server() as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        for f in parquet_files(splits.train.path):
+            storage.upload_file(f, f"s3://tandem-ci/run/data/train/{Path(f).name}")
+        info = replace(splits.train, path="s3://tandem-ci/run/data/train")
+        ds = build_stream(info, StreamConfig(weighted=False, global_shuffle=False), None)
+        ids = sorted(int(r["sample_id"]) for r in ds.take_all())
+    assert "Read" not in ds.stats() and ids == sorted(read_sample_ids(splits.train).tolist())
