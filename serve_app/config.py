@@ -37,10 +37,12 @@ class ModelUserConfig:
     replica's bandit starts from instead of empty tables; it keeps learning online. Its SLO must be this
     config's (its rewards counted misses against it)."""
     update_grace_s: float = 2.0
-    """Seconds after this config is applied during which admission control refuses nothing (Serve's
-    max_ongoing_requests still bounds the replica). While Serve reconfigures a replica it routes nothing to it,
-    so the requests that arrived meanwhile reach it at once; refusing that backlog (max_queue_len, a predicted
-    latency over the SLO) would turn a planned update into errors."""
+    """Seconds after this config is swapped in during which admission control refuses nothing (Serve's
+    max_ongoing_requests still bounds the replica). The replica serves on while an update loads and swaps the
+    new model and controller in between batches (ModelServer.reconfigure), but the new controller's service-time
+    fit comes from the warm-up alone and its admission calibration starts from scratch, and the load's thread
+    competed with the serving loop for the cores: refusing on those predictions, or a backlog the load left
+    (max_queue_len, a predicted latency over the SLO), would turn a planned update into errors."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.admission, bool):

@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve_app.config import AppConfig, ModelUserConfig, default_num_gpus
 from serve_app.loadgen import LoadConfig, LoadReport, check_loopback, plot, run_load
+
+if TYPE_CHECKING:
+    from ray.serve.schema import DeploymentDetails
 
 IMPORT_PATH = "serve_app.app:build_app"
 DEPLOY_TIMEOUT_S = 300
@@ -266,9 +270,7 @@ def roll_out(path: str, cfg: DeployConfig, user_configs: dict[str, dict[str, Any
             wait_reconfigured(cfg, name, None, timeout_s)
         update_user_configs(path, cfg, user_configs, options=lifted)
         grace = max(ModelUserConfig.from_dict(user_configs[n]).update_grace_s for n in models)
-        for name in models:
-            wait_reconfigured(cfg, name, user_configs[name], timeout_s)
-        _wait_served(cfg, models, user_configs)
+        _wait_served(cfg, models, user_configs)  # every replica RUNNING with the update swapped in
         time.sleep(grace)
     finally:  # the bound back even when the update failed (no replica touched)
         update_user_configs(path, cfg, {})
@@ -278,10 +280,8 @@ def _wait_served(cfg: DeployConfig, models: list[str], user_configs: dict[str, d
     """Until every replica of `models` serves its new user_config: a replica's reconfigure returns at once and
     swaps the new model in when it is loaded and warmed up (ModelServer.reconfigure; serve_app/served.py), which
     may take as long as a first deploy's load."""
-    from serve_app.served import wait_served
-
     for name in models:
-        wait_served(_ensure_serve(cfg), cfg.app_name, name, user_configs[name], DEPLOY_TIMEOUT_S)
+        wait_served(cfg, name, user_configs[name], DEPLOY_TIMEOUT_S)
 
 
 def _bounded(cfg: DeployConfig, deployments: list[str]) -> bool:
@@ -298,29 +298,98 @@ def _bounded(cfg: DeployConfig, deployments: list[str]) -> bool:
     )
 
 
-def wait_reconfigured(
-    cfg: DeployConfig, deployment: str, user_config: dict[str, Any] | None, timeout_s: float = 60.0
+def wait_deployment(
+    cfg: DeployConfig,
+    deployment: str,
+    pending: Callable[[DeploymentDetails | None], str | None],
+    timeout_s: float,
+    period_s: float = 0.2,
 ) -> None:
-    """Waits until the controller targets `user_config` (None: whatever it targets now) for `deployment` and
-    every replica of it is RUNNING again (reconfigured) with the deployment HEALTHY."""
+    """Polls Serve's details of `deployment` (None while the app or the deployment is not there) until
+    `pending(details)` returns None; what it returns otherwise (what is still awaited) goes into the TimeoutError
+    raised after `timeout_s`. `pending` may raise to stop waiting."""
     from ray.serve.schema import ServeInstanceDetails
 
     client = _ensure_serve(cfg)
     deadline = time.monotonic() + timeout_s
     while True:
         app = ServeInstanceDetails(**client.get_serve_details()).applications.get(cfg.app_name)
-        d = app.deployments.get(deployment) if app is not None else None
+        missing = pending(app.deployments.get(deployment) if app is not None else None)
+        if missing is None:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{deployment} after {timeout_s:.0f} s: {missing}")
+        time.sleep(period_s)
+
+
+def wait_reconfigured(
+    cfg: DeployConfig, deployment: str, user_config: dict[str, Any] | None, timeout_s: float = 60.0
+) -> None:
+    """Waits until the controller targets `user_config` (None: whatever it targets now) for `deployment` and
+    every replica of it is RUNNING again (reconfigured) with the deployment HEALTHY."""
+
+    def pending(d: DeploymentDetails | None) -> str | None:
         if (
             d is not None
             and (user_config is None or d.deployment_config.user_config == user_config)
             and d.status == "HEALTHY"
             and all(r.state == "RUNNING" for r in d.replicas)
         ):
-            return
-        if time.monotonic() > deadline:
-            state = None if d is None else (d.status, [r.state for r in d.replicas])
-            raise TimeoutError(f"{deployment} not reconfigured after {timeout_s:.0f} s: {state}")
-        time.sleep(0.1)
+            return None
+        return f"not reconfigured: {None if d is None else (d.status, [r.state for r in d.replicas])}"
+
+    wait_deployment(cfg, deployment, pending, timeout_s, period_s=0.1)
+
+
+def wait_served(
+    cfg: DeployConfig, deployment: str, user_config: dict[str, Any], timeout_s: float = 300.0, recheck_s: float = 5.0
+) -> None:
+    """Waits until every replica of `deployment` is RUNNING and serves `user_config` (swapped in, as its record
+    in serve_app/served.py says); RuntimeError at once when a replica reports it could not swap it in (it serves
+    its previous model), TimeoutError after `timeout_s`.
+
+    Between two looks at the controller (at most every `recheck_s`, to see replicas come and go), only the
+    replicas' own records are read, one small GCS read each per 0.2 s: Serve's details of the whole instance (the
+    controller reads its config checkpoint from the GCS and builds them, the caller parses them) asked for 5
+    times a second while the update loaded were a second load beside the replica it updates, whose admission
+    control then refused some requests (8, 4 and 0 of 2676 at 0.66x capacity in bench/serving.py's roll_out
+    runs; 0 in the plain re-applies, which do not wait)."""
+    from serve_app.served import normalize, read
+
+    target = normalize(user_config)
+    deadline = time.monotonic() + timeout_s
+
+    def swapped_of(ids: list[str]) -> list[str]:
+        recs = {rid: read(cfg.app_name, deployment, rid) for rid in ids}
+        for rid, rec in recs.items():
+            if rec is not None and rec["user_config"] == target and rec["error"] is not None:
+                raise RuntimeError(
+                    f"{deployment} replica {rid} could not swap in {target['artifact']} (it serves its previous"
+                    f" model): {rec['error']}"
+                )
+        return [rid for rid, rec in recs.items() if rec is not None and rec["user_config"] == target]
+
+    def pending(d: DeploymentDetails | None) -> str | None:
+        # a replica on its way out (scale-down, replacement) serves nothing new; none at all (autoscaled to zero)
+        # means the next one starts with the target
+        replicas = [r for r in d.replicas if r.state != "STOPPING"] if d is not None else []
+        if d is not None and not replicas and d.status == "HEALTHY":
+            return None
+        ids = [r.replica_id for r in replicas]
+        swapped = swapped_of(ids)
+        until = min(deadline, time.monotonic() + recheck_s)
+        while len(swapped) < len(ids) and time.monotonic() < until:
+            time.sleep(0.2)
+            swapped = swapped_of(ids)
+        # RUNNING when the controller was asked, swapped since: a background swap keeps the replica RUNNING
+        if ids and len(swapped) == len(ids) and all(r.state == "RUNNING" for r in replicas):
+            return None
+        what = f"{target['artifact']} (version {target['version']})"
+        return (
+            f"{what} not served on every replica: swapped {swapped} of { ({r.replica_id: r.state for r in replicas}) }"
+        )
+
+    wait_deployment(cfg, deployment, pending, timeout_s)
 
 
 def current_user_configs(client, app_name: str) -> dict[str, dict[str, Any]]:

@@ -4,14 +4,15 @@ A replica's first load of an fp32 artifact times its inference forms (models.fus
 compiled, oneDNN; 25-60 s on 2 loaded cores, most of it compiling forms that lose). The choice depends on the
 machine and the model's shapes, not its weights, so the next replica of that shape on the same node (a restart, a
 redeploy with other args, a second app, a scale-up) builds the chosen form at once. Kept in the cluster's GCS
-key-value store under the node's id, so it lasts as long as the cluster and never crosses machines.
+key-value store (serve_app/records.py) under the node's id, so it lasts as long as the cluster and never crosses
+machines.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-NAMESPACE = "tandem_serve"
+from serve_app import records
 
 
 def _key(shape_key: tuple, threads: int) -> str:
@@ -26,13 +27,8 @@ def _key(shape_key: tuple, threads: int) -> str:
 def recall(shape_key: tuple, threads: int) -> str | None:
     """The form's class name chosen on this node for `shape_key` (serve_app.replica._form_key) at `threads` torch
     threads, None when none was."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    raw = _internal_kv_get(_key(shape_key, threads), namespace=NAMESPACE)
-    return None if raw is None else raw.decode()
+    return records.get(_key(shape_key, threads))
 
 
 def remember(shape_key: tuple, threads: int, form: str) -> None:
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    _internal_kv_put(_key(shape_key, threads), form, overwrite=True, namespace=NAMESPACE)
+    records.put(_key(shape_key, threads), form)

@@ -5,11 +5,9 @@ come in through `reconfigure` (the deployment's user_config), loaded off the eve
 swapped in when ready; each replica records what it serves (serve_app.served)."""
 
 import asyncio
-import functools
 import json
 import logging
 import os
-import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -36,29 +34,15 @@ from serve_app.served import publish, split_load_delay
 
 logger = logging.getLogger("ray.serve")
 
-_MODEL_LOCK = threading.RLock()
-"""Held by every forward pass of the serving model and by every torch.fx trace in this process: fx's tracer patches
-nn.Module.__call__ and __getattr__ process-wide while it traces, so a model the serving loop runs meanwhile went
-through the tracer and failed ("module is not installed as a submodule": 500s right after a hot update began, while
-the loader thread traced the new oneDNN form; 2668 failed calls of 2675 in a two-thread check). Re-entrant: a
-forward that compiles (a new batch shape) traces inside it."""
 
+def _logits(model, x: np.ndarray) -> np.ndarray:
+    """The model's float32 logits (N, K) for images `x` (N, C, H, W): the one call the serving forward and the
+    warm-up both make, so that the warm-up compiles exactly the graphs serving runs (an inference tensor made
+    from numpy under inference_mode)."""
+    import torch
 
-def _serialize_fx_traces() -> None:
-    """Makes torch.fx.Tracer.trace take _MODEL_LOCK (once per process)."""
-    import torch.fx
-
-    trace = torch.fx.Tracer.trace
-    if getattr(trace, "_tandem_locked", False):
-        return
-
-    @functools.wraps(trace)
-    def locked(self, *args, **kwargs):
-        with _MODEL_LOCK:
-            return trace(self, *args, **kwargs)
-
-    locked._tandem_locked = True
-    torch.fx.Tracer.trace = locked
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).float().numpy()
 
 
 @dataclass(slots=True)
@@ -162,8 +146,13 @@ class ModelServer:
 
         self.cfg = AppConfig.from_dict(app)
         self.deployment = deployment
+        from models.fuse import FX_TRACE_LOCK
+
         torch.set_num_threads(self.cfg.torch_threads)
-        _serialize_fx_traces()  # a hot update's load traces beside the serving loop (_MODEL_LOCK)
+        # Taken by every forward of the serving model: a hot update's load traces the new model with torch.fx
+        # beside the serving loop, and fx patches nn.Module.__call__ process-wide while it traces (models.fuse).
+        # Re-entrant: a forward that compiles (a new batch shape) may trace inside it.
+        self._model_lock = FX_TRACE_LOCK
         self.metrics = ServeMetrics(deployment, self.cfg.name)
         self.stats = InferStats()
         self.model = None
@@ -271,6 +260,20 @@ class ModelServer:
         if ctx is not None:
             publish(ctx.app_name, ctx.deployment, ctx.replica_id.unique_id, user, error)
 
+    def __del__(self) -> None:
+        """Deletes this replica's record (serve_app.served) when Serve stops it (scale-down, replacement, its app
+        deleted, Serve shut down: Serve calls `__del__` then) or it is garbage-collected, once."""
+        if not getattr(self, "_in_replica", False) or getattr(self, "_forgotten", False):
+            return
+        self._forgotten = True
+        from ray.serve.context import _get_internal_replica_context
+
+        from serve_app.served import forget
+
+        ctx = _get_internal_replica_context()
+        if ctx is not None:
+            forget(ctx.app_name, ctx.deployment, ctx.replica_id.unique_id)
+
     def _prepare(self, user: ModelUserConfig, new_model: bool, delay_s: float = 0.0) -> "_Prepared":
         """The model, manifest, version and warmed-up controller for `user`; runs off the event loop.
         `delay_s`: the test hook's sleep (serve_app.served.LOAD_DELAY_KEY), a load made slow on purpose."""
@@ -334,20 +337,24 @@ class ModelServer:
     def _warm_up(self, model, input_shape: tuple[int, ...], ctl: Controller, rounds: int = 3) -> bool:
         """Runs the model on every power-of-two batch size up to the cap, `rounds` times, and seeds the new
         controller's service-time fit with all but the first round: the first calls after a load are slow
-        (allocation, lazy init), and admission control predicting from them alone would refuse everything."""
+        (allocation, lazy init), and admission control predicting from them alone would refuse everything.
+        Runs what serving runs (`_logits` on float32 numpy images) with this thread's torch threads set as the
+        serving thread's: a compiled graph is guarded on its input's kind and on the thread's state, and a
+        warm-up that differed (normal tensors from torch.rand) left an INT8 replica to recompile in its first
+        request (1.6 s against 8-11 ms after it)."""
         import torch
 
+        torch.set_num_threads(self.cfg.torch_threads)  # per thread (OpenMP): this one is a loader thread
         cap = ctl.config.max_batch_size
         sizes = sorted({min(2**i, cap) for i in range(cap.bit_length() + 1)})
-        x = torch.rand(cap, *input_shape, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            for r in range(rounds):
-                for b in sizes:
-                    t0 = self._clock()
-                    out = model(x[:b])
-                    if r:
-                        ctl.observe_batch(b, self._clock() - t0)
-        return bool(torch.isfinite(out).all())
+        x = np.random.default_rng(0).random((cap, *input_shape), dtype=np.float32)  # (cap, C, H, W) in [0, 1)
+        for r in range(rounds):
+            for b in sizes:
+                t0 = self._clock()
+                out = _logits(model, x[:b])
+                if r:
+                    ctl.observe_batch(b, self._clock() - t0)
+        return bool(np.isfinite(out).all())
 
     @property
     def ctl(self) -> Controller:
@@ -453,9 +460,9 @@ class ModelServer:
 
         model, version = self.model, self.version  # one model per batch, even across a hot update
         sizes = [len(x) for x in xs]
-        with torch.inference_mode(), _MODEL_LOCK:
-            logits = model(torch.from_numpy(np.concatenate(xs)))  # (sum N, K)
-            probs = torch.softmax(logits.float(), dim=1).numpy()
+        with self._model_lock:
+            logits = _logits(model, np.concatenate(xs))  # (sum N, K)
+        probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
         return [(p, version) for p in np.split(probs, np.cumsum(sizes)[:-1])]
 
     # -- routes' logic (plain data in and out)

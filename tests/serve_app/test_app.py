@@ -467,23 +467,34 @@ def test_a_hot_update_returns_at_once_and_the_old_model_serves_until_the_swap(
 
 def test_fx_traces_in_another_thread_never_break_a_forward(ray_local, outside_serve):
     """torch.fx patches nn.Module.__call__ process-wide while it traces (a hot update's loader thread traces the
-    oneDNN form while the old model serves): the replica's forward passes and every trace take one lock, so no
-    forward goes through the tracer (without it: NameError "module is not installed as a submodule", a 500)."""
-    import torch.fx
-
+    oneDNN form while the old model serves): the replica's forward passes and models.fuse's traces take one lock
+    (models.fuse.FX_TRACE_LOCK), so no forward goes through the tracer (without it: NameError "module is not
+    installed as a submodule", a 500)."""
     from models.cnn import ModelConfig, build_model
+    from models.fuse import find_chains
     from serve_app.replica import ModelServer
 
     srv = ModelServer(AppConfig(artifact="/a").to_dict())
     srv.model, srv.version = build_model(ModelConfig.preset("tiny", in_channels=1, num_classes=10)).eval(), "v"
-    # fx-traceable, and long enough to trace (~20 ms) that the GIL passes to the forwards mid-trace: without the
-    # lock every forward failed (300 of 300)
-    other = torch.nn.Sequential(*[torch.nn.ReLU() for _ in range(300)])
+
+    class Deep(torch.nn.Module):  # fx-traceable (not a plain Sequential, which find_chains reads without tracing)
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.ReLU() for _ in range(300))
+
+        def forward(self, x):
+            for m in self.layers:
+                x = m(x)
+            return x
+
+    # long enough to trace (~20 ms per trace, three per find_chains) that the GIL passes to the forwards
+    # mid-trace: without the lock every forward failed (300 of 300)
+    other = Deep()
     stop, traced, outs = threading.Event(), [], []
 
     def trace() -> None:
         while not stop.is_set():
-            traced.append(torch.fx.symbolic_trace(other))
+            traced.append(find_chains(other))
             time.sleep(0.001)  # lets the forwards in between traces
 
     tracer = threading.Thread(target=trace)
