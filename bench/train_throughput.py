@@ -25,7 +25,8 @@ sit beside it under `whole_model_cases`:
                                         (the lean figure beside it: compiled_unified_lean_vs_...)    goal >= 1.0
   whole_model_infer_ratio               eval forward latency at batch 1 and 32, the served form
                                         models.fuse.fastest_inference_module (BN folded; eager, compiled
-                                        by inductor, or one fused oneDNN primitive per conv+act(+add),
+                                        by inductor, or the oneDNN form: per conv+act(+add) a fused
+                                        oneDNN primitive, F.conv2d or Winograd, chosen by timing,
                                         whichever timed fastest) / eager NCHW eval                   goal <= 0.82
                                         (infer_form says which, infer_compile_s the compile seconds;
                                         with --no-compile the uncompiled form stands in)

@@ -301,7 +301,8 @@ def fastest_inference_module(
 ) -> tuple[nn.Module, dict[str, float]]:
     """The fastest of `model`'s inference forms on this machine and input shape: `inference_module(model)`
     (BN folded, eager), the same copy compiled (`CompiledInference`), or the oneDNN form (`OneDNNInference`:
-    one fused oneDNN primitive per conv + act (+ residual add), planned per batch size). None wins everywhere:
+    per conv + act (+ residual add) a fused oneDNN primitive, F.conv2d or Winograd, whichever timed fastest,
+    planned per batch size). None wins everywhere:
     compiled measured 0.81 of eager NCHW on `small` 8x8 but 1.83 on resnet18 8x8, whose 1x1 late maps inductor
     handles badly (bench/results/train_throughput.json), so the form is chosen by timing them all, as the
     measurements say. Serve's fp32 replicas and the sweep's latency (models.quantize.compiled_for_inference)
