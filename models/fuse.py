@@ -582,22 +582,24 @@ class _ConvChoice(nn.Module):
         self.forms = nn.ModuleList(forms)
         self.iters = iters
         self.chosen: OneDNNConvAct | None = None
-        self._flush = torch.empty(_FLUSH_BYTES // 4)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         if self.chosen is None:
-            times: list[list[float]] = [[] for _ in self.forms]
+            flush = torch.empty(_FLUSH_BYTES // 4)
+            times: dict[int, list[float]] = {j: [] for j in range(len(self.forms))}
             for i in range(self.iters + 1):
-                for j, f in enumerate(self.forms):
+                for j in list(times):
                     o = None if other is None else other.clone()  # a binary post-op may write into it
-                    self._flush.fill_(float(i))
+                    flush.fill_(float(i))
                     t0 = time.thread_time()
-                    f(x, o)
+                    self.forms[j](x, o)
                     if i:
                         times[j].append(time.thread_time() - t0)
-            medians = [sorted(t)[len(t) // 2] for t in times]
-            self.chosen = self.forms[medians.index(min(medians))]
-        del self._flush
+                if i == 1:  # forms 1.5x slower than the best on their first timed call are out: half the planning
+                    best = min(t[0] for t in times.values())
+                    times = {j: t for j, t in times.items() if t[0] <= 1.5 * best}
+            medians = {j: sorted(t)[len(t) // 2] for j, t in times.items()}
+            self.chosen = self.forms[min(medians, key=medians.__getitem__)]
         return self.chosen(x, other)
 
 
@@ -639,6 +641,8 @@ def onednn_inference_module(model: nn.Module, example: torch.Tensor, *, iters: i
         raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
     if example.device.type != "cpu" or example.dtype != torch.float32:
         raise ValueError(f"example must be a CPU float32 tensor, got {example.device} {example.dtype}")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
     if not onednn_available():
         raise RuntimeError("this PyTorch build has no oneDNN fused conv ops (torch.ops.mkldnn._convolution_pointwise)")
     plain = inference_module(model)

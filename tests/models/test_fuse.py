@@ -618,5 +618,7 @@ def test_onednn_form_of_an_untraceable_model_and_bad_input():
         onednn_inference_module(model, torch.randn(3, 8, 8))
     with pytest.raises(ValueError, match="CPU float32"):
         onednn_inference_module(model, torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="iters must be a positive int"):
+        onednn_inference_module(model, torch.randn(1, 3, 8, 8), iters=0)
     with pytest.raises(ValueError, match="batch_sizes must be positive ints"):
         OneDNNInference(model, x, (0,))
