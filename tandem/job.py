@@ -326,9 +326,10 @@ def _run(cfg: RunConfig, run_uri: str, scratch: Path, prep: Path) -> dict:
             if cfg.keep_serving and "serve" in report:
                 _block_serving(report["serve"]["url"])
         finally:
-            # the app goes with the job (its replicas hold CPUs, its proxy the port); on the embedded cluster it
-            # goes with the cluster, which ray_session then stops (draining replicas first only took time)
-            if "serve" in report and not report["cluster"]["embedded"]:
+            # the app goes with the job (its replicas hold CPUs, its proxy the port). On the embedded cluster it
+            # goes with the cluster, which ray_session then stops: after the job's own load test nothing is in
+            # flight, and draining the replicas first only took time (~5 s); a kept app's clients may still call
+            if "serve" in report and (not report["cluster"]["embedded"] or cfg.keep_serving):
                 from tandem import pipeline
 
                 pipeline.stop_serving()
