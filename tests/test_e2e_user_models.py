@@ -12,6 +12,7 @@ MobileNetV2 takes a shorter path to training: one simulated node and one Ray Tra
 distributed one, 2 workers on 2 simulated nodes); every step after training is the same for both."""
 
 import json
+import time
 import urllib.request
 
 import numpy as np
@@ -29,7 +30,10 @@ from tune.space import SearchSpace
 from tune.sweep import SweepConfig
 
 SHAPE = (3, 16, 16)
-
+SINGLES = 6
+"""Single-image /predict requests sent one after another right after the deploy, before the 20-row one."""
+FIRST_SLACK, FIRST_MARGIN_S = 5.0, 0.5
+"""The first of them may take FIRST_SLACK times the median of the others plus FIRST_MARGIN_S (see the test)."""
 
 
 def _user_parquet(path, n: int, seed: int) -> np.ndarray:
@@ -46,18 +50,26 @@ def _user_parquet(path, n: int, seed: int) -> np.ndarray:
     "fn, args, cluster",
     [("resnet18", {"width": 16}, []), ("mobilenet_v2", {"width_mult": 0.5}, ["--nodes", "1", "--workers", "1"])],
 )
-def test_user_model_run_through_serving(fn, args, cluster, tmp_path, _ray_clusters, monkeypatch):
+def test_user_model_run_through_serving(fn, args, cluster, tmp_path, _ray_clusters, monkeypatch, record_property):
     _ray_clusters.shutdown()  # the job starts its own embedded cluster
     x = _user_parquet(tmp_path / "d.parquet", 128, seed=5)
     rows = x[:20]  # padded to the INT8 bucket 32, compiled when the replica loaded the artifact (docstring)
     served: dict = {}
+    singles: list[float] = []  # seconds per single-image request, in order
     loadtest = pipeline.loadtest
 
-    def predict_then_loadtest(url, *args, **kwargs):  # the app lives only while the job runs: ask it here
-        body = json.dumps({"instances": rows.tolist()}).encode()
+    def post(url: str, x: np.ndarray) -> dict:
+        body = json.dumps({"instances": x.tolist()}).encode()
         req = urllib.request.Request(f"{url}/predict", data=body, headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
-            served.update(json.loads(r.read()))
+            return json.loads(r.read())
+
+    def predict_then_loadtest(url, *args, **kwargs):  # the app lives only while the job runs: ask it here
+        for i in range(SINGLES):  # single images first, one at a time: the first is the replica's first request
+            t0 = time.perf_counter()
+            post(url, rows[i : i + 1])
+            singles.append(time.perf_counter() - t0)
+        served.update(post(url, rows))
         return loadtest(url, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "loadtest", predict_then_loadtest)
@@ -105,6 +117,14 @@ def test_user_model_run_through_serving(fn, args, cluster, tmp_path, _ray_cluste
     assert served["classes"] == logits.argmax(1).tolist(), (served, manifest["quantization"], manifest["pruning"])
     probs = torch.softmax(logits.float(), 1).numpy()
     np.testing.assert_allclose(np.asarray(served["probabilities"]), probs, atol=2e-2)
+    # The replica is warm when it reports ready: its first request is no slower than the ones after it, give or
+    # take a loaded machine. Its INT8 graphs warmed up on other tensors than it served (normal vs inference
+    # tensors: a dynamo recompile) made the first request take ~1.6 s against 8-11 ms after it (quiet machine).
+    # Measured with the fix (first / median of the next 5): 18 / 6 ms and 468 / 21 ms (load 12-25) for
+    # resnet18, 47 / 32 ms for mobilenet; the bound leaves room for the second, not for the cold path.
+    record_property("single_image_latencies_s", singles)  # in the junit XML (--junitxml), for choosing the bound
+    first, rest = singles[0], float(np.median(singles[1:]))
+    assert first <= FIRST_SLACK * rest + FIRST_MARGIN_S, singles
     # load-tested: every request answered or refused by admission control, none failed. How many make the SLO
     # depends on the machine (a 2-core runner under other load timed all out in 2 s), so it is not asserted here
     lt = report["loadtest"]
