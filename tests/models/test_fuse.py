@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -539,6 +540,36 @@ def test_onednn_conv_act_packed_and_plain_equal_the_folded_conv(act, packed):
             OneDNNConvAct(folded, [3, 8, 10, 10], residual_act="relu")
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_onednn_form_of_the_tests_resnet18_equals_the_eval_model():
+    """The oneDNN form (each conv in the form it timed fastest, Winograd among them) of the tests' torchvision-named
+    resnet18 (narrowed to width 16 for time) keeps the eval model's logits at the planned batch and another."""
+    from tv_models import resnet18
+
+    from models.fuse import OneDNNConvAct, OneDNNInference
+
+    torch.manual_seed(0)
+    model = resnet18(width=16)
+    model(torch.randn(8, 3, 16, 16))  # running statistics
+    model.eval()
+    with _one_torch_thread():  # tiny convs: 2 OpenMP threads on a loaded machine took 10x longer
+        form = OneDNNInference(model, torch.randn(1, 3, 16, 16), (1, 4), iters=1)
+        assert sum(isinstance(m, OneDNNConvAct) for m in form.plan_for(4).modules()) == 20
+        for batch in (1, 4, 6):
+            x = torch.randn(batch, 3, 16, 16)
+            with torch.inference_mode():
+                torch.testing.assert_close(form(x), model(x), atol=1e-4, rtol=1e-3)
+
+
 def test_onednn_winograd_form_equals_the_folded_conv_and_needs_stride_1():
     """The Winograd way of a stride-1 3x3 conv computes the folded conv + act (and + residual + relu); a strided
     conv is refused."""
@@ -588,7 +619,8 @@ def test_onednn_form_is_chosen_by_timing(monkeypatch, fast):
 
     monkeypatch.setattr(fuse.OneDNNConvAct, "forward", forward)
     model = build_model(ModelConfig.preset("tiny", in_channels=1)).eval()
-    form = fuse.onednn_inference_module(model, torch.randn(1, 1, 8, 8), iters=1)
+    with _one_torch_thread():  # at load 12 a 2-thread call of these tiny convs took up to 40 ms
+        form = fuse.onednn_inference_module(model, torch.randn(1, 1, 8, 8), iters=1)
     ops = [m for m in form.modules() if isinstance(m, fuse.OneDNNConvAct)]
     fits = [op.shape[-2:] == (3, 3) and op.stride == [1, 1] for op in ops]
     assert ops and all(kind(op) == fast for op, f in zip(ops, fits) if f or fast != "winograd"), [repr(o) for o in ops]
