@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,45 @@ def test_sweep_asks_for_gpus_per_trial():
     assert SweepConfig().trial_resources() == {"cpu": 1}
     with pytest.raises(ValueError, match="gpus_per_trial must be a number >= 0"):
         SweepConfig(gpus_per_trial=-1)
+
+
+@pytest.mark.parametrize(
+    "resources, want", [({"CPU": 8.0, "GPU": 2.0}, 1.0), ({"CPU": 8.0}, 0.0), ({"CPU": 8.0, "GPU": 0.0}, 0.0)]
+)
+def test_run_defaults_to_one_gpu_per_worker_and_trial_where_the_cluster_has_gpus(monkeypatch, resources, want):
+    """`tandem run` without --gpus-per-worker: each Train worker and Tune trial asks for 1 GPU on a cluster with
+    GPUs and none on a CPU cluster (job._gpus reads ray.cluster_resources once connected); a given value stays.
+    No Ray starts: the cluster's resources are made up, and the sweep stops where it would start Tune."""
+    from types import SimpleNamespace
+
+    import ray
+
+    import tune.sweep
+    from tandem import pipeline
+    from tandem.cli import build_parser, run_config
+    from tandem.job import _gpus
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    cfg = _gpus(run_config(build_parser().parse_args(["run", "--smoke", "--address", "auto"])))
+    assert cfg.gpus_per_worker == want
+    dist = cfg.train_job().dist
+    assert dist.use_gpu is (want > 0) and dist.worker_resources_request().get("GPU", 0.0) == want
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def run_sweep(scfg):
+        seen["cfg"] = scfg
+        raise Started
+
+    monkeypatch.setattr(tune.sweep, "run_sweep", run_sweep)
+    split = SimpleNamespace(path="s3://b/r/data/train")
+    shared = SimpleNamespace(train=split, test=split, image_shape=(1, 8, 8))
+    with pytest.raises(Started):
+        pipeline.sweep("s3://b/r/artifacts/trained", cfg, shared, Path("unused"), "s3://b/r/tune")
+    assert seen["cfg"].trial_resources().get("gpu", 0) == want
+    # an explicit --gpus-per-worker is kept whatever the cluster has
+    for given in (0.0, 0.5):
+        assert _gpus(RunConfig(gpus_per_worker=given)).gpus_per_worker == given
