@@ -1,6 +1,8 @@
 """cluster.yaml and cluster-local.yaml pass Ray's own schema validation; broken copies do not."""
 
 import copy
+import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -58,12 +60,46 @@ def test_every_node_installs_tandem_and_starts_with_haproxy(name):
         assert start and all("RAY_SERVE_ENABLE_HA_PROXY=1" in c for c in start), (key, start)
 
 
+def _submit_lines(text: str) -> dict[str, list[str]]:
+    """The header's `ray job submit` lines as argv (shlex), by the tandem step each submits."""
+    lines = [ln.lstrip("#").strip() for ln in text.splitlines() if ln.startswith("#")]
+    argvs = [shlex.split(ln) for ln in lines if ln.startswith("ray job submit")]
+    return {argv[argv.index("--") + 2]: argv for argv in argvs}
+
+
+def _submit_problems(argv: list[str]) -> list[str]:
+    """What a header's submit line lacks: the working dir shipped without the venv and the local runs (each a
+    large upload, and runs/ of an earlier job would ship inside the next), a cluster address, shared storage."""
+    problems = []
+    job = argv[argv.index("--") + 1 :] if "--" in argv else []
+    if "--working-dir" not in argv or "--runtime-env-json" not in argv:
+        return ["--working-dir / --runtime-env-json"]
+    excludes = json.loads(argv[argv.index("--runtime-env-json") + 1]).get("excludes", [])
+    problems += [f"excludes {x}" for x in (".venv", "runs") if x not in excludes]
+    if job[:1] != ["tandem"] or "--address" not in job or job[job.index("--address") + 1] != "auto":
+        problems.append("tandem ... --address auto")
+    if "--storage" not in job or not job[job.index("--storage") + 1].startswith(("s3://", "gs://", "/")):
+        problems.append("--storage on shared storage")
+    return problems
+
+
 @pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
 def test_header_says_how_to_submit_each_step_with_shared_storage(name):
-    header = "\n".join(ln for ln in (ROOT / name).read_text().splitlines() if ln.startswith("#"))
-    for step in ("run", "train", "tune", "serve"):
-        assert f"-- tandem {step} --address auto" in header, step
-    assert "--storage s3://" in header and '"excludes": [".venv", "runs"]' in header
+    """Every `ray job submit` line of the header (one per step) excludes .venv and runs from the working dir."""
+    text = (ROOT / name).read_text()
+    submits = _submit_lines(text)
+    assert sorted(submits) == ["run", "serve", "train", "tune"], sorted(submits)
+    assert len(submits) == text.count("ray job submit"), "a submit line is listed twice or not as a comment"
+    for step, argv in submits.items():
+        assert not _submit_problems(argv), (step, _submit_problems(argv))
+    # a copy whose one line lacks an exclude (or the runtime env) is caught
+    line = next(ln for ln in text.splitlines() if "-- tandem tune" in ln)
+    for broken in (
+        line.replace(', "runs"', ""),
+        line.replace(' --runtime-env-json \'{"excludes": [".venv", "runs"]}\'', ""),
+    ):
+        assert broken != line
+        assert _submit_problems(_submit_lines(text.replace(line, broken))["tune"]), broken
 
 
 def test_aws_storage_bucket_is_created_on_the_head():
