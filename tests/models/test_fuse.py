@@ -505,7 +505,8 @@ def test_onednn_form_equals_eval_model_with_residual_adds_fused(size):
     unified = build_model(ModelConfig.preset("small", in_channels=3))
     unified(torch.randn(8, 3, 12, 12))  # running statistics
     for model in (_trained_small(), unified.eval()):
-        form = onednn_inference_module(model, torch.randn(2, 3, size, size), iters=1)
+        with _one_torch_thread():  # tiny convs: 2 OpenMP threads on a loaded machine took 10x longer
+            form = onednn_inference_module(model, torch.randn(2, 3, size, size), iters=1)
         ops = [m for m in form.modules() if isinstance(m, OneDNNConvAct)]
         assert len(ops) == 9 and not any(isinstance(m, FoldedConvAct | nn.BatchNorm2d) for m in form.modules())
         assert sum(op.residual_act == "relu" for op in ops) == 3, [repr(op) for op in ops]
