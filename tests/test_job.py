@@ -148,3 +148,40 @@ def test_run_defaults_to_one_gpu_per_worker_and_trial_where_the_cluster_has_gpus
     # an explicit --gpus-per-worker is kept whatever the cluster has
     for given in (0.0, 0.5):
         assert _gpus(RunConfig(gpus_per_worker=given)).gpus_per_worker == given
+
+
+@pytest.mark.parametrize("embedded", [False, True])
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_serving_leaves_the_app_up_after_the_report(tmp_path, monkeypatch, embedded, keep):
+    """The order of a run's end, on a stubbed cluster (no Ray; the bundled data and the model's preflight are
+    real): the report is written first; with keep_serving the job then blocks while the app serves (until Ctrl-C)
+    and only then deletes it; without it a job on a cluster deletes its app at once and never blocks. Serving
+    through HTTP while blocked is not checked here (it would take a Ray + Serve run)."""
+    from contextlib import contextmanager
+
+    import tandem.job
+    import tandem.local_ray
+    from tandem import pipeline
+
+    events = []
+
+    @contextmanager
+    def ray_session(*args, **kwargs):
+        yield {"embedded": embedded, "nodes": 1}
+
+    def after_training(cfg, splits, shared, report, scratch):
+        report["serve"] = {"url": "http://127.0.0.1:1"}
+
+    monkeypatch.setattr(tandem.local_ray, "ray_session", ray_session)
+    monkeypatch.setattr(tandem.job, "train_step", lambda *a: {"history": [], "test_accuracy": 1.0})
+    monkeypatch.setattr(tandem.job, "_after_training", after_training)
+    monkeypatch.setattr(tandem.job, "_finish", lambda *a: events.append("report"))
+    monkeypatch.setattr(tandem.job, "_block_serving", lambda url: events.append(f"serve {url} until Ctrl-C"))
+    monkeypatch.setattr(pipeline, "stop_serving", lambda: events.append("delete app"))
+    cfg = RunConfig(preset="tiny", storage=str(tmp_path), name="r", keep_serving=keep, gpus_per_worker=0.0)
+    main(cfg)
+    if keep:  # deleted, if at all (the embedded cluster goes with the job anyway), only after the block
+        assert events[:2] == ["report", "serve http://127.0.0.1:1 until Ctrl-C"], events
+        assert set(events[2:]) <= {"delete app"}, events
+    else:
+        assert events == ["report"] + ([] if embedded else ["delete app"]), events
