@@ -561,8 +561,9 @@ _ALT_MARGIN = 0.9
 
 
 class _ConvChoice(nn.Module):
-    """The candidate `OneDNNConvAct`s of one conv while `onednn_inference_module` plans: packed, plain
-    channels_last, plain NCHW and, for a stride-1 3x3 conv, Winograd F(2, 3) and F(4, 3). Its first call (the
+    """The candidate `OneDNNConvAct`s of one conv while `onednn_inference_module` plans: packed, plain in the
+    pixel rule's layout, plain in the other and, for a stride-1 3x3 conv, Winograd F(2, 3) and F(4, 3) (the last
+    three only when `_ALT_MARGIN` faster than the first two). Its first call (the
     planning forward) times each on the arguments it really gets, so in the layout the layer before it chose
     (a form that wants the other layout pays its copy), interleaved, median of `iters` calls after one that
     creates oneDNN's primitive, by this thread's CPU time (a loaded machine does not inflate it), with the core's
