@@ -83,7 +83,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--gpus-per-worker",
         type=float,
         default=None,
-        help="GPUs per Train worker, Tune trial and Serve replica (default: 1 if the cluster has GPUs)",
+        help="GPUs per Train worker and Tune trial (default: 1 if the cluster has GPUs); a Serve replica asks for "
+        "one only where its served form runs on a GPU (FP8)",
     )
     g.add_argument("--placement", default="SPREAD", help="placement strategy of the workers (default SPREAD)")
     g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from checkpoint")
@@ -318,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "train"):
             from tandem.job import main as job_main
+            from tandem.local_ray import interrupt_on_sigterm
 
+            interrupt_on_sigterm()  # `ray job stop` deletes the run's Serve app as Ctrl-C does
             job_main(run_config(args))
         elif args.command == "bench":
             return run_benchmarks(args.name, args.quick)
@@ -327,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what the command started is stopped by its finally blocks
+        print("tandem: stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 
@@ -178,7 +177,9 @@ def dispatch(args: argparse.Namespace) -> int:
             artifact = artifact_of(args)
             local = args.address is None  # the local Ray lives in this process
             if local:
-                signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+                from tandem.local_ray import interrupt_on_sigterm
+
+                interrupt_on_sigterm()
             try:
                 url = serve_artifact(artifact, cfg)
                 print(f"serving {artifact} at {url} (POST /predict, /v2/models/{args.name}/infer)")
@@ -211,10 +212,6 @@ def dispatch(args: argparse.Namespace) -> int:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
     raise ValueError(f"command must be serve, pretrain-bandit or loadtest, got {args.command!r}")
-
-
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def pretrain(args: argparse.Namespace) -> int:

@@ -102,7 +102,8 @@ class RunConfig:
     workdir: str | None = None
     """A local directory that also receives the report and its plots; None: only the storage."""
     gpus_per_worker: float | None = None
-    """GPUs per Train worker, Tune trial and Serve replica; None = 1 where the cluster has GPUs, else 0."""
+    """GPUs per Train worker and Tune trial; None = 1 where the cluster has GPUs, else 0. Serve replicas ask for a
+    GPU only where their served form runs on one (serve_app.deploy.replica_gpus: FP8)."""
     smoke: bool = False
     """Tiny sizes so the whole job runs in seconds (tests, CI)."""
 

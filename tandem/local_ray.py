@@ -45,6 +45,7 @@ import contextlib
 import os
 import random
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -73,6 +74,17 @@ _QUIET_PORTS = (20000, 29999)
 10002-19999, Serve's direct-ingress ports 30000-31000): a process that binds port 0 later, as Ray's do while a
 cluster starts, cannot take one of these between our check and our bind (seen: HAProxy's frontend on a port
 `bind(0)` had returned, 'Address already in use' a second later)."""
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (`kill`, `ray job stop`) stops a command as Ctrl-C does, so its `finally` blocks run: the Serve app
+    it deployed is deleted and an embedded cluster stopped. `ray job stop` SIGKILLs the job 3 s after the SIGTERM
+    unless the job's runtime env sets RAY_JOB_STOP_WAIT_TIME_S (the cluster.yaml submit lines set 30)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def free_port(host: str = "127.0.0.1") -> int:

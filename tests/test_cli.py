@@ -145,3 +145,32 @@ def test_address_defaults_to_the_job_submit_cluster(monkeypatch):
     assert run_config(build_parser().parse_args(["run"])).address == "10.0.0.1:6379"
     monkeypatch.delenv("RAY_ADDRESS")
     assert run_config(build_parser().parse_args(["run"])).address is None
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(monkeypatch, capsys, tmp_path):
+    """`ray job stop` sends SIGTERM: the run's finally blocks (which delete its Serve app) must run, and the
+    command exits 130. Without the handler the default SIGTERM action would end the process with no cleanup."""
+    import os
+    import signal
+
+    import tandem.job
+
+    cleaned = []
+
+    def job_main(cfg):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the signal interrupts this sleep
+        finally:
+            cleaned.append(cfg.name)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(tandem.job, "main", job_main)
+    try:
+        t0 = time.perf_counter()
+        assert main(["run", "--smoke", "--name", "x", "--storage", str(tmp_path)]) == 130
+        assert time.perf_counter() - t0 < 10
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert cleaned == ["x"]
+    assert "stopped" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -74,8 +75,11 @@ def _submit_problems(argv: list[str]) -> list[str]:
     job = argv[argv.index("--") + 1 :] if "--" in argv else []
     if "--working-dir" not in argv or "--runtime-env-json" not in argv:
         return ["--working-dir / --runtime-env-json"]
-    excludes = json.loads(argv[argv.index("--runtime-env-json") + 1]).get("excludes", [])
-    problems += [f"excludes {x}" for x in (".venv", "runs") if x not in excludes]
+    env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    problems += [f"excludes {x}" for x in (".venv", "runs") if x not in env.get("excludes", [])]
+    # `ray job stop` SIGKILLs 3 s after its SIGTERM by default: too soon for the job to delete its Serve app
+    if float(env.get("env_vars", {}).get("RAY_JOB_STOP_WAIT_TIME_S", 3)) < 10:
+        problems.append("RAY_JOB_STOP_WAIT_TIME_S >= 10")
     if job[:1] != ["tandem"] or "--address" not in job or job[job.index("--address") + 1] != "auto":
         problems.append("tandem ... --address auto")
     if "--storage" not in job or not job[job.index("--storage") + 1].startswith(("s3://", "gs://", "/")):
@@ -85,7 +89,8 @@ def _submit_problems(argv: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
 def test_header_says_how_to_submit_each_step_with_shared_storage(name):
-    """Every `ray job submit` line of the header (one per step) excludes .venv and runs from the working dir."""
+    """Every `ray job submit` line of the header (one per step) excludes .venv and runs from the working dir and
+    gives the job time to clean up when stopped."""
     text = (ROOT / name).read_text()
     submits = _submit_lines(text)
     assert sorted(submits) == ["run", "serve", "train", "tune"], sorted(submits)
@@ -96,7 +101,8 @@ def test_header_says_how_to_submit_each_step_with_shared_storage(name):
     line = next(ln for ln in text.splitlines() if "-- tandem tune" in ln)
     for broken in (
         line.replace(', "runs"', ""),
-        line.replace(' --runtime-env-json \'{"excludes": [".venv", "runs"]}\'', ""),
+        re.sub(r" --runtime-env-json '[^']*'", "", line),
+        line.replace('"RAY_JOB_STOP_WAIT_TIME_S": "30"', '"RAY_JOB_STOP_WAIT_TIME_S": "3"'),
     ):
         assert broken != line
         assert _submit_problems(_submit_lines(text.replace(line, broken))["tune"]), broken
