@@ -70,10 +70,14 @@ def _opt(ddp: DDP) -> torch.optim.Optimizer:
     return torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.5)
 
 
-def _train(ddp: DDP, opt, rank: int, steps: range, state: HookState | None = None) -> dict:
+def _train(
+    ddp: DDP, opt, rank: int, steps: range, state: HookState | None = None, device: torch.device | None = None
+) -> dict:
+    """`steps` training steps on `rank`'s batches (moved to `device` when given: test_hook_nccl trains on CUDA);
+    the mean loss of each step over the ranks, the parameters after them (on the CPU), each step's hook bytes."""
     losses, step_bytes = [], []
     for step in steps:
-        x, y = _batch(rank, step)
+        x, y = (t.to(device) for t in _batch(rank, step)) if device is not None else _batch(rank, step)
         loss = nn.functional.cross_entropy(ddp(x), y)
         opt.zero_grad()
         loss.backward()
@@ -83,7 +87,7 @@ def _train(ddp: DDP, opt, rank: int, steps: range, state: HookState | None = Non
         losses.append(mean.item() / dist.get_world_size())
         if state is not None:
             step_bytes.append(dict(state.last_step_bytes))
-    params = torch.cat([p.detach().flatten() for p in ddp.parameters()])
+    params = torch.cat([p.detach().flatten() for p in ddp.parameters()]).cpu()
     return {"losses": losses, "params": params, "bytes": step_bytes}
 
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 from _dist import run_ranks
-from test_hook import LOSS_TOLERANCE, _batch, _net
+from test_hook import LOSS_TOLERANCE, _net, _opt
+from test_hook import _train as train_steps
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from collectives.hook import HookConfig, register
@@ -29,22 +28,9 @@ def _train(rank: int, config: HookConfig | None) -> dict:
     dev = torch.device("cuda", rank)
     ddp = DDP(_net().to(dev), device_ids=[rank], bucket_cap_mb=0.001)  # several buckets, with a partial block
     state = register(ddp, config) if config is not None else None
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.5)
-    losses, inter = [], []
-    for step in range(STEPS):
-        x, y = (t.to(dev) for t in _batch(rank, step))
-        loss = nn.functional.cross_entropy(ddp(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / dist.get_world_size())
-        if state is not None:
-            inter.append(state.last_step_bytes["inter"])
-    params = torch.cat([p.detach().flatten() for p in ddp.parameters()]).cpu()
-    return {"losses": losses, "params": params, "inter": inter, "gbit": state.measured_gbit if state else None,
-            "compress": state.compress if state else None}  # fmt: skip
+    out = train_steps(ddp, _opt(ddp), rank, range(STEPS), state, device=dev)
+    return {"losses": out["losses"], "params": out["params"], "inter": [b["inter"] for b in out["bytes"]],
+            "gbit": state.measured_gbit if state else None, "compress": state.compress if state else None}  # fmt: skip
 
 
 def _worker(rank: int, world: int) -> dict:
