@@ -31,18 +31,24 @@ class _SlowLink(TorchDistTransport):
     def __init__(self, group, gbit: float, per_node: int) -> None:
         super().__init__(group)
         self.gbit, self.per_node = gbit, per_node
+        self.last: tuple[int, float] = (0, 0.0)
+        """(bits the node moved, seconds this rank spent) of the last all_gather, counted here independently of
+        the probe: the test compares the probe's figure with it."""
 
     def all_gather(self, inp, out):
         t0 = time.perf_counter()
         res = super().all_gather(inp, out)
         node_bits = self.per_node * (self.size - 1) * inp.numel() * inp.element_size() * 8
         time.sleep(max(0.0, node_bits / (self.gbit * 1e9) - (time.perf_counter() - t0)))
+        self.last = (node_bits, time.perf_counter() - t0)
         return res
 
 
-SMALL_GRAD, LARGE_GRAD = 20_000, 25_000_000
-"""Gradient elements of the auto-mode test: at SIM_GBIT the codec saves 2 ms a step on the small one (it costs
-10 ms) and 2.5 s on the large one (it costs 0.6 s)."""
+SMALL_GRAD, LARGE_GRAD = 2_000, 25_000_000
+"""Gradient elements of the auto-mode test: at SIM_GBIT the codec saves 0.2 ms a step on the small one (it costs
+10 ms) and 2.5 s on the large one (it costs 0.6 s). With the default costs the small one stays flat down to 0.01
+Gbit/s and the large one is compressed up to 2.1 Gbit/s: the decisions hold however much a loaded machine slows
+the simulated link (the last CI run measured 0.17 of its 0.5 Gbit/s)."""
 
 WARMUP = 5
 LOSS_TOLERANCE = 0.05  # |mean loss of the last 10 steps, compressed - exact|; exact goes 1.39 -> ~0.63
@@ -142,15 +148,15 @@ def _worker(rank: int, world: int) -> dict:
     for name, elems in (("auto_small_grad", SMALL_GRAD), ("auto_large_grad", LARGE_GRAD)):
         topo = Topology.from_world(world_size=4, per_node=2, rank=rank)
         node_group, peer_group = topo.build_groups()
-        transports = (TorchDistTransport(), TorchDistTransport(node_group), _SlowLink(peer_group, SIM_GBIT, 2))
+        link = _SlowLink(peer_group, SIM_GBIT, 2)
         s = HookState(
             HookConfig(ranks_per_node=2, probe_bytes=1 << 20),
             topology=topo,
-            transports=transports,
+            transports=(TorchDistTransport(), TorchDistTransport(node_group), link),
             device=torch.device("cpu"),
             grad_elems=elems,
         )
-        out[name] = (s.measured_gbit, s.compress)
+        out[name] = (s.measured_gbit, s.compress, *link.last)
     try:
         HookState(HookConfig(ranks_per_node=2, probe_bytes=1 << 20), device=torch.device("cpu"))
         out["auto_without_size"] = None
@@ -214,14 +220,22 @@ def test_state_dict_round_trip_resumes_bit_exactly(results):
 
 
 def test_auto_mode_follows_the_measured_bandwidth_and_the_gradient_size(results):
-    """A probe that mis-counts bytes (2x off) or times the wrong thing fails the bounds; on the same slow link the
-    small gradient stays flat and the large one is compressed."""
+    """The probe's figure is the rate the link itself counted (bits it moved over the ranks' mean time in it), so a
+    probe that mis-counts bytes (2x off) or times the wrong thing fails; on the same slow link the small gradient
+    stays flat and the large one is compressed."""
+    for name in ("auto_small_grad", "auto_large_grad"):
+        link_bits = {r[name][2] for r in results}
+        assert len(link_bits) == 1 and link_bits.pop() == 2 * 1 * (1 << 20) * 8  # 2 ranks a node, 1 peer, 1 MiB
+        link_gbit = results[0][name][2] / (sum(r[name][3] for r in results) / len(results)) / 1e9
+        for r in results:
+            # the probe's clock runs a little longer than the link's (a barrier's return, the call itself)
+            assert 0.8 * link_gbit < r[name][0] <= link_gbit * 1.01, (name, r[name][0], link_gbit)
     for r in results:
         assert r["default_mode"] == "auto"
         for name, expected in (("auto_small_grad", False), ("auto_large_grad", True)):
-            gbit, compress = r[name]
-            # the sleep caps the rate at SIM_GBIT; loopback overhead on a loaded machine lowers it, not by 2.5x
-            assert SIM_GBIT * 0.4 < gbit <= SIM_GBIT * 1.05
+            gbit, compress = r[name][:2]
+            # the sleep caps the rate at SIM_GBIT; a loaded machine lowers it (the decisions allow 50x)
+            assert gbit <= SIM_GBIT * 1.05
             assert compress is expected, (name, gbit)
             assert (
                 compression_pays(HookConfig(), SMALL_GRAD if name == "auto_small_grad" else LARGE_GRAD, gbit)
