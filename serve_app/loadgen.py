@@ -9,7 +9,10 @@ the generator itself counts against the server rather than hiding it (coordinate
 
 The report: p50/p95/p99 of answered requests, throughput, goodput (answered within the SLO per second), SLO
 attainment (share of all sent requests answered 2xx within the SLO; errors, 503s and timeouts are misses), error
-counts by kind, and a per-second timeline, plus an optional PNG of latency and rate over time.
+counts by kind, and a per-second timeline, plus an optional PNG of latency and rate over time. Two figures tell a
+refusal's cause: how late the generator itself sent (`send_lag_max_ms`: a generator that stalls sends a burst,
+which the app then rightly refuses) and which 503s the ingress answered itself (`rejected_by_ingress`: HAProxy
+with no replica slot free) rather than a replica's admission control.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from urllib.parse import urlparse
 from serve_app.simulator import ArrivalPattern, Constant, poisson_arrivals
 
 LOOPBACK_NAMES = ("localhost",)
+INGRESS_503_MARK = b"no replica can take the request now"
+"""In the body of the 503 that tandem's HAProxy answers itself (tandem.local_ray._ERROR_503: every replica slot
+taken, or none ready); a replica's admission control says why it refused instead."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -133,6 +139,11 @@ class LoadReport:
     """Per second: t, offered (sent), answered (2xx), p99_ms of those answered."""
     rejected_fast: int = 0
     """503s answered within FAST_REFUSAL_S of the request being sent ("refused at once")."""
+    rejected_by_ingress: int = 0
+    """503s the ingress answered itself (HAProxy, INGRESS_503_MARK), not a replica's admission control."""
+    send_lag_p99_ms: float | None = None
+    send_lag_max_ms: float | None = None
+    """How late the generator sent requests against their schedule (p99, worst); None when not recorded."""
     samples: list[tuple[float, float, int]] = field(default_factory=list, repr=False)
     """(scheduled send time s, latency s, status) per request; not in to_dict()."""
 
@@ -147,7 +158,8 @@ class LoadReport:
 
         return (
             f"sent {self.sent} in {self.duration_s:.1f} s (offered {self.offered_rps:.1f}/s): ok {self.ok}, "
-            f"503 {self.rejected_503}, errors {self.errors}, timeouts {self.timeouts}\n"
+            f"503 {self.rejected_503} ({self.rejected_by_ingress} by the ingress), errors {self.errors}, "
+            f"timeouts {self.timeouts}; sent up to {ms(self.send_lag_max_ms)} ms late\n"
             f"latency p50 {ms(self.p50_ms)} ms, p95 {ms(self.p95_ms)} ms, p99 {ms(self.p99_ms)} ms; "
             f"throughput {self.throughput_rps:.1f}/s, goodput {self.goodput_rps:.1f}/s, "
             f"within {self.slo_s * 1e3:.0f} ms: {100 * self.slo_attainment:.2f}% of the requests sent "
@@ -169,8 +181,15 @@ FAST_REFUSAL_S = 0.01
 """A refusal this soon after sending counts as immediate (issue 16: overload refused within 10 ms)."""
 
 
-def summarize(samples: list[tuple[float, float, int]], duration_s: float, slo_s: float) -> LoadReport:
-    """The report of (scheduled time, latency, status) samples over a run of `duration_s` seconds of arrivals."""
+def summarize(
+    samples: list[tuple[float, float, int]],
+    duration_s: float,
+    slo_s: float,
+    send_lags: list[float] | None = None,
+    by_ingress: int = 0,
+) -> LoadReport:
+    """The report of (scheduled time, latency, status) samples over a run of `duration_s` seconds of arrivals;
+    `send_lags`: each send's lag (s) behind its schedule, when recorded; `by_ingress`: 503s the ingress answered."""
     ok = [lat for _, lat, s in samples if 200 <= s < 300]
     good = sum(1 for lat in ok if lat <= slo_s)
     counts: dict[str, int] = {}
@@ -214,6 +233,9 @@ def summarize(samples: list[tuple[float, float, int]], duration_s: float, slo_s:
         status_counts=counts,
         timeline=timeline,
         rejected_fast=fast,
+        rejected_by_ingress=by_ingress,
+        send_lag_p99_ms=None if not send_lags else _quantile(send_lags, 0.99) * 1e3,
+        send_lag_max_ms=None if not send_lags else max(send_lags) * 1e3,
         samples=samples,
     )
 
@@ -222,16 +244,22 @@ def summarize(samples: list[tuple[float, float, int]], duration_s: float, slo_s:
 
 
 async def open_loop(
-    times: list[float], send: Callable[[], Awaitable[int]], timeout_s: float
+    times: list[float],
+    send: Callable[[], Awaitable[int]],
+    timeout_s: float,
+    send_lags: list[float] | None = None,
 ) -> list[tuple[float, float, int]]:
     """Calls `send()` (returning an HTTP status) at each of `times` (seconds from now) whether or not earlier
     calls returned; returns sorted (scheduled time, latency from it, status) samples. A call still pending
-    `timeout_s` + 1 s after the last send is cancelled and counted as a timeout."""
+    `timeout_s` + 1 s after the last send is cancelled and counted as a timeout. `send_lags`, when given, gets
+    how late each call started against its schedule (s): this loop's own stalls."""
     loop = asyncio.get_running_loop()
     samples: list[tuple[float, float, int]] = []
     start = loop.time()
 
     async def one(t: float) -> None:
+        if send_lags is not None:
+            send_lags.append(max(0.0, loop.time() - start - t))
         try:
             status = await asyncio.wait_for(send(), timeout_s)
         except (asyncio.TimeoutError, asyncio.CancelledError):  # cancelled: still pending at the bound
@@ -266,18 +294,23 @@ async def _run(url: str, cfg: LoadConfig, input_shape: tuple[int, ...] | None) -
         path = f"{url}/predict" if cfg.route == "predict" else f"{url}/v2/models/{cfg.model}/infer"
         headers = {"content-type": "application/json"}
 
+        by_ingress = 0
+
         async def send() -> int:
+            nonlocal by_ingress
             try:
                 async with session.post(path, data=body, headers=headers) as r:
-                    await r.read()
+                    answer = await r.read()
+                    by_ingress += r.status == 503 and INGRESS_503_MARK in answer
                     return r.status
             except asyncio.TimeoutError:  # aiohttp's own timeouts are ClientErrors too
                 return TIMEOUT
             except aiohttp.ClientError:
                 return CONN_ERROR
 
-        samples = await open_loop(arrival_times(cfg), send, cfg.timeout_s)
-    return summarize(samples, cfg.duration_s, cfg.slo_s)
+        lags: list[float] = []
+        samples = await open_loop(arrival_times(cfg), send, cfg.timeout_s, lags)
+    return summarize(samples, cfg.duration_s, cfg.slo_s, lags, by_ingress)
 
 
 def run_load(url: str, cfg: LoadConfig, input_shape: tuple[int, ...] | None = None) -> LoadReport:
@@ -288,6 +321,14 @@ def run_load(url: str, cfg: LoadConfig, input_shape: tuple[int, ...] | None = No
     report = asyncio.run(_run(url, cfg, input_shape))
     assert time.monotonic() - t0 < cfg.duration_s + cfg.timeout_s + 30, "load test overran its bound"
     return report
+
+
+def run_load_at(url: str, cfg: LoadConfig, start_at: float, input_shape: tuple[int, ...] | None = None) -> LoadReport:
+    """`run_load` whose arrivals start at wall-clock time `start_at` (time.time()): for a generator in a process
+    of its own (a ProcessPoolExecutor), started in step with what its caller does meanwhile (a hot update), which
+    then cannot stall it - a generator thread shares its caller's GIL."""
+    time.sleep(max(0.0, start_at - time.time()))
+    return run_load(url, cfg, input_shape)
 
 
 def plot(report: LoadReport, path: str | Path, title: str = "") -> Path:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import threading
+import time
 
 import pytest
 
@@ -19,9 +20,11 @@ from serve_app.loadgen import (
     plot,
     request_body,
     run_load,
+    run_load_at,
     summarize,
 )
 from serve_app.simulator import Constant, Sine, Step
+from tandem.local_ray import _ERROR_503
 
 
 def test_poisson_count_and_bounds():
@@ -91,6 +94,10 @@ def test_summary_arithmetic():
     assert [row["offered"] for row in r.timeline] == [90.0, 10.0]
     assert "samples" not in r.to_dict() and json.dumps(r.to_dict(), allow_nan=True)
     assert "within 100 ms: 10.00% of the requests sent (goal >= 99%: NOT met)" in r.summary()
+    assert r.send_lag_max_ms is None and "503 5 (0 by the ingress)" in r.summary()
+    lagged = summarize(samples, 2.0, 0.1, send_lags=[0.001] * 99 + [0.25], by_ingress=3)
+    assert lagged.send_lag_max_ms == pytest.approx(250.0) and lagged.send_lag_p99_ms == pytest.approx(1.0)
+    assert "503 5 (3 by the ingress)" in lagged.summary() and "sent up to 250.0 ms late" in lagged.summary()
     good = summarize([(i * 0.01, 0.005, 200) for i in range(99)] + [(1.0, 0.2, 200)], 1.0, 0.1)
     assert "within 100 ms: 99.00% of the requests sent (goal >= 99%: met)" in good.summary()
 
@@ -109,8 +116,10 @@ def toy_server():
         body = await request.json()
         assert len(body["instances"][0]) == 64
         calls["n"] += 1
-        if calls["n"] % 10 == 0:
-            return web.json_response({"error": "overloaded"}, status=503, headers={"Retry-After": "1"})
+        if calls["n"] % 20 == 0:  # as tandem's HAProxy answers itself (tandem.local_ray._ERROR_503)
+            return web.Response(body=_ERROR_503, status=503, headers={"Retry-After": "1"})
+        if calls["n"] % 10 == 0:  # as a replica's admission control
+            return web.json_response({"error": "overloaded: predicted 0.2 s"}, status=503, headers={"Retry-After": "1"})
         await asyncio.sleep(0.002)
         return web.json_response({"classes": [0]})
 
@@ -136,11 +145,48 @@ def test_run_against_a_server(toy_server, tmp_path):
     cfg = LoadConfig(pattern=Sine(100.0, 0.5, 1.0), duration_s=2.0, timeout_s=2.0, seed=3)
     report = run_load(url, cfg)
     assert report.sent == len(arrival_times(cfg)) == calls["n"]
-    assert report.rejected_503 == report.sent // 10
+    assert report.rejected_503 == report.sent // 10 and report.rejected_by_ingress == report.sent // 20
     assert report.ok == report.sent - report.rejected_503 and report.errors == report.timeouts == 0
+    assert 0 <= report.send_lag_p99_ms <= report.send_lag_max_ms < 1000
     assert 2.0 <= report.p50_ms <= report.p95_ms <= report.p99_ms < 2000
     png = plot(report, tmp_path / "load.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _hold_the_gil(seconds: float) -> None:
+    """Holds this process's GIL for about `seconds` without a break: one C call (the builtin sum over a range)
+    that never returns to the interpreter loop, where a waiting thread could take the GIL."""
+    n = 1_000_000
+    t0 = time.perf_counter()
+    sum(range(n))
+    per = (time.perf_counter() - t0) / n
+    sum(range(int(seconds / per)))
+
+
+def test_a_generator_in_its_own_process_is_not_stalled_by_its_caller(toy_server):
+    """What bench/serving.py's hot-update section was missing: a load generator in a thread of the process that
+    also runs the hot update shares its GIL, so a stall there (Serve's client, here a stand-in that holds the GIL
+    0.4 s) delays every send, and the burst that follows is what the app then refuses. In its own process
+    (`run_load_at` in a spawned pool, as the bench runs it now) the same stall does not reach it."""
+    import concurrent.futures
+    import multiprocessing
+
+    url, _ = toy_server
+    cfg = LoadConfig(pattern=Constant(100.0), duration_s=1.5, timeout_s=2.0)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(time.sleep, 0).result()  # started before the timed part
+        lags = {}
+        for where in ("process", "thread"):
+            start_at = time.time() + 0.3
+            if where == "process":
+                fut = pool.submit(run_load_at, url, cfg, start_at, (1, 8, 8))
+            else:
+                fut = concurrent.futures.ThreadPoolExecutor(1).submit(run_load_at, url, cfg, start_at, (1, 8, 8))
+            time.sleep(max(0.0, start_at + 0.5 - time.time()))
+            _hold_the_gil(0.4)
+            lags[where] = fut.result().send_lag_max_ms
+    # The toy server runs in this process too: its answers stall with the GIL, but not the process's sends.
+    assert lags["thread"] >= 300 and lags["process"] < 150, lags
 
 
 def test_unanswered_requests_are_connection_errors():
