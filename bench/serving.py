@@ -29,7 +29,11 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
                                               defaults on the unbounded one (redeploys between runs)
   hot_update_lost                             requests lost in a hot update under constant load, unbounded and
                                               at each bound (`--overload-only` runs just these two sections
-                                              into serving_overload.json)
+                                              into serving_overload.json), the load generator in a process of
+                                              its own; with the 503s HAProxy answered itself and the
+                                              generator's worst send lag per run (`--hot-update-only`: just
+                                              this section, generator in its own process and in a thread of
+                                              the updating process, into serving_hot_update.json)
   overload_goodput_ratio_handle               overload_goodput_ratio on that handle path at 3x its unbatched
                                               capacity (~1.5x what static batching holds; reported, no goal)
   generator_ceiling_rps                       wrk (C, closed loop, 32 connections) against the ingress's no-op
@@ -482,7 +486,12 @@ def overload_bounded(
 
 
 def hot_update_loss(
-    bench: Bench, cap: float, repeats: int, bounds: tuple[int, ...], mults: tuple[float, ...] = (0.33, 0.66)
+    bench: Bench,
+    cap: float,
+    repeats: int,
+    bounds: tuple[int, ...],
+    mults: tuple[float, ...] = (0.33, 0.66),
+    generators: tuple[str, ...] = ("process",),
 ) -> dict:
     """Requests lost (not answered 200) when the artifact is hot-updated 1.5 s into an 8 s constant load, on the
     unbounded deployment and on each bounded one, at each rate (multiples of the unbatched capacity). While Serve
@@ -490,11 +499,31 @@ def hot_update_loss(
     a bound smaller than the window's arrivals answers the excess 503. On bounded deployments both ways: a plain
     re-apply of the config (`serve deploy`) and serve_app.deploy.roll_out (what `hot_update` does: the bound
     lifted for the update). Each update run has a control run without the update (`steady_lost`): a bounded
-    replica queue sheds now and then at these rates whether or not anything is updated."""
+    replica queue sheds now and then at these rates whether or not anything is updated.
+
+    The load generator runs in a process of its own ("process"): in a thread of this process ("thread", the
+    protocol before) it shared the GIL with the update's client work here (Serve's client, the roll-out's polls),
+    and a stall of it sent a burst that HAProxy's per-replica cap then rightly refused (`--hot-update-only`
+    compares both). Each row records the generator's worst send lag, the 503s HAProxy answered itself, when the
+    update ran and when requests failed (s from the load's start)."""
+    import concurrent.futures
+    import multiprocessing
     import threading
 
-    from serve_app.loadgen import LoadConfig, run_load
+    from serve_app.loadgen import LoadConfig, run_load_at
     from serve_app.simulator import Constant
+
+    def in_thread(load: LoadConfig, start_at: float) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def go() -> None:
+            try:
+                fut.set_result(run_load_at(bench.url, load, start_at, SHAPES["tiny"]))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                fut.set_exception(e)
+
+        threading.Thread(target=go, daemon=True).start()
+        return fut
 
     plan = [("adaptive", "adaptive", {}, False)]
     if bench.proxy_bound:
@@ -503,31 +532,57 @@ def hot_update_loss(
             plan += [(f"adaptive_q{q}_roll_out", "adaptive_bounded", bounded(q), True)]
     else:  # no proxy-side bound to lift through HAProxy: a plain re-apply and roll_out (waits for the swap)
         plan += [("adaptive_roll_out", "adaptive", {}, True)]
-    runs: dict[str, list[dict]] = {}
-    for _ in range(repeats):
-        for name, v, extra, via_roll_out in plan:
-            bench.redeploy(extra)
-            for m in mults:
-                for update in (True, False):  # and a control run without the update: steady-state shedding
-                    bench.use(v, "tiny")
-                    out: dict = {}
-                    load = LoadConfig(pattern=Constant(m * cap), duration_s=8.0, timeout_s=10.0)
-                    th = threading.Thread(target=lambda out=out, load=load: out.update(r=run_load(bench.url, load)))
-                    bench.meter.start()
-                    th.start()
-                    time.sleep(1.5)
-                    if update:
-                        bench.use(v, UPDATE_TO, roll_out=via_roll_out)
-                    th.join()
-                    tag = f"{'update' if update else 'steady'} {m:.2f}x"
-                    row = bench._record(name, "http", tag, load.pattern, out["r"])
-                    row["lost"] = out["r"].sent - out["r"].ok
-                    runs.setdefault((update, f"{name} {m:.2f}x"), []).append(row)
+    runs: dict[tuple[bool, str], list[dict]] = {}
+    spawn = multiprocessing.get_context("spawn")  # not fork: this process runs Ray's threads
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        pool.submit(time.sleep, 0).result()  # the process up before the first timed run
+        for _ in range(repeats):
+            for name, v, extra, via_roll_out in plan:
+                bench.redeploy(extra)
+                for m in mults:
+                    for gen in generators:
+                        for update in (True, False):  # and a control run without the update: steady shedding
+                            bench.use(v, "tiny")
+                            load = LoadConfig(pattern=Constant(m * cap), duration_s=8.0, timeout_s=10.0)
+                            bench.meter.start()
+                            start_at = time.time() + 0.5
+                            if gen == "process":
+                                fut = pool.submit(run_load_at, bench.url, load, start_at, SHAPES["tiny"])
+                            else:
+                                fut = in_thread(load, start_at)
+                            time.sleep(max(0.0, start_at + 1.5 - time.time()))
+                            window = None
+                            if update:
+                                t0 = time.time() - start_at
+                                bench.use(v, UPDATE_TO, roll_out=via_roll_out)
+                                window = [round(t0, 2), round(time.time() - start_at, 2)]
+                            report = fut.result()
+                            tag = f"{'update' if update else 'steady'} {m:.2f}x" + ("" if gen == "process" else " thr")
+                            row = bench._record(name, "http", tag, load.pattern, report)
+                            row.update(
+                                lost=report.sent - report.ok,
+                                generator=gen,
+                                update_window_s=window,
+                                failed_at_s=[round(t, 2) for t, _, st in report.samples if st != 200][:50],
+                            )
+                            if update or row["lost"]:
+                                print(f"    lost {row['lost']} (ingress 503 {report.rejected_by_ingress}), "
+                                      f"generator late <= {report.send_lag_max_ms or 0:.0f} ms, update at {window}, "
+                                      f"failed at {row['failed_at_s'][:10]}", flush=True)  # fmt: skip
+                            key = f"{name} {m:.2f}x" + ("" if gen == "process" else " (generator thread)")
+                            runs.setdefault((update, key), []).append(row)
     bench.redeploy({})
     return {
         "hot_update_lost": {k: [r["lost"] for r in rs] for (u, k), rs in runs.items() if u},
         "steady_lost": {k: [r["lost"] for r in rs] for (u, k), rs in runs.items() if not u},
         "hot_update_sent": {k: [r["sent"] for r in rs] for (u, k), rs in runs.items() if u},
+        "hot_update_refused_by_ingress": {
+            k: [r["rejected_by_ingress"] for r in rs] for (u, k), rs in runs.items() if u
+        },
+        "hot_update_generator_lag_max_ms": {
+            k: [round(r["send_lag_max_ms"] or 0.0, 1) for r in rs] for (u, k), rs in runs.items() if u
+        },
+        "hot_update_generators": list(generators),
     }
 
 
@@ -546,6 +601,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--overload-only", action="store_true", help="only the interleaved overload section "
                    "(static defaults, adaptive, adaptive with the proxy-side bound) and the hot-update section "
                    "(~10 minutes with 3 repeats)")  # fmt: skip
+    p.add_argument("--hot-update-only", action="store_true", help="only the hot-update section, its load "
+                   "generator both in its own process (the protocol) and in a thread of the process that updates "
+                   "(the protocol before), interleaved, at 0.66x the unbatched capacity: tells a generator stall "
+                   "from a refusal (~6 minutes with 3 repeats)")  # fmt: skip
     p.add_argument("--replica-queue", type=int, default=REPLICA_QUEUE,
                    help="the bounded deployments' replica-side max_queue_len")  # fmt: skip
     p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
@@ -591,7 +650,13 @@ def main(argv: list[str] | None = None) -> dict:
             artifacts = make_artifacts(Path(tmp))
             bench = Bench(artifacts, CpuMeter(), args.ingress)
             setup_s = time.monotonic() - t_start  # Ray, artifacts, the first deploy (planning the fp32 form)
-            if args.overload_only:
+            if args.hot_update_only:
+                cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if args.quick else FULL_WRK_S)
+                res = {"unbatched_capacity_rps": cap}
+                # at 0.66x only: where the protocol's roll_out runs lost requests (0.33x never did)
+                res.update(hot_update_loss(bench, cap, repeats, bounds, (0.66,), generators=("process", "thread")))
+                bench.mark("hot_update")
+            elif args.overload_only:
                 cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if args.quick else FULL_WRK_S)
                 res = {"unbatched_capacity_rps": cap, **overload_bounded(bench, cap, repeats, dur, period, bounds)}
                 res.update(hot_update_loss(bench, cap, repeats, bounds))
@@ -642,12 +707,13 @@ def main(argv: list[str] | None = None) -> dict:
         other_cpu_cores_median=statistics.median(r["other_cpu_cores"] for r in bench.runs),
         runs=bench.runs,
     )
-    print_table(
-        [{"variant": v, **m} for v, m in res["overload_bounded"].items()],
-        title="HTTP, sine mean 1.5x unbatched capacity, interleaved (medians)",
-    )
-    print(f"overload goodput ratio, bounded adaptive / static defaults, by bound: "
-          f"{res['overload_goodput_ratio_by_bound']}")  # fmt: skip
+    if "overload_bounded" in res:
+        print_table(
+            [{"variant": v, **m} for v, m in res["overload_bounded"].items()],
+            title="HTTP, sine mean 1.5x unbatched capacity, interleaved (medians)",
+        )
+        print(f"overload goodput ratio, bounded adaptive / static defaults, by bound: "
+              f"{res['overload_goodput_ratio_by_bound']}")  # fmt: skip
     lost = res["hot_update_lost"]
     print_table(
         [
@@ -656,6 +722,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "lost": v,
                 "lost, no update": res["steady_lost"][k],
                 "sent": res["hot_update_sent"][k],
+                "503 by HAProxy": res["hot_update_refused_by_ingress"][k],
+                "generator late, ms": res["hot_update_generator_lag_max_ms"][k],
             }
             for k, v in lost.items()
         ],  # fmt: skip
@@ -674,7 +742,8 @@ def main(argv: list[str] | None = None) -> dict:
     est = res["full_run_estimate_s"]
     print(f"this run: {wall_s / 60:.1f} min; the full protocol (no --quick) would take ~{est / 60:.0f} min")
     # A coarse quick run never overwrites the protocol's results (serving.json): it is a check, not a result.
-    default = ("serving_overload" if args.overload_only else "serving") + ("_quick" if coarse else "")
+    section = "serving_hot_update" if args.hot_update_only else "serving_overload" if args.overload_only else "serving"
+    default = section + ("_quick" if coarse else "")
     path = write_result(args.name or default, res)
     print(f"wrote {path}")
     return res
