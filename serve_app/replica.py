@@ -2,7 +2,13 @@
 controller, admission control and calibration, the object serve_app/simulator.py drives too), metrics, and the
 routes' logic (`respond(Call) -> Reply`), callable through a handle as well as from the HTTP routes. Hot updates
 come in through `reconfigure` (the deployment's user_config), loaded off the event loop in the background and
-swapped in when ready; each replica records what it serves (serve_app.served)."""
+swapped in when ready; each replica records what it serves (serve_app.served).
+
+The model runs off the event loop, in one forward thread (`ModelServer._run_batches`): the loop that parses
+requests and decides admission is never held by a batch, so a request that will be refused is refused while a
+batch runs, not after it (issue 16: overload refused within 10 ms of arrival; with the forward on the loop a
+refusal waited behind the running batch). Batches still run one at a time and each takes what queued while the
+last one ran, up to the cap: the server model the controllers assume (BatchingConfig.model_blocks_loop)."""
 
 import asyncio
 import json
@@ -10,6 +16,7 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -122,10 +129,15 @@ class _Prepared:
 
 @dataclass(slots=True)
 class _Queued:
-    """A request's images while it waits for a batch; `started` once Ray hands it to the batch handler."""
+    """A request's images while it waits for a batch, and the future its answer comes in."""
 
     x: np.ndarray
+    answer: asyncio.Future
+    """(probabilities (N, K), version), set by `ModelServer._run_batches`."""
     started: bool = False
+    """In a batch the model runs (no longer in the queue count)."""
+    cancelled: bool = False
+    """The client left before its batch started: `_run_batches` skips it."""
 
 
 class ModelServer:
@@ -183,6 +195,14 @@ class ModelServer:
         # outliers of 10-30x (measured under load here) drove the fit's p99 noise up, the cap to 1 and admission
         # into refusing at light load. Queueing and preemption still show in the latencies the SLOModel watches.
         self._clock = time.thread_time if self.cfg.torch_threads == 1 else time.perf_counter
+        # The model runs here, one batch at a time, off the event loop (module docstring); torch's thread count
+        # is per thread (OpenMP), so the forward thread sets its own. `_pending`: requests Serve's batch queue
+        # handed on, waiting for the model; `_runner`: the task feeding them to it.
+        self._executor = ThreadPoolExecutor(
+            1, "forward", initializer=torch.set_num_threads, initargs=(self.cfg.torch_threads,)
+        )
+        self._pending: deque[_Queued] = deque()
+        self._runner: asyncio.Task | None = None
 
     # -- hot update
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -419,14 +439,17 @@ class ModelServer:
             verdict = arrival.verdict
             if not arrival.admitted:
                 raise Overloaded(verdict)
-            item = _Queued(x)
+            item = _Queued(x, asyncio.get_running_loop().create_future())
             try:
-                probs, version = await self._batched(item)
+                await self._batched(item)  # Serve's batch queue, then the model queue (_run_batches)
+                probs, version = await item.answer
             except asyncio.CancelledError:  # the client gave up (timeout, disconnect)
                 if not item.started:
-                    # Ray drops cancelled requests from the next batch, so batch_start never counts this one:
-                    # take it out of the queue here, or queue_len leaks upwards and admission refuses on a
-                    # phantom backlog. (Counted as a rejection: it left unserved, an SLO miss either way.)
+                    # Ray drops cancelled requests from the next batch and _run_batches skips them, so
+                    # batch_start never counts this one: take it out of the queue here, or queue_len leaks
+                    # upwards and admission refuses on a phantom backlog. (Counted as a rejection: it left
+                    # unserved, an SLO miss either way.)
+                    item.cancelled = True
                     self.policy.cancelled()
                 raise
         self.policy.done(time.monotonic() - t0, verdict)
@@ -441,21 +464,58 @@ class ModelServer:
         return probs, version
 
     @serve.batch(max_batch_size=10, batch_wait_timeout_s=0.01)
-    async def _batched(self, items: list[_Queued]) -> list[tuple[np.ndarray, str]]:
-        n = len(items)
-        for it in items:
-            it.started = True
-        xs = [it.x for it in items]
-        self.policy.batch_start(n)
-        t0, c0 = time.perf_counter(), self._clock()
+    async def _batched(self, items: list[_Queued]) -> list[None]:
+        """Serve's batch queue closes a batch (its max_batch_size and wait, which the controller sets); this
+        hands it on to the model queue and returns at once, so that Serve's one-batch-at-a-time loop never waits
+        on the model: awaiting the model here would let Serve close the next batches while one runs and queue
+        them behind it at whatever size the wait gave them (batches of one at a zero wait, serve_app/simulator's
+        `blocking=False`), while `_run_batches` merges what queued into the next batch."""
+        self._pending.extend(items)
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._run_batches())
+        return [None] * len(items)
+
+    async def _run_batches(self) -> None:
+        """Runs the model queue dry, one batch at a time in the forward thread: each batch takes the requests
+        waiting (oldest first, up to the controller's max_batch_size), as a synchronous forward on the event
+        loop did, while the loop goes on parsing, admitting and refusing requests."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            cap = self.policy.settings.max_batch_size
+            batch: list[_Queued] = []
+            while self._pending and len(batch) < cap:
+                it = self._pending.popleft()
+                if not it.cancelled:
+                    batch.append(it)
+            if not batch:
+                continue
+            n = len(batch)
+            for it in batch:
+                it.started = True
+            self.policy.batch_start(n)
+            t0 = time.perf_counter()
+            try:
+                out, work = await loop.run_in_executor(self._executor, self._timed_forward, [it.x for it in batch])
+            except Exception as e:  # the model failed: every request of the batch gets it (a 500)
+                for it in batch:
+                    if not it.answer.done():
+                        it.answer.set_exception(e)
+                continue
+            self.policy.batch_end(n, work)
+            self.metrics.batch(n, time.perf_counter() - t0)
+            for it, answer in zip(batch, out, strict=True):
+                if not it.answer.done():  # not cancelled meanwhile
+                    it.answer.set_result(answer)
+
+    def _timed_forward(self, xs: list[np.ndarray]) -> tuple[list[tuple[np.ndarray, str]], float]:
+        """`_forward` and its time by `_clock`, taken in the thread that runs it (thread_time is per thread)."""
+        c0 = self._clock()
         out = self._forward(xs)
-        s, work = time.perf_counter() - t0, self._clock() - c0
-        self.policy.batch_end(n, work)
-        self.metrics.batch(n, s)
-        return out
+        return out, self._clock() - c0
 
     def _forward(self, xs: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
-        """Runs the model on the requests' images concatenated; synchronous on purpose (module docstring)."""
+        """Runs the model on the requests' images concatenated (the forward thread; the unbatched controller's
+        requests run it on the event loop: no admission control there to keep answering)."""
         import torch
 
         model, version = self.model, self.version  # one model per batch, even across a hot update

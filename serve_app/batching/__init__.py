@@ -21,10 +21,11 @@ Controllers (one class each, common interface `Controller`):
 
 Server model behind the latency estimates: one batch executes at a time (`max_concurrent_batches=1`); a batch
 opens when a request waits, and closes when it holds `max_batch_size` requests or `batch_wait_timeout_s` after
-it opened (Ray's `_BatchQueue.wait_for_batch`). If the model call blocks the replica's event loop (a plain
-synchronous forward pass: `BatchingConfig.model_blocks_loop`, the default) the next batch opens only when it
-returns; if the handler awaits the model instead, Ray closes the next batch while one executes, and only the
-wait lets batches grow (serve_app/simulator.py simulates both).
+it opened (Ray's `_BatchQueue.wait_for_batch`). If the next batch forms only once the running one returns
+(`BatchingConfig.model_blocks_loop`, the default: a synchronous forward pass in the handler, or the replica's own
+model queue, which runs the model in a thread and merges what queued meanwhile without holding the event loop),
+batches take what queued while the last one ran; if the handler awaits the model instead, Ray closes the next
+batch while one executes, and only the wait lets batches grow (serve_app/simulator.py simulates both).
 """
 
 from serve_app.batching.admission import AdmissionControl, LatencyCalibration, Verdict

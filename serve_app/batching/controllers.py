@@ -122,13 +122,14 @@ class SLOModel(Controller):
 
     Cap: the largest b whose worst case - a full batch executing when a request arrives, then its own:
     2 * t_q(b) - fits the latency budget: the most capacity (b / t(b) grows with b when a > 0) that cannot by
-    itself break the SLO. Wait, when the model call blocks the loop (`model_blocks_loop`, the default): 0. The
-    next batch then forms while the last one runs and takes what queued meanwhile, so batch sizes follow the
-    load's own fixed point b* = rate * t(b*) - small under light load, larger under heavy load - and waiting
-    would only add latency. When the model call does not block, Ray closes batches while one executes, so
-    batches are as large as the wait lets them grow: the wait is the time the (predicted) rate needs to fill
-    the smallest batch b with rate * t(b) <= target_utilization * b - 0 under light load, longer under heavy
-    load - capped so that it plus 2 * t_q(b) stays within the budget (a wait never breaks the SLO by itself).
+    itself break the SLO. Wait, when the next batch forms only once the last one returns (`model_blocks_loop`,
+    the default; the replica's model queue): 0. It takes what queued while the last one ran, so batch sizes
+    follow the load's own fixed point b* = rate * t(b*) - small under light load, larger under heavy load -
+    and waiting would only add latency. When the handler awaits the model instead, Ray closes batches while one
+    executes, so batches are as large as the wait lets them grow: the wait is the time the (predicted) rate
+    needs to fill the smallest batch b with rate * t(b) <= target_utilization * b - 0 under light load, longer
+    under heavy load - capped so that it plus 2 * t_q(b) stays within the budget (a wait never breaks the SLO
+    by itself).
 
     The budget is the SLO times a safety factor that shrinks when a window's observed percentile misses the
     SLO without a backlog (model error, not load: shrinking under a backlog would cut capacity when it is

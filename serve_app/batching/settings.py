@@ -35,10 +35,11 @@ class BatchingConfig:
     target_utilization: float = 0.7
     """With a non-blocking model call, SLOModel waits long enough that rate * t(b) / b stays below this."""
     model_blocks_loop: bool = True
-    """True when the batch handler calls the model synchronously, holding the replica's event loop, so the
-    next batch forms only once it returns. False when it awaits the model (asyncio.to_thread, async GPU work):
-    Ray then closes batches while one executes, and a zero wait makes batches of one (see
-    serve_app/simulator)."""
+    """True when the next batch forms only once the running one returns and takes what queued meanwhile: the
+    replica's model queue (serve_app/replica.py runs the model in a thread and merges what Serve's batch queue
+    handed on while it ran, the event loop free meanwhile), or a handler that calls the model synchronously,
+    holding the loop. False when the handler awaits the model (asyncio.to_thread, async GPU work): Ray then
+    closes batches while one executes, and a zero wait makes batches of one (see serve_app/simulator)."""
 
     def __post_init__(self) -> None:
         _check(self.slo_s > 0, "slo_s must be > 0", self.slo_s)
