@@ -14,8 +14,9 @@ Layout: on the CPU the conv weight is channels_last and activations enter the co
 pixels), oneDNN's native layout; outputs are equal, only strides differ from NCHW.
 
 torch.compile (fullgraph, train and eval): `lean` traces as the custom op `tandem::conv_bn_act_lean` (fake kernel,
-registered autograd whose backward recomputes the conv), `fast` as plain aten ops that inductor fuses, eval as the
-folded conv (constants under inductor's freezing). Eager calls keep the autograd.Functions below (less per-call
+registered autograd whose backward recomputes the conv), `fast` as plain aten ops that inductor fuses (except a
+small-map conv: the custom op `tandem::conv2d_nchw`, so it stays NCHW), eval as the folded conv (constants under
+inductor's freezing). Eager calls keep the autograd.Functions below (less per-call
 dispatch than a custom op).
 
 Mixed precision: under autocast the conv runs in the autocast dtype (inputs cast once, here, explicitly), the
@@ -96,6 +97,11 @@ slower than NCHW here (2x2 maps, 256 channels: forward 2x, backward 1.5x)."""
 
 def _cl_wanted(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.shape[-1] * x.shape[-2] >= _CL_MIN_PIXELS
+
+
+def _nchw_small_map(x: torch.Tensor) -> bool:
+    """A CPU oneDNN-dtype input that `_cpu_layout` keeps NCHW (maps under _CL_MIN_PIXELS pixels)."""
+    return x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and not _cl_wanted(x)
 
 
 def _cpu_layout(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,6 +330,72 @@ def _lean_grad(ctx, g_out, *_):
 torch.library.register_autograd("tandem::conv_bn_act_lean", _lean_grad, setup_context=_lean_setup)
 
 
+# ---- torch.library custom op: an NCHW conv that inductor cannot re-layout ---------------------------------------
+# Inductor's CPU layout optimization (torch._inductor.graph.decide_layout_opt: always on with oneDNN) makes every
+# aten convolution of a graph channels_last, input and weight (copying an NCHW weight on every call). On small maps
+# that is the slow layout (see _CL_MIN_PIXELS), so under torch.compile the `fast` form runs its small-map convs
+# through this op: inductor sees an opaque call on NCHW tensors and still fuses the BN and activation around it.
+@torch.library.custom_op("tandem::conv2d_nchw", mutates_args=())
+def _conv_nchw_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: _Opt,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """F.conv2d on NCHW input and weight; NCHW output."""
+    return F.conv2d(x.contiguous(), weight.contiguous(), bias, stride, padding, dilation, groups).contiguous()
+
+
+@_conv_nchw_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous()  # fake tensors: shape only
+
+
+@torch.library.custom_op("tandem::conv2d_nchw_backward", mutates_args=())
+def _conv_nchw_backward_op(
+    g_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    has_bias: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(g_x, g_w, g_b) of `conv2d_nchw`, all NCHW (g_b: zeros(0) without a bias; a custom op cannot return None)."""
+    g_x, g_w, g_b = torch.ops.aten.convolution_backward(
+        g_out.contiguous(), x.contiguous(), weight.contiguous(), [weight.shape[0]] if has_bias else None,
+        stride, padding, dilation, False, [0, 0], groups, [True, True, has_bias],
+    )  # fmt: skip
+    return g_x.contiguous(), g_w.contiguous(), weight.new_zeros(0) if g_b is None else g_b
+
+
+@_conv_nchw_backward_op.register_fake
+def _(g_out, x, weight, has_bias, stride, padding, dilation, groups):
+    g_b = weight.new_empty(weight.shape[0] if has_bias else 0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        weight, memory_format=torch.contiguous_format
+    ), g_b
+
+
+def _conv_nchw_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv_args = (bias is not None, stride, padding, dilation, groups)
+
+
+def _conv_nchw_grad(ctx, g_out):
+    x, weight = ctx.saved_tensors
+    g_x, g_w, g_b = torch.ops.tandem.conv2d_nchw_backward(g_out, x, weight, *ctx.conv_args)
+    return g_x, g_w, g_b if ctx.conv_args[0] else None, None, None, None, None
+
+
+torch.library.register_autograd("tandem::conv2d_nchw", _conv_nchw_grad, setup_context=_conv_nchw_setup)
+
+
 def _train(x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps, spec, act, lean):
     """Training-mode op on validated arguments: casts for autocast, picks the eager or the traceable form."""
     x, weight = _cpu_layout(x, weight)
@@ -344,8 +416,14 @@ def _train(x, weight, bias, gamma, beta, running_mean, running_var, momentum, ep
                 _update_running(running_mean, running_var, new_mean, new_var)
                 return out
             # fast, compiled: plain aten ops, so inductor fuses the statistics, normalization and activation
-            # (forward and backward) as it does for the eager chain; its partitioner picks what to save
-            y = spec.conv(x, weight, bias)
+            # (forward and backward) as it does for the eager chain; its partitioner picks what to save. Small
+            # maps: the conv NCHW, as eager runs it (inductor would make an aten conv channels_last)
+            if _nchw_small_map(x):
+                y = torch.ops.tandem.conv2d_nchw(
+                    x, weight, bias, list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups
+                )
+            else:
+                y = spec.conv(x, weight, bias)
             return act.forward(F.batch_norm(y, running_mean, running_var, gamma, beta, True, momentum, eps))
         if lean:
             return _ConvBNActFunction.apply(

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kernels.conv_bn import ConvBNAct
+from kernels.conv_bn import ConvBNAct, plan_save_modes_, plan_weight_layouts_
 from models.cnn import ModelConfig, build_model
 
 
@@ -84,14 +84,17 @@ def test_compiled_running_stats_update_like_eager(save):
     torch.testing.assert_close(comp.bn.running_var, eager.bn.running_var, atol=1e-6, rtol=1e-6)
 
 
-def _train_step_matches(preset: str, save: str, backend: str, size: int) -> None:
+def _train_step_matches(preset: str, save: str, backend: str, size: int, plan: bool = False) -> None:
     cfg = ModelConfig.preset(preset, in_channels=3, save=save)
     torch.manual_seed(0)
     eager = build_model(cfg)
+    x, y = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
+    if plan:  # as training plans them: NCHW weights on small maps, fast where the conv output is the smaller
+        plan_weight_layouts_(eager, x)
+        plan_save_modes_(eager, x)
     comp = copy.deepcopy(eager)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager, comp)]
     compiled = torch.compile(comp, fullgraph=True, backend=backend)
-    x, y = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
     for _ in range(2):
         losses = []
         for m, opt in zip((eager, compiled), opts):
@@ -108,7 +111,9 @@ def _train_step_matches(preset: str, save: str, backend: str, size: int) -> None
 
 
 def test_compiled_training_step_small_inductor():
-    _train_step_matches("small", "lean", "inductor", 8)
+    """Planned as training plans it: stage 1 lean (channels_last), stages 2-3 fast, stage 3 (2x2 maps) through the
+    NCHW conv op, all in one inductor graph."""
+    _train_step_matches("small", "lean", "inductor", 8, plan=True)
 
 
 @pytest.mark.parametrize("save", ["lean", "fast"])
@@ -129,3 +134,32 @@ def test_compiled_matches_eager_cuda(save):
     eager.eval(), comp.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_fast_runs_small_map_convs_nchw_through_an_opaque_op():
+    """Inductor's CPU layout optimization makes every aten conv of a graph channels_last; compiled, the fast
+    form's small-map convs (inputs under _CL_MIN_PIXELS pixels, NCHW in eager) go through tandem::conv2d_nchw,
+    which it cannot re-layout, and the larger maps stay aten convs. Same outputs and gradients as eager."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ConvBNAct(4, 8, 3, padding=1, save="fast"),  # 8x8 input: 64 pixels, aten conv
+        ConvBNAct(8, 8, 3, stride=4, padding=1, save="fast"),  # 8x8 input (2x2 out): aten conv
+        ConvBNAct(8, 6, 3, padding=1, bias=True, save="fast"),  # 2x2 input: 4 pixels, the op
+        ConvBNAct(6, 6, 1, act="none", save="fast"),  # 2x2 input, the op
+    )
+    ref = copy.deepcopy(model)
+    targets: list = []
+
+    def recording(gm, example_inputs):
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=recording)
+    x = torch.randn(3, 4, 8, 8)
+    for a, b in zip(_grads(ref, x, 0), _grads(compiled, x, 0)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    nchw_op = (torch.ops.tandem.conv2d_nchw, torch.ops.tandem.conv2d_nchw.default)
+    assert sum(t in nchw_op for t in targets) == 2, targets
+    assert sum(t is torch.nn.functional.conv2d for t in targets) == 2, targets
