@@ -102,6 +102,12 @@ def _ensure_serve(cfg: DeployConfig):
             init_embedded(cfg.num_cpus, cfg.ingress, include_dashboard=False)
         else:
             ray.init(address=cfg.address)
+    # Serve running already (started by this process, e.g. tandem.pipeline.start_serving, or by an earlier call
+    # here): its client, without a second serve.start, which only connects again (two calls to the controller
+    # and a "Connecting to existing Serve app" line, three of them in each roll_out).
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is not None:
+        return client
     _wait_previous_serve_gone()
     serve.start(http_options=cfg.http_options(), logging_config=_logging(cfg))
     return _get_global_client()

@@ -194,3 +194,29 @@ def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app
     details = ServeInstanceDetails(**_get_global_client().get_serve_details())
     # Restored after the update to what build_app sets: through HAProxy, no bound (test above).
     assert details.applications[cfg.app_name].deployments["Model"].deployment_config.max_queued_requests == -1
+
+
+def test_deploy_calls_use_the_running_serve_without_starting_it_again(monkeypatch):
+    """Every deploy call (serve_artifact, update_user_configs, roll_out's waits) gets Serve's client through
+    `_ensure_serve`: with Serve running (tandem.pipeline.start_serving started it, or an earlier call did) that is
+    the client, not a second `serve.start`, which only connected again (controller calls and a "Connecting to
+    existing Serve app" line, three per roll_out, in the process whose load generator they stalled); with none,
+    it waits for an earlier Serve's proxies to go and starts Serve."""
+    import ray
+    import ray.serve.context
+    from ray import serve
+
+    from serve_app import deploy
+
+    started, running = [], object()
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve, "start", lambda **kw: started.append(kw))
+    monkeypatch.setattr(deploy, "_wait_previous_serve_gone", lambda: started.append("waited"))
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda raise_if_no_controller_running=True: running)
+    assert deploy._ensure_serve(DeployConfig()) is running and started == []
+    clients = iter([None, running])  # none running, then the one serve.start started
+    monkeypatch.setattr(
+        ray.serve.context, "_get_global_client", lambda raise_if_no_controller_running=True: next(clients)
+    )
+    assert deploy._ensure_serve(DeployConfig(host="127.0.0.1", port=8123)) is running
+    assert started[0] == "waited" and started[1]["http_options"]["port"] == 8123
