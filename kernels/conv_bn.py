@@ -10,8 +10,8 @@ Inference (`eval()` with running statistics) folds BN into the conv weight and b
 The folded weights are cached and refreshed whenever a parameter or running statistic changes (checked through
 tensor version counters, so an optimizer step or `load_state_dict` is never served stale; cf. pytorch#108863).
 
-Layout: on the CPU the conv weight is channels_last and activations enter the conv channels_last (maps of >= 16
-pixels), oneDNN's native layout; outputs are equal, only strides differ from NCHW.
+Layout: on the CPU the conv weight is channels_last and activations enter the conv channels_last (except small
+maps with many channels: _NCHW_MIN_CHANNELS), oneDNN's native layout; outputs are equal, only strides differ from NCHW.
 
 torch.compile (fullgraph, train and eval): `lean` traces as the custom op `tandem::conv_bn_act_lean` (fake kernel,
 registered autograd whose backward recomputes the conv), `fast` as plain aten ops that inductor fuses (except a
@@ -91,16 +91,30 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 _CL_MIN_PIXELS = 16
-"""channels_last only for inputs of at least this many pixels: below, oneDNN's channels_last kernels measured
-slower than NCHW here (2x2 maps, 256 channels: forward 2x, backward 1.5x)."""
+"""The inference forms' layout rule (models/fuse.py, which times the other layout too): channels_last for inputs
+of at least this many pixels."""
+
+_SMALL_MAP_PIXELS = 16
+"""Training (and ConvBNAct's own eval forward): a map of at most this many pixels (4x4) is small, see
+_NCHW_MIN_CHANNELS."""
+
+_NCHW_MIN_CHANNELS = 256
+"""A small map with at least this many input channels runs NCHW, everything else channels_last. Measured here
+(conv forward + backward, batch 64, 1 thread, channels_last time / NCHW time): 3x3 convs on 1x1, 2x2 and 4x4 maps
+1.33-1.71 at 256-512 channels, but 0.89-0.98 at 16-128 channels; on 6x6 maps 1.03 at 256, on 8x8 0.86-0.90 at
+16-256. The old pixel-only rule (NCHW under 16 pixels) kept resnet18 32x32's stage 4 (4x4, 512 channels)
+channels_last and ran small 8x8's 2x2 64-channel maps NCHW, both the slower layout."""
 
 
 def _cl_wanted(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.shape[-1] * x.shape[-2] >= _CL_MIN_PIXELS
+    """Whether a conv input runs channels_last (CPU, oneDNN dtypes): unless its map is small and wide."""
+    if x.device.type != "cpu" or x.dtype not in _ONEDNN_DTYPES:
+        return False
+    return x.shape[-1] * x.shape[-2] > _SMALL_MAP_PIXELS or x.shape[1] < _NCHW_MIN_CHANNELS
 
 
 def _nchw_small_map(x: torch.Tensor) -> bool:
-    """A CPU oneDNN-dtype input that `_cpu_layout` keeps NCHW (maps under _CL_MIN_PIXELS pixels)."""
+    """A CPU oneDNN-dtype input that `_cpu_layout` keeps NCHW (small, wide maps: _NCHW_MIN_CHANNELS)."""
     return x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and not _cl_wanted(x)
 
 
@@ -108,7 +122,7 @@ def _cpu_layout(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, to
     """(x, weight) laid out for the conv. On the CPU: channels_last input (oneDNN's native conv layout; an NCHW
     conv pays a reorder to and from a blocked layout on every call: measured here 1.2-1.8x slower for conv forward
     and backward at 16-128 channels, 8x8-32x32, 1 thread), a no-op for an input already in it, so only a model's
-    first op converts. Small maps (< _CL_MIN_PIXELS pixels) run NCHW, input and weight (a differentiable copy of
+    first op converts. Small wide maps (_NCHW_MIN_CHANNELS) run NCHW, input and weight (a differentiable copy of
     the channels_last weight: far cheaper than oneDNN's channels_last kernels there). Values are unchanged;
     non-oneDNN dtypes (float64: aten's reference conv) and other devices are left as they are."""
     if x.device.type != "cpu" or x.dtype not in _ONEDNN_DTYPES:
@@ -333,7 +347,7 @@ torch.library.register_autograd("tandem::conv_bn_act_lean", _lean_grad, setup_co
 # ---- torch.library custom op: an NCHW conv that inductor cannot re-layout ---------------------------------------
 # Inductor's CPU layout optimization (torch._inductor.graph.decide_layout_opt: always on with oneDNN) makes every
 # aten convolution of a graph channels_last, input and weight (copying an NCHW weight on every call). On small maps
-# that is the slow layout (see _CL_MIN_PIXELS), so under torch.compile the `fast` form runs its small-map convs
+# that is the slow layout (see _NCHW_MIN_CHANNELS), so under torch.compile the `fast` form runs its small-map convs
 # through this op: inductor sees an opaque call on NCHW tensors and still fuses the BN and activation around it.
 @torch.library.custom_op("tandem::conv2d_nchw", mutates_args=())
 def _conv_nchw_op(
@@ -519,16 +533,16 @@ def _check_input(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
 @torch.no_grad()
 def plan_weight_layouts_(model: nn.Module, example: torch.Tensor) -> int:
     """Lays out each `ConvBNAct`'s CPU weight for the maps it will see: runs `model` once in eval mode on two
-    rows of `example` (N, C, H, W), marks the ops whose input has under _CL_MIN_PIXELS pixels `small_maps`
+    rows of `example` (N, C, H, W), marks the ops whose input runs NCHW (_NCHW_MIN_CHANNELS) `small_maps`
     (weight NCHW; without this each call copies the channels_last weight to NCHW and its gradient back:
     measured 12 ms of a 241 ms resnet18 8x8 training step for the forward copies alone) and the others
     channels_last. Call it before DDP or an optimizer take the parameters. Returns the number of small-map ops."""
     if not isinstance(example, torch.Tensor) or example.dim() != 4:
         raise ValueError(f"example must be a (N, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
-    pixels: dict[ConvBNAct, int] = {}
+    nchw: dict[ConvBNAct, bool] = {}
 
     def record(op, args):
-        pixels[op] = args[0].shape[-1] * args[0].shape[-2]
+        nchw[op] = _nchw_small_map(args[0])
 
     ops = [m for m in model.modules() if isinstance(m, ConvBNAct)]
     hooks = [op.register_forward_pre_hook(record) for op in ops]
@@ -542,7 +556,7 @@ def plan_weight_layouts_(model: nn.Module, example: torch.Tensor) -> int:
         for m, flag in flags:
             m.training = flag
     for op in ops:
-        op.small_maps = op in pixels and pixels[op] < _CL_MIN_PIXELS
+        op.small_maps = op in nchw and nchw[op]
         op._weight_layout()
     return sum(op.small_maps for op in ops)
 
@@ -678,7 +692,7 @@ class ConvBNAct(nn.Module):
         self.save = SaveMode.parse(save)
         self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self.small_maps = False
-        """Its inputs have under _CL_MIN_PIXELS pixels (set by `plan_weight_layouts_`): the CPU weight stays NCHW,
+        """Its inputs run NCHW (small, wide maps; set by `plan_weight_layouts_`): the CPU weight stays NCHW,
         the layout those maps run in, so no call copies it."""
         self._weight_layout()
 

@@ -227,18 +227,19 @@ def test_triton_path_end_to_end(monkeypatch, save):
 
 
 @pytest.mark.parametrize("save", ["lean", "fast"])
-@pytest.mark.parametrize("size", [3, 6])
-def test_layouts_small_and_large_maps_match_eager(save, size):
-    """CPU layouts: maps under 16 pixels run NCHW (a copy of the channels_last weight), larger ones channels_last;
-    both equal the eager chain in train and eval, and the weight stays the same channels_last Parameter."""
-    fused, eager = make_pair(8, 8, 3, act="relu", save=save, padding=1)
+@pytest.mark.parametrize("cin, size, nchw", [(8, 3, False), (8, 6, False), (256, 4, True), (256, 5, False)])
+def test_layouts_small_and_large_maps_match_eager(save, cin, size, nchw):
+    """CPU layouts: maps of at most 16 pixels with >= 256 input channels run NCHW (a copy of the channels_last
+    weight), everything else channels_last (kernels.conv_bn._NCHW_MIN_CHANNELS); both equal the eager chain in
+    train and eval, and the weight stays the same channels_last Parameter."""
+    fused, eager = make_pair(cin, 8, 3, act="relu", save=save, padding=1)
     weight = fused.conv.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    x = torch.randn(4, 8, size, size)
+    x = torch.randn(4, cin, size, size)
     x_f, x_e = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_f, out_e = fused(x_f), eager(x_e)
     torch.testing.assert_close(out_f, out_e, atol=1e-5, rtol=1e-5)
-    assert out_f.is_contiguous(memory_format=torch.channels_last if size * size >= 16 else torch.contiguous_format)
+    assert out_f.is_contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
     g = torch.randn(out_f.shape)
     out_f.backward(g), out_e.backward(g)
     torch.testing.assert_close(x_f.grad, x_e.grad, atol=1e-5, rtol=1e-4)
@@ -250,26 +251,29 @@ def test_layouts_small_and_large_maps_match_eager(save, size):
 
 
 def test_plan_weight_layouts_keeps_small_map_weights_nchw():
-    """After the plan, ops fed maps under 16 pixels hold an NCHW weight (no per-call copy), larger ones
-    channels_last; through `.to()` too; values, Parameters, outputs and gradients unchanged."""
+    """After the plan, ops fed small maps (<= 16 pixels) with >= 256 channels hold an NCHW weight (no per-call
+    copy), the others channels_last (small narrow maps too); through `.to()` too; values, Parameters, outputs and
+    gradients unchanged."""
     from kernels.conv_bn import plan_weight_layouts_
 
     torch.manual_seed(0)
     model = nn.Sequential(
         ConvBNAct(3, 8, 3, padding=1, save="fast"),  # 8x8 input: 64 pixels
-        ConvBNAct(8, 8, 3, stride=4, padding=1, save="lean"),  # 8x8 in, 2x2 out
-        ConvBNAct(8, 8, 3, padding=1, save="fast"),  # 2x2 input: 4 pixels
+        ConvBNAct(8, 256, 3, stride=4, padding=1, save="lean"),  # 8x8 in, 2x2 out
+        ConvBNAct(256, 8, 3, padding=1, save="fast"),  # 2x2 input, 256 channels: NCHW
+        ConvBNAct(8, 8, 3, padding=1, save="fast"),  # 2x2 input, 8 channels: channels_last
     )
     ref = copy.deepcopy(model)
     params = [p for p in model.parameters()]
     x = torch.randn(4, 3, 8, 8)
     assert plan_weight_layouts_(model, x) == 1
-    assert [op.small_maps for op in model] == [False, False, True]
+    assert [op.small_maps for op in model] == [False, False, True, False]
     model.to(torch.float32)  # _apply re-lays out: the plan must hold
     w = [op.conv.weight for op in model]
     assert w[0].is_contiguous(memory_format=torch.channels_last) and not w[0].is_contiguous()
     assert w[1].is_contiguous(memory_format=torch.channels_last) and not w[1].is_contiguous()
     assert w[2].is_contiguous()
+    assert w[3].is_contiguous(memory_format=torch.channels_last) and not w[3].is_contiguous()
     assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
     assert model[0].training, "training flags restored"
     _assert_same_outputs_and_grads(model, ref, x)
