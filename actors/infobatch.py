@@ -17,6 +17,14 @@ steps (that is where the time goes); the LR schedule is paced by epoch progress 
 the Ray Train workers over a stream (`KeptStream`: each worker re-batches the kept rows of its shard into a
 planned number of steps, the same on every worker). In a data-parallel run each worker scores the rows it read
 and `merge_` pools the scores after each epoch; `state_dict` goes into the run's checkpoint.
+
+Checked against the authors' code (NUS-HPC-AI-Lab/InfoBatch: infobatch/infobatch.py, cifar_example.py): same
+threshold (the mean of every sample's latest score, pruned samples keeping their older ones), same scores (the
+unweighted per-sample losses of the forward), same rescale (kept below-mean samples only), same annealing (full data
+from epoch delta * epochs, delta = 0.875), and their LR schedule is paced by epoch too (OneCycleLR re-created each
+epoch with that epoch's pruned length and last_epoch = epoch * len - 1). Differences that do not change the method:
+their scores start at 3 (nothing pruned in epoch 0, as our unscored samples), they keep exactly
+int((1 - r) * n_well_learned) of the well-learned samples where we draw each with probability 1 - r.
 """
 
 from __future__ import annotations
