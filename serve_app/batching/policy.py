@@ -96,6 +96,11 @@ class BatchingPolicy:
         count, as a rejection (it left unserved)."""
         self.recorder.rejected()
 
+    def withdrawn(self) -> None:
+        """An admitted request turned out bad (the replica admits before it parses: a 4xx follows): out of the
+        queue count, not a rejection (nothing was refused)."""
+        self.recorder.withdrawn()
+
     def batch_start(self, size: int) -> None:
         self.recorder.batch_start(size)
 

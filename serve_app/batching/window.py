@@ -78,6 +78,10 @@ class WindowRecorder:
         self._rejected += 1
         self._admitted_total -= 1
 
+    def withdrawn(self) -> None:
+        """The request just counted by arrival() will not be queued after all (a bad request: its 4xx follows)."""
+        self._admitted_total -= 1
+
     def batch_start(self, size: int) -> None:
         self._started_total += size
 
