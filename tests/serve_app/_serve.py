@@ -36,6 +36,8 @@ class Access:
     """The server that answered (`<NOSRV>` when HAProxy answered itself)."""
     request: str
     """The request line, e.g. `POST /predict HTTP/1.1`."""
+    line: str = ""
+    """The whole log line (its termination state, the backend's and server's connection counts, ...)."""
 
     @property
     def answer_ms(self) -> int:
@@ -74,7 +76,9 @@ class HAProxyLog:
         for line in self._lines[mark:]:
             m = _HTTPLOG.search(line)
             if m and path in m.group(5):
-                found.append(Access(int(m.group(4)), int(m.group(3)), int(m.group(2)), m.group(1), m.group(5)))
+                found.append(
+                    Access(int(m.group(4)), int(m.group(3)), int(m.group(2)), m.group(1), m.group(5), line.strip())
+                )
         return found
 
 

@@ -39,11 +39,22 @@ def start_load(pool, url: str, load: LoadConfig):
     return pool.submit(run_load_at, url, load, time.time() + 0.3, (1, 8, 8))
 
 
-def lost(report) -> tuple:
+def lost(report, mark: int) -> tuple:
     """What a failed assertion shows about the requests not answered 200: statuses, the 503s HAProxy answered
-    itself, the generator's worst send lag (ms) and when they were sent (s after the load's start)."""
+    itself, the generator's worst send lag (ms), when they were sent (s after the load's start) and HAProxy's log
+    lines of its 503s since `mark` (_serve.HAPROXY_LOG: server, timers, termination state, connection counts)."""
+    import _serve
+
     at = sorted({round(t, 1) for t, _, status in report.samples if status != 200})
-    return report.status_counts, report.rejected_by_ingress, report.send_lag_max_ms, at
+    time.sleep(1.0)  # the syslog datagrams of the last requests
+    logged = [a.line for a in _serve.HAPROXY_LOG.since(mark, "/predict") if a.status == 503][:6]
+    return report.status_counts, report.rejected_by_ingress, report.send_lag_max_ms, at, logged
+
+
+def log_mark() -> int:
+    import _serve
+
+    return _serve.HAPROXY_LOG.mark()
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +120,18 @@ def test_a_slow_hot_update_under_load_loses_nothing(ray_local, bounded_app, gene
     slo = {**BatchingConfig.slo_fields(10.0), "max_queue_len": None}  # as the soak below: count only the update
     cfg = DeployConfig(port=old.port, app={"version": "bp", "batching": slo})
     serve_artifact(bounded_app["path"], cfg)
-    with httpx.Client(base_url=url, timeout=30) as c:
-        replica = c.get("/v2/models/tandem").json()["parameters"]["replica"]
+    # The replica the redeploy started: once the one it replaced is gone (its record deleted when Serve stops it).
+    # Not by asking over HTTP: HAProxy drops a replaced replica from its backend up to 2 s late
+    # (RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S), and the draining one answered that question once in a soak.
+    deadline = time.monotonic() + 30
+    while len(served.replica_ids(cfg.app_name, "Model")) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (replica,) = served.replica_ids(cfg.app_name, "Model")
     user = asdict(cfg.app_config(bounded_app["path"]).model_user_config())
     user.update(artifact=bounded_app["update"], version="slow", **{LOAD_DELAY_KEY: 3.0})
     took = {}
     load = LoadConfig(pattern=Constant(100.0), duration_s=9.0, timeout_s=10.0)
+    mark = log_mark()
     result = start_load(generator, url, load)
     time.sleep(1.8)
 
@@ -146,7 +163,7 @@ def test_a_slow_hot_update_under_load_loses_nothing(ray_local, bounded_app, gene
     report = result.result()
     assert (during, after) == ("bp", "slow") and took["s"] >= 3.0  # roll_out waited for the swap
     assert meta["parameters"]["replica"] == replica  # swapped in place, not restarted
-    assert report.sent > 740 and report.ok == report.sent, lost(report)
+    assert report.sent > 740 and report.ok == report.sent, lost(report, mark)
     # It waited on the replica's own record, not on the controller's details of the whole instance 5 times a
     # second (a load beside the replica it updates: 8 of 2676 refused at 0.66x capacity in bench/serving.py)
     assert len(asked) <= 4, [round(t - asked[0], 2) for t in asked]
@@ -184,11 +201,12 @@ def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app
     cfg = DeployConfig(port=old.port, app={"version": "bp", "max_queued_requests": bound, "batching": slo})
     serve_artifact(bounded_app["path"], cfg)
     load = LoadConfig(pattern=Constant(100.0), duration_s=8.0, timeout_s=10.0)
+    mark = log_mark()
     result = start_load(generator, url, load)
     time.sleep(1.8)
     hot_update(bounded_app["path"], cfg, bounded_app["update"], "bp2")
     report = result.result()
-    assert report.sent > 650 and report.ok == report.sent, lost(report)
+    assert report.sent > 650 and report.ok == report.sent, lost(report, mark)
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.post("/predict", json=GOOD).json()["version"] == "bp2"
     details = ServeInstanceDetails(**_get_global_client().get_serve_details())
