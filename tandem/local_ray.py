@@ -76,6 +76,56 @@ cluster starts, cannot take one of these between our check and our bind (seen: H
 `bind(0)` had returned, 'Address already in use' a second later)."""
 
 
+_INGRESS_PORT_BLOCK = 50
+"""Direct-ingress ports an embedded cluster gives a node's replicas (HTTP, and as many gRPC): a port is held by
+one replica and, once released, quarantined for _DRAIN_S only."""
+
+_INGRESS_HTTP_PORTS = (30000, 32700)
+"""Where the HTTP blocks lie: Ray's own default range (30000-31000) and up to the kernel's ephemeral range."""
+
+_INGRESS_GRPC_PORTS = (40000, 42700)
+"""Where the gRPC blocks lie: Ray's own default range (40000-41000) and above."""
+
+
+def direct_ingress_ports() -> dict[str, str]:
+    """Ray's variables that give one embedded cluster's replicas a block of direct-ingress ports no socket holds
+    now. Ray's default range is the same for every cluster, and each cluster's controller hands its ports out
+    from the bottom without looking at the machine: with two clusters on one machine (two `tandem serve`, or a
+    run while another serves) the second cluster's replica could not bind the port its controller gave it,
+    while that cluster's HAProxy sent requests to the port, where the first cluster's replica answered them
+    (seen: 404s and 422s from the other cluster's model). A random block, checked free on every address,
+    leaves two clusters started at the same instant a 1-in-54 chance of sharing one."""
+    rng = random.Random()
+    blocks = list(range((_INGRESS_HTTP_PORTS[1] - _INGRESS_HTTP_PORTS[0]) // _INGRESS_PORT_BLOCK))
+    rng.shuffle(blocks)
+    for b in blocks:
+        http = _INGRESS_HTTP_PORTS[0] + b * _INGRESS_PORT_BLOCK
+        grpc = _INGRESS_GRPC_PORTS[0] + b * _INGRESS_PORT_BLOCK
+        ports = [*range(http, http + _INGRESS_PORT_BLOCK), *range(grpc, grpc + _INGRESS_PORT_BLOCK)]
+        if all(_bindable(port) for port in ports):
+            return {
+                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + _INGRESS_PORT_BLOCK),  # exclusive
+                "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + _INGRESS_PORT_BLOCK),
+            }
+    raise RuntimeError(
+        f"no block of {_INGRESS_PORT_BLOCK} free direct-ingress ports in {_INGRESS_HTTP_PORTS} and "
+        f"{_INGRESS_GRPC_PORTS}: too many Ray clusters on this machine?"
+    )
+
+
+def _bindable(port: int) -> bool:
+    """Whether nothing holds `port` on any address (the wildcard bind fails on any listener or lingering
+    connection of the port, so a block a stopped cluster just used is skipped too)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
 def interrupt_on_sigterm() -> None:
     """SIGTERM (`kill`, `ray job stop`) stops a command as Ctrl-C does, so its `finally` blocks run: the Serve app
     it deployed is deleted and an embedded cluster stopped. `ray job stop` SIGKILLs the job 3 s after the SIGTERM
@@ -189,6 +239,7 @@ def haproxy_environment(run_dir: str | os.PathLike) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(_DRAIN_S),
+        **direct_ingress_ports(),
         # A reconfigure (hot update) marks a replica UPDATING, and Ray drops it from HAProxy's backend until it
         # is RUNNING again: with one replica, ~1-6 s of requests went to the Python proxy fallback or were
         # refused (49 of 777 once, issue 16). HAProxy applies the controller's target changes once per this
