@@ -11,7 +11,8 @@ controller, the HAProxyManager actor and the replicas). `haproxy_environment` gi
 embedded cluster, with everything HAProxy writes under the run's own directory and nothing listening beyond
 loopback:
 - the HTTP frontend binds Serve's `http_options.host` (tandem's default 127.0.0.1), and so do the replicas' own
-  HTTP ports (30000+; Ray warns that remote HAProxies could not reach them - there are none on one machine);
+  HTTP ports (a block of their own, `direct_ingress_ports`; Ray warns that remote HAProxies could not reach
+  them - there are none on one machine);
 - HAProxy's stats and Prometheus frontends, which Ray's config template binds on all interfaces, are moved to
   127.0.0.1 on free ports by a launcher (`RAY_SERVE_HAPROXY_BINARY_PATH`) that rewrites the config Ray writes;
 - the same launcher replaces Ray's `errorfile 503` (a "500 Internal Server Error" page: Ray normalises HAProxy's
