@@ -93,7 +93,7 @@ class DeployConfig:
 def _ensure_serve(cfg: DeployConfig):
     import ray
     from ray import serve
-    from ray.serve.context import _get_global_client
+    from ray.serve.context import _check_cached_client_alive, _get_global_client
 
     if not ray.is_initialized():
         if cfg.address is None:
@@ -104,8 +104,11 @@ def _ensure_serve(cfg: DeployConfig):
             ray.init(address=cfg.address)
     # Serve running already (started by this process, e.g. tandem.pipeline.start_serving, or by an earlier call
     # here): its client, without a second serve.start, which only connects again (two calls to the controller
-    # and a "Connecting to existing Serve app" line, three of them in each roll_out).
-    client = _get_global_client(raise_if_no_controller_running=False)
+    # and a "Connecting to existing Serve app" line, three of them in each roll_out). Checked alive: a client
+    # cached in this process outlives its controller when another driver shuts Serve down (a `tandem serve` that
+    # exits on the same cluster), and deploying through it failed "Can't find actor" (a fresh-clone CI run, 17
+    # errors); serve.start then starts Serve again, or connects to one another driver started.
+    client, _ = _check_cached_client_alive()
     if client is not None:
         return client
     _wait_previous_serve_gone()

@@ -29,7 +29,11 @@ def generator():
     import concurrent.futures
     import multiprocessing
 
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # At Ray's worker niceness (15, RAY_worker_niceness), as the replica runs: at nice 0 on 2 cores the generator
+    # starves the replica, which then stalls and HAProxy's cap refuses the backlog (tests/serve_app/_serve.py's
+    # niced_bursts: the same cause made test_overload's replica answer ~0.9 s late)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=os.nice, initargs=(15,)) as pool:
         pool.submit(time.sleep, 0).result()  # started before the first timed load
         yield pool
 
@@ -230,11 +234,15 @@ def test_deploy_calls_use_the_running_serve_without_starting_it_again(monkeypatc
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(serve, "start", lambda **kw: started.append(kw))
     monkeypatch.setattr(deploy, "_wait_previous_serve_gone", lambda: started.append("waited"))
-    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda raise_if_no_controller_running=True: running)
+    monkeypatch.setattr(ray.serve.context, "_check_cached_client_alive", lambda: (running, True))
     assert deploy._ensure_serve(DeployConfig()) is running and started == []
-    clients = iter([None, running])  # none running, then the one serve.start started
-    monkeypatch.setattr(
-        ray.serve.context, "_get_global_client", lambda raise_if_no_controller_running=True: next(clients)
-    )
-    assert deploy._ensure_serve(DeployConfig(host="127.0.0.1", port=8123)) is running
-    assert started[0] == "waited" and started[1]["http_options"]["port"] == 8123
+    # A cached client whose controller is gone (another driver shut Serve down), or none cached: Serve is started
+    # (serve.start connects to a controller another driver runs), and its client returned.
+    for cached in (True, False):
+        started.clear()
+        monkeypatch.setattr(ray.serve.context, "_check_cached_client_alive", lambda cached=cached: (None, cached))
+        monkeypatch.setattr(
+            ray.serve.context, "_get_global_client", lambda raise_if_no_controller_running=True: running
+        )
+        assert deploy._ensure_serve(DeployConfig(host="127.0.0.1", port=8123)) is running
+        assert started[0] == "waited" and started[1]["http_options"]["port"] == 8123
