@@ -222,17 +222,29 @@ class Reply:
     text: str
 
 
+RAY_WORKER_NICENESS = 15
+"""The niceness Ray runs its workers at, Serve replicas included (RAY_worker_niceness)."""
+
+
+def client_process():
+    """A process pool of one spawned process at RAY_WORKER_NICENESS, for a test's load client. A client at nice 0
+    in the test's process starves the replica (nice 15) on 2 cores until it has sent everything, and the replica
+    then answers what it holds all at once: refusals measured ~0.9 s late in 1 of 3 runs (84 of 556 503s at
+    905 ms, all together), a cause of the test machine that a client on another machine does not have."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    return concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=ctx, initializer=os.nice, initargs=(RAY_WORKER_NICENESS,)
+    )
+
+
 def niced_bursts(url: str, body: dict, n: int, repeats: int) -> list[Reply]:
-    """`repeats` bursts of `n` concurrent POST /predict, sent from this process at Ray's worker niceness (15,
-    RAY_worker_niceness): call it in a process of its own. A burst sent at nice 0 from the test's process starves
-    the replica (nice 15) on 2 cores until the client has sent everything, and the replica then answers what it
-    holds all at once: refusals measured ~0.9 s late in 1 of 3 runs (84 of 556 503s at 905 ms, all together), a
-    cause of the test machine that a client on another machine does not have."""
+    """`repeats` bursts of `n` concurrent POST /predict: run it in `client_process()`."""
     import asyncio
 
     import httpx
-
-    os.nice(15)
 
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)

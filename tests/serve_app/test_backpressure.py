@@ -26,14 +26,10 @@ def generator():
     """A process of its own for the load generator (serve_app.loadgen.run_load_at): in a thread of this process it
     shares the GIL with the hot update's client work here, and a stall of it sends a burst that HAProxy's
     per-replica cap rightly refuses (tests/serve_app/test_loadgen.py); these tests count the update's losses."""
-    import concurrent.futures
-    import multiprocessing
+    import _serve
 
-    # At Ray's worker niceness (15, RAY_worker_niceness), as the replica runs: at nice 0 on 2 cores the generator
-    # starves the replica, which then stalls and HAProxy's cap refuses the backlog (tests/serve_app/_serve.py's
-    # niced_bursts: the same cause made test_overload's replica answer ~0.9 s late)
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=os.nice, initargs=(15,)) as pool:
+    # At Ray's worker niceness, as the replica runs (_serve.client_process: at nice 0 the generator starves it)
+    with _serve.client_process() as pool:
         pool.submit(time.sleep, 0).result()  # started before the first timed load
         yield pool
 

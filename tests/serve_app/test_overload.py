@@ -9,10 +9,8 @@ that format live too, and once the load falls under capacity the app serves with
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import glob
 import json
-import multiprocessing
 import socket
 import statistics
 import threading
@@ -152,7 +150,7 @@ def test_overload_refused_at_once_then_recovers(ray_local, app):
     mark = log.mark()
     # 3 bursts of a few hundred requests over ~1 s each, much beyond capacity, from a process as nice as the
     # replica (_serve.niced_bursts)
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with _serve.client_process() as pool:
         replies = pool.submit(_serve.niced_bursts, url, BODY, 300, 3).result()
     codes = [r.status_code for r in replies]
     assert set(codes) <= {200, 503}, [
