@@ -14,7 +14,9 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
   batched_capacity_rps                        the same for static_default and adaptive: their ratio to the
                                               unbatched capacity bounds what any max-rate ratio can reach
   max_rate_ratio_adaptive_vs_static           highest sine mean (+-50%) held at >= 99% within the SLO,
-                                              adaptive / static_default                                 >= 1.2
+                                              adaptive / static_default                                 >= 1.3
+                                              (search_held: the grid, halvings below it for a variant
+                                              that fails its lowest rate, one bisection of each bracket)
   max_rate_ratio_adaptive_vs_nobatch          same, adaptive / nobatch                                  >= 1.5
   attainment_tight_adaptive_minus_best_static share within 25 ms at 1.0x capacity (constant rate),
                                               adaptive minus the best static setting                    >= 0
@@ -67,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench._common import print_table, write_result
@@ -406,6 +409,14 @@ def generator_ceiling(url: str, seconds: float) -> float:
 # ------------------------------------------------------------------------------------------------ protocol
 
 
+DESCEND_STEPS = 4
+"""How far `search_held` looks below the grid for a variant that fails its lowest rate: halving that rate up to
+this many times (down to 1/16 of it)."""
+REFINE_STEPS = 1
+"""Bisections of the bracket [highest rate held, lowest failed] per variant after the grid (1: a 0.5x grid step
+becomes 0.25x; 0.1x steps 0.05x)."""
+
+
 def max_rate_held(
     bench: Bench,
     variants: list[str],
@@ -416,30 +427,94 @@ def max_rate_held(
     path: str,
     period_s: float,
     always: float | None = None,
+    descend: int = DESCEND_STEPS,
+    refine: int = REFINE_STEPS,
 ) -> tuple[dict[str, float], dict[tuple[str, float], list[dict]]]:
-    """Highest sine mean (multiples of `cap`) whose median attainment over `repeats` is >= 99%, per variant;
-    variants interleaved at each rate. Also returns the runs by (variant, multiple).
-
-    A rate is held up to the first one that fails (a lucky pass above a failure is noise, not capacity), so a
-    variant that failed is not run at higher rates, except at `always` (the overload point every variant runs):
-    the same result for a fraction of the protocol's time (most of the grid lies above the cliff)."""
+    """Highest sine mean (requests/s; `mults` in multiples of `cap`) whose median attainment over `repeats` is
+    >= 99%, per variant, found by `search_held` (the grid, then below it and between the grid's points); variants
+    interleaved at each step. Also returns the runs by (variant, multiple)."""
     from serve_app.simulator import Sine
 
+    run = bench.http if path == "http" else bench.handle
+
+    def measure(v: str, m: float) -> dict:
+        return run(v, Sine(m * cap, 0.5, period_s), dur, tag=f"sine {m:.2f}x")
+
+    held, runs = search_held(variants, mults, measure, repeats, always, descend, refine)
+    return {v: m * cap for v, m in held.items()}, runs
+
+
+def search_held(
+    variants: list[str],
+    mults: list[float],
+    measure: Callable[[str, float], dict],
+    repeats: int,
+    always: float | None = None,
+    descend: int = DESCEND_STEPS,
+    refine: int = REFINE_STEPS,
+) -> tuple[dict[str, float], dict[tuple[str, float], list[dict]]]:
+    """Highest rate (a multiple, as `mults`) that each variant holds: median `slo_attainment` of `measure(variant,
+    multiple)` over `repeats` >= 99%. Every step runs the variants it concerns interleaved (repeat by repeat), each
+    at its own rate. Returns the held multiple per variant (0.0 only if it held nothing down to the lowest rate
+    tried) and the runs by (variant, multiple).
+
+    1. The grid, climbing: a rate is held up to the first one that fails (a lucky pass above a failure is noise,
+       not capacity), so a variant that failed is not run at higher rates, except at `always` (the overload point
+       every variant runs).
+    2. Below the grid: a variant that failed the lowest rate is run at half of it, a quarter, ... (`descend`
+       halvings) until it holds one: a ratio of held rates is then always a number, not "n/a" because the grid
+       started above what one variant holds (the handle path's static defaults held nothing on a grid from 1x).
+    3. Between: `refine` bisections of each variant's bracket (highest held, lowest failed), so that two variants
+       one grid step apart are not read as a whole step apart."""
+    for name, v in (("repeats", repeats), ("descend", descend), ("refine", refine)):
+        if not isinstance(v, int) or v < (1 if name == "repeats" else 0):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'repeats' else 0}, got {v!r}")
+    if not mults or any(m <= 0 for m in mults) or list(mults) != sorted(mults):
+        raise ValueError(f"mults must be ascending positive multiples, got {mults!r}")
     runs: dict[tuple[str, float], list[dict]] = {}
+
+    def step(plan: dict[str, float]) -> dict[str, bool]:
+        """Runs each variant of `plan` at its multiple, interleaved; whether each held it."""
+        for _ in range(repeats):
+            for v, m in plan.items():
+                runs.setdefault((v, m), []).append(measure(v, m))
+        return {v: statistics.median(r["slo_attainment"] for r in runs[(v, m)][-repeats:]) >= 0.99
+                for v, m in plan.items()}  # fmt: skip
+
     held = dict.fromkeys(variants, 0.0)
+    failed: dict[str, float] = {}  # lowest multiple a variant failed at
     climbing = list(variants)
     for m in mults:
         now = list(variants) if m == always else climbing
-        for _ in range(repeats):
-            for v in now:
-                pattern = Sine(m * cap, 0.5, period_s)
-                run = bench.http if path == "http" else bench.handle
-                runs.setdefault((v, m), []).append(run(v, pattern, dur, tag=f"sine {m:.2f}x"))
+        if not now:
+            continue  # `always` may still lie above
+        ok = step(dict.fromkeys(now, m))
         for v in list(climbing):
-            if statistics.median(r["slo_attainment"] for r in runs[(v, m)]) < 0.99:
-                climbing.remove(v)
+            if ok[v]:
+                held[v] = m
             else:
-                held[v] = m * cap
+                climbing.remove(v)
+                failed[v] = m
+    low = mults[0]
+    for _ in range(descend):
+        below = [v for v in variants if held[v] == 0.0]
+        if not below:
+            break
+        low /= 2
+        for v, ok in step(dict.fromkeys(below, low)).items():
+            if ok:
+                held[v] = low
+            else:
+                failed[v] = low
+    for _ in range(refine):
+        plan = {v: (held[v] + failed[v]) / 2 for v in variants if held[v] > 0 and v in failed}
+        if not plan:
+            break
+        for v, ok in step(plan).items():
+            if ok:
+                held[v] = plan[v]
+            else:
+                failed[v] = plan[v]
     return held, runs
 
 
