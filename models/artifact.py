@@ -211,11 +211,22 @@ def save_artifact(
     class_names: list[str] | None = None,
     probe: torch.Tensor | None = None,
     extra: dict | None = None,
+    inference_form: dict | None = None,
 ) -> dict:
     """Writes `model` (a `CNN`, pruned or not, or the `QuantizedModel` returned by `quantize_`) to directory
     `path` (created; existing artifact files are replaced). `pruning` adds counts/ratio to the recorded
     channels; `probe` (N, C, H, W) are the inputs whose predictions a load must reproduce (default: 16
-    deterministic random inputs). Returns the manifest."""
+    deterministic random inputs). `inference_form`: the fp32 form whose latency `latency_ms` holds
+    (models.fuse.inference_form_record), which a replica on a matching machine then runs as it is instead of
+    timing the forms again (serve_app.form_choice.from_manifest); None when none was timed. Returns the
+    manifest."""
+    if inference_form is not None:
+        from models.fuse import INFERENCE_FORMS
+
+        if not isinstance(inference_form, dict) or inference_form.get("form") not in INFERENCE_FORMS:
+            raise ValueError(f"inference_form must be a models.fuse.inference_form_record, got {inference_form!r}")
+        if isinstance(model, QuantizedModel):
+            raise ValueError("inference_form must be None for a quantized model (its form is fixed by its scheme)")
     desc = _describe(model)
     input_shape = tuple(int(v) for v in input_shape)
     cfg = ModelConfig.from_dict(desc["model_config"]) if desc["architecture"] == ARCHITECTURE else None
@@ -276,6 +287,7 @@ def save_artifact(
             "compiled_max_diff": compiled_diff,
         },
         "extra": dict(extra or {}),
+        "inference_form": None if inference_form is None else dict(inference_form),
     }
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         "input_shape": manifest["input_shape"],
         "num_classes": manifest["num_classes"],
         "compiled": bool(getattr(model, "compiled", False)),
+        # the fp32 form the sweep timed for it, which replicas on a matching machine run (serve_app.form_choice)
+        "inference_form": (manifest.get("inference_form") or {}).get("form"),
     }
     print(json.dumps(summary))
     return 0

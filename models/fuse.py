@@ -343,6 +343,58 @@ def fastest_inference_module(
     return forms[best], {**timings, "compile_s": compile_s}
 
 
+INFERENCE_FORMS = ("FoldedInference", "CompiledInference", "OneDNNInference")
+"""The fp32 inference forms `fastest_inference_module` picks from, by the class name recorded for them
+(`inference_form_record`); "FoldedInference" names `inference_module(model)`, the BN-folded eager copy."""
+
+
+def _cpu_model() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) ..."): /proc/cpuinfo on Linux, else platform.processor()."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_fingerprint() -> dict[str, object]:
+    """What a timed choice of inference form depends on besides the model, the input shape and the batch sizes:
+    the CPU (model name, architecture, logical cores) and the PyTorch build (version, which fixes inductor's and
+    oneDNN's code). Two nodes with equal fingerprints run the same kernels at the same speeds, so a form timed on
+    one holds on the other."""
+    import os
+    import platform
+
+    return {"cpu": _cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+
+
+def inference_form_name(form: nn.Module) -> str:
+    """The recorded name of a form `fastest_inference_module` returned (one of INFERENCE_FORMS)."""
+    if isinstance(form, (CompiledInference, OneDNNInference)):
+        return type(form).__name__
+    if isinstance(form, nn.Module):
+        return "FoldedInference"
+    raise TypeError(f"form must be an nn.Module, got {type(form).__name__}")
+
+
+def inference_form_record(form: nn.Module, batch_sizes: Iterable[int], threads: int | None = None) -> dict:
+    """What an artifact's manifest records of the fp32 form that was timed for it (models.artifact.save_artifact's
+    `inference_form`; read back by serve_app.form_choice.from_manifest): the form's name, the batch sizes it was
+    chosen and planned at, the torch threads it ran at (default: this thread's) and `machine_fingerprint()`."""
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes or any(b < 1 for b in sizes):
+        raise ValueError(f"batch_sizes must be positive ints, got {sizes}")
+    threads = torch.get_num_threads() if threads is None else threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    return {"form": inference_form_name(form), "batch_sizes": sizes, "threads": threads, **machine_fingerprint()}
+
+
 class OneDNNInference(nn.Module):
     """`onednn_inference_module(model, ...)` planned once per batch size in `batch_sizes` (which convs are
     packed, and for which input size, depends on the batch: at batch 1 most small convs run faster plain); a call

@@ -6,6 +6,10 @@ machine and the model's shapes, not its weights, so the next replica of that sha
 redeploy with other args, a second app, a scale-up) builds the chosen form at once. Kept in the cluster's GCS
 key-value store (serve_app/records.py) under the node's id, so it lasts as long as the cluster and never crosses
 machines.
+
+Before either, `from_manifest`: the form the sweep timed for this very artifact (tune/measure.measured_form, in
+the manifest's "inference_form"), when it was timed on a machine like this node at this replica's torch threads.
+Then the served model is the measured model, and a replica starts without timing anything.
 """
 
 from __future__ import annotations
@@ -32,3 +36,28 @@ def recall(shape_key: tuple, threads: int) -> str | None:
 
 def remember(shape_key: tuple, threads: int, form: str) -> None:
     records.put(_key(shape_key, threads), form)
+
+
+def from_manifest(manifest: dict, threads: int) -> tuple[str, tuple[int, ...]] | None:
+    """(form name, the batch sizes it was chosen and planned at) that `manifest` records was timed for its
+    artifact (models.fuse.inference_form_record), when that timing holds here: same CPU model, architecture and
+    core count, same torch version, same `threads`. None otherwise (a replica then times the forms itself), and
+    for a manifest without the record (older artifacts, user-made ones, a quantized model, an eager-timed sweep).
+    The name is one of models.fuse.INFERENCE_FORMS ("FoldedInference": `inference_module(model)`); an OneDNN
+    form is planned again at those batch sizes, as the sweep planned it."""
+    from models.fuse import INFERENCE_FORMS, machine_fingerprint
+
+    if not isinstance(manifest, dict):
+        raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    rec = manifest.get("inference_form")
+    if not isinstance(rec, dict) or rec.get("form") not in INFERENCE_FORMS:
+        return None
+    sizes = rec.get("batch_sizes")
+    if not isinstance(sizes, list) or not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+        return None
+    here = {"threads": threads, **machine_fingerprint()}
+    if any(rec.get(k) != v for k, v in here.items()):
+        return None
+    return rec["form"], tuple(sizes)

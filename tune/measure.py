@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.quantize import compiled_for_inference
+from models.quantize import QuantizedModel, compiled_for_inference
 
 
 @dataclass(kw_only=True, slots=True)
@@ -66,6 +66,16 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], cfg: MeasureConfi
     `device` "cpu" times `inference_callable` (what a CPU replica runs); "cuda" times what an FP8 replica runs
     (serve_app.placement.on_device): the eager model on the GPU, CPU inputs moved there and outputs back (which
     waits for the GPU); the model is back on CPU afterwards."""
+    return measured_form(model, input_shape, cfg, device)[0]
+
+
+def measured_form(model: nn.Module, input_shape: tuple[int, ...], cfg: MeasureConfig,
+                  device: str = "cpu") -> tuple[dict[str, float], dict | None]:  # fmt: skip
+    """(`latency_ms`'s figures, the record of the fp32 form they were timed on). The record
+    (models.fuse.inference_form_record: the form's name, batch sizes, threads, machine) is what the artifact's
+    manifest carries so that a replica on a matching machine runs that very form (serve_app.form_choice); None
+    where no fp32 form was chosen: a quantized model (its form follows from its scheme), eager timing
+    (`cfg.compile` False) or a GPU."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     g = torch.Generator().manual_seed(0)
@@ -77,10 +87,17 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], cfg: MeasureConfi
         }
 
     if device == "cpu":
-        return timed(inference_callable(model, cfg.compile, torch.rand(1, *input_shape, generator=g), cfg.batch_sizes))
+        fn = inference_callable(model, cfg.compile, torch.rand(1, *input_shape, generator=g), cfg.batch_sizes)
+        record = None
+        if cfg.compile and not isinstance(model, QuantizedModel):
+            from models.fuse import inference_form_record
+
+            # the very callable timed below: the latency recorded beside the form is that form's
+            record = inference_form_record(fn, cfg.batch_sizes)
+        return timed(fn), record
     model.to(device).eval()
     try:
-        return timed(lambda x: model(x.to(device, non_blocking=True)).cpu())
+        return timed(lambda x: model(x.to(device, non_blocking=True)).cpu()), None
     finally:
         model.to("cpu")
 

@@ -20,7 +20,7 @@ from models.prune import prune_
 from models.quantize import quantize_
 from models.training import TrainConfig, fit_epochs
 from tune.baseline import BaselineConfig, EvalData, load_baseline
-from tune.measure import MeasureConfig, device_label, latency_ms
+from tune.measure import MeasureConfig, device_label, measured_form
 from tune.pareto import GPU_FORMS
 from tune.space import TrialSettings
 
@@ -72,7 +72,9 @@ def run_trial(settings: TrialSettings, ctx: TrialContext, report, out_dir: str) 
     # FP8 is timed where a replica serves it: on the trial's GPU when it has one (sm_89+ for real FP8); every
     # other scheme, and FP8 without a GPU (an emulation, never served as FP8), on CPU
     device = "cuda" if settings.quant in GPU_FORMS and torch.cuda.is_available() else "cpu"
-    lat = latency_ms(model, data.input_shape, ctx.measure, device=device)
+    # an fp32 model's latency is of the form Serve would pick here; the manifest records which, so that a replica
+    # on a matching machine runs exactly that form (serve_app.form_choice.from_manifest)
+    lat, form = measured_form(model, data.input_shape, ctx.measure, device=device)
     manifest = save_artifact(
         model,
         out_dir,
@@ -88,6 +90,7 @@ def run_trial(settings: TrialSettings, ctx: TrialContext, report, out_dir: str) 
             "compiled_latency": ctx.measure.compile,
             "measured_on": device_label(device),
         },
+        inference_form=form,
     )
     final = {
         "final": True,
