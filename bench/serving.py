@@ -43,6 +43,12 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
   saturated_ratio_adaptive_vs_static          wrk closed loop at 8/16/32 connections, the most requests/s with
                                               p99 within the SLO, adaptive / static_default              >= 1.3
   saturated_ratio_adaptive_vs_unbatched       same, adaptive / nobatch                                   >= 1.8
+  saturated_cost_model                        per request O and per forward A (ms) fitted over the variants'
+                                              busiest wrk points (ms/request = O + A / mean batch), wall
+                                              and CPU-ms, with the mean batches (the replica's OIP
+                                              batch_stats, else each controller's cap)
+  saturated_ratio_ceiling_vs_static           the most any batching could serve over static_default under
+                                              that model (CPU: all cores at O per request / static's rate)
   haproxy_vs_proxy_saturated_ratio            adaptive's saturated rate through HAProxy / through a fresh Ray
                                               with Serve's Python proxy                                   >= 2.5
   overload_refused_within_10ms_share          share of the 1.5x overload point's 503s answered within 10 ms
@@ -377,7 +383,11 @@ def wrk(url: str, seconds: float, connections: int, body: bytes | None = None) -
 
 def saturated(bench: Bench, variants: list[str], seconds: float, repeats: int) -> dict[str, dict]:
     """Per variant: the highest wrk closed-loop throughput (requests/s, all 200) among WRK_CONNECTIONS whose p99
-    stays within the SLO (0 when none does), medians over `repeats`, variants interleaved."""
+    stays within the SLO (0 when none does), medians over `repeats`, variants interleaved. Also, at the busiest
+    point (the most connections): the median requests/s (`peak_rps`) and the replica's mean batch size there
+    (`mean_batch`: `replica_batch_stats`; None where the replica does not count its batches, and then
+    `batch_cap`, the controller's max_batch_size after the point) and the cores our process tree used there
+    (`peak_cpu_cores`: wrk, HAProxy, Ray, the replica), the input of `saturated_cost_model`."""
     from serve_app.loadgen import LoadConfig, request_body
 
     body = request_body(LoadConfig(), SHAPES["tiny"])
@@ -386,9 +396,19 @@ def saturated(bench: Bench, variants: list[str], seconds: float, repeats: int) -
         for v in variants:
             bench.use(v, "tiny")
             for c in WRK_CONNECTIONS:
+                busiest = c == max(WRK_CONNECTIONS)
+                before = replica_batch_stats(bench.url) if busiest else None
+                bench.meter.start()
                 r = wrk(f"{bench.url}/predict", seconds, c, body)
+                if busiest:
+                    r.update(bench.meter.stop())  # cores used by our tree (wrk included) and by the rest
+                    after = replica_batch_stats(bench.url)
+                    r["mean_batch"] = mean_batch_between(before, after)
+                    r["batch_cap"] = (after or {}).get("max_batch_size")
                 points.setdefault(v, []).append(r)
-                print(f"  wrk {v:16s} c={c:2d}  {r['rps']:7.1f}/s  p99 {r['p99_ms']:6.1f} ms  non2xx {r['non2xx']}")
+                extra = f"  mean batch {r['mean_batch']:.1f}" if r.get("mean_batch") else ""
+                print(f"  wrk {v:16s} c={c:2d}  {r['rps']:7.1f}/s  p99 {r['p99_ms']:6.1f} ms  non2xx {r['non2xx']}"
+                      + extra)  # fmt: skip
     out = {}
     for v, rs in points.items():
         held = []
@@ -396,8 +416,113 @@ def saturated(bench: Bench, variants: list[str], seconds: float, repeats: int) -
             run = rs[i * len(WRK_CONNECTIONS) : (i + 1) * len(WRK_CONNECTIONS)]
             ok = [r["rps"] for r in run if r["p99_ms"] <= SLO_S * 1e3 and r["non2xx"] == 0]
             held.append(max(ok, default=0.0))
-        out[v] = {"rps_within_slo": statistics.median(held), "points": rs}
+        busiest = [r for r in rs if r["connections"] == max(WRK_CONNECTIONS)]
+        batches = [r["mean_batch"] for r in busiest if r.get("mean_batch")]
+        caps = [r["batch_cap"] for r in busiest if r.get("batch_cap")]
+        out[v] = {
+            "rps_within_slo": statistics.median(held),
+            "peak_rps": statistics.median(r["rps"] for r in busiest),
+            "peak_cpu_cores": statistics.median(r["our_cpu_cores"] for r in busiest),
+            "mean_batch": statistics.median(batches) if batches else None,
+            "batch_cap": statistics.median(caps) if caps else None,
+            "points": rs,
+        }
     return out
+
+
+def replica_batch_stats(url: str) -> dict | None:
+    """The replica's batch counters from the OIP statistics extension (`batch_stats`: executions per batch size,
+    Triton's form) and its controller's max_batch_size (model metadata); None when it does not answer."""
+    import httpx
+
+    try:
+        stats = httpx.get(f"{url}/v2/models/tandem/stats", timeout=10).json()["model_stats"][0]
+        meta = httpx.get(f"{url}/v2/models/tandem", timeout=10).json()["parameters"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError):
+        return None
+    counts = {}
+    for row in stats.get("batch_stats") or []:
+        counts[int(row["batch_size"])] = int(row.get("compute_infer", {}).get("count", 0))
+    unbatched = meta.get("controller") == "unbatched"
+    cap = 1 if unbatched else (meta.get("batch_settings") or {}).get("max_batch_size")
+    return {"batches": counts, "max_batch_size": cap}
+
+
+def mean_batch_between(before: dict | None, after: dict | None) -> float | None:
+    """Mean executed batch size between two `replica_batch_stats` readings (requests / executions of the
+    forward); None without both readings or with no batch counted in between."""
+    if not before or not after:
+        return None
+    sizes = set(before["batches"]) | set(after["batches"])
+    delta = {n: after["batches"].get(n, 0) - before["batches"].get(n, 0) for n in sizes}
+    runs = sum(c for c in delta.values() if c > 0)
+    return sum(n * c for n, c in delta.items() if c > 0) / runs if runs else None
+
+
+def fit_cost_model(points: dict[str, tuple[float, float]], static: str = "static_default") -> dict | None:
+    """Least squares over the variants' saturated points {variant: (ms per request, mean batch)} of the model
+    "each request costs O (client, ingress, route: it does not batch) and each forward A":
+    ms per request = O + A / mean_batch. Returns per_request_ms (O), per_forward_ms (A), mean_batch, the
+    measured and fitted ms per request, and `ratio_ceiling_vs_static`: an infinitely large batch's rate over
+    `static`'s under the model, (O + A / b_static) / O, the most any batching policy could gain on it (None when
+    O <= 0: then the data do not fit the model). None with fewer than two distinct batch sizes."""
+    pts = {v: (ms, b) for v, (ms, b) in points.items() if ms and ms > 0 and b and b >= 1}
+    if len({b for _, b in pts.values()}) < 2:
+        return None
+    xs = {v: 1.0 / b for v, (_, b) in pts.items()}
+    ys = {v: ms for v, (ms, _) in pts.items()}
+    mx, my = statistics.fmean(xs.values()), statistics.fmean(ys.values())
+    a = sum((xs[v] - mx) * (ys[v] - my) for v in pts) / sum((x - mx) ** 2 for x in xs.values())
+    o = my - a * mx
+    fitted = {v: o + a * xs[v] for v in pts}
+    return {
+        "per_request_ms": o,
+        "per_forward_ms": a,
+        "mean_batch": {v: b for v, (_, b) in pts.items()},
+        "ms_per_request": ys,
+        "fitted_ms_per_request": fitted,
+        "ratio_ceiling_vs_static": fitted[static] / o if static in pts and o > 0 else None,
+    }
+
+
+def saturated_cost_model(sat: dict[str, dict], cores: int | None = None) -> tuple[dict | None, float | None]:
+    """The `saturated` section's cost model, two ways, and the ceiling of saturated_ratio_adaptive_vs_static.
+
+    Batch sizes: the replica's measured mean where it counts batches, else each controller's max_batch_size
+    capped at the connections (an upper bound: A then comes out low, and the ceiling with it);
+    `mean_batch_source` says which.
+    - wall: ms per request = 1000 / peak rps. Its ceiling (O + A/b_static) / O holds only if every variant keeps
+      the cores busy; a variant that leaves them idle (a batch wait with too few requests) is slow for another
+      reason, and a measured ratio above this ceiling says so.
+    - cpu: CPU-ms per request = cores used by our tree * 1000 / peak rps: what the machine pays, idle time
+      excluded. Its ceiling: all `cores` (os.cpu_count()) at O per request over static's measured peak.
+    Returns the model dict and the headline ceiling (cpu where the cores were recorded, else wall)."""
+    cores = cores or os.cpu_count() or 1
+    measured = all(x.get("mean_batch") for x in sat.values())
+    batch = {
+        v: x["mean_batch"] if measured else min(x.get("batch_cap") or 1, max(WRK_CONNECTIONS)) for v, x in sat.items()
+    }
+    wall = fit_cost_model({v: (1e3 / x["peak_rps"] if x["peak_rps"] else 0.0, batch[v]) for v, x in sat.items()})
+    if wall is None:
+        return None, None
+    cpu = None
+    if all(x.get("peak_cpu_cores") for x in sat.values()):
+        cpu = fit_cost_model({v: (x["peak_cpu_cores"] * 1e3 / x["peak_rps"], batch[v]) for v, x in sat.items()})
+    if cpu is not None:
+        o, static = cpu["per_request_ms"], sat.get("static_default", {}).get("peak_rps")
+        cpu["ratio_ceiling_vs_static"] = cores * 1e3 / o / static if o > 0 and static else None
+        cpu["cores"] = cores
+        cpu["cpu_cores_used"] = {v: x["peak_cpu_cores"] for v, x in sat.items()}
+    model = {
+        "per_request_ms": wall["per_request_ms"],
+        "per_forward_ms": wall["per_forward_ms"],
+        "mean_batch": wall["mean_batch"],
+        "mean_batch_source": "replica batch_stats" if measured else "controller cap",
+        "wall": wall,
+        "cpu": cpu,
+        "ceiling_basis": "cpu" if cpu is not None else "wall",
+    }
+    return model, (cpu or wall)["ratio_ceiling_vs_static"]
 
 
 def generator_ceiling(url: str, seconds: float) -> float:
@@ -740,9 +865,12 @@ def main(argv: list[str] | None = None) -> dict:
                 sat = saturated(bench, ["nobatch", "static_default", "adaptive"], wrk_s, repeats)
                 bench.mark("saturated")
                 held = {v: x["rps_within_slo"] for v, x in sat.items()}
+                model, ceiling = saturated_cost_model(sat)
                 res.update(
                     saturated_rps_within_slo=held,
                     saturated_points=sat,
+                    saturated_cost_model=model,
+                    saturated_ratio_ceiling_vs_static=ceiling,
                     saturated_ratio_adaptive_vs_static=ratio(held["adaptive"], held["static_default"]),
                     saturated_ratio_adaptive_vs_unbatched=ratio(held["adaptive"], held["nobatch"]),
                 )
@@ -804,6 +932,20 @@ def main(argv: list[str] | None = None) -> dict:
         ],  # fmt: skip
         title="hot update under constant load: requests lost per repeat",
     )
+    if res.get("saturated_cost_model"):
+        m = res["saturated_cost_model"]
+        for basis in ("wall", "cpu"):
+            f = m[basis]
+            if f is None:
+                continue
+            unit = "ms" if basis == "wall" else "CPU-ms"
+            print(f"saturated cost model ({basis}: {unit}/request = O + A / mean batch, least squares over the "
+                  f"variants; batch sizes from the {m['mean_batch_source']}): O = {f['per_request_ms']:.3f}, "
+                  f"A = {f['per_forward_ms']:.3f}; mean batch {m['mean_batch']}; measured "
+                  f"{ {v: round(x, 3) for v, x in f['ms_per_request'].items()} }, fitted "
+                  f"{ {v: round(x, 3) for v, x in f['fitted_ms_per_request'].items()} }; "
+                  f"ceiling vs static_default {f['ratio_ceiling_vs_static']}")  # fmt: skip
+        print(f"saturated_ratio_ceiling_vs_static ({m['ceiling_basis']}): {res['saturated_ratio_ceiling_vs_static']}")
     rows = []
     for k, (op, goal) in GOALS.items():
         if k not in res:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.serving import search_held
+from bench.serving import fit_cost_model, mean_batch_between, saturated_cost_model, search_held
 
 
 def fake_measure(capacity: dict[str, float], calls: list[tuple[str, float]]):
@@ -66,3 +66,74 @@ def test_nothing_held_down_to_the_floor_is_zero_and_bad_arguments_are_refused():
         search_held(["a"], [1.0], fake_measure({"a": 1.0}, []), 0)
     with pytest.raises(ValueError, match="mults must be"):
         search_held(["a"], [2.0, 1.0], fake_measure({"a": 1.0}, []), 1)
+
+
+def test_the_cost_fit_recovers_per_request_and_per_forward_costs_from_synthetic_points():
+    o, a = 0.9, 0.8  # ms
+
+    def ms(b: float) -> float:
+        return o + a / b
+
+    m = fit_cost_model({"nobatch": (ms(1), 1.0), "static_default": (ms(10), 10.0), "adaptive": (ms(24), 24.0)})
+    assert m["per_request_ms"] == pytest.approx(o) and m["per_forward_ms"] == pytest.approx(a)
+    # batching without bound against static's batches of 10: (0.9 + 0.08) / 0.9
+    assert m["ratio_ceiling_vs_static"] == pytest.approx((o + a / 10) / o)
+    assert m["fitted_ms_per_request"]["adaptive"] == pytest.approx(o + a / 24)
+
+
+def test_the_cost_fit_is_least_squares_and_says_when_it_cannot_fit():
+    # noisy points: the fit minimises the squared residuals (perturbing it only makes them larger)
+    pts = {"a": (1.8, 1.0), "b": (0.95, 10.0), "c": (0.90, 30.0)}
+    m = fit_cost_model(pts, static="b")
+
+    def sse(o: float, a: float) -> float:
+        return sum((ms - o - a / b) ** 2 for ms, b in pts.values())
+
+    best = sse(m["per_request_ms"], m["per_forward_ms"])
+    for do, da in ((0.01, 0), (-0.01, 0), (0, 0.01), (0, -0.01)):
+        assert sse(m["per_request_ms"] + do, m["per_forward_ms"] + da) > best
+    assert fit_cost_model({"a": (2.0, 10.0), "b": (1.6, 10.0)}) is None  # one batch size: no slope
+    # a batched variant far cheaper than the model allows: O comes out <= 0 and no ceiling is claimed
+    assert fit_cost_model({"nobatch": (10.0, 1.0), "static_default": (0.1, 10.0)})["ratio_ceiling_vs_static"] is None
+
+
+def sat_points(cpu: dict[str, float] | None = None) -> dict[str, dict]:
+    """Saturated points on a 2-core machine with O = 0.9 ms and A = 0.8 ms of CPU; static leaves 20% of the
+    cores idle (its batch wait), so it serves less than its CPU cost allows."""
+    out = {}
+    for v, b, busy in (("nobatch", 1, 2.0), ("static_default", 10, 1.6), ("adaptive", 32, 2.0)):
+        cpu_ms = 0.9 + 0.8 / b
+        out[v] = {"peak_rps": busy * 1e3 / cpu_ms, "mean_batch": None, "batch_cap": {32: 64}.get(b, b),
+                  "peak_cpu_cores": busy if cpu is None else cpu[v]}  # fmt: skip
+    return out
+
+
+def test_the_saturated_model_falls_back_to_caps_and_its_cpu_ceiling_sees_a_variant_leaving_cores_idle():
+    sat = sat_points()
+    model, ceiling = saturated_cost_model(sat, cores=2)
+    # adaptive's cap of 64 counts as the 32 connections; the CPU fit recovers O and A exactly
+    assert model["mean_batch_source"] == "controller cap"
+    assert model["mean_batch"] == {"nobatch": 1, "static_default": 10, "adaptive": 32}
+    assert model["cpu"]["per_request_ms"] == pytest.approx(0.9)
+    assert model["cpu"]["per_forward_ms"] == pytest.approx(0.8)
+    # the most any batching serves: 2 cores at 0.9 ms over static's measured rate (1.6 cores at 0.98 ms)
+    assert model["ceiling_basis"] == "cpu"
+    assert ceiling == pytest.approx((2e3 / 0.9) / (1.6e3 / 0.98))
+    # the wall-clock fit, blind to static's idle cores, claims a lower ceiling than adaptive already reaches
+    measured = sat["adaptive"]["peak_rps"] / sat["static_default"]["peak_rps"]
+    assert model["wall"]["ratio_ceiling_vs_static"] < measured < ceiling
+
+
+def test_mean_batch_comes_from_the_replicas_batch_counters_when_it_counts_them():
+    before = {"batches": {1: 5, 10: 2}, "max_batch_size": 10}
+    after = {"batches": {1: 5, 10: 12, 4: 5}, "max_batch_size": 10}
+    assert mean_batch_between(before, after) == pytest.approx((10 * 10 + 4 * 5) / 15)
+    assert mean_batch_between(before, before) is None and mean_batch_between(None, after) is None
+    sat = sat_points()
+    for v, b in (("nobatch", 1.0), ("static_default", 9.0), ("adaptive", 20.0)):
+        sat[v]["mean_batch"] = b
+    model, _ = saturated_cost_model(sat, cores=2)
+    assert model["mean_batch_source"] == "replica batch_stats" and model["mean_batch"]["adaptive"] == 20.0
+    del sat["adaptive"]["peak_cpu_cores"]  # no CPU recorded: the wall fit's ceiling is the headline
+    model, ceiling = saturated_cost_model(sat, cores=2)
+    assert model["cpu"] is None and ceiling == model["wall"]["ratio_ceiling_vs_static"]
