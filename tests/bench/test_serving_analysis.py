@@ -145,21 +145,22 @@ def test_mean_batch_comes_from_the_replicas_batch_counters_when_it_counts_them()
     assert model["cpu"] is None and ceiling == model["wall"]["ratio_ceiling_vs_static"]
 
 
-def test_overload_rounds_count_only_where_the_generator_keeps_up_and_back_off_until_it_does():
+def test_overload_rounds_count_only_where_the_generator_keeps_up_and_step_down_until_it_does():
     calls: list[tuple[str, float]] = []
 
-    def generate(v: str, mult: float) -> dict:  # the generator lags 30 ms above 1.0x, 2 ms below
+    def generate(v: str, mult: float) -> dict:  # the generator lags 30 ms above 1.1x, 2 ms below
         calls.append((v, mult))
-        return {"variant": v, "send_lag_p99_ms": 30.0 if mult > 1.0 else 2.0}
+        return {"variant": v, "send_lag_p99_ms": 30.0 if mult > 1.1 else 2.0}
 
-    mult, runs, thrown = sustained_rounds(["static_default", "adaptive"], 2, generate, lag_bound_ms=10.0, mult=1.5)
-    assert mult == pytest.approx(1.5 * 0.8 * 0.8)  # 1.5 and 1.2 lag; 0.96 holds
+    mult, runs, thrown = sustained_rounds(["static_default", "adaptive"], 2, generate, 10.0, (1.5, 1.25, 1.0))
+    assert mult == 1.0  # 1.5 and 1.25 lag (each thrown away after its first round)
     assert {v: len(rs) for v, rs in runs.items()} == {"static_default": 2, "adaptive": 2}
     assert all(r["send_lag_p99_ms"] <= 10.0 for rs in runs.values() for r in rs) and len(thrown) == 4
-    assert calls[-4:] == [("static_default", mult), ("adaptive", mult)] * 2  # interleaved at the final rate
+    assert calls[-4:] == [("static_default", 1.0), ("adaptive", 1.0)] * 2  # interleaved at the final rate
 
 
-def test_overload_rounds_stop_backing_off_after_the_last_try_and_keep_the_lag_visible():
-    mult, runs, thrown = sustained_rounds(["a"], 1, lambda v, m: {"send_lag_p99_ms": 50.0}, 10.0, mult=1.5)
-    assert mult == pytest.approx(1.5 * 0.8**3) and len(thrown) == 3
-    assert runs["a"][0]["send_lag_p99_ms"] == 50.0  # counted, and the caller reports it as not sustained
+def test_a_lagging_round_after_good_ones_throws_the_rate_away_and_the_last_rate_counts_anyway():
+    lags = iter([1.0, 50.0, 50.0, 50.0])  # round 1 at 1.5 fine, round 2 lags; 1.0 lags too
+    mult, runs, thrown = sustained_rounds(["a"], 2, lambda v, m: {"send_lag_p99_ms": next(lags)}, 10.0, (1.5, 1.0))
+    assert mult == 1.0 and len(thrown) == 2
+    assert [r["send_lag_p99_ms"] for r in runs["a"]] == [50.0, 50.0]  # counted; the caller reports not sustained
