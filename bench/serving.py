@@ -431,6 +431,7 @@ def saturated(bench: Bench, variants: list[str], seconds: float, repeats: int) -
             "rps_within_slo": statistics.median(held),
             "peak_rps": statistics.median(r["rps"] for r in busiest),
             "peak_cpu_cores": statistics.median(r["our_cpu_cores"] for r in busiest),
+            "peak_other_cpu_cores": statistics.median(r["other_cpu_cores"] for r in busiest),
             "mean_batch": statistics.median(batches) if batches else None,
             "batch_cap": statistics.median(caps) if caps else None,
             "points": rs,
@@ -503,9 +504,11 @@ def saturated_cost_model(sat: dict[str, dict], cores: int | None = None) -> tupl
       the cores busy; a variant that leaves them idle (a batch wait with too few requests) is slow for another
       reason, and a measured ratio above this ceiling says so.
     - cpu: CPU-ms per request = cores used by our tree * 1000 / peak rps: what the machine pays, idle time
-      excluded. Its ceiling: all `cores` (os.cpu_count()) at O per request over static's measured peak.
+      excluded. Its ceiling: `cores` (default: the most any variant kept busy, what the tree was seen to get on
+      this machine at that time) at O per request over static's measured peak.
+    O is whatever a request costs that batching does not share: the HTTP path, and the model's per-sample
+    compute where the forward's time grows with the batch (resnet18); A the fixed cost of one forward.
     Returns the model dict and the headline ceiling (cpu where the cores were recorded, else wall)."""
-    cores = cores or os.cpu_count() or 1
     measured = all(x.get("mean_batch") for x in sat.values())
     batch = {
         v: x["mean_batch"] if measured else min(x.get("batch_cap") or 1, max(WRK_CONNECTIONS)) for v, x in sat.items()
@@ -517,6 +520,7 @@ def saturated_cost_model(sat: dict[str, dict], cores: int | None = None) -> tupl
     if all(x.get("peak_cpu_cores") for x in sat.values()):
         cpu = fit_cost_model({v: (x["peak_cpu_cores"] * 1e3 / x["peak_rps"], batch[v]) for v, x in sat.items()})
     if cpu is not None:
+        cores = cores or max(x["peak_cpu_cores"] for x in sat.values())
         o, static = cpu["per_request_ms"], sat.get("static_default", {}).get("peak_rps")
         cpu["ratio_ceiling_vs_static"] = cores * 1e3 / o / static if o > 0 and static else None
         cpu["cores"] = cores

@@ -128,6 +128,9 @@ def test_the_saturated_model_falls_back_to_caps_and_its_cpu_ceiling_sees_a_varia
     # the wall-clock fit, blind to static's idle cores, claims a lower ceiling than adaptive already reaches
     measured = sat["adaptive"]["peak_rps"] / sat["static_default"]["peak_rps"]
     assert model["wall"]["ratio_ceiling_vs_static"] < measured < ceiling
+    # by default the cores are the most any variant kept busy (2.0 here: nobatch and adaptive), not the machine's
+    model, default = saturated_cost_model(sat)
+    assert model["cpu"]["cores"] == 2.0 and default == pytest.approx(ceiling)
 
 
 def test_mean_batch_comes_from_the_replicas_batch_counters_when_it_counts_them():
