@@ -391,10 +391,11 @@ def wrk(url: str, seconds: float, connections: int, body: bytes | None = None) -
 
 def saturated(bench: Bench, variants: list[str], seconds: float, repeats: int) -> dict[str, dict]:
     """Per variant: the highest wrk closed-loop throughput (requests/s, all 200) among WRK_CONNECTIONS whose p99
-    stays within the SLO (0 when none does), medians over `repeats`, variants interleaved. Also, at the busiest
-    point (the most connections): the median requests/s (`peak_rps`) and the replica's mean batch size there
-    (`mean_batch`: `replica_batch_stats`; None where the replica does not count its batches, and then
-    `batch_cap`, the controller's max_batch_size after the point) and the cores our process tree used there
+    stays within the SLO (0 when none does), medians over `repeats`, variants interleaved. Also, at each repeat's
+    fastest point whatever its p99 (the saturated throughput: static defaults peaked at 16 connections, not 32):
+    the median requests/s (`peak_rps`), the replica's mean batch there (`mean_batch`: `replica_batch_stats`;
+    None where the replica does not count its batches, and then `batch_cap`, the controller's max_batch_size
+    after the point, capped at the point's connections) and the cores our process tree used there
     (`peak_cpu_cores`: wrk, HAProxy, Ray, the replica), the input of `saturated_cost_model`."""
     from serve_app.loadgen import LoadConfig, request_body
 
@@ -404,36 +405,39 @@ def saturated(bench: Bench, variants: list[str], seconds: float, repeats: int) -
         for v in variants:
             bench.use(v, HTTP_MODEL)
             for c in WRK_CONNECTIONS:
-                busiest = c == max(WRK_CONNECTIONS)
-                before = replica_batch_stats(bench.url) if busiest else None
+                before = replica_batch_stats(bench.url)
                 bench.meter.start()
                 r = wrk(f"{bench.url}/predict", seconds, c, body)
-                if busiest:
-                    r.update(bench.meter.stop())  # cores used by our tree (wrk included) and by the rest
-                    after = replica_batch_stats(bench.url)
-                    r["mean_batch"] = mean_batch_between(before, after)
-                    r["batch_cap"] = (after or {}).get("max_batch_size")
+                r.update(bench.meter.stop())  # cores used by our tree (wrk included) and by the rest
+                after = replica_batch_stats(bench.url)
+                r["mean_batch"] = mean_batch_between(before, after)
+                cap = (after or {}).get("max_batch_size")
+                r["batch_cap"] = min(cap, c) if cap else None
                 points.setdefault(v, []).append(r)
-                extra = f"  mean batch {r['mean_batch']:.1f}" if r.get("mean_batch") else ""
+                extra = f"  mean batch {r['mean_batch']:.1f}" if r["mean_batch"] else ""
                 print(f"  wrk {v:16s} c={c:2d}  {r['rps']:7.1f}/s  p99 {r['p99_ms']:6.1f} ms  non2xx {r['non2xx']}"
-                      + extra)  # fmt: skip
+                      f"  cpu {r['our_cpu_cores']:.2f}{extra}")  # fmt: skip
     out = {}
     for v, rs in points.items():
-        held = []
+        held, peaks = [], []
         for i in range(repeats):
             run = rs[i * len(WRK_CONNECTIONS) : (i + 1) * len(WRK_CONNECTIONS)]
             ok = [r["rps"] for r in run if r["p99_ms"] <= SLO_S * 1e3 and r["non2xx"] == 0]
             held.append(max(ok, default=0.0))
-        busiest = [r for r in rs if r["connections"] == max(WRK_CONNECTIONS)]
-        batches = [r["mean_batch"] for r in busiest if r.get("mean_batch")]
-        caps = [r["batch_cap"] for r in busiest if r.get("batch_cap")]
+            peaks.append(max(run, key=lambda r: r["rps"]))
+
+        def med(k: str, xs: list[dict] = peaks) -> float | None:
+            vals = [r[k] for r in xs if r.get(k)]
+            return statistics.median(vals) if vals else None
+
         out[v] = {
             "rps_within_slo": statistics.median(held),
-            "peak_rps": statistics.median(r["rps"] for r in busiest),
-            "peak_cpu_cores": statistics.median(r["our_cpu_cores"] for r in busiest),
-            "peak_other_cpu_cores": statistics.median(r["other_cpu_cores"] for r in busiest),
-            "mean_batch": statistics.median(batches) if batches else None,
-            "batch_cap": statistics.median(caps) if caps else None,
+            "peak_rps": med("rps"),
+            "peak_connections": med("connections"),
+            "peak_cpu_cores": med("our_cpu_cores"),
+            "peak_other_cpu_cores": med("other_cpu_cores"),
+            "mean_batch": med("mean_batch") if all(r.get("mean_batch") for r in peaks) else None,
+            "batch_cap": med("batch_cap"),
             "points": rs,
         }
     return out
@@ -498,7 +502,7 @@ def saturated_cost_model(sat: dict[str, dict], cores: int | None = None) -> tupl
     """The `saturated` section's cost model, two ways, and the ceiling of saturated_ratio_adaptive_vs_static.
 
     Batch sizes: the replica's measured mean where it counts batches, else each controller's max_batch_size
-    capped at the connections (an upper bound: A then comes out low, and the ceiling with it);
+    capped at the connections (`batch_cap`, an upper bound: A then comes out low, and the ceiling with it);
     `mean_batch_source` says which.
     - wall: ms per request = 1000 / peak rps. Its ceiling (O + A/b_static) / O holds only if every variant keeps
       the cores busy; a variant that leaves them idle (a batch wait with too few requests) is slow for another
@@ -510,9 +514,7 @@ def saturated_cost_model(sat: dict[str, dict], cores: int | None = None) -> tupl
     compute where the forward's time grows with the batch (resnet18); A the fixed cost of one forward.
     Returns the model dict and the headline ceiling (cpu where the cores were recorded, else wall)."""
     measured = all(x.get("mean_batch") for x in sat.values())
-    batch = {
-        v: x["mean_batch"] if measured else min(x.get("batch_cap") or 1, max(WRK_CONNECTIONS)) for v, x in sat.items()
-    }
+    batch = {v: x["mean_batch"] if measured else x.get("batch_cap") or 1 for v, x in sat.items()}
     wall = fit_cost_model({v: (1e3 / x["peak_rps"] if x["peak_rps"] else 0.0, batch[v]) for v, x in sat.items()})
     if wall is None:
         return None, None

@@ -109,7 +109,7 @@ def sat_points(cpu: dict[str, float] | None = None) -> dict[str, dict]:
     out = {}
     for v, b, busy in (("nobatch", 1, 2.0), ("static_default", 10, 1.6), ("adaptive", 32, 2.0)):
         cpu_ms = 0.9 + 0.8 / b
-        out[v] = {"peak_rps": busy * 1e3 / cpu_ms, "mean_batch": None, "batch_cap": {32: 64}.get(b, b),
+        out[v] = {"peak_rps": busy * 1e3 / cpu_ms, "mean_batch": None, "batch_cap": b,
                   "peak_cpu_cores": busy if cpu is None else cpu[v]}  # fmt: skip
     return out
 
@@ -117,7 +117,7 @@ def sat_points(cpu: dict[str, float] | None = None) -> dict[str, dict]:
 def test_the_saturated_model_falls_back_to_caps_and_its_cpu_ceiling_sees_a_variant_leaving_cores_idle():
     sat = sat_points()
     model, ceiling = saturated_cost_model(sat, cores=2)
-    # adaptive's cap of 64 counts as the 32 connections; the CPU fit recovers O and A exactly
+    # no batch counters: the caps (adaptive's 64 capped at its point's 32 connections); the CPU fit recovers O, A
     assert model["mean_batch_source"] == "controller cap"
     assert model["mean_batch"] == {"nobatch": 1, "static_default": 10, "adaptive": 32}
     assert model["cpu"]["per_request_ms"] == pytest.approx(0.9)
@@ -167,3 +167,36 @@ def test_a_lagging_round_after_good_ones_throws_the_rate_away_and_the_last_rate_
     mult, runs, thrown = sustained_rounds(["a"], 2, lambda v, m: {"send_lag_p99_ms": next(lags)}, 10.0, (1.5, 1.0))
     assert mult == 1.0 and len(thrown) == 2
     assert [r["send_lag_p99_ms"] for r in runs["a"]] == [50.0, 50.0]  # counted; the caller reports not sustained
+
+
+def test_saturated_reads_each_repeats_fastest_point_and_caps_batches_at_its_connections(monkeypatch):
+    from bench import serving
+
+    rps = {("static_default", 8): 480.0, ("static_default", 16): 1010.0, ("static_default", 32): 950.0,
+           ("adaptive", 8): 830.0, ("adaptive", 16): 1020.0, ("adaptive", 32): 1150.0}  # fmt: skip
+    p99 = {8: 20.0, 16: 30.0, 32: 120.0}  # the 32-connection points miss the SLO
+
+    class Meter:
+        def start(self) -> None: ...
+
+        def stop(self) -> dict:
+            return {"our_cpu_cores": 1.8, "other_cpu_cores": 0.1}
+
+    class FakeBench:
+        url, meter, variant = "http://127.0.0.1:1", Meter(), None
+
+        def use(self, v: str, model: str) -> None:
+            self.variant = v
+
+    bench = FakeBench()
+    monkeypatch.setattr(serving, "wrk", lambda url, s, c, body: {"rps": rps[(bench.variant, c)], "p99_ms": p99[c],
+                                                                 "non2xx": 0, "connections": c})  # fmt: skip
+    caps = {"static_default": 10, "adaptive": 64}
+    monkeypatch.setattr(
+        serving, "replica_batch_stats", lambda url: {"batches": {}, "max_batch_size": caps[bench.variant]}
+    )
+    sat = serving.saturated(bench, ["static_default", "adaptive"], 1.0, 2)
+    assert sat["static_default"]["peak_rps"] == 1010.0 and sat["static_default"]["peak_connections"] == 16
+    assert sat["adaptive"]["peak_rps"] == 1150.0 and sat["adaptive"]["batch_cap"] == 32  # 64 capped at 32
+    assert sat["adaptive"]["rps_within_slo"] == 1020.0  # the SLO key still skips the 32-connection point
+    assert sat["adaptive"]["mean_batch"] is None and sat["adaptive"]["peak_cpu_cores"] == 1.8
