@@ -612,10 +612,25 @@ _ALT_MARGIN = 0.9
 """A form beyond packed and plain in the pixel rule's layout is chosen only at <= this share of their time."""
 
 
+_PACKED_MIN_CHANNELS = 128
+"""At batch 1, convs with fewer input channels never run packed (`_ConvChoice`). Timed on their own, packed
+16-64 channel convs of `small` won by > 10% and were chosen, but in the model they ran slower: five plans of
+`small` 32x32 at batch 1 with a packed conv ran at 0.77-0.87 of eager, those without at 0.63-0.76 (interleaved
+A/Bs, 1 thread, shared machine). Still timed where packed wins: resnet18's 256-512 channel convs on 1x1-4x4
+maps, and every conv at batch > 1 (`small` 32x32 at batch 32 ran 0.55-0.59 of eager with packed timed,
+0.58-0.61 without, in one run)."""
+_SHORT_CALL_S = 0.5e-3
+_SHORT_CALL_ITERS = 3
+"""A conv whose fastest form took under _SHORT_CALL_S (median of its `iters` timed calls) is timed
+_SHORT_CALL_ITERS times as often (`_ConvChoice`): batch-1 convs of `small` take 20-150 us, where a shared
+machine's noise decided near ties, and more calls cost little."""
+
+
 class _ConvChoice(nn.Module):
     """The candidate `OneDNNConvAct`s of one conv while `onednn_inference_module` plans: packed, plain in the
     pixel rule's layout, plain in the other and, for a stride-1 3x3 conv, Winograd F(2, 3) and F(4, 3) (the last
-    three only when `_ALT_MARGIN` faster than the first two). Its first call (the
+    three only when `_ALT_MARGIN` faster than the first two; packed at batch 1 from `_PACKED_MIN_CHANNELS` on). Its
+    first call (the
     planning forward) times each on the arguments it really gets, so in the layout the layer before it chose
     (a form that wants the other layout pays its copy), interleaved, median of `iters` calls after one that
     creates oneDNN's primitive, by this thread's CPU time (a loaded machine does not inflate it), with the core's
@@ -635,6 +650,8 @@ class _ConvChoice(nn.Module):
             OneDNNConvAct(folded, input_size, **kw, packed=False, channels_last=rule),
             OneDNNConvAct(folded, input_size, **kw, packed=False, channels_last=not rule),
         ]
+        # at batch 1 timed only from _PACKED_MIN_CHANNELS on (its index stays 0: an untimed form is never chosen)
+        self.packed_timed = input_size[0] > 1 or folded.weight.shape[1] * folded.groups >= _PACKED_MIN_CHANNELS
         if _winograd_fits(folded):
             forms += [OneDNNConvAct(folded, input_size, **kw, winograd=m) for m in WINOGRAD_TILES]
         self.forms = nn.ModuleList(forms)
@@ -644,8 +661,9 @@ class _ConvChoice(nn.Module):
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         if self.chosen is None:
             flush = torch.empty(_FLUSH_BYTES // 4)
-            times: dict[int, list[float]] = {j: [] for j in range(len(self.forms))}
-            for i in range(self.iters + 1):
+            times: dict[int, list[float]] = {j: [] for j in range(len(self.forms)) if j or self.packed_timed}
+            i, calls = 0, self.iters
+            while i <= calls:
                 for j in list(times):
                     o = None if other is None else other.clone()  # a binary post-op may write into it
                     flush.fill_(float(i))
@@ -656,6 +674,9 @@ class _ConvChoice(nn.Module):
                 if i == 1:  # forms 1.5x slower than the best on their first timed call are out: half the planning
                     best = min(t[0] for t in times.values())
                     times = {j: t for j, t in times.items() if t[0] <= 1.5 * best}
+                if i == calls == self.iters and min(sorted(t)[len(t) // 2] for t in times.values()) < _SHORT_CALL_S:
+                    calls *= _SHORT_CALL_ITERS  # cheap to time more, and the noise is largest against their time
+                i += 1
             medians = {j: sorted(t)[len(t) // 2] for j, t in times.items()}
             best = min(medians, key=medians.__getitem__)
             base = min((j for j in medians if j < 2), key=medians.__getitem__, default=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -600,7 +601,8 @@ def test_onednn_winograd_form_equals_the_folded_conv_and_needs_stride_1():
 def test_onednn_form_is_chosen_by_timing(monkeypatch, fast):
     """Each conv runs the form that timed fastest on its planning call: make every form but one kind spend 5 ms of
     CPU time per call and every conv picks that kind (Winograd where it applies, the strided convs fall back to
-    the fastest of the rest). Timed by thread CPU time, so the delay is a busy loop, not a sleep."""
+    the fastest of the rest). Timed by thread CPU time, so the delay is a busy loop, not a sleep. Batch 2: at
+    batch 1 these narrow convs never time the packed form (the next test)."""
     import time as time_mod
 
     from models import fuse
@@ -621,11 +623,47 @@ def test_onednn_form_is_chosen_by_timing(monkeypatch, fast):
     monkeypatch.setattr(fuse.OneDNNConvAct, "forward", forward)
     model = build_model(ModelConfig.preset("tiny", in_channels=1)).eval()
     with _one_torch_thread():  # at load 12 a 2-thread call of these tiny convs took up to 40 ms
-        form = fuse.onednn_inference_module(model, torch.randn(1, 1, 8, 8), iters=1)
+        form = fuse.onednn_inference_module(model, torch.randn(2, 1, 8, 8), iters=1)
     ops = [m for m in form.modules() if isinstance(m, fuse.OneDNNConvAct)]
     fits = [op.shape[-2:] == (3, 3) and op.stride == [1, 1] for op in ops]
     assert ops and all(kind(op) == fast for op, f in zip(ops, fits) if f or fast != "winograd"), [repr(o) for o in ops]
     assert any(fits)
+
+
+@pytest.mark.parametrize(("channels", "batch", "packed"), [(16, 1, False), (16, 2, True), (128, 1, True)])
+def test_onednn_packed_form_at_batch_1_only_for_wide_convs(monkeypatch, channels, batch, packed):
+    """At batch 1 a conv of fewer than _PACKED_MIN_CHANNELS input channels never runs packed, even where packed
+    times fastest (it ran slower inside `small` than on its own); a wider one, or any at batch 2, does. Convs
+    whose fastest form takes under _SHORT_CALL_S are timed _SHORT_CALL_ITERS times as often."""
+    import time as time_mod
+
+    from models import fuse
+    from models.fuse import FoldedConvAct
+
+    real, calls = fuse.OneDNNConvAct.forward, Counter()
+
+    def forward(self, x, other=None):
+        calls[id(self)] += 1
+        if not self.packed:  # every other form 5 ms of CPU time per call
+            end = time_mod.thread_time() + 0.005
+            while time_mod.thread_time() < end:
+                pass
+        return real(self, x, other)
+
+    monkeypatch.setattr(fuse.OneDNNConvAct, "forward", forward)
+    # between a real call of these small convs (0.05-1 ms on a loaded machine) and the 5 ms ones
+    monkeypatch.setattr(fuse, "_SHORT_CALL_S", 0.004)
+    torch.manual_seed(0)
+    op = ConvBNAct(channels, 8, 3, padding=1)
+    op(torch.randn(4, channels, 4, 4))
+    size = [batch, channels, 4, 4]
+    choice = fuse._ConvChoice(FoldedConvAct(op.eval()), size, None, iters=2)
+    with _one_torch_thread(), torch.inference_mode():
+        choice(torch.randn(*size))
+    assert (choice.chosen is choice.forms[0]) is packed
+    # the packed call is under _SHORT_CALL_S: timed 3x as often; where it is not timed, the forms that take 5 ms
+    # each are timed `iters` times; each after one untimed call, and the chosen one runs once more
+    assert calls[id(choice.chosen)] == 2 + 2 * (fuse._SHORT_CALL_ITERS if packed else 1), dict(calls)
 
 
 def test_onednn_form_of_an_untraceable_model_and_bad_input():
