@@ -498,12 +498,15 @@ def fit_cost_model(points: dict[str, tuple[float, float]], static: str = "static
     }
 
 
-def saturated_cost_model(sat: dict[str, dict], cores: int | None = None) -> tuple[dict | None, float | None]:
+def saturated_cost_model(sat: dict[str, dict], cores: float | None = None) -> tuple[dict | None, float | None]:
     """The `saturated` section's cost model, two ways, and the ceiling of saturated_ratio_adaptive_vs_static.
 
-    Batch sizes: the replica's measured mean where it counts batches, else each controller's max_batch_size
-    capped at the connections (`batch_cap`, an upper bound: A then comes out low, and the ceiling with it);
-    `mean_batch_source` says which.
+    Batch sizes: the replica's measured means where it counts batches (every variant fitted); else only the
+    variants whose batch size their configuration fixes at saturation, nobatch (1) and the static ones (their
+    max_batch_size, capped at the point's connections: `batch_cap`), since an adaptive controller's cap says
+    little about the batches it ran (a quick run with caps had adaptive paying more CPU per request than static,
+    so its batches were far under its cap of 32); `mean_batch_source` says which. `below_floor`: the variants
+    measured cheaper per request than O, which the model says none can be (a contradiction of the model).
     - wall: ms per request = 1000 / peak rps. Its ceiling (O + A/b_static) / O holds only if every variant keeps
       the cores busy; a variant that leaves them idle (a batch wait with too few requests) is slow for another
       reason, and a measured ratio above this ceiling says so.
@@ -514,13 +517,24 @@ def saturated_cost_model(sat: dict[str, dict], cores: int | None = None) -> tupl
     compute where the forward's time grows with the batch (resnet18); A the fixed cost of one forward.
     Returns the model dict and the headline ceiling (cpu where the cores were recorded, else wall)."""
     measured = all(x.get("mean_batch") for x in sat.values())
-    batch = {v: x["mean_batch"] if measured else x.get("batch_cap") or 1 for v, x in sat.items()}
-    wall = fit_cost_model({v: (1e3 / x["peak_rps"] if x["peak_rps"] else 0.0, batch[v]) for v, x in sat.items()})
+    fixed = [v for v in sat if v == "nobatch" or v.startswith("static")]
+    fit = list(sat) if measured else fixed
+    batch = {v: sat[v]["mean_batch"] if measured else sat[v].get("batch_cap") or 1 for v in fit}
+
+    def per_request(v: str, cpu: bool) -> float:
+        x = sat[v]
+        return (x["peak_cpu_cores"] if cpu else 1.0) * 1e3 / x["peak_rps"] if x["peak_rps"] else 0.0
+
+    wall = fit_cost_model({v: (per_request(v, False), batch[v]) for v in fit})
     if wall is None:
         return None, None
     cpu = None
     if all(x.get("peak_cpu_cores") for x in sat.values()):
-        cpu = fit_cost_model({v: (x["peak_cpu_cores"] * 1e3 / x["peak_rps"], batch[v]) for v, x in sat.items()})
+        cpu = fit_cost_model({v: (per_request(v, True), batch[v]) for v in fit})
+    for f, on_cpu in ((wall, False), (cpu, True)):
+        if f is not None:
+            f["measured_ms_per_request_all"] = {v: per_request(v, on_cpu) for v in sat}
+            f["below_floor"] = [v for v in sat if per_request(v, on_cpu) < f["per_request_ms"]]
     if cpu is not None:
         cores = cores or max(x["peak_cpu_cores"] for x in sat.values())
         o, static = cpu["per_request_ms"], sat.get("static_default", {}).get("peak_rps")
@@ -531,7 +545,7 @@ def saturated_cost_model(sat: dict[str, dict], cores: int | None = None) -> tupl
         "per_request_ms": wall["per_request_ms"],
         "per_forward_ms": wall["per_forward_ms"],
         "mean_batch": wall["mean_batch"],
-        "mean_batch_source": "replica batch_stats" if measured else "controller cap",
+        "mean_batch_source": "replica batch_stats" if measured else "configuration (nobatch, static caps)",
         "wall": wall,
         "cpu": cpu,
         "ceiling_basis": "cpu" if cpu is not None else "wall",
@@ -1114,9 +1128,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"saturated cost model ({basis}: {unit}/request = O + A / mean batch, least squares over the "
                   f"variants; batch sizes from the {m['mean_batch_source']}): O = {f['per_request_ms']:.3f}, "
                   f"A = {f['per_forward_ms']:.3f}; mean batch {m['mean_batch']}; measured "
-                  f"{ {v: round(x, 3) for v, x in f['ms_per_request'].items()} }, fitted "
+                  f"{ {v: round(x, 3) for v, x in f['measured_ms_per_request_all'].items()} }, fitted "
                   f"{ {v: round(x, 3) for v, x in f['fitted_ms_per_request'].items()} }; "
-                  f"ceiling vs static_default {f['ratio_ceiling_vs_static']}")  # fmt: skip
+                  f"ceiling vs static_default {f['ratio_ceiling_vs_static']}; measured below the model's floor O "
+                  f"(contradicting it): {f['below_floor'] or 'none'}")  # fmt: skip
         print(f"saturated_ratio_ceiling_vs_static ({m['ceiling_basis']}): {res['saturated_ratio_ceiling_vs_static']}")
     rows = []
     for k, (op, goal) in GOALS.items():

@@ -117,9 +117,10 @@ def sat_points(cpu: dict[str, float] | None = None) -> dict[str, dict]:
 def test_the_saturated_model_falls_back_to_caps_and_its_cpu_ceiling_sees_a_variant_leaving_cores_idle():
     sat = sat_points()
     model, ceiling = saturated_cost_model(sat, cores=2)
-    # no batch counters: the caps (adaptive's 64 capped at its point's 32 connections); the CPU fit recovers O, A
-    assert model["mean_batch_source"] == "controller cap"
-    assert model["mean_batch"] == {"nobatch": 1, "static_default": 10, "adaptive": 32}
+    # no batch counters: only the variants whose configuration fixes the batch (nobatch 1, static's cap 10) are
+    # fitted; the CPU fit recovers O and A
+    assert model["mean_batch_source"].startswith("configuration")
+    assert model["mean_batch"] == {"nobatch": 1, "static_default": 10}
     assert model["cpu"]["per_request_ms"] == pytest.approx(0.9)
     assert model["cpu"]["per_forward_ms"] == pytest.approx(0.8)
     # the most any batching serves: 2 cores at 0.9 ms over static's measured rate (1.6 cores at 0.98 ms)
@@ -128,9 +129,19 @@ def test_the_saturated_model_falls_back_to_caps_and_its_cpu_ceiling_sees_a_varia
     # the wall-clock fit, blind to static's idle cores, claims a lower ceiling than adaptive already reaches
     measured = sat["adaptive"]["peak_rps"] / sat["static_default"]["peak_rps"]
     assert model["wall"]["ratio_ceiling_vs_static"] < measured < ceiling
+    # and names the variant it measured below its per-request floor; the CPU fit has none there
+    assert model["wall"]["below_floor"] == ["adaptive"] and model["cpu"]["below_floor"] == []
     # by default the cores are the most any variant kept busy (2.0 here: nobatch and adaptive), not the machine's
     model, default = saturated_cost_model(sat)
     assert model["cpu"]["cores"] == 2.0 and default == pytest.approx(ceiling)
+
+
+def test_without_batch_counters_an_adaptive_variant_far_under_its_cap_does_not_bend_the_fit():
+    sat = sat_points()
+    sat["adaptive"]["peak_rps"] = 2e3 / (0.9 + 0.8 / 3)  # batches of 3, cap 32
+    model, _ = saturated_cost_model(sat, cores=2)
+    assert model["cpu"]["per_request_ms"] == pytest.approx(0.9)
+    assert model["cpu"]["per_forward_ms"] == pytest.approx(0.8)
 
 
 def test_mean_batch_comes_from_the_replicas_batch_counters_when_it_counts_them():
