@@ -307,8 +307,9 @@ def fastest_inference_module(
     handles badly (bench/results/train_throughput.json), so the form is chosen by timing them all, as the
     measurements say. Serve's fp32 replicas and the sweep's latency (models.quantize.compiled_for_inference)
     both call this, so the served form is the measured one. `example` (N >= 1, C, H, W) gives the input shape;
-    the score is the sum over `batch_sizes` of each form's median of `iters` calls, after the compiles
-    (`warmup`). The oneDNN form is left out where this PyTorch lacks its ops or the input is not CPU float32.
+    the score is the sum over `batch_sizes` of each form's median of `iters` calls (thread CPU time at one torch
+    thread, else wall time), after the compiles (`warmup`). The oneDNN form is left out where this PyTorch lacks
+    its ops or the input is not CPU float32.
     Returns (module, {"eager_s", "compiled_s", "onednn_s" (when timed), "compile_s"})."""
     if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[0] < 1:
         raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
@@ -322,6 +323,11 @@ def fastest_inference_module(
     if onednn_available() and example.device.type == "cpu" and example.dtype == torch.float32:
         forms["onednn_s"] = OneDNNInference(model, example, sizes)
 
+    # One torch thread: this thread's CPU time, which a loaded machine does not inflate (by wall time, small
+    # 32x32's forms scored compiled 18.5-35.7 ms and oneDNN 8.9-15.3 in three scorings at load 4, a swing that
+    # can choose the form 0.98 of eager at batch 1 over the one 0.75); more threads work beyond this one.
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
     def score(fn: nn.Module) -> float:
         total = 0.0
         with torch.inference_mode():
@@ -330,9 +336,9 @@ def fastest_inference_module(
                 fn(x)  # first call after a switch of form: caches, allocator
                 times = []
                 for _ in range(iters):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn(x)
-                    times.append(time.perf_counter() - t0)
+                    times.append(clock() - t0)
                 total += sorted(times)[len(times) // 2]
         return total
 

@@ -494,6 +494,32 @@ def test_fastest_inference_module_keeps_the_faster_form_and_the_outputs():
         fastest_inference_module(model, x, (0,))
 
 
+def test_fastest_inference_module_scores_cpu_time_at_one_thread(monkeypatch):
+    """At one torch thread the forms are scored by this thread's CPU time, not wall time (a loaded machine
+    swung the choice): a form that waits 20 ms off-CPU per call beats one that computes for 5 ms; wall time
+    would choose the other way."""
+    import time as time_mod
+
+    from models import fuse
+    from models.cnn import ModelConfig, build_model
+
+    class Busy(nn.Module):  # the eager form: 5 ms of CPU time a call
+        def forward(self, x):
+            end = time_mod.thread_time() + 0.005
+            while time_mod.thread_time() < end:
+                pass
+            return x
+
+    monkeypatch.setattr(fuse, "inference_module", lambda model, compile=False: Busy())
+    monkeypatch.setattr(fuse, "onednn_available", lambda: False)
+    monkeypatch.setattr(fuse.CompiledInference, "warmup", lambda self, example, sizes: {1: 0.0})
+    monkeypatch.setattr(fuse.CompiledInference, "forward", lambda self, x: time_mod.sleep(0.02) or x)
+    model = build_model(ModelConfig.preset("tiny", in_channels=1))
+    with _one_torch_thread():
+        form, t = fuse.fastest_inference_module(model, torch.rand(1, 1, 8, 8), (1,), iters=3)
+    assert isinstance(form, fuse.CompiledInference) and t["compiled_s"] < 0.002 < 0.004 < t["eager_s"], t
+
+
 @pytest.mark.parametrize("size", [8, 3])
 def test_onednn_form_equals_eval_model_with_residual_adds_fused(size):
     """The oneDNN form of the eager `small` layout (Sequential conv/bn/relu, `act(conv2(conv1(x)) + shortcut)`)
