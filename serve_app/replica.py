@@ -4,7 +4,7 @@ routes' logic (`respond(Call) -> Reply`), callable through a handle as well as f
 come in through `reconfigure` (the deployment's user_config), loaded off the event loop in the background and
 swapped in when ready; each replica records what it serves (serve_app.served).
 
-The model runs off the event loop, in one forward thread (`ModelServer._run_batches`): the loop that parses
+The model runs off the event loop, in one forward thread (`ModelServer._run_batch`): the loop that parses
 requests and decides admission is never held by a batch, so a request that will be refused is refused while a
 batch runs, not after it (issue 16: overload refused within 10 ms of arrival; with the forward on the loop a
 refusal waited behind the running batch). Batches still run one at a time and each takes what queued while the
@@ -30,6 +30,7 @@ from serve_app.batching import (
     BatchingPolicy,
     BatchSettings,
     Controller,
+    ModelQueue,
     Static,
     Verdict,
     WindowRecorder,
@@ -145,11 +146,11 @@ class _Queued:
 
     x: np.ndarray
     answer: asyncio.Future
-    """(probabilities (N, K), version), set by `ModelServer._run_batches`."""
+    """(probabilities (N, K), version), set by `ModelServer._run_batch`."""
     started: bool = False
     """In a batch the model runs (no longer in the queue count)."""
     cancelled: bool = False
-    """The client left before its batch started: `_run_batches` skips it."""
+    """The client left before its batch started: the model queue skips it."""
 
 
 class ModelServer:
@@ -208,13 +209,12 @@ class ModelServer:
         # into refusing at light load. Queueing and preemption still show in the latencies the SLOModel watches.
         self._clock = time.thread_time if self.cfg.torch_threads == 1 else time.perf_counter
         # The model runs here, one batch at a time, off the event loop (module docstring); torch's thread count
-        # is per thread (OpenMP), so the forward thread sets its own. `_pending`: requests Serve's batch queue
-        # handed on, waiting for the model; `_runner`: the task feeding them to it.
+        # is per thread (OpenMP), so the forward thread sets its own. `_model_queue`: requests Serve's batch queue
+        # handed on, waiting for the model (serve_app.batching.ModelQueue, the simulator's model queue too).
         self._executor = ThreadPoolExecutor(
             1, "forward", initializer=torch.set_num_threads, initargs=(self.cfg.torch_threads,)
         )
-        self._pending: deque[_Queued] = deque()
-        self._runner: asyncio.Task | None = None
+        self._model_queue: ModelQueue[_Queued] = ModelQueue(self.policy, skip=lambda it: it.cancelled)
 
     # -- hot update
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -477,11 +477,11 @@ class ModelServer:
         else:
             item = _Queued(x, asyncio.get_running_loop().create_future())
             try:
-                await self._batched(item)  # Serve's batch queue, then the model queue (_run_batches)
+                await self._batched(item)  # Serve's batch queue, then the model queue (_run_batch)
                 probs, version = await item.answer
             except asyncio.CancelledError:  # the client gave up (timeout, disconnect)
                 if not item.started:
-                    # Ray drops cancelled requests from the next batch and _run_batches skips them, so
+                    # Ray drops cancelled requests from the next batch and the model queue skips them, so
                     # batch_start never counts this one: take it out of the queue here, or queue_len leaks
                     # upwards and admission refuses on a phantom backlog. (Counted as a rejection: it left
                     # unserved, an SLO miss either way.)
@@ -505,43 +505,32 @@ class ModelServer:
         hands it on to the model queue and returns at once, so that Serve's one-batch-at-a-time loop never waits
         on the model: awaiting the model here would let Serve close the next batches while one runs and queue
         them behind it at whatever size the wait gave them (batches of one at a zero wait, serve_app/simulator's
-        `blocking=False`), while `_run_batches` merges what queued into the next batch."""
-        self._pending.extend(items)
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.get_running_loop().create_task(self._run_batches())
+        `handler="awaiting"`), while the model queue merges what queued into the next batch."""
+        self._model_queue.feed(items, self._run_batch)
         return [None] * len(items)
 
-    async def _run_batches(self) -> None:
-        """Runs the model queue dry, one batch at a time in the forward thread: each batch takes the requests
-        waiting (oldest first, up to the controller's max_batch_size), as a synchronous forward on the event
-        loop did, while the loop goes on parsing, admitting and refusing requests."""
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            cap = self.policy.settings.max_batch_size
-            batch: list[_Queued] = []
-            while self._pending and len(batch) < cap:
-                it = self._pending.popleft()
-                if not it.cancelled:
-                    batch.append(it)
-            if not batch:
-                continue
-            n = len(batch)
+    async def _run_batch(self, batch: list[_Queued]) -> None:
+        """Runs one batch from the model queue (ModelQueue.drain: one at a time, each taking the requests waiting,
+        oldest first, up to the controller's max_batch_size, as a synchronous forward on the event loop did) in
+        the forward thread, while the loop goes on parsing, admitting and refusing requests."""
+        n = len(batch)
+        for it in batch:
+            it.started = True
+        t0 = time.perf_counter()
+        try:
+            out, work = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._timed_forward, [it.x for it in batch]
+            )
+        except Exception as e:  # the model failed: every request of the batch gets it (a 500)
             for it in batch:
-                it.started = True
-            self.policy.batch_start(n)
-            t0 = time.perf_counter()
-            try:
-                out, work = await loop.run_in_executor(self._executor, self._timed_forward, [it.x for it in batch])
-            except Exception as e:  # the model failed: every request of the batch gets it (a 500)
-                for it in batch:
-                    if not it.answer.done():
-                        it.answer.set_exception(e)
-                continue
-            self.policy.batch_end(n, work)
-            self.metrics.batch(n, time.perf_counter() - t0)
-            for it, answer in zip(batch, out, strict=True):
-                if not it.answer.done():  # not cancelled meanwhile
-                    it.answer.set_result(answer)
+                if not it.answer.done():
+                    it.answer.set_exception(e)
+            return
+        self.policy.batch_end(n, work)
+        self.metrics.batch(n, time.perf_counter() - t0)
+        for it, answer in zip(batch, out, strict=True):
+            if not it.answer.done():  # not cancelled meanwhile
+                it.answer.set_result(answer)
 
     def _timed_forward(self, xs: list[np.ndarray]) -> tuple[list[tuple[np.ndarray, str]], float]:
         """`_forward` and its time by `_clock`, taken in the thread that runs it (thread_time is per thread)."""

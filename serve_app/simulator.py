@@ -1,10 +1,12 @@
 """Deterministic discrete-event simulator of one batching replica, for tests and to pre-train the bandit.
 
 Open-loop Poisson arrivals whose rate follows a pattern (`Constant`, `Step`, `Sine`); a service-time model
-(`LinearServiceTime`, `TableServiceTime`) gives each batch's execution time. The server is Serve's
-`@serve.batch` with `max_concurrent_batches=1` and a model call that holds the replica: a batch opens when the
-server is free and a request waits, closes when it holds max_batch_size requests or batch_wait_timeout_s after
-opening, then executes; settings changed by the controller apply from the next batch (Ray reads them when a
+(`LinearServiceTime`, `TableServiceTime`) gives each batch's execution time. The server is the replica's:
+Serve's `@serve.batch` (`max_concurrent_batches=1`) opens a batch when a request waits and closes it when it
+holds max_batch_size requests or batch_wait_timeout_s after opening, and hands it to the replica's model queue
+(serve_app.batching.ModelQueue, the class the replica uses), from which one forward at a time takes what
+waits, up to the cap (`simulate_arrivals` also models the older handlers that block on or await the model);
+settings changed by the controller apply from the next batch (Ray reads them when a
 batch opens). Arrivals, batches, answers and the `window_s` ticks go through a `BatchingPolicy`, the object the
 replica (ModelServer) drives: the same admission check and liveness rule, the same window bookkeeping, so a
 controller trained here (the bandit) meets the rules it will run under. Same seed, same inputs: same result.
@@ -26,6 +28,7 @@ from serve_app.batching import (
     BatchingPolicy,
     BatchSettings,
     Controller,
+    ModelQueue,
     window_reward,
 )
 
@@ -232,6 +235,8 @@ class SimResult:
 
 
 _ARRIVAL, _CLOSE, _DONE, _TICK = 0, 1, 2, 3
+HANDLERS = ("queue", "blocking", "awaiting")
+"""How the batch handler meets the model (`simulate`'s `handler`)."""
 
 
 def simulate(
@@ -243,20 +248,61 @@ def simulate(
     seed: int = 0,
     admission: AdmissionControl | None = None,
     miss_penalty: float = 4.0,
-    blocking: bool = True,
+    handler: str = "queue",
 ) -> SimResult:
-    """Runs `duration_s` of arrivals through one replica driven by `controller`, then drains the queue.
-
-    `blocking`: the batch handler runs the model synchronously, holding the replica's event loop, so the next
-    batch forms only when the model returns (measured with Ray 2.60: a 20 ms blocking call at 400 req/s and
-    wait 0 made batches of 8). False: the handler awaits the model (asyncio.to_thread, async GPU work), Ray's
-    batch loop closes the next batch while one executes and queues it for the model; a zero wait then makes
-    batches of one (measured: mean 1.2, and 1 s of that load took 7.5 s).
-    `miss_penalty` only weighs the per-window rewards reported in the result (a Bandit uses its own)."""
+    """Runs `duration_s` of Poisson arrivals (`pattern`, `seed`) through one replica driven by `controller`,
+    then drains the queue (`simulate_arrivals`)."""
     if not duration_s > 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
     rng = random.Random(seed)
     arrivals = poisson_arrivals(pattern, duration_s, rng)
+    return simulate_arrivals(
+        controller,
+        arrivals,
+        service,
+        duration_s=duration_s,
+        rng=rng,
+        admission=admission,
+        miss_penalty=miss_penalty,
+        handler=handler,
+    )
+
+
+def simulate_arrivals(
+    controller: Controller,
+    arrivals: Sequence[float],
+    service: ServiceTime,
+    *,
+    duration_s: float,
+    rng: random.Random | None = None,
+    admission: AdmissionControl | None = None,
+    miss_penalty: float = 4.0,
+    handler: str = "queue",
+) -> SimResult:
+    """Runs the requests arriving at `arrivals` (seconds, ascending, in [0, duration_s)) through one replica
+    driven by `controller`, then drains the queue; `rng` draws the service times' noise.
+
+    Serve's batch queue (Ray's `_BatchQueue.wait_for_batch`) opens a batch when a request waits and closes it
+    when it holds max_batch_size requests or batch_wait_timeout_s after it opened, with the settings in force
+    when it opened. `handler`, how the closed batch meets the model:
+    - "queue" (the replica, serve_app/replica.py): the handler hands the batch to the model queue and returns,
+      so Serve goes on closing batches while the model runs; each forward takes the oldest requests waiting
+      there, up to the cap in force when it starts (serve_app.batching.ModelQueue, the replica's own class).
+    - "blocking": the handler runs the model synchronously, holding the event loop, so the next batch opens
+      only when the model returns (measured with Ray 2.60: a 20 ms blocking call at 400 req/s and wait 0 made
+      batches of 8). Same batches as "queue" at a zero wait; with a wait, the wait starts after the forward.
+    - "awaiting": the handler awaits the model (asyncio.to_thread, async GPU work): Ray closes the next batch
+      while one executes and queues it for the model as it is; a zero wait then makes batches of one
+      (measured: mean 1.2, and 1 s of that load took 7.5 s).
+    `miss_penalty` only weighs the per-window rewards reported in the result (a Bandit uses its own)."""
+    if not duration_s > 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
+    if handler not in HANDLERS:
+        raise ValueError(f"handler must be one of {HANDLERS}, got {handler!r}")
+    arrivals = list(arrivals)
+    if any(not 0 <= t < duration_s for t in arrivals) or arrivals != sorted(arrivals):
+        raise ValueError(f"arrivals must be ascending times in [0, duration_s={duration_s}), got {arrivals[:5]}...")
+    rng = rng if rng is not None else random.Random(0)
     slo = controller.config.slo_s
     window = controller.config.window_s
     events: list[tuple[float, int, int, int]] = []  # (time, kind, seq, payload): kind orders ties
@@ -274,9 +320,11 @@ def simulate(
     # The replica's own batching state and rules (ModelServer drives the same object); refusals only when a
     # gate is given, and no calibration (the batch model is the whole simulated server).
     policy = BatchingPolicy(controller, enforce=admission is not None, calibrate=False, admission=admission)
+    blocking = handler == "blocking"
+    model_queue: ModelQueue[int] = ModelQueue(policy)  # closed batches, for handler="queue"
+    ready: deque[list[int]] = deque()  # closed batches waiting for the model as they are (the other handlers)
     latency = [math.nan] * len(arrivals)
-    queue: deque[int] = deque()  # admitted, not in a closed batch
-    ready: deque[list[int]] = deque()  # closed batches waiting for the model (only when it does not block)
+    queue: deque[int] = deque()  # admitted, not in a closed batch (Serve's batch queue)
     executing: list[int] = []
     executing_s = 0.0
     forming = False  # a batch is open, waiting to fill or time out
@@ -287,22 +335,31 @@ def simulate(
     traces: list[WindowTrace] = []
     rewards: list[float] = []
 
+    def waiting_for_model() -> int:
+        return len(model_queue) + sum(map(len, ready))
+
     def start_next(now: float) -> None:
         nonlocal executing, executing_s
-        executing = ready.popleft()
+        if handler == "queue":
+            executing = model_queue.take()  # counts the batch's start (policy.batch_start)
+        else:
+            executing = ready.popleft()
+            policy.batch_start(len(executing))
         executing_s = service.sample(len(executing), rng)
-        policy.batch_start(len(executing))
         batch_sizes.append(len(executing))
         push(now + executing_s, _DONE)
 
     def close_batch(now: float) -> None:
         nonlocal forming
-        n = min(open_settings.max_batch_size, len(queue))
-        ready.append([queue.popleft() for _ in range(n)])
+        batch = [queue.popleft() for _ in range(min(open_settings.max_batch_size, len(queue)))]
+        if handler == "queue":
+            model_queue.put(batch)
+        else:
+            ready.append(batch)
         forming = False
         if not executing:
             start_next(now)
-        if not blocking and queue:  # Ray's batch loop goes straight back to the queue
+        if not blocking and queue:  # Ray's batch loop goes straight back to its queue
             open_batch(now)
 
     def open_batch(now: float) -> None:
@@ -335,13 +392,13 @@ def simulate(
                 latency[i] = now - arrivals[i]
                 policy.done(latency[i])
             executing = []
-            if ready:
+            if waiting_for_model():
                 start_next(now)
             elif blocking and queue:
                 open_batch(now)
         else:  # _TICK
             stats, settings = policy.tick(now)
-            assert stats.queue_len == len(queue) + sum(map(len, ready))
+            assert stats.queue_len == len(queue) + waiting_for_model()
             r = window_reward(stats, slo, miss_penalty)
             if r is not None:
                 rewards.append(r)

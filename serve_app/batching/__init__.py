@@ -1,8 +1,9 @@
 """Adaptive batching for a Serve model deployment: controllers that set `@serve.batch`'s knobs every window.
 
 One module per concept: settings (BatchingConfig, BatchSettings), window (WindowRecorder, WindowStats), fit
-(ServiceTimeFit), controllers, bandit, admission (LatencyCalibration, Verdict, AdmissionControl) and policy
-(BatchingPolicy: all of them behind the calls a request path makes, driven by the replica and the simulator).
+(ServiceTimeFit), controllers, bandit, admission (LatencyCalibration, Verdict, AdmissionControl), policy
+(BatchingPolicy: all of them behind the calls a request path makes) and modelqueue (ModelQueue: the batches a
+forward takes); the replica and the simulator drive the last two.
 This package re-exports their public names.
 
 Plain Python, no Ray: the Serve app (and the simulator in serve_app/simulator.py) feeds a `WindowRecorder`
@@ -25,13 +26,14 @@ it opened (Ray's `_BatchQueue.wait_for_batch`). If the next batch forms only onc
 (`BatchingConfig.model_blocks_loop`, the default: a synchronous forward pass in the handler, or the replica's own
 model queue, which runs the model in a thread and merges what queued meanwhile without holding the event loop),
 batches take what queued while the last one ran; if the handler awaits the model instead, Ray closes the next
-batch while one executes, and only the wait lets batches grow (serve_app/simulator.py simulates both).
+batch while one executes, and only the wait lets batches grow (serve_app/simulator.py simulates each).
 """
 
 from serve_app.batching.admission import AdmissionControl, LatencyCalibration, Verdict
 from serve_app.batching.bandit import Bandit, BanditConfig, load_bandit_policy, window_reward
 from serve_app.batching.controllers import AIMD, Controller, SLOModel, Static
 from serve_app.batching.fit import ServiceTimeFit
+from serve_app.batching.modelqueue import ModelQueue
 from serve_app.batching.policy import Arrival, BatchingPolicy
 from serve_app.batching.settings import SERVE_DEFAULT_BATCH_SIZE, SERVE_DEFAULT_WAIT_S, BatchingConfig, BatchSettings
 from serve_app.batching.window import WindowRecorder, WindowStats
@@ -49,6 +51,7 @@ __all__ = [
     "BatchingPolicy",
     "Controller",
     "LatencyCalibration",
+    "ModelQueue",
     "SLOModel",
     "ServiceTimeFit",
     "Static",

@@ -208,7 +208,7 @@ def test_slo_model_waits_when_the_model_call_does_not_block():
     def run(mean: float, blocks: bool):
         ctl = SLOModel(BatchingConfig(slo_s=SLO, model_blocks_loop=blocks))
         gate = AdmissionControl(ctl.config)
-        return simulate(ctl, Sine(mean=mean), SERVICE, duration_s=30.0, seed=0, admission=gate, blocking=False)
+        return simulate(ctl, Sine(mean=mean), SERVICE, duration_s=30.0, seed=0, admission=gate, handler="awaiting")
 
     light, heavy = run(100.0, blocks=False), run(300.0, blocks=False)
     assert light.p99_s <= SLO and heavy.p99_s <= SLO and heavy.attainment >= 0.99
@@ -489,3 +489,21 @@ def test_calibration_forgets_an_overload_within_seconds():
         if i == 199:
             assert idle.alpha < 2.0  # 2 s after the overload
     assert idle.alpha < 1.2  # 4 s after
+
+
+def test_model_queue_takes_the_oldest_up_to_the_cap_in_force_and_skips_the_cancelled():
+    from serve_app.batching import BatchingPolicy, ModelQueue
+
+    ctl = Static(BatchingConfig(initial_batch_size=3, initial_wait_s=0.0))
+    policy = BatchingPolicy(ctl)
+    for _ in range(7):
+        assert policy.arrive().admitted
+    q = ModelQueue(policy, skip=lambda i: i == 1)
+    q.put([0, 1, 2])
+    q.put([3, 4, 5, 6])  # closed batches merge: the next forward is not bound to one of them
+    policy.cancelled()  # request 1's client left (the replica counts it out then; the queue skips it)
+    assert q.take() == [0, 2, 3] and policy.queue_len == 7 - 1 - 3
+    policy.replace(Static(BatchingConfig(initial_batch_size=2)))  # a hot update's cap: from the next forward
+    assert q.take() == [4, 5] and q.take() == [6] and q.take() == [] and len(q) == 0 and policy.queue_len == 0
+    with pytest.raises(TypeError, match="policy must be a BatchingPolicy"):
+        ModelQueue(ctl)

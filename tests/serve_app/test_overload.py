@@ -98,8 +98,8 @@ def test_refused_while_a_batch_runs_and_what_queued_runs_as_one_batch(ray_local,
             assert time.monotonic() < deadline, "the first batch never reached the model"
             await asyncio.sleep(0.001)
         queued = [asyncio.create_task(srv.infer(x)) for _ in range(4)]
-        while len(srv._pending) < 4:  # all four handed on by Serve's batch queue, waiting for the model
-            assert time.monotonic() < deadline, ("the loop was held", srv.rec.queue_len, len(srv._pending))
+        while len(srv._model_queue) < 4:  # all four handed on by Serve's batch queue, waiting for the model
+            assert time.monotonic() < deadline, ("the loop was held", srv.rec.queue_len, len(srv._model_queue))
             await asyncio.sleep(0.001)
         body = json.dumps({"instances": [[0.0] * 64]}).encode()  # one 8x8 image, flattened
         t0 = time.monotonic()
