@@ -1083,7 +1083,10 @@ def main(argv: list[str] | None = None) -> dict:
         wall_s=wall_s,
         loadavg_before=list(load_before),
         loadavg_after=list(os.getloadavg()),
-        other_cpu_cores_median=statistics.median(r["other_cpu_cores"] for r in bench.runs) if bench.runs else 0.0,
+        other_cpu_cores_median=statistics.median(
+            [r["other_cpu_cores"] for r in bench.runs]  # the open-loop runs and the wrk points
+            + [p["other_cpu_cores"] for x in res.get("saturated_points", {}).values() for p in x["points"]]
+        ),
         runs=bench.runs,
     )
     if "overload_bounded" in res:
