@@ -240,6 +240,16 @@ def client_process():
     )
 
 
+def start_load(pool, url: str, load, input_shape: tuple[int, ...] = (1, 8, 8)):
+    """Starts `load` (serve_app.loadgen.LoadConfig) against `url` in the generator's process (conftest's
+    `generator` fixture) 0.3 s from now; the future of its LoadReport."""
+    import time
+
+    from serve_app.loadgen import run_load_at
+
+    return pool.submit(run_load_at, url, load, time.time() + 0.3, input_shape)
+
+
 def niced_bursts(url: str, body: dict, n: int, repeats: int) -> list[Reply]:
     """`repeats` bursts of `n` concurrent POST /predict: run it in `client_process()`."""
     import asyncio

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from _serve import haproxy_cluster
+from _serve import client_process, haproxy_cluster
 
 
 @pytest.fixture
 def ray_local(_ray_clusters):
     """Overrides tests/conftest.py's `ray_local` for these tests: the one-node Ray, with the HAProxy ingress."""
     return haproxy_cluster(_ray_clusters)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    """A process of its own for a test's load generator (_serve.start_load, serve_app.loadgen.run_load_at): in a
+    thread of the test's process it shares the GIL with a hot update's client work there, and a stall of it
+    sends a burst that HAProxy's per-replica cap rightly refuses (tests/serve_app/test_loadgen.py); the
+    hot-update tests count the update's losses. At Ray's worker niceness, as the replica runs
+    (_serve.client_process: at nice 0 the generator starves it)."""
+    with client_process() as pool:
+        pool.submit(time.sleep, 0).result()  # started before the first timed load
+        yield pool

@@ -15,12 +15,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from _serve import GOOD, free_port, haproxy_cluster
+from _serve import GOOD, free_port, haproxy_cluster, start_load
 
 from serve_app.app import build_app
 from serve_app.config import AppConfig, ModelUserConfig
 from serve_app.deploy import DeployConfig, hot_update, serve_artifact, update_user_configs
-from serve_app.loadgen import LoadConfig, run_load
+from serve_app.loadgen import LoadConfig
 from serve_app.protocol import BadRequest, instances_to_array, parse_infer, parse_json
 from serve_app.simulator import Constant
 
@@ -257,21 +257,18 @@ def test_pickle_is_never_loaded(ray_local, served):
     assert r.status_code == 400 and "must be JSON" in r.json()["error"]
 
 
-def test_hot_update_under_load_loses_nothing(ray_local, served):
+def test_hot_update_under_load_loses_nothing(ray_local, served, generator):
     c, cfg = served["client"], served["cfg"]
     replica = c.get("/v2/models/tandem").json()["parameters"]["replica"]
-    result = {}
     load = LoadConfig(pattern=Constant(40.0), duration_s=6.0, timeout_s=10.0)
-    thread = threading.Thread(target=lambda: result.update(r=run_load(served["url"], load)))
-    thread.start()
-    time.sleep(1.5)
+    result = start_load(generator, served["url"], load, SHAPE)  # in its own niced process (conftest.generator)
+    time.sleep(0.3 + 1.5)
     hot_update(served["art1"], cfg, served["art2"], "v2")
     deadline, version = time.monotonic() + 20, "v1"
     while version != "v2" and time.monotonic() < deadline:
         version = c.post("/predict", json=GOOD).json()["version"]
         time.sleep(0.05)
-    thread.join()
-    report = result["r"]
+    report = result.result(timeout=60)
     assert version == "v2"
     assert report.sent > 100 and report.ok == report.sent, report.status_counts  # zero failed, no 503s
     meta = c.get("/v2/models/tandem").json()

@@ -13,30 +13,12 @@ from dataclasses import asdict
 import httpx
 import pytest
 import torch
-from _serve import GOOD, free_port, haproxy_cluster
+from _serve import GOOD, free_port, haproxy_cluster, start_load
 
 from serve_app.batching import BatchingConfig
 from serve_app.deploy import DeployConfig, hot_update, roll_out, serve_artifact
-from serve_app.loadgen import LoadConfig, run_load_at
+from serve_app.loadgen import LoadConfig
 from serve_app.simulator import Constant
-
-
-@pytest.fixture(scope="module")
-def generator():
-    """A process of its own for the load generator (serve_app.loadgen.run_load_at): in a thread of this process it
-    shares the GIL with the hot update's client work here, and a stall of it sends a burst that HAProxy's
-    per-replica cap rightly refuses (tests/serve_app/test_loadgen.py); these tests count the update's losses."""
-    import _serve
-
-    # At Ray's worker niceness, as the replica runs (_serve.client_process: at nice 0 the generator starves it)
-    with _serve.client_process() as pool:
-        pool.submit(time.sleep, 0).result()  # started before the first timed load
-        yield pool
-
-
-def start_load(pool, url: str, load: LoadConfig):
-    """Starts `load` against `url` in the generator's process 0.3 s from now; the future of its LoadReport."""
-    return pool.submit(run_load_at, url, load, time.time() + 0.3, (1, 8, 8))
 
 
 def lost(report, mark: int) -> tuple:
