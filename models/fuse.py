@@ -391,14 +391,20 @@ def inference_form_name(form: nn.Module) -> str:
 def inference_form_record(form: nn.Module, batch_sizes: Iterable[int], threads: int | None = None) -> dict:
     """What an artifact's manifest records of the fp32 form that was timed for it (models.artifact.save_artifact's
     `inference_form`; read back by serve_app.form_choice.from_manifest): the form's name, the batch sizes it was
-    chosen and planned at, the torch threads it ran at (default: this thread's) and `machine_fingerprint()`."""
+    chosen and planned at, the torch threads it ran at (default: this thread's), `machine_fingerprint()` and, for
+    the oneDNN form, the form each conv runs per batch size (`OneDNNInference.choices`)."""
     sizes = [int(b) for b in batch_sizes]
     if not sizes or any(b < 1 for b in sizes):
         raise ValueError(f"batch_sizes must be positive ints, got {sizes}")
     threads = torch.get_num_threads() if threads is None else threads
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    return {"form": inference_form_name(form), "batch_sizes": sizes, "threads": threads, **machine_fingerprint()}
+    rec = {"form": inference_form_name(form), "batch_sizes": sizes, "threads": threads, **machine_fingerprint()}
+    if isinstance(form, OneDNNInference):  # its per-conv plans as timed, rebuilt without timing
+        if form.batch_sizes != sorted(set(sizes)):
+            raise ValueError(f"batch_sizes must be the form's own {form.batch_sizes}, got {sizes}")
+        rec["choices"] = [list(c) for c in form.choices]
+    return rec
 
 
 class OneDNNInference(nn.Module):
@@ -407,18 +413,38 @@ class OneDNNInference(nn.Module):
     runs the plan of the largest planned batch size <= its own (the smallest plan below that). Outputs equal
     `model.eval()(x)` (float rounding aside); always under inference_mode."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, batch_sizes: Iterable[int], *, iters: int = 5):
+    def __init__(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        batch_sizes: Iterable[int],
+        *,
+        iters: int = 5,
+        choices: list[list[int]] | None = None,
+    ):
+        """`choices`: the `choices` of an earlier plan of this model on this input shape and these batch sizes
+        (what an artifact's manifest records, models.fuse.inference_form_record): the same plans, not timed."""
         super().__init__()
         if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[0] < 1:
             raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
         sizes = sorted(set(batch_sizes))
         if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
             raise ValueError(f"batch_sizes must be positive ints, got {sizes}")
+        if choices is not None and (not isinstance(choices, list | tuple) or len(choices) != len(sizes)):
+            raise ValueError(f"choices must be one list per batch size {sizes}, got {choices!r}")
         self.batch_sizes = sizes
-        self.plans = nn.ModuleList(
-            onednn_inference_module(model, example[:1].expand(b, *example.shape[1:]).contiguous(), iters=iters)
-            for b in sizes
-        )
+        planned = [
+            _plan_onednn(
+                model,
+                example[:1].expand(b, *example.shape[1:]).contiguous(),
+                iters=iters,
+                choices=None if choices is None else list(choices[i]),
+            )
+            for i, b in enumerate(sizes)
+        ]
+        self.plans = nn.ModuleList(p[0] for p in planned)
+        self.choices = [p[1] for p in planned]
+        """Per batch size, the form index each conv runs (what `choices` rebuilds)."""
 
     def plan_for(self, batch: int) -> nn.Module:
         i = max((i for i, b in enumerate(self.batch_sizes) if b <= batch), default=0)
@@ -721,14 +747,24 @@ def _relu_node(node: fx.Node, root: nn.Module) -> bool:
 
 
 def onednn_inference_module(model: nn.Module, example: torch.Tensor, *, iters: int = 5) -> nn.Module:
-    """`inference_module(model)` with each `FoldedConvAct` run as an `OneDNNConvAct`: a single oneDNN primitive
+    """`inference_module(model)` with each `FoldedConvAct` run as an `OneDNNConvAct`, planned by timing on
+    `example` (`_plan_onednn`)."""
+    return _plan_onednn(model, example, iters=iters)[0]
+
+
+def _plan_onednn(
+    model: nn.Module, example: torch.Tensor, *, iters: int = 5, choices: list[int] | None = None
+) -> tuple[nn.Module, list[int]]:
+    """(`inference_module(model)` with each `FoldedConvAct` run as an `OneDNNConvAct`: a single oneDNN primitive
     (weight prepacked for its input size, the activation as a post-op), F.conv2d channels_last or NCHW, or
     Winograd, whichever timed fastest on the planning forward over `example` (`_ConvChoice`); each
     `conv(act='none') + other -> relu` of a residual block is one module (the add a binary post-op of the
     primitive, as inductor's freezing pass would emit, without a compile). The copy is traced with torch.fx
     (which also drops the per-module Python calls of nested containers); a module fx cannot trace has its
     children rewritten one by one. `example` (N >= 1, C, H, W) gives the input sizes planned for. CPU float32
-    only: raises ValueError otherwise, and RuntimeError where this PyTorch lacks the ops."""
+    only: raises ValueError otherwise, and RuntimeError where this PyTorch lacks the ops. Returns it with the
+    index of the form each conv chose (`_ConvChoice.forms`, in module order); given those `choices` (from a plan
+    of the same model and input size), it is built with them and nothing is timed.)"""
     if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[0] < 1:
         raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
     if example.device.type != "cpu" or example.dtype != torch.float32:
@@ -754,13 +790,24 @@ def onednn_inference_module(model: nn.Module, example: torch.Tensor, *, iters: i
             h.remove()
     counts = [0, 0]  # convs, residual adds fused
     form = _onednn_rewrite(plain, "", sizes, iters, counts)
-    with torch.inference_mode():
-        form(example)  # the planning forward: each conv times its forms on its real input (_ConvChoice)
+    planned = [m for m in form.modules() if isinstance(m, _ConvChoice)]
+    if choices is None:
+        with torch.inference_mode():
+            form(example)  # the planning forward: each conv times its forms on its real input (_ConvChoice)
+    else:
+        if len(choices) != len(planned) or any(
+            not isinstance(j, int) or not 0 <= j < len(c.forms) for c, j in zip(planned, choices)
+        ):
+            raise ValueError(f"choices must be one form index per planned conv ({len(planned)}), got {choices!r}")
+        for c, j in zip(planned, choices):
+            c.chosen = c.forms[j]
+    # an unplanned conv (never called by the planning forward) runs its plain form in the rule's layout (1)
+    chose = [next((j for j, f in enumerate(c.forms) if f is c.chosen), 1) for c in planned]
     form = _resolve_choices(form)
     if isinstance(form, fx.GraphModule):
         form.recompile()
     logger.info("oneDNN form: %d convs, %d with the residual add fused", *counts)
-    return form
+    return form, chose
 
 
 def _onednn_rewrite(module: nn.Module, path: str, sizes: dict[str, list[int]], iters: int, counts: list[int]):

@@ -7,9 +7,10 @@ redeploy with other args, a second app, a scale-up) builds the chosen form at on
 key-value store (serve_app/records.py) under the node's id, so it lasts as long as the cluster and never crosses
 machines.
 
-Before either, `from_manifest`: the form the sweep timed for this very artifact (tune/measure.measured_form, in
-the manifest's "inference_form"), when it was timed on a machine like this node at this replica's torch threads.
-Then the served model is the measured model, and a replica starts without timing anything.
+A replica asks `from_manifest` before both: the form the sweep timed for this very artifact
+(tune/measure.measured_form, in the manifest's "inference_form"), when it was timed on a machine like this node at
+this replica's torch threads. Then the served model is the measured model, and a replica starts without timing
+anything.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ def remember(shape_key: tuple, threads: int, form: str) -> None:
     records.put(_key(shape_key, threads), form)
 
 
-def from_manifest(manifest: dict, threads: int) -> tuple[str, tuple[int, ...]] | None:
-    """(form name, the batch sizes it was chosen and planned at) that `manifest` records was timed for its
-    artifact (models.fuse.inference_form_record), when that timing holds here: same CPU model, architecture and
-    core count, same torch version, same `threads`. None otherwise (a replica then times the forms itself), and
-    for a manifest without the record (older artifacts, user-made ones, a quantized model, an eager-timed sweep).
-    The name is one of models.fuse.INFERENCE_FORMS ("FoldedInference": `inference_module(model)`); an OneDNN
-    form is planned again at those batch sizes, as the sweep planned it."""
+def from_manifest(manifest: dict, threads: int) -> tuple[str, tuple[int, ...], list[list[int]] | None] | None:
+    """(form name, the batch sizes it was chosen and planned at, the oneDNN form's per-conv choices or None) that
+    `manifest` records was timed for its artifact (models.fuse.inference_form_record), when that timing holds
+    here: same CPU model, architecture and core count, same torch version, same `threads`. None otherwise (a
+    replica then times the forms itself), and for a manifest without the record (older artifacts, user-made ones,
+    a quantized model, an eager-timed sweep) or with a damaged one. The name is one of models.fuse.INFERENCE_FORMS
+    ("FoldedInference": `inference_module(model)`); the choices rebuild the oneDNN form's plans as timed
+    (`OneDNNInference(model, example, batch_sizes, choices=...)`)."""
     from models.fuse import INFERENCE_FORMS, machine_fingerprint
 
     if not isinstance(manifest, dict):
@@ -57,7 +59,14 @@ def from_manifest(manifest: dict, threads: int) -> tuple[str, tuple[int, ...]] |
     sizes = rec.get("batch_sizes")
     if not isinstance(sizes, list) or not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
         return None
+    choices = rec.get("choices")
+    if rec["form"] == "OneDNNInference" and not (
+        isinstance(choices, list)
+        and len(choices) == len(set(sizes))
+        and all(isinstance(c, list) and all(isinstance(j, int) for j in c) for c in choices)
+    ):
+        return None
     here = {"threads": threads, **machine_fingerprint()}
     if any(rec.get(k) != v for k, v in here.items()):
         return None
-    return rec["form"], tuple(sizes)
+    return rec["form"], tuple(sizes), choices if rec["form"] == "OneDNNInference" else None

@@ -56,7 +56,7 @@ def test_from_manifest_returns_the_record_only_on_a_matching_machine():
     rec = inference_form_record(inference_module(_model()), (1, 32), threads=1)
     assert rec["form"] == "FoldedInference" and rec["torch"] == torch.__version__
     manifest = {"quantization": {"scheme": "none"}, "inference_form": rec}
-    assert from_manifest(manifest, 1) == ("FoldedInference", (1, 32))
+    assert from_manifest(manifest, 1) == ("FoldedInference", (1, 32), None)
     assert from_manifest(manifest, 2) is None  # other torch threads
     for key, other in (("cpu", "Some Other CPU"), ("cores", (rec["cores"] or 1) + 1), ("torch", "0.0.1"),
                        ("arch", "riscv64")):  # fmt: skip
@@ -75,3 +75,32 @@ def test_from_manifest_returns_the_record_only_on_a_matching_machine():
 def test_an_artifact_saved_without_a_form_records_none(tmp_path):
     manifest = save_artifact(_model(), tmp_path / "a", input_shape=(3, 8, 8))
     assert manifest["inference_form"] is None and from_manifest(read_manifest(tmp_path / "a"), 1) is None
+
+
+def test_the_onednn_form_is_rebuilt_with_the_plans_it_was_timed_with(monkeypatch):
+    """The oneDNN form's record carries each conv's chosen form per batch size; rebuilt from them nothing is
+    timed and every conv runs what the timed plan ran."""
+    if not models.fuse.onednn_available():
+        pytest.skip("this PyTorch has no oneDNN fused conv ops")
+    from models.fuse import OneDNNConvAct, OneDNNInference
+
+    model, x = _model(), torch.rand(1, 3, 8, 8)
+    form = OneDNNInference(model, x, (1, 4), iters=1)
+    rec = inference_form_record(form, (1, 4), threads=1)
+    assert rec["form"] == "OneDNNInference" and len(rec["choices"]) == 2 and all(rec["choices"])
+    name, sizes, choices = from_manifest({"inference_form": rec}, 1)
+
+    def untimed(self, x, other=None):
+        raise AssertionError("a conv was timed")
+
+    monkeypatch.setattr(models.fuse._ConvChoice, "forward", untimed)
+    again = OneDNNInference(model, x, sizes, choices=choices)
+    for a, b in zip(form.plans, again.plans, strict=True):
+        kinds = [[(m.packed, m.winograd, m.channels_last) for m in p.modules() if isinstance(m, OneDNNConvAct)]
+                 for p in (a, b)]  # fmt: skip
+        assert kinds[0] == kinds[1] and kinds[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x.expand(4, -1, -1, -1)), form(x.expand(4, -1, -1, -1)))
+    with pytest.raises(ValueError, match="choices must be one form index per planned conv"):
+        OneDNNInference(model, x, (1,), choices=[[0]])
+    assert from_manifest({"inference_form": {**rec, "choices": None}}, 1) is None  # damaged: timed again
