@@ -337,8 +337,12 @@ class ModelServer:
             example = torch.rand(1, *manifest["input_shape"], generator=torch.Generator().manual_seed(0))
             sizes = (1, ctl.config.max_batch_size)
             threads = self.cfg.torch_threads
-            chosen, why = None, ""
-            if self._form is not None and self._form[0] == key:
+            chosen, why, choices = None, "", None
+            if (recorded := form_choice.from_manifest(manifest, threads)) is not None:
+                # the form the sweep timed for this artifact on a machine like this one: the served model is the
+                # measured model, and nothing is timed here (serve_app/form_choice.py)
+                (chosen, sizes, choices), why = recorded, "as the sweep measured it"
+            elif self._form is not None and self._form[0] == key:
                 # A hot update of the same architecture and shapes: the form chosen for it stands, and a
                 # compiled one reuses the graphs already compiled here (CompiledInference: the weights are graph
                 # inputs). Choosing again compiled and timed both forms beside the serving event loop, on the
@@ -349,11 +353,12 @@ class ModelServer:
                 # another replica of this shape on this node timed the forms already (serve_app/form_choice.py)
                 chosen, why = form_choice.recall(key, threads), "chosen on this node before"
             if chosen is not None:
-                # The oneDNN form plans its convs again by timing them (no compile).
+                # The oneDNN form plans its convs again by timing them (no compile), unless the sweep's plans came
+                # with the record.
                 if chosen == CompiledInference.__name__:
                     model = CompiledInference(inference_module(model))
                 elif chosen == OneDNNInference.__name__:
-                    model = OneDNNInference(model, example, sizes)
+                    model = OneDNNInference(model, example, sizes, choices=choices)
                 else:
                     model = inference_module(model)
                 logger.info("%s: fp32 form %s (%s)", self.deployment, type(model).__name__, why)

@@ -408,6 +408,51 @@ def test_a_hot_update_of_the_same_shape_keeps_the_fp32_form(ray_local, outside_s
         np.testing.assert_allclose(probs, local_predictions(arts[name], torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
+def test_the_replica_runs_the_fp32_form_the_sweep_recorded(ray_local, outside_serve, tmp_path, monkeypatch):
+    """An artifact whose manifest records the fp32 form the sweep timed on a machine like this one is served in
+    that form, its oneDNN plans as recorded, with nothing timed (serve_app.form_choice.from_manifest); a record
+    from other threads (another machine's, in effect) is not trusted: the replica times the forms itself."""
+    import models.fuse
+    from models.artifact import save_artifact
+    from models.cnn import ModelConfig, build_model
+    from serve_app.replica import ModelServer
+
+    if not models.fuse.onednn_available():
+        pytest.skip("this PyTorch has no oneDNN fused conv ops")
+    timed = []
+
+    def fastest(model, example, batch_sizes):  # timing the forms: counted, and the eager form for the test
+        timed.append(tuple(batch_sizes))
+        return models.fuse.inference_module(model), {}
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("tiny", in_channels=1)).eval()
+    example = torch.rand(1, *SHAPE)
+    form = models.fuse.OneDNNInference(model, example, (1, 4))
+    monkeypatch.setattr(models.fuse, "fastest_inference_module", fastest)
+    arts = {}
+    for name, threads in (("here", 1), ("elsewhere", 2)):
+        arts[name] = str(tmp_path / name)
+        record = models.fuse.inference_form_record(form, (1, 4), threads=threads)
+        save_artifact(model, arts[name], input_shape=SHAPE, inference_form=record)
+    x = np.random.default_rng(0).random((2, *SHAPE), dtype=np.float32)
+
+    async def scenario() -> list:
+        seen = []
+        for name in ("here", "elsewhere"):  # one event loop: Serve's batch queue is bound to the first
+            srv = ModelServer(AppConfig(artifact=arts[name], torch_threads=1).to_dict())
+            await srv.reconfigure({"artifact": arts[name], "version": name, "controller": "static"})
+            probs, _ = await srv.infer(x)
+            seen.append((len(timed), srv.model, probs))
+        return seen
+
+    (n_here, served, probs), (n_elsewhere, other, _) = asyncio.run(scenario())
+    assert n_here == 0 and isinstance(served, models.fuse.OneDNNInference)
+    assert served.batch_sizes == [1, 4] and served.choices == form.choices
+    np.testing.assert_allclose(probs, local_predictions(arts["here"], torch.from_numpy(x)).numpy(), atol=1e-5)
+    assert n_elsewhere == 1 and not isinstance(other, models.fuse.OneDNNInference)
+
+
 def test_a_hot_update_returns_at_once_and_the_old_model_serves_until_the_swap(
     ray_local, outside_serve, tmp_path, monkeypatch
 ):
