@@ -452,9 +452,15 @@ class ModelServer:
         request counts in the queue from now on: its parsing is work the next batch waits for.
         Measured through HAProxy (a 200-request burst, 64 let into the replica at a time, load 4-7): from the
         route's start a refusal took 0.05 ms (median; p90 1.7 ms, body read included), while HAProxy saw the
-        replica's 503s a median 80-170 ms after they arrived: the wait lies before the route, in the replica's
-        HTTP stack (Ray's direct ingress, one process and GIL for every request let in), which only a smaller
-        per-replica cap at the ingress shortens (tandem/local_ray.py's REPLICA_MAXCONN)."""
+        replica's 503s a median 80-170 ms after they arrived. Re-measured with a client at Ray's worker niceness
+        (bursts of n concurrent requests, all let in, queue bound 8, load 3-11, three runs): the replica's 503s
+        took a median 11-33 ms at n=16 and 41-82 ms at n=64, and a GET /v2/health/live, which neither admission
+        nor the model touches, 8-16 ms and 35-65 ms: the wait grows with the requests let in at once and lies
+        before the route, in the replica's HTTP stack (uvicorn and Ray's direct-ingress wrapper, one GIL for
+        every request let in). Fewer let in at once (a smaller per-replica cap at the ingress, tandem/local_ray.py's
+        REPLICA_MAXCONN, which also caps the batch) shortens it most; user code on Ray's main loop
+        (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, part of RAY_SERVE_THROUGHPUT_OPTIMIZED) gave 9-10 ms at
+        n=16 and 29-33 ms at n=64 in two runs (health route: 8-12 and 20-31 ms)."""
         self._ensure_control_loop()
         if self.user is not None and self.user.controller == UNBATCHED:
             return _Ticket(time.monotonic(), None, batched=False)
