@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -64,6 +64,9 @@ class InferStats:
     fail: int = 0
     fail_ns: int = 0
     last_inference_ms: int = 0
+    # per batch size (images in one forward): [forwards, ns] (Triton's batch_stats; bench/serving's cost model
+    # reads the mean batch from them)
+    batches: dict[int, list[int]] = field(default_factory=dict)
 
     def record(self, status: int, elapsed_s: float) -> None:
         ns = round(elapsed_s * 1e9)
@@ -73,6 +76,11 @@ class InferStats:
             self.fail, self.fail_ns = self.fail + 1, self.fail_ns + ns
         self.last_inference_ms = round(time.time() * 1e3)
 
+    def batch(self, size: int, elapsed_s: float) -> None:
+        """Counts one forward of `size` images that took `elapsed_s`."""
+        row = self.batches.setdefault(size, [0, 0])
+        row[0], row[1] = row[0] + 1, row[1] + round(elapsed_s * 1e9)
+
     def to_dict(self, name: str, version: str) -> dict[str, Any]:
         zero = {"count": 0, "ns": 0}
         return {
@@ -80,7 +88,7 @@ class InferStats:
             "version": version,
             "last_inference": self.last_inference_ms,
             "inference_count": self.success,
-            "execution_count": self.success,
+            "execution_count": sum(count for count, _ in self.batches.values()),
             "inference_stats": {
                 "success": {"count": self.success, "ns": self.success_ns},
                 "fail": {"count": self.fail, "ns": self.fail_ns},
@@ -89,7 +97,15 @@ class InferStats:
                 "compute_infer": zero,
                 "compute_output": zero,
             },
-            "batch_stats": [],
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": zero,
+                    "compute_infer": {"count": count, "ns": ns},
+                    "compute_output": zero,
+                }
+                for size, (count, ns) in sorted(self.batches.items())
+            ],
         }
 
 
@@ -484,7 +500,9 @@ class ModelServer:
     async def _infer_admitted(self, x: np.ndarray, ticket: _Ticket) -> tuple[np.ndarray, str]:
         verdict = ticket.verdict
         if not ticket.batched:
+            t0 = time.perf_counter()
             probs, version = self._forward([x])[0]
+            self.stats.batch(len(x), time.perf_counter() - t0)
         else:
             item = _Queued(x, asyncio.get_running_loop().create_future())
             try:
@@ -538,7 +556,9 @@ class ModelServer:
                     it.answer.set_exception(e)
             return
         self.policy.batch_end(n, work)
-        self.metrics.batch(n, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self.metrics.batch(n, elapsed)
+        self.stats.batch(sum(len(it.x) for it in batch), elapsed)
         for it, answer in zip(batch, out, strict=True):
             if not it.answer.done():  # not cancelled meanwhile
                 it.answer.set_result(answer)

@@ -96,6 +96,10 @@ def test_tritonclient(ray_local, app):
 
     stats = c.get_inference_statistics("tandem")["model_stats"][0]
     assert stats["name"] == "tandem" and stats["inference_stats"]["success"]["count"] >= 1
+    # Triton's batch_stats: forwards per batch size (images); the 5 requests of 3 images above ran in them
+    batches = {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]}
+    assert sum(batches.values()) == stats["execution_count"] and sum(n * c for n, c in batches.items()) >= 15
+    assert all(b["compute_infer"]["ns"] > 0 for b in stats["batch_stats"])
 
     for call, status in (
         (lambda: c.get_model_metadata("resnet"), "404"),
