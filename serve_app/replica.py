@@ -110,19 +110,19 @@ class InferStats:
         }
 
 
-def _freeze_heap(collect_first: bool) -> int:
+def _freeze_heap(collect_first: bool) -> None:
     """Moves every object the garbage collector tracks now into its permanent generation (gc.freeze), so that later
-    full collections skip them; returns how many are frozen. Loading a model and timing its forms (a compile among
+    full collections skip them. Loading a model and timing its forms (a compile among
     them) leaves ~0.6 M tracked objects in the process (0.18 M before, 0.62 M after fastest_inference_module on
     `small` 8x8), and a full collection walks them all holding the GIL, the serving loop's included: 0.31-0.34 s
     on a quiet core, more at Ray's worker niceness under load. That was the replica's stall under a burst: in 3 of
     9 runs of test_overload's bursts the replica answered its 503s all at once 0.64-0.80 s late. The first load
     collects first (nothing is served yet); a hot update does not, since that collection would stall the loop that
-    serves meanwhile, so the cyclic garbage of its load stays frozen (bounded by one load)."""
+    serves meanwhile, so the cyclic garbage of its load, and the cyclic part of the model it replaces, stay frozen
+    and are never freed (per update; acyclic objects still go by reference counting)."""
     if collect_first:
         gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
 
 
 def _form_key(model, manifest: dict[str, Any], cap: int) -> tuple:
