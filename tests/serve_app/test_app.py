@@ -453,6 +453,13 @@ def test_the_replica_runs_the_fp32_form_the_sweep_recorded(ray_local, outside_se
     assert n_elsewhere == 1 and not isinstance(other, models.fuse.OneDNNInference)
 
 
+def _eager_form(model, example, batch_sizes):
+    """For models.fuse.fastest_inference_module in tests: the folded eager form, nothing timed or compiled."""
+    import models.fuse
+
+    return models.fuse.inference_module(model), {}
+
+
 def test_a_loaded_model_is_frozen_out_of_the_garbage_collectors_full_collections(
     ray_local, outside_serve, tmp_path, monkeypatch
 ):
@@ -465,10 +472,7 @@ def test_a_loaded_model_is_frozen_out_of_the_garbage_collectors_full_collections
     from models.cnn import ModelConfig, build_model
     from serve_app.replica import ModelServer
 
-    def as_is(model, example, batch_sizes):
-        return models.fuse.inference_module(model), {}
-
-    monkeypatch.setattr(models.fuse, "fastest_inference_module", as_is)
+    monkeypatch.setattr(models.fuse, "fastest_inference_module", _eager_form)
     arts = {}
     for name in ("a", "b"):
         arts[name] = str(tmp_path / name)
@@ -506,10 +510,7 @@ def test_a_hot_update_returns_at_once_and_the_old_model_serves_until_the_swap(
     from serve_app.served import LOAD_DELAY_KEY
 
     # the served form as is (the form choice is test_a_hot_update_of_the_same_shape_keeps_the_fp32_form's)
-    def as_is(model, example, batch_sizes):
-        return models.fuse.inference_module(model), {}
-
-    monkeypatch.setattr(models.fuse, "fastest_inference_module", as_is)
+    monkeypatch.setattr(models.fuse, "fastest_inference_module", _eager_form)
     arts = {}
     for seed, (name, classes) in enumerate((("a", 10), ("b", 10), ("c", 5))):  # "c": other shapes, a new form
         torch.manual_seed(seed)
