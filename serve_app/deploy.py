@@ -444,8 +444,19 @@ def finish_rollout(path: str, cfg: DeployConfig) -> str:
 
 
 def run_loadtest(url: str, cfg: LoadConfig, plot_path: str | None = None) -> LoadReport:
-    """Runs one open-loop load test against the app at `url` (loopback only); writes the PNG if `plot_path`."""
-    report = run_load(check_loopback(url), cfg)
+    """Runs one open-loop load test against the app at `url` (loopback only); writes the PNG if `plot_path`.
+
+    The load is generated in a process of its own (spawned, not forked: the caller may run Ray's threads), so
+    that the caller cannot delay its sends: `tandem run`'s driver holds Ray's threads and the job's heap, and a
+    generator sharing its GIL sends late, in bursts, which count against the server (latency is measured from
+    the scheduled send)."""
+    import concurrent.futures
+    import multiprocessing
+
+    url = check_loopback(url)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(time.sleep, 0).result()  # the process up before the first send is scheduled
+        report = pool.submit(run_load, url, cfg).result()
     if plot_path is not None:
         plot(report, plot_path)
     return report

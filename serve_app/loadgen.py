@@ -18,12 +18,14 @@ with no replica slot free) rather than a replica's admission control.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import ipaddress
 import json
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,8 +311,24 @@ async def _run(url: str, cfg: LoadConfig, input_shape: tuple[int, ...] | None) -
                 return CONN_ERROR
 
         lags: list[float] = []
-        samples = await open_loop(arrival_times(cfg), send, cfg.timeout_s, lags)
+        with no_collections():
+            samples = await open_loop(arrival_times(cfg), send, cfg.timeout_s, lags)
     return summarize(samples, cfg.duration_s, cfg.slo_s, lags, by_ingress)
+
+
+@contextlib.contextmanager
+def no_collections() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (its state before restored after): a generator must
+    not stall. A full collection walks the whole heap of the process, which in a Ray driver (`tandem run`'s
+    load test, the benchmark before it ran the load in a process of its own) took ~0.3 s, every send scheduled
+    meanwhile then going out late, as a burst. The cycles a run leaves are collected after it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def run_load(url: str, cfg: LoadConfig, input_shape: tuple[int, ...] | None = None) -> LoadReport:

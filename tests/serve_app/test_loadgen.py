@@ -189,6 +189,62 @@ def test_a_generator_in_its_own_process_is_not_stalled_by_its_caller(toy_server)
     assert lags["thread"] >= 300 and lags["process"] < 150, lags
 
 
+def test_tandem_runs_load_test_is_not_stalled_by_its_caller(toy_server, tmp_path):
+    """`tandem run`'s load test (serve_app.deploy.run_loadtest, called from the job's driver): the generator runs
+    in a process of its own, so the caller holding its GIL for 0.4 s mid-run (as a driver's threads may) does not
+    delay a send. Its PNG is written."""
+    import concurrent.futures
+
+    from serve_app.deploy import run_loadtest
+
+    url, _ = toy_server
+    cfg = LoadConfig(pattern=Constant(100.0), duration_s=3.0, timeout_s=2.0)
+    fut = concurrent.futures.ThreadPoolExecutor(1).submit(run_loadtest, url, cfg, str(tmp_path / "lt.png"))
+    time.sleep(1.5)  # the generator started (spawn + imports ~1 s) and sending; in this process it would be
+    _hold_the_gil(0.4)
+    report = fut.result()
+    assert report.sent > 200 and report.send_lag_max_ms < 150, report.summary()
+    assert (tmp_path / "lt.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_garbage_collection_stalls_a_run(toy_server):
+    """A full collection of a driver's heap took ~0.3 s (bench/serving.py's sine points collapsed with the
+    generator 100-175 ms late): while a run sends, the collector is off (here seen from the server's handler, in
+    this process), and after it the collector is as it was before."""
+    import gc
+
+    from serve_app.loadgen import no_collections
+
+    url, _ = toy_server
+    seen = []
+    cfg = LoadConfig(pattern=Constant(200.0), duration_s=0.5, timeout_s=2.0)
+
+    def watch():  # samples the collector's state from another thread while the run sends
+        while not done.is_set():
+            seen.append(gc.isenabled())
+            time.sleep(0.01)
+
+    assert gc.isenabled()
+    done = threading.Event()
+    watcher = threading.Thread(target=watch)
+    time_in_run = time.monotonic()
+    watcher.start()
+    time.sleep(0.05)  # the watcher sees the collector on before the run
+    report = run_load(url, cfg, (1, 8, 8))
+    done.set()
+    watcher.join()
+    assert report.sent > 50 and time.monotonic() - time_in_run > 0.5
+    assert seen[0] and seen.count(False) >= 20, seen  # off for the run's ~0.5 s of sends
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with no_collections():
+            pass
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
+
+
 def test_unanswered_requests_are_connection_errors():
     import socket
 
