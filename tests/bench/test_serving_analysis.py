@@ -211,3 +211,36 @@ def test_saturated_reads_each_repeats_fastest_point_and_caps_batches_at_its_conn
     assert sat["adaptive"]["peak_rps"] == 1150.0 and sat["adaptive"]["batch_cap"] == 32  # 64 capped at 32
     assert sat["adaptive"]["rps_within_slo"] == 1020.0  # the SLO key still skips the 32-connection point
     assert sat["adaptive"]["mean_batch"] is None and sat["adaptive"]["peak_cpu_cores"] == 1.8
+
+
+def test_an_http_run_whose_generator_lagged_is_measured_again_and_kept_aside(monkeypatch):
+    """Bench.http on a fake generator: a run sent later than the bound (p99) is not a measurement of the server
+    (its stall came back as a burst): it goes to `lagged` and is run again; after GENERATOR_RERUNS re-runs the
+    last one counts whatever its lag, marked as not sustained."""
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    import bench.serving as S
+    from serve_app.simulator import Constant
+
+    lags = iter([50.0, 3.0, 40.0, 40.0, 40.0])
+
+    class Pool:
+        def submit(self, *args):
+            f = concurrent.futures.Future()
+            f.set_result(SimpleNamespace(send_lag_p99_ms=next(lags), slo_attainment=0.5))
+            return f
+
+    b = object.__new__(S.Bench)
+    b.runs, b.lagged, b.meter = [], [], SimpleNamespace(start=lambda: None)
+    b.url = "http://127.0.0.1:1"
+    monkeypatch.setattr(b, "use", lambda *a: None, raising=False)
+    monkeypatch.setattr(b, "generator", lambda: Pool(), raising=False)
+    monkeypatch.setattr(b, "_record", lambda v, p, t, pat, r: b.runs.append({"lag": r.send_lag_p99_ms}) or b.runs[-1],
+                        raising=False)  # fmt: skip
+    first = b.http("adaptive", Constant(10.0), 1.0)
+    assert first == {"lag": 3.0, "generator_sustained": True}
+    assert b.runs == [first] and b.lagged == [{"lag": 50.0, "generator_sustained": False}]
+    second = b.http("adaptive", Constant(10.0), 1.0)
+    assert S.GENERATOR_RERUNS == 2 and second == {"lag": 40.0, "generator_sustained": False}
+    assert len(b.runs) == 2 and len(b.lagged) == 3
