@@ -311,7 +311,7 @@ class Bench:
     def handle(self, variant: str, pattern, duration_s: float, tag: str = "") -> dict:
         from ray import serve
 
-        from serve_app.loadgen import LoadConfig, arrival_times, open_loop, request_body, summarize
+        from serve_app.loadgen import LoadConfig, arrival_times, no_collections, open_loop, request_body, summarize
         from serve_app.routes import Call
 
         self.use(variant, HANDLE_MODEL)
@@ -322,9 +322,13 @@ class Bench:
         async def send() -> int:
             return (await h.respond.remote(Call("predict", body))).status
 
+        # The handle's calls go through this process's Ray driver, so the load is generated here (not in
+        # `generator`'s process); its send lag is recorded and the collector is off while it sends.
         self.meter.start()
-        samples = asyncio.run(open_loop(arrival_times(cfg), send, cfg.timeout_s))
-        return self._record(variant, "handle", tag, pattern, summarize(samples, duration_s, SLO_S))
+        lags: list[float] = []
+        with no_collections():
+            samples = asyncio.run(open_loop(arrival_times(cfg), send, cfg.timeout_s, lags))
+        return self._record(variant, "handle", tag, pattern, summarize(samples, duration_s, SLO_S, lags))
 
     def _record(self, variant, path, tag, pattern, report) -> dict:
         row = {"variant": variant, "path": path, "tag": tag, "pattern": repr(pattern), **self.meter.stop()}
