@@ -162,7 +162,7 @@ def colour_images(n: int, image_shape: tuple[int, int, int] = (3, 16, 16), num_c
 
 
 def parquet_files(path: str) -> list[str]:
-    p = Path(path)
+    p = Path(path).expanduser()  # `--data=~/x.parquet` reaches us unexpanded (no shell expands after '=')
     if not p.exists():
         raise ValueError(f"parquet path does not exist: {path}")
     if p.is_dir():

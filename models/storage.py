@@ -38,6 +38,16 @@ def local_path(uri: str) -> str | None:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute(uri: str) -> str:
+    """`uri` as every process reads the same place by it: a local path made absolute here (`~` expanded,
+    relative to this process's directory), since a Ray worker runs elsewhere and expands nothing (the default
+    `~/tandem-runs` reached the workers as that literal string); file:// and object-store URIs as they are."""
+    check(uri)
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) of `uri`; the path is what `pyarrow.fs` and Ray's `storage_filesystem` take."""
     local = local_path(uri)

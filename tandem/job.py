@@ -126,7 +126,7 @@ class RunConfig:
             raise ValueError(f"name must be letters, digits, '.', '_' or '-' (at most 128), got {self.name!r}")
         if self.resume and not self.name:
             raise ValueError("resume needs the name of the run to continue")
-        storage.check(self.storage)
+        self.storage = storage.absolute(self.storage)  # checks it too
         if self.gpus_per_worker is not None and not self.gpus_per_worker >= 0:
             raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
         if self.train.infobatch is not None and self.stream.weighted:

@@ -13,13 +13,16 @@ from tandem.local_ray import free_port
 
 
 @pytest.mark.timeout(900)
-def test_tandem_run_smoke(tmp_path, _ray_clusters):
+def test_tandem_run_smoke(tmp_path, _ray_clusters, monkeypatch):
+    """With the default storage, `~/tandem-runs`, as `make demo` runs it (HOME here a temp dir): it reached the
+    Train workers as that literal string, where nothing expands `~`, and the first `make demo` failed."""
     _ray_clusters.shutdown()  # the job starts its own embedded cluster
-    store, work = tmp_path / "runs", tmp_path / "work"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    store, work = tmp_path / "home" / "tandem-runs", tmp_path / "work"
     # 1 trial, not the smoke default 4, and a 2 s load test, not 5: the sweep's and the load generator's own tests
     # cover the search and the load; here each is one step of the run
     rc = main(["run", "--smoke", "--precision", "fp32", "--trials", "1", "--load-seconds", "2", "--serve-port",
-               str(free_port()), "--storage", str(store), "--name", "e2e", "--workdir", str(work)])  # fmt: skip
+               str(free_port()), "--name", "e2e", "--workdir", str(work)])  # fmt: skip
     assert rc == 0
     run = store / "e2e"
     report = json.loads((run / "report.json").read_text())

@@ -40,6 +40,22 @@ def test_local_round_trip(tmp_path, form):
     assert not storage.exists(storage.join(base, "run-2"))
 
 
+def test_local_paths_become_absolute_for_every_process(tmp_path, monkeypatch):
+    """A run's storage as a Ray worker elsewhere must read it: `~` expanded and relative paths resolved here;
+    URIs unchanged. RunConfig applies it (the default `~/tandem-runs` reached the workers literally)."""
+    from tandem.job import RunConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("~/tandem-runs") == str(tmp_path / "home" / "tandem-runs")
+    assert storage.absolute("runs/a") == str(tmp_path / "runs" / "a")
+    for uri in ("s3://bucket/p", "gs://b/p", "file:///x/y"):
+        assert storage.absolute(uri) == uri
+    assert RunConfig().storage == str(tmp_path / "home" / "tandem-runs")
+    with pytest.raises(TypeError, match="non-empty string"):
+        storage.absolute("")
+
+
 def test_bad_uris(tmp_path):
     with pytest.raises(ValueError, match="scheme must be one of"):
         storage.resolve("ftp://host/x")
