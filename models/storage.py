@@ -43,9 +43,7 @@ def absolute(uri: str) -> str:
     relative to this process's directory), since a Ray worker runs elsewhere and expands nothing (the default
     `~/tandem-runs` reached the workers as that literal string); file:// and object-store URIs as they are."""
     check(uri)
-    if "://" in uri:
-        return uri
-    return os.path.abspath(os.path.expanduser(uri))
+    return uri if "://" in uri else local_path(uri)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
