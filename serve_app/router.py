@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from serve_app.config import AppConfig, CanaryConfig
+from serve_app.metrics import PREFIX, MetricBuffer, MetricSpec
 from serve_app.routes import Call, Reply, http_routes
 
 logger = logging.getLogger("ray.serve")
@@ -143,25 +144,16 @@ class CanaryPolicy:
         }
 
 
-class _CanaryMetrics:
-    """The router's metrics (ray.util.metrics, created inside the replica)."""
-
-    def __init__(self, model: str) -> None:
-        from ray.util import metrics as rm
-
-        tags = {"deployment": "Router", "model": model}
-        keys = ("deployment", "model")
-        self.decisions = rm.Counter(
-            "tandem_serve_canary_decisions", "Canary rollouts decided, by decision.", (*keys, "decision")
-        ).set_default_tags(tags)
-        self.state = rm.Gauge(
-            "tandem_serve_canary_state", "Canary state: 0 running, 1 promoted, -1 rolled back.", keys
-        ).set_default_tags(tags)
-        self.weight = rm.Gauge("tandem_serve_canary_weight", "Share of traffic sent to the canary.", keys)
-        self.weight.set_default_tags(tags)
-        self.requests = rm.Counter(
-            "tandem_serve_canary_requests", "Requests routed, by side and status.", (*keys, "side", "status")
-        ).set_default_tags(tags)
+CANARY_METRICS: dict[str, MetricSpec] = {
+    s.name.removeprefix(PREFIX + "canary_"): s
+    for s in (
+        MetricSpec("counter", PREFIX + "canary_decisions", "Canary rollouts decided, by decision.", ("decision",)),
+        MetricSpec("gauge", PREFIX + "canary_state", "Canary state: 0 running, 1 promoted, -1 rolled back."),
+        MetricSpec("gauge", PREFIX + "canary_weight", "Share of traffic sent to the canary."),
+        MetricSpec("counter", PREFIX + "canary_requests", "Requests routed, by side and status.", ("side", "status")),
+    )
+}
+"""The router's metrics, recorded in a MetricBuffer (per request: no ray.util.metrics call on the event loop)."""
 
 
 class RouterServer:
@@ -170,7 +162,7 @@ class RouterServer:
     def __init__(self, app: dict[str, Any], stable, canary) -> None:
         self.cfg = AppConfig.from_dict(app)
         self.handles = {STABLE: stable, CANARY: canary}
-        self.metrics = _CanaryMetrics(self.cfg.name)
+        self.metrics = MetricBuffer(CANARY_METRICS, {"deployment": "Router", "model": self.cfg.name})
         self.policy = CanaryPolicy(CanaryConfig(), time.monotonic())
         self._task: asyncio.Task | None = None
 
@@ -180,20 +172,22 @@ class RouterServer:
         self._export()
 
     def _export(self) -> None:
-        self.metrics.state.set(_STATE_VALUE[self.policy.state])
-        self.metrics.weight.set(self.policy.weight)
+        self.metrics.set("state", _STATE_VALUE[self.policy.state])
+        self.metrics.set("weight", self.policy.weight)
+        self.metrics.flush()
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(0.25)
             d = self.policy.tick(time.monotonic())
+            self.metrics.flush()  # the requests routed meanwhile
             if d is None:
                 continue
             if d.state == RUNNING:
                 logger.info("canary window: %s (stable %s, canary %s)", d.reason, d.stable, d.canary)
                 continue
             logger.warning("canary %s: %s (stable %s, canary %s)", d.state, d.reason, d.stable, d.canary)
-            self.metrics.decisions.inc(1, {"decision": d.state})
+            self.metrics.inc("decisions", (("decision", d.state),))
             self._export()
 
     async def respond(self, call: Call) -> Reply:
@@ -213,7 +207,7 @@ class RouterServer:
             status = reply.status
         if route in ("predict", "infer"):
             policy.record(side, status, time.monotonic() - t0)
-            self.metrics.requests.inc(1, {"side": side, "status": str(status)})
+            self.metrics.inc("requests", (("side", side), ("status", str(status))))
         return reply
 
 
