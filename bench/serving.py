@@ -16,7 +16,8 @@ each run is recorded (`other_cpu_cores`; the machines here are shared). Keys (go
   max_rate_ratio_adaptive_vs_static           highest sine mean (+-50%) held at >= 99% within the SLO,
                                               adaptive / static_default                                 >= 1.3
                                               (search_held: the grid, halvings below it for a variant
-                                              that fails its lowest rate, one bisection of each bracket)
+                                              that fails its lowest rate, two bisections of each bracket;
+                                              max_rate_bracket_rps: [held, lowest failed] per variant)
   max_rate_ratio_adaptive_vs_nobatch          same, adaptive / nobatch                                  >= 1.5
   attainment_tight_adaptive_minus_best_static share within 25 ms at 1.0x capacity (constant rate),
                                               adaptive minus the best static setting                    >= 0
@@ -606,9 +607,20 @@ def generator_ceiling(url: str, seconds: float) -> float:
 DESCEND_STEPS = 4
 """How far `search_held` looks below the grid for a variant that fails its lowest rate: halving that rate up to
 this many times (down to 1/16 of it)."""
-REFINE_STEPS = 1
-"""Bisections of the bracket [highest rate held, lowest failed] per variant after the grid (1: a 0.5x grid step
-becomes 0.25x; 0.1x steps 0.05x)."""
+REFINE_STEPS = 2
+"""Bisections of the bracket [highest rate held, lowest failed] per variant after the grid (2: a 0.5x grid step
+becomes 0.125x; 0.1x steps 0.025x). With 1, the handle path read static and adaptive as [0.75x, 1.0x) and
+[1.0x, 1.25x): a ratio anywhere between 1.0 and 1.67 came out as 1.333."""
+
+
+def held_brackets(held: dict[str, float], runs: dict[tuple[str, float], list[dict]], cap: float) -> dict:
+    """Per variant [rate held, lowest rate run above it] (requests/s; None above: nothing above was run): the
+    resolution of each max-rate figure, from the runs `max_rate_held` returned."""
+    out = {}
+    for v, rps in held.items():
+        above = [m * cap for (u, m) in runs if u == v and m * cap > rps + 1e-9]
+        out[v] = [rps, min(above) if above else None]
+    return out
 
 
 def max_rate_held(
@@ -1288,6 +1300,7 @@ def run(
         "unbatched_capacity_rps": cap,
         "batched_capacity_rps": batched_cap,
         "max_rate_held_rps": held,
+        "max_rate_bracket_rps": held_brackets(held, runs, cap),
         "max_rate_ratio_adaptive_vs_static": ratio(held["adaptive"], held["static_default"]),
         "max_rate_ratio_adaptive_vs_nobatch": ratio(held["adaptive"], held["nobatch"]),
         "attainment_tight": tight_med,
@@ -1338,6 +1351,7 @@ def run(
         "unbatched_capacity_handle_rps": hcap,
         "batched_capacity_handle_rps": hbatched_cap,
         "max_rate_held_handle_rps": hheld,
+        "max_rate_bracket_handle_rps": held_brackets(hheld, hruns, hcap),
         **over_bounded,
         "max_rate_ratio_adaptive_vs_static_handle": ratio(hheld["adaptive"], hheld["static_default"]),
         # Where the replica is the bottleneck (no proxy in front), admission control is what decides overload.

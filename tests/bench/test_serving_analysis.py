@@ -6,6 +6,7 @@ import pytest
 
 from bench.serving import (
     fit_cost_model,
+    held_brackets,
     mean_batch_between,
     saturated_cost_model,
     search_held,
@@ -41,6 +42,14 @@ def test_bisection_narrows_each_variants_bracket_and_stays_within_its_capacity()
     # fails -> 1.125 held -> 1.1875 held
     assert held == {"static": 0.5625, "adaptive": 1.1875}
     assert all(held[v] <= caps[v] for v in caps)
+
+
+def test_each_held_rate_comes_with_the_lowest_rate_that_failed_above_it():
+    caps = {"static": 0.6, "adaptive": 1.2, "top": 9.0}
+    held, runs = search_held(list(caps), [1.0, 1.5, 2.0], fake_measure(caps, []), 1, descend=3, refine=2)
+    # in requests/s at a capacity of 100/s: static held 0.5x, failed 0.75x then 0.625x; nothing ran above 2.0x
+    got = held_brackets({v: m * 100 for v, m in held.items()}, runs, 100.0)
+    assert got == {"static": [50.0, 62.5], "adaptive": [112.5, 125.0], "top": [200.0, None]}
 
 
 def test_steps_are_interleaved_across_variants_repeat_by_repeat():
