@@ -218,13 +218,11 @@ class Bench:
         allowed; `close` ends it). Not this process: it runs Ray's driver threads, and its heap (the driver's, the
         runs') makes a full garbage collection here take ~0.3 s; the sine points of the last full run that
         collapsed were exactly those whose generator sent 100-175 ms late (p99), in every variant alike."""
-        import concurrent.futures
-        import multiprocessing
+        from serve_app.loadgen import generator_process
 
         if self._pool is None:
-            spawn = multiprocessing.get_context("spawn")  # not fork: this process runs Ray's threads
-            self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn, initializer=generator_priority)
-            self.generator_niceness = self._pool.submit(os.nice, 0).result()  # up before the first timed run
+            self._pool = generator_process(generator_priority)
+            self.generator_niceness = self._pool.submit(os.nice, 0).result()
         return self._pool
 
     def close(self) -> None:
@@ -913,10 +911,9 @@ def hot_update_loss(
     compares both). Each row records the generator's worst send lag, the 503s HAProxy answered itself, when the
     update ran and when requests failed (s from the load's start)."""
     import concurrent.futures
-    import multiprocessing
     import threading
 
-    from serve_app.loadgen import LoadConfig, run_load_at
+    from serve_app.loadgen import LoadConfig, generator_process, run_load_at
     from serve_app.simulator import Constant
 
     def in_thread(load: LoadConfig, start_at: float) -> concurrent.futures.Future:
@@ -939,9 +936,7 @@ def hot_update_loss(
     else:  # no proxy-side bound to lift through HAProxy: a plain re-apply and roll_out (waits for the swap)
         plan += [("adaptive_roll_out", "adaptive", {}, True)]
     runs: dict[tuple[bool, str], list[dict]] = {}
-    spawn = multiprocessing.get_context("spawn")  # not fork: this process runs Ray's threads
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        pool.submit(time.sleep, 0).result()  # the process up before the first timed run
+    with generator_process() as pool:
         for _ in range(repeats):
             for name, v, extra, via_roll_out in plan:
                 bench.redeploy(extra)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serve_app.config import AppConfig, ModelUserConfig, default_num_gpus
-from serve_app.loadgen import LoadConfig, LoadReport, check_loopback, plot, run_load
+from serve_app.loadgen import LoadConfig, LoadReport, check_loopback, generator_process, plot, run_load
 
 if TYPE_CHECKING:
     from ray.serve.schema import DeploymentDetails
@@ -450,12 +450,8 @@ def run_loadtest(url: str, cfg: LoadConfig, plot_path: str | None = None) -> Loa
     that the caller cannot delay its sends: `tandem run`'s driver holds Ray's threads and the job's heap, and a
     generator sharing its GIL sends late, in bursts, which count against the server (latency is measured from
     the scheduled send)."""
-    import concurrent.futures
-    import multiprocessing
-
     url = check_loopback(url)
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(time.sleep, 0).result()  # the process up before the first send is scheduled
+    with generator_process() as pool:
         report = pool.submit(run_load, url, cfg).result()
     if plot_path is not None:
         plot(report, plot_path)

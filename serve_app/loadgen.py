@@ -18,6 +18,7 @@ with no replica slot free) rather than a replica's admission control.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import ipaddress
@@ -329,6 +330,20 @@ def no_collections() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def generator_process(initializer: Callable[[], object] | None = None) -> concurrent.futures.ProcessPoolExecutor:
+    """One process to generate load in, spawned (not forked: the caller may run Ray's threads) and started before
+    this returns, so that its start-up never falls inside a timed run. The caller shuts it down (or uses it as a
+    context manager). A generator in the caller's process shares its GIL and heap: a stall there sends late, in
+    bursts, which count against the server (latency is measured from the scheduled send)."""
+    import multiprocessing
+
+    pool = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=initializer
+    )
+    pool.submit(time.sleep, 0).result()
+    return pool
 
 
 def run_load(url: str, cfg: LoadConfig, input_shape: tuple[int, ...] | None = None) -> LoadReport:
