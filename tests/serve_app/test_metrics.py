@@ -82,12 +82,8 @@ def test_a_flush_sends_each_counter_once_and_unchanged_series_only_when_they_are
     assert calls == [("inc", "tandem_serve_requests", 2, {"route": "predict", "status": "200"})]
     calls.clear()
     buf.flush(now=21.0).result()  # due again: every gauge and histogram, so Ray never drops them
-    assert ("set", "tandem_serve_queue_length", 4, {}) in calls and (
-        "set",
-        lat + "_count",
-        100,
-        {"route": "predict"},
-    ) in calls
+    assert ("set", "tandem_serve_queue_length", 4, {}) in calls
+    assert ("set", lat + "_count", 100, {"route": "predict"}) in calls
     assert not [c for c in calls if c[0] == "inc"]
 
 
@@ -160,9 +156,8 @@ def test_metrics_reach_the_node_endpoint(ray_local):
     assert value(text, "ray_tandem_serve_request_latency_ms_count", route="/predict", **tags) == 5
     # latencies 4, 12, 30, 1, 2 ms: cumulative per upper bound, as Prometheus reads a histogram
     lat = "ray_tandem_serve_request_latency_ms_bucket"
-    got = {
-        le: value(text, lat, route="/predict", le=le, **tags) for le in ("1.0", "2.0", "5.0", "20.0", "30.0", "+Inf")
-    }
+    bounds = ("1.0", "2.0", "5.0", "20.0", "30.0", "+Inf")
+    got = {le: value(text, lat, route="/predict", le=le, **tags) for le in bounds}
     assert got == {"1.0": 1, "2.0": 2, "5.0": 3, "20.0": 4, "30.0": 5, "+Inf": 5}
     assert value(text, "ray_tandem_serve_request_latency_ms_sum", route="/predict", **tags) == pytest.approx(49.0)
     assert value(text, "ray_tandem_serve_batch_size_count", **tags) == 1
