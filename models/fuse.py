@@ -300,17 +300,18 @@ def fastest_inference_module(
     model: nn.Module, example: torch.Tensor, batch_sizes: Iterable[int] = (1, 32), iters: int = 5
 ) -> tuple[nn.Module, dict[str, float]]:
     """The fastest of `model`'s inference forms on this machine and input shape: `inference_module(model)`
-    (BN folded, eager), the same copy compiled (`CompiledInference`), or the oneDNN form (`OneDNNInference`:
+    (BN folded, eager), the same copy compiled (`CompiledInference`), the oneDNN form (`OneDNNInference`:
     per conv + act (+ residual add) a fused oneDNN primitive, F.conv2d or Winograd, whichever timed fastest,
-    planned per batch size). None wins everywhere:
+    planned per batch size), or the same copy traced and frozen (`ScriptedInference`: one GIL hand-off per call,
+    which is what a forward beside busy event loops waits on). None wins everywhere:
     compiled measured 0.81 of eager NCHW on `small` 8x8 but 1.83 on resnet18 8x8, whose 1x1 late maps inductor
     handles badly (bench/results/train_throughput.json), so the form is chosen by timing them all, as the
     measurements say. Serve's fp32 replicas and the sweep's latency (models.quantize.compiled_for_inference)
     both call this, so the served form is the measured one. `example` (N >= 1, C, H, W) gives the input shape;
     the score is the sum over `batch_sizes` of each form's median of `iters` calls (thread CPU time at one torch
     thread, else wall time), after the compiles (`warmup`). The oneDNN form is left out where this PyTorch lacks
-    its ops or the input is not CPU float32.
-    Returns (module, {"eager_s", "compiled_s", "onednn_s" (when timed), "compile_s"})."""
+    its ops or the input is not CPU float32, the traced one where tracing cannot follow the model.
+    Returns (module, {"eager_s", "compiled_s", "onednn_s", "scripted_s" (when timed), "compile_s"})."""
     if not isinstance(example, torch.Tensor) or example.dim() != 4 or example.shape[0] < 1:
         raise ValueError(f"example must be a (N >= 1, C, H, W) tensor, got {getattr(example, 'shape', example)!r}")
     sizes = tuple(batch_sizes)
@@ -322,6 +323,10 @@ def fastest_inference_module(
     forms: dict[str, nn.Module] = {"eager_s": plain, "compiled_s": compiled}
     if onednn_available() and example.device.type == "cpu" and example.dtype == torch.float32:
         forms["onednn_s"] = OneDNNInference(model, example, sizes)
+    try:
+        forms["scripted_s"] = ScriptedInference(plain, example)
+    except ValueError as e:  # data-dependent control flow, an op TorchScript cannot trace: the other forms
+        logger.info("no traced form: %s", e)
 
     # One torch thread: this thread's CPU time, which a loaded machine does not inflate (by wall time, small
     # 32x32's forms scored compiled 18.5-35.7 ms and oneDNN 8.9-15.3 in three scorings at load 4, a swing that
@@ -349,7 +354,7 @@ def fastest_inference_module(
     return forms[best], {**timings, "compile_s": compile_s}
 
 
-INFERENCE_FORMS = ("FoldedInference", "CompiledInference", "OneDNNInference")
+INFERENCE_FORMS = ("FoldedInference", "CompiledInference", "OneDNNInference", "ScriptedInference")
 """The fp32 inference forms `fastest_inference_module` picks from, by the class name recorded for them
 (`inference_form_record`); "FoldedInference" names `inference_module(model)`, the BN-folded eager copy."""
 
@@ -381,7 +386,7 @@ def machine_fingerprint() -> dict[str, object]:
 
 def inference_form_name(form: nn.Module) -> str:
     """The recorded name of a form `fastest_inference_module` returned (one of INFERENCE_FORMS)."""
-    if isinstance(form, (CompiledInference, OneDNNInference)):
+    if isinstance(form, (CompiledInference, OneDNNInference, ScriptedInference)):
         return type(form).__name__
     if isinstance(form, nn.Module):
         return "FoldedInference"
@@ -506,6 +511,53 @@ class CompiledInference(nn.Module):
                 seconds[b] = time.perf_counter() - t0
                 logger.info("CompiledInference: batch %d ready in %.1f s", b, seconds[b])
         return seconds
+
+
+class ScriptedInference(nn.Module):
+    """`folded` (an `inference_module` copy) traced by TorchScript and frozen (weights as constants): a call is one
+    call into C++ that runs the whole graph with the GIL released, and takes the GIL back once.
+
+    Why it is a form: every eager op (and every kernel call of inductor's Python wrapper, and each oneDNN
+    primitive of OneDNNInference) releases the GIL and must take it back, and a thread waiting for the GIL waits
+    up to the switch interval (5 ms) while another thread runs Python. A replica runs three (Serve's HTTP loop,
+    the user-code loop, this forward), so under load a forward of ~20 ops waited far longer than it computed:
+    measured here (`tiny` on 8x8, one torch thread, two threads spinning in Python beside it) 110-395 ms median
+    wall per forward eager, 230-350 ms oneDNN, 130-170 ms compiled, 35-52 ms traced; alone 0.065 ms traced at
+    batch 1 against 0.12-0.20 ms for the others (thread CPU time, the score `fastest_inference_module` uses).
+
+    The trace is taken at batch 2 and checked against `folded` at batches 1 and 3 (a model whose graph depends on
+    the batch, or that tracing cannot follow, raises ValueError: not this form). Rebuilt for each model (a hot
+    update traces again: milliseconds on these models, no compile)."""
+
+    def __init__(self, folded: nn.Module, example: torch.Tensor, *, atol: float = 1e-4, rtol: float = 1e-4):
+        super().__init__()
+        if not isinstance(folded, nn.Module):
+            raise TypeError(f"folded must be an nn.Module, got {type(folded).__name__}")
+        if not isinstance(example, torch.Tensor) or example.dim() < 2 or example.shape[0] < 1:
+            raise ValueError(f"example must be a batch of inputs, got {getattr(example, 'shape', example)!r}")
+        self.folded = folded
+
+        def batch(n: int) -> torch.Tensor:
+            return example[:1].expand(n, *example.shape[1:]).contiguous() + torch.linspace(0, 1, n).view(
+                n, *[1] * (example.dim() - 1)
+            ).to(example)
+
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                scripted = torch.jit.freeze(torch.jit.trace(folded.eval(), batch(2), check_trace=False).eval())
+                for n in (1, 3, 2):  # 2 last: the profiling executor's first runs specialise nothing on CPU
+                    x = batch(n)
+                    torch.testing.assert_close(scripted(x), folded(x), atol=atol, rtol=rtol)
+        except (RuntimeError, AssertionError, TypeError) as e:  # tracing failed, or the graph is not the model's
+            raise ValueError(f"{type(folded).__name__} cannot be traced as one graph: {e}") from e
+        # not registered as a submodule: its constants are `folded`'s weights, and state_dict() must list them once
+        self.__dict__["_scripted"] = scripted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of `x`, as an inference tensor (no autograd)."""
+        with torch.inference_mode():
+            return self._scripted(x)
 
 
 _ONEDNN_UNARY: dict[str, tuple[str, list[float]]] = {

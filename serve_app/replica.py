@@ -344,7 +344,13 @@ class ModelServer:
         import torch
 
         from models.artifact import load_artifact
-        from models.fuse import CompiledInference, OneDNNInference, fastest_inference_module, inference_module
+        from models.fuse import (
+            CompiledInference,
+            OneDNNInference,
+            ScriptedInference,
+            fastest_inference_module,
+            inference_module,
+        )
         from models.storage import local_copy
 
         time.sleep(delay_s)
@@ -391,6 +397,8 @@ class ModelServer:
                     model = CompiledInference(inference_module(model))
                 elif chosen == OneDNNInference.__name__:
                     model = OneDNNInference(model, example, sizes, choices=choices)
+                elif chosen == ScriptedInference.__name__:  # traced again: these weights are its constants
+                    model = ScriptedInference(inference_module(model), example)
                 else:
                     model = inference_module(model)
                 logger.info("%s: fp32 form %s (%s)", self.deployment, type(model).__name__, why)

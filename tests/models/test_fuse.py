@@ -477,15 +477,16 @@ def test_fastest_inference_module_keeps_the_faster_form_and_the_outputs():
     """Serve's fp32 form: the faster of the eager folded copy and its compile on this input shape (the two
     orders are each right somewhere: bench/results/train_throughput.json), with the model's outputs."""
     from models.cnn import ModelConfig, build_model
-    from models.fuse import CompiledInference, OneDNNInference, fastest_inference_module
+    from models.fuse import CompiledInference, OneDNNInference, ScriptedInference, fastest_inference_module
 
     model = build_model(ModelConfig.preset("tiny", in_channels=1)).eval()
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     form, t = fastest_inference_module(model, x, (1, 4), iters=3)
-    assert set(t) == {"eager_s", "compiled_s", "onednn_s", "compile_s"} and t["compile_s"] > 0
-    best = min(("eager_s", "compiled_s", "onednn_s"), key=t.__getitem__)
-    kind = {"eager_s": nn.Module, "compiled_s": CompiledInference, "onednn_s": OneDNNInference}[best]
-    assert isinstance(form, kind) and (best == "eager_s") != isinstance(form, CompiledInference | OneDNNInference), t
+    assert set(t) == {"eager_s", "compiled_s", "onednn_s", "scripted_s", "compile_s"} and t["compile_s"] > 0
+    best = min(("eager_s", "compiled_s", "onednn_s", "scripted_s"), key=t.__getitem__)
+    kinds = {"compiled_s": CompiledInference, "onednn_s": OneDNNInference, "scripted_s": ScriptedInference}
+    assert isinstance(form, kinds.get(best, nn.Module)), t
+    assert (best == "eager_s") != isinstance(form, CompiledInference | OneDNNInference | ScriptedInference), t
     with torch.no_grad():
         torch.testing.assert_close(form(x).clone(), model(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="example must be a"):
@@ -512,6 +513,11 @@ def test_fastest_inference_module_scores_cpu_time_at_one_thread(monkeypatch):
 
     monkeypatch.setattr(fuse, "inference_module", lambda model, compile=False: Busy())
     monkeypatch.setattr(fuse, "onednn_available", lambda: False)
+
+    def untraceable(folded, example):
+        raise ValueError("not traced in this test")
+
+    monkeypatch.setattr(fuse, "ScriptedInference", untraceable)
     monkeypatch.setattr(fuse.CompiledInference, "warmup", lambda self, example, sizes: {1: 0.0})
     monkeypatch.setattr(fuse.CompiledInference, "forward", lambda self, x: time_mod.sleep(0.02) or x)
     model = build_model(ModelConfig.preset("tiny", in_channels=1))
@@ -719,3 +725,48 @@ def test_onednn_form_of_an_untraceable_model_and_bad_input():
         onednn_inference_module(model, torch.randn(1, 3, 8, 8), iters=0)
     with pytest.raises(ValueError, match="batch_sizes must be positive ints"):
         OneDNNInference(model, x, (0,))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_traced_form_equals_the_eval_model_at_every_batch_size(preset):
+    """ScriptedInference: the folded copy traced at one batch size and frozen gives the model's outputs at others
+    (batch 1, odd sizes), as inference tensors, and keeps no parameters of its own beyond the folded copy's."""
+    from models.cnn import ModelConfig, build_model
+    from models.fuse import ScriptedInference, inference_module
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset(preset, in_channels=1)).eval()
+    folded = inference_module(model)
+    form = ScriptedInference(folded, torch.rand(1, 1, 8, 8))
+    for n in (1, 5, 17):
+        x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(n))
+        out = form(x)
+        assert out.is_inference() and out.shape == (n, 10)
+        with torch.no_grad():
+            torch.testing.assert_close(out.clone(), model(x), atol=1e-5, rtol=1e-5)
+    assert [id(p) for p in form.parameters()] == [id(p) for p in folded.parameters()]
+
+
+def test_a_model_tracing_cannot_follow_is_not_a_traced_form():
+    """A model whose graph depends on the batch (Python control flow on the shape) traces into the wrong graph
+    for other batch sizes: ScriptedInference refuses it (ValueError), and fastest_inference_module times the other
+    forms instead."""
+    from models import fuse
+
+    class ByBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            y = self.conv(x).flatten(1)
+            return y * 2 if x.shape[0] == 2 else y
+
+    with pytest.raises(ValueError, match="cannot be traced as one graph"):
+        fuse.ScriptedInference(ByBatch().eval(), torch.rand(1, 1, 8, 8))
+    with pytest.raises(TypeError, match="folded must be an nn.Module"):
+        fuse.ScriptedInference(lambda x: x, torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="example must be a batch"):
+        fuse.ScriptedInference(ByBatch(), torch.rand(8))
+    form, t = fuse.fastest_inference_module(ByBatch().eval(), torch.rand(1, 1, 8, 8), (1, 2), iters=1)
+    assert "scripted_s" not in t and not isinstance(form, fuse.ScriptedInference)

@@ -363,7 +363,7 @@ def test_admission_refuses_nothing_in_the_grace_after_an_update(served, outside_
         ModelUserConfig.from_dict({"artifact": served["art1"], "update_grace_s": -1})
 
 
-@pytest.mark.parametrize("form", ["CompiledInference", "OneDNNInference"])
+@pytest.mark.parametrize("form", ["CompiledInference", "OneDNNInference", "ScriptedInference"])
 def test_a_hot_update_of_the_same_shape_keeps_the_fp32_form(ray_local, outside_serve, tmp_path, monkeypatch, form):
     """A hot update to a model of the same architecture and shapes keeps the fp32 form chosen at the first load
     (no compile and timing of both forms beside the serving loop: the update-time stall of issue 16) and runs
@@ -381,6 +381,8 @@ def test_a_hot_update_of_the_same_shape_keeps_the_fp32_form(ray_local, outside_s
         chose.append(tuple(example.shape))
         if form == "OneDNNInference":
             return models.fuse.OneDNNInference(model, example, batch_sizes), {}
+        if form == "ScriptedInference":
+            return models.fuse.ScriptedInference(models.fuse.inference_module(model), example), {}
         return models.fuse.CompiledInference(models.fuse.inference_module(model)), {}
 
     monkeypatch.setattr(models.fuse, "fastest_inference_module", fastest)

@@ -58,6 +58,9 @@ def test_from_manifest_returns_the_record_only_on_a_matching_machine():
     manifest = {"quantization": {"scheme": "none"}, "inference_form": rec}
     assert from_manifest(manifest, 1) == ("FoldedInference", (1, 32), None)
     assert from_manifest(manifest, 2) is None  # other torch threads
+    traced = inference_form_record(models.fuse.ScriptedInference(inference_module(_model()), torch.rand(1, 3, 8, 8)),
+                                   (1, 32), threads=1)  # fmt: skip
+    assert from_manifest({**manifest, "inference_form": traced}, 1) == ("ScriptedInference", (1, 32), None)
     for key, other in (("cpu", "Some Other CPU"), ("cores", (rec["cores"] or 1) + 1), ("torch", "0.0.1"),
                        ("arch", "riscv64")):  # fmt: skip
         assert from_manifest({**manifest, "inference_form": {**rec, key: other}}, 1) is None, key
