@@ -270,6 +270,11 @@ class FoldedConvAct(nn.Module):
         return self.act.forward_(y)  # y is ours and no graph records it
 
 
+def first_row_batch(example: torch.Tensor, n: int) -> torch.Tensor:
+    """A contiguous batch of `n` copies of `example`'s first row: what the forms are timed, planned and warmed on."""
+    return example[:1].expand(n, *example.shape[1:]).contiguous()
+
+
 def inference_module(model: nn.Module, *, compile: bool = False) -> nn.Module:
     """The inference form of `model` (left unchanged): a deep copy in eval mode with every fusable
     Conv2d -> BatchNorm2d (-> act) chain fused and every `ConvBNAct` replaced by its BN-folded `FoldedConvAct`
@@ -337,7 +342,7 @@ def fastest_inference_module(
         total = 0.0
         with torch.inference_mode():
             for b in sizes:
-                x = example[:1].expand(b, *example.shape[1:]).contiguous()
+                x = first_row_batch(example, b)
                 fn(x)  # first call after a switch of form: caches, allocator
                 times = []
                 for _ in range(iters):
@@ -441,7 +446,7 @@ class OneDNNInference(nn.Module):
         planned = [
             _plan_onednn(
                 model,
-                example[:1].expand(b, *example.shape[1:]).contiguous(),
+                first_row_batch(example, b),
                 iters=iters,
                 choices=None if choices is None else list(choices[i]),
             )
@@ -505,7 +510,7 @@ class CompiledInference(nn.Module):
             for b in batch_sizes:
                 if not isinstance(b, int) or b < 1:
                     raise ValueError(f"batch sizes must be positive ints, got {b!r}")
-                x = example[:1].expand(b, *example.shape[1:]).contiguous()
+                x = first_row_batch(example, b)
                 t0 = time.perf_counter()
                 self(x)
                 seconds[b] = time.perf_counter() - t0
@@ -520,10 +525,11 @@ class ScriptedInference(nn.Module):
     Why it is a form: every eager op (and every kernel call of inductor's Python wrapper, and each oneDNN
     primitive of OneDNNInference) releases the GIL and must take it back, and a thread waiting for the GIL waits
     up to the switch interval (5 ms) while another thread runs Python. A replica runs three (Serve's HTTP loop,
-    the user-code loop, this forward), so under load a forward of ~20 ops waited far longer than it computed:
-    measured here (`tiny` on 8x8, one torch thread, two threads spinning in Python beside it) 110-395 ms median
-    wall per forward eager, 230-350 ms oneDNN, 130-170 ms compiled, 35-52 ms traced; alone 0.065 ms traced at
-    batch 1 against 0.12-0.20 ms for the others (thread CPU time, the score `fastest_inference_module` uses).
+    the user-code loop, this forward), so under load a forward of ~20 ops waited far longer than it computed.
+    bench/inference_forms.py measures it (bench/results/inference_forms.json: one torch thread, two threads
+    spinning in Python beside it): the traced form's median wall time per forward was 0.24x (`tiny`) and 0.12x
+    (`small`) the best other form's, and alone it was the fastest too (0.095 ms at batch 1 on `tiny` against
+    0.15-0.19 ms), by the thread CPU time `fastest_inference_module` scores.
 
     The trace is taken at batch 2 and checked against `folded` at batches 1 and 3 (a model whose graph depends on
     the batch, or that tracing cannot follow, raises ValueError: not this form). Rebuilt for each model (a hot
@@ -537,16 +543,14 @@ class ScriptedInference(nn.Module):
             raise ValueError(f"example must be a batch of inputs, got {getattr(example, 'shape', example)!r}")
         self.folded = folded
 
-        def batch(n: int) -> torch.Tensor:
-            return example[:1].expand(n, *example.shape[1:]).contiguous() + torch.linspace(0, 1, n).view(
-                n, *[1] * (example.dim() - 1)
-            ).to(example)
+        def batch(n: int) -> torch.Tensor:  # rows that differ: a trace that mixed rows up would not pass
+            return first_row_batch(example, n) + torch.linspace(0, 1, n).view(n, *[1] * (example.dim() - 1)).to(example)
 
         try:
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 scripted = torch.jit.freeze(torch.jit.trace(folded.eval(), batch(2), check_trace=False).eval())
-                for n in (1, 3, 2):  # 2 last: the profiling executor's first runs specialise nothing on CPU
+                for n in (1, 3, 2):  # batch sizes the trace did not see, and the one it did (frozen weights)
                     x = batch(n)
                     torch.testing.assert_close(scripted(x), folded(x), atol=atol, rtol=rtol)
         except (RuntimeError, AssertionError, TypeError) as e:  # tracing failed, or the graph is not the model's

@@ -180,8 +180,10 @@ class BucketCompiled:
 
     def warmup(self, example: torch.Tensor, batch_sizes: Iterable[int]) -> None:
         """Compiles the buckets of `batch_sizes` using rows of `example` (N >= 1, C, H, W)."""
+        from models.fuse import first_row_batch  # models.fuse does not import this module
+
         for b in batch_sizes:
-            self(example[:1].expand(b, *example.shape[1:]).contiguous())
+            self(first_row_batch(example, b))
 
 
 def compiled_for_inference(

@@ -156,7 +156,8 @@ class MetricBuffer:
         h.observe(value)
 
     def flush(self, now: float | None = None) -> concurrent.futures.Future:
-        """Hands what changed since the last flush to the export thread; returns its future (tests wait on it)."""
+        """Hands what changed since the last flush to the export thread; returns its future (tests wait on it),
+        done at once when nothing changed and nothing is due."""
         now = time.monotonic() if now is None else now
         full = now - self._last_full >= self._refresh_s
         if full:
@@ -175,6 +176,10 @@ class MetricBuffer:
                 name, tags = self._specs[k[0]].name, dict(k[1])
                 ops += [("set", name + "_bucket", n, {**tags, "le": le}) for le, n in h.series()]
                 ops += [("set", name + "_sum", h.sum, tags), ("set", name + "_count", h.count, tags)]
+        if not ops:  # nothing to send: no wake-up of the export thread (it would take the replica's GIL)
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(None)
+            return done
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tandem-metrics")
         done = self._pool.submit(self._export, ops)

@@ -336,6 +336,39 @@ def test_cancelled_requests_leave_the_queue(ray_local, served, outside_serve):
         return srv.rec.queue_len
 
     assert asyncio.run(scenario()) == 0
+    assert ModelServer._batched.set_max_batch_size.__self__._queue is not None  # a wait: through Serve's queue
+
+
+def test_with_no_wait_requests_skip_serves_batch_queue_and_a_cancelled_one_leaves_the_queue(
+    ray_local, served, outside_serve
+):
+    """With no batch wait (SLOModel's setting), a request goes straight to the model queue: Serve's batch queue
+    would hand it on unchanged, at a cost. One cancelled while it waits there for the forward thread is skipped and
+    leaves the queue count."""
+    from serve_app.replica import ModelServer
+
+    async def scenario() -> int:
+        srv = ModelServer(AppConfig(artifact=served["art1"]).to_dict())
+        await srv.reconfigure({"artifact": served["art1"], "controller": "static", "batching": {"initial_wait_s": 0}})
+        x = np.zeros((1, *SHAPE), np.float32)
+        gate = threading.Event()
+        busy = asyncio.get_running_loop().run_in_executor(srv._executor, gate.wait)  # the forward thread is busy
+        first = asyncio.create_task(srv.infer(x))
+        await asyncio.sleep(0.02)  # taken as a batch; its forward waits for the thread
+        behind = [asyncio.create_task(srv.infer(x)) for _ in range(2)]
+        await asyncio.sleep(0.02)
+        assert len(srv._model_queue) == 2 and srv.rec.queue_len == 2
+        behind[0].cancel()
+        await asyncio.sleep(0.01)
+        assert srv.rec.queue_len == 1
+        gate.set()
+        await busy
+        (p1, _), (p2, _) = await first, await behind[1]
+        assert p1.shape == p2.shape == (1, 10) and behind[0].cancelled()
+        return srv.rec.queue_len
+
+    assert asyncio.run(scenario()) == 0
+    assert ModelServer._batched.set_max_batch_size.__self__._queue is None  # never through Serve's batch queue
 
 
 def test_admission_refuses_nothing_in_the_grace_after_an_update(served, outside_serve):

@@ -61,6 +61,8 @@ def _fake_export(buf: MetricBuffer) -> list:
 def test_a_flush_sends_each_counter_once_and_unchanged_series_only_when_they_are_due_again():
     buf = MetricBuffer(METRICS, {"deployment": "d", "model": "m"}, refresh_s=20.0)
     calls = _fake_export(buf)
+    buf.flush(now=-30.0).result()  # nothing recorded yet: no export thread is started for an empty batch
+    assert buf._pool is None
     for _ in range(100):  # 100 requests: one call per counter, one per bucket, not 100 each
         buf.inc("requests", (("route", "predict"), ("status", "200")))
         buf.observe("request_latency_ms", 3.0, (("route", "predict"),))
@@ -74,8 +76,11 @@ def test_a_flush_sends_each_counter_once_and_unchanged_series_only_when_they_are
     assert ("set", "tandem_serve_queue_length", 4, {}) in calls
     assert len(calls) == 1 + len(LATENCY_BOUNDARIES_MS) + 1 + 2 + 1
     calls.clear()
-    buf.flush(now=1.0).result()  # nothing new: nothing sent
-    assert calls == []
+    pool = buf._pool
+    buf._pool = None  # a flush that submitted anything would start a new export thread
+    buf.flush(now=1.0).result()  # nothing new: nothing sent, nothing submitted
+    assert calls == [] and buf._pool is None
+    buf._pool = pool
     buf.inc("requests", (("route", "predict"), ("status", "200")), 2)
     buf.set("queue_length", 4)  # same value: not sent
     buf.flush(now=2.0).result()
