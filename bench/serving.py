@@ -988,7 +988,9 @@ def hot_update_loss(
 
 
 def ratio(a: float, b: float) -> float | None:
-    return a / b if b > 0 else None
+    """a / b to 9 decimals: held rates are grid multiples of one capacity, and 1.125c / 0.75c is 1.5, not the
+    1.4999999999999998 floating point gives (which read as a missed >= 1.5 goal)."""
+    return round(a / b, 9) if b > 0 else None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,6 +8,7 @@ from bench.serving import (
     fit_cost_model,
     held_brackets,
     mean_batch_between,
+    ratio,
     saturated_cost_model,
     search_held,
     sustained_rounds,
@@ -253,3 +254,9 @@ def test_an_http_run_whose_generator_lagged_is_measured_again_and_kept_aside(mon
     second = b.http("adaptive", Constant(10.0), 1.0)
     assert S.GENERATOR_RERUNS == 2 and second == {"lag": 40.0, "generator_sustained": False}
     assert len(b.runs) == 2 and len(b.lagged) == 3
+
+
+def test_a_ratio_of_grid_multiples_is_the_multiples_ratio():
+    c = 178.05 / 0.75  # the handle path's unbatched capacity of one run; static held 0.75x, adaptive 1.125x
+    assert 1.125 * c / (0.75 * c) < 1.5  # what floating point gives
+    assert ratio(1.125 * c, 0.75 * c) == 1.5 and ratio(1.0, 3.0) == pytest.approx(1 / 3) and ratio(1.0, 0.0) is None
