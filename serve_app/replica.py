@@ -252,7 +252,8 @@ class ModelServer:
         self._clock = time.thread_time if self.cfg.torch_threads == 1 else time.perf_counter
         # The model runs here, one batch at a time, off the event loop (module docstring); torch's thread count
         # is per thread (OpenMP), so the forward thread sets its own. `_model_queue`: requests Serve's batch queue
-        # handed on, waiting for the model (serve_app.batching.ModelQueue, the simulator's model queue too).
+        # handed on (or, with no batch wait, the request path put there), waiting for the model
+        # (serve_app.batching.ModelQueue, the simulator's model queue too).
         self._executor = ThreadPoolExecutor(
             1, "forward", initializer=torch.set_num_threads, initargs=(self.cfg.torch_threads,)
         )

@@ -2,11 +2,11 @@
 
 Serve's `@serve.batch` closes batches (its max_batch_size and wait) and its handler hands each one here at once
 (serve_app/replica.py, `ModelServer._batched`; with no wait the request path puts each request here itself);
-each forward takes the oldest requests waiting, up to the
-controller's max_batch_size at that moment, so batches still hold what queued while the last one ran (the
-server model the controllers assume, `BatchingConfig.model_blocks_loop`) while the event loop stays free. The
-replica and the simulator (serve_app/simulator.py, its default `handler="queue"`) both take their batches from
-this class, so the simulated discipline is the replica's own."""
+each forward takes the oldest requests waiting, up to the controller's max_batch_size at that moment, so batches
+still hold what queued while the last one ran (the server model the controllers assume,
+`BatchingConfig.model_blocks_loop`) while the event loop stays free. The replica and the simulator
+(serve_app/simulator.py, its default `handler="queue"`) both take their batches from this class, so the simulated
+discipline is the replica's own."""
 
 from __future__ import annotations
 
