@@ -200,7 +200,7 @@ class Bench:
         self.proxy_bound = ingress == "proxy"
         """Whether Serve's proxy-side bound (max_queued_requests) exists here: only with the Python proxy (build_app
         does not apply it through HAProxy, which has no proxy queue)."""
-        self.cfg = DeployConfig(port=free_port(), app={"version": "tiny"})
+        self.cfg = DeployConfig(port=free_port(), app={"version": "tiny", "num_replicas": REPLICAS})
         self.url = serve_artifact(artifacts["tiny"], self.cfg)
         self.model = "tiny"
         self.variant = None
@@ -243,7 +243,7 @@ class Bench:
 
         if app_extra == self.app_extra:
             return
-        self.cfg = DeployConfig(port=self.cfg.port, app={"version": "tiny", **app_extra})
+        self.cfg = DeployConfig(port=self.cfg.port, app={"version": "tiny", "num_replicas": REPLICAS, **app_extra})
         self.url = serve_artifact(self.artifacts["tiny"], self.cfg)
         self.app_extra, self.variant, self.model = dict(app_extra), None, "tiny"
 
@@ -723,6 +723,9 @@ def search_held(
 
 
 REPLICA_QUEUE = 16  # the bounded deployments' replica-side max_queue_len (`--replica-queue`)
+REPLICAS = 1
+"""Model replicas of every deployment the protocol measures (`--replicas`): 1, so that the controllers are compared
+on one replica's batches; `tandem serve`'s own default on one machine is one per core (bench/serve_replicas.py)."""
 
 
 def set_http_model(name: str) -> None:
@@ -730,6 +733,13 @@ def set_http_model(name: str) -> None:
     if name not in SHAPES:
         raise ValueError(f"model must be one of {sorted(SHAPES)}, got {name!r}")
     HTTP_MODEL = name
+
+
+def set_replicas(n: int) -> None:
+    global REPLICAS
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"replicas must be an int >= 1, got {n!r}")
+    REPLICAS = n
 
 
 def set_replica_queue(n: int) -> None:
@@ -1019,6 +1029,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="tiny", choices=sorted(SHAPES),
                    help="the model of the HTTP sections (default tiny; resnet18: the forward's cost dominates); "
                    "another than tiny writes serving_<model>*.json, never serving.json")  # fmt: skip
+    p.add_argument("--replicas", type=int, default=REPLICAS, help="model replicas of every deployment (default 1;"
+                   " another count writes <section>_replicas<N>.json, never serving.json)")  # fmt: skip
     p.add_argument("--replica-queue", type=int, default=REPLICA_QUEUE,
                    help="the bounded deployments' replica-side max_queue_len")  # fmt: skip
     p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
@@ -1040,6 +1052,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--replica-queue must be >= 1, got {args.replica_queue}")
     set_replica_queue(args.replica_queue)
     set_http_model(args.model)
+    set_replicas(args.replicas)
     repeats = args.repeats or (1 if args.quick else FULL_REPEATS)
     dur = 4.0 if args.quick else FULL_RUN_S
     period = 5.0 if args.quick else FULL_SINE_PERIOD_S
@@ -1133,6 +1146,7 @@ def main(argv: list[str] | None = None) -> dict:
         sine_period_s=period,
         wrk_seconds=wrk_s,
         proxy_side_bound_applied=args.ingress == "proxy",
+        replicas=REPLICAS,
         wall_s=wall_s,
         loadavg_before=list(load_before),
         loadavg_after=list(os.getloadavg()),
@@ -1206,7 +1220,8 @@ def main(argv: list[str] | None = None) -> dict:
                else "serving_static_overload" if args.static_overload_only
                else "serving_sine" if args.sine_only
                else "serving_saturated" if args.saturated_only else "serving")  # fmt: skip
-    default = section + ("" if HTTP_MODEL == "tiny" else f"_{HTTP_MODEL}") + ("_quick" if coarse else "")
+    default = section + ("" if HTTP_MODEL == "tiny" else f"_{HTTP_MODEL}")
+    default += ("" if REPLICAS == 1 else f"_replicas{REPLICAS}") + ("_quick" if coarse else "")
     path = write_result(args.name or default, res)
     print(f"wrote {path}")
     return res

@@ -15,10 +15,10 @@ import json
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from serve_app.config import AppConfig, ModelUserConfig, default_num_gpus
+from serve_app.config import AppConfig, ModelUserConfig, default_num_gpus, one_machine_num_replicas
 from serve_app.loadgen import LoadConfig, LoadReport, check_loopback, generator_process, plot, run_load
 
 if TYPE_CHECKING:
@@ -54,6 +54,10 @@ class DeployConfig:
     access_log: bool = False
     """Serve's per-request access log lines (proxy and replicas). Off by default: a formatted log line per
     request is work on the request path, and tandem's metrics count every request and error already."""
+    replicas_per_core: bool = False
+    """When `app` names no num_replicas (nor autoscaling) and the replicas run on CPU: one replica per core of this
+    machine (serve_app.config.one_machine_num_replicas), for a Ray that runs on this machine alone (`tandem serve`
+    without --address, `tandem run` on its embedded Ray set it); else AppConfig's 1."""
     ingress: str = "haproxy"
     """HTTP ingress of a local Ray this process starts: "haproxy" (Ray's HAProxy ingress, direct to the replicas;
     tandem/local_ray.py) or "proxy" (Serve's Python proxy). A cluster (`address`) has what its nodes were started
@@ -68,6 +72,8 @@ class DeployConfig:
             raise ValueError(f"port must be an int in (0, 65536), got {self.port!r}")
         if not isinstance(self.access_log, bool):
             raise ValueError(f"access_log must be true or false, got {self.access_log!r}")
+        if not isinstance(self.replicas_per_core, bool):
+            raise ValueError(f"replicas_per_core must be true or false, got {self.replicas_per_core!r}")
         if self.host is not None and (not isinstance(self.host, str) or not self.host):
             raise ValueError(f"host must be a non-empty string or None, got {self.host!r}")
         if "artifact" in self.app:
@@ -150,13 +156,22 @@ def app_schema(
     from ray.serve.schema import ServeDeploySchema
 
     app_cfg = cfg.app_config(artifact)
+    gpus = replica_gpus(app_cfg)
+    # fixed facts of the machine and the cluster: every config applied to the app (a hot update) asks for the same
+    if cfg.replicas_per_core and "num_replicas" not in cfg.app and app_cfg.autoscaling is None and gpus == 0:
+        from serve_app.placement import serve_node_cpus
+
+        n = one_machine_num_replicas(
+            serve_node_cpus(), cpus_per_replica=app_cfg.num_cpus, deployments=2 if app_cfg.canary else 1
+        )
+        app_cfg = replace(app_cfg, num_replicas=n)
     overrides: dict[str, dict[str, Any]] = {n: {"user_config": uc} for n, uc in (user_configs or {}).items()}
     # The replicas' resource request from AppConfig (num_gpus resolved against the cluster) and their placement
     # (serve_app/placement.py, as build_app sets it: options given here replace the code's ray_actor_options
     # whole); the same in every config applied to the app, so a hot update does not restart replicas for it.
     from serve_app.placement import replica_placement
 
-    actor = {**app_cfg.ray_actor_options(replica_gpus(app_cfg)), **replica_placement()}
+    actor = {**app_cfg.ray_actor_options(gpus), **replica_placement()}
     for name in ("Model", "Canary") if app_cfg.canary is not None else ("Model",):
         overrides.setdefault(name, {})["ray_actor_options"] = dict(actor)
     for name, opts in (options or {}).items():

@@ -31,17 +31,37 @@ LOOPBACK_HOST = "127.0.0.1"
 ALL_INTERFACES_HOST = "0.0.0.0"
 
 
+def _serve_node() -> dict[str, Any] | None:
+    """The live node of the connected cluster that carries SERVE_NODE_LABEL (ray.nodes()'s entry), if any."""
+    import ray
+
+    key, value = SERVE_NODE_LABEL
+    return next((n for n in ray.nodes() if n["Alive"] and n.get("Labels", {}).get(key) == value), None)
+
+
 def replica_placement() -> dict[str, Any]:
     """`ray_actor_options` entries that place a replica: `{"label_selector": {key: value}}` when a live node of
     the connected cluster carries SERVE_NODE_LABEL, else {} (Serve places replicas as it likes)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or _serve_node() is None:
         return {}
     key, value = SERVE_NODE_LABEL
-    if any(n["Alive"] and n.get("Labels", {}).get(key) == value for n in ray.nodes()):
-        return {"label_selector": {key: value}}
-    return {}
+    return {"label_selector": {key: value}}
+
+
+def serve_node_cpus() -> float:
+    """Logical CPUs of the node the replicas run on: the live node carrying SERVE_NODE_LABEL, else this process's
+    node (0 when Ray is not connected)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    node = _serve_node()
+    if node is None:
+        here = ray.get_runtime_context().get_node_id()
+        node = next((n for n in ray.nodes() if n["Alive"] and n["NodeID"] == here), None)
+    return float(node["Resources"].get("CPU", 0.0)) if node else 0.0
 
 
 def host_for_cluster(embedded: bool, head_address: str) -> str:

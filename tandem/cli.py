@@ -225,7 +225,8 @@ def run_config(args: argparse.Namespace):
 
 
 BENCHMARKS = ("conv_bn", "codec", "checkpointing", "train_throughput", "weighting", "compress", "serving",
-              "slow_link", "compression_accuracy", "scaling_model", "dist_accuracy", "cluster_link")  # fmt: skip
+              "serve_replicas", "slow_link", "compression_accuracy", "scaling_model", "dist_accuracy",
+              "cluster_link")  # fmt: skip
 
 
 def run_benchmarks(name: str, quick: bool) -> int:

@@ -40,7 +40,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--slo-ms", type=float, default=100.0, help="latency objective for p99 (default 100)")
     s.add_argument("--batching", type=json.loads, default={}, help="more BatchingConfig fields as JSON")
-    s.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    s.add_argument(
+        "--replicas", type=int, default=None,
+        help="model replicas (default: one per core on the Ray this command starts, as its logical CPUs and memory"
+        " allow, bench/results/serve_replicas.json; 1 on a cluster given by --address)",
+    )  # fmt: skip
     s.add_argument("--canary", help="canary artifact directory: adds a router splitting traffic to it")
     s.add_argument("--canary-weight", type=float, default=0.1, help="canary traffic share (default 0.1)")
     s.add_argument("--canary-window-s", type=float, default=10.0, help="canary comparison window (default 10)")
@@ -117,9 +121,10 @@ def deploy_config(args: argparse.Namespace):
         "version": args.version,
         "controller": args.controller,
         "batching": {**BatchingConfig.slo_fields(args.slo_ms / 1e3), **args.batching},
-        "num_replicas": args.replicas,
         "max_queued_requests": args.max_queued_requests,
     }
+    if args.replicas is not None:
+        app["num_replicas"] = args.replicas
     if args.gpus_per_replica is not None:
         app["num_gpus"] = args.gpus_per_replica
     if args.bandit_policy:
@@ -130,7 +135,7 @@ def deploy_config(args: argparse.Namespace):
         app["canary"] = {"artifact": args.canary, "weight": args.canary_weight, "window_s": args.canary_window_s}
     return DeployConfig(
         host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus, app=app,
-        access_log=args.access_log, ingress=args.ingress,
+        access_log=args.access_log, ingress=args.ingress, replicas_per_core=args.address is None,
     )  # fmt: skip
 
 

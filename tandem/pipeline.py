@@ -103,7 +103,8 @@ def serve(artifact: str, port: int, gpus: float | None = None, *, embedded: bool
 
     app: dict = {} if gpus is None else {"num_gpus": gpus}
     host = start_serving(port, embedded=embedded)
-    cfg = DeployConfig(host=host, port=port, address="auto", app_name=APP_NAME, app=app)
+    # on tandem's own Ray (one machine) one replica per core: bench/results/serve_replicas.json
+    cfg = DeployConfig(host=host, port=port, address="auto", app_name=APP_NAME, app=app, replicas_per_core=embedded)
     print(f"tandem: HTTP ingress on the head at {host}:{port}; replicas listen on {host} of their nodes")
     return serve_artifact(artifact, cfg)
 

@@ -163,14 +163,16 @@ RUNS = int(os.environ.get("TANDEM_HOT_UPDATE_RUNS", "1"))
 
 @pytest.mark.parametrize("run", range(RUNS), ids=[f"run{i}" for i in range(RUNS)])
 @pytest.mark.parametrize("bound", [8, None], ids=["bound8", "unbounded"])
-def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app, generator, bound, run):
+@pytest.mark.parametrize("replicas", [1, 2], ids=["r1", "r2"])
+def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app, generator, replicas, bound, run):
     """A hot update at 100 req/s loses no request, with `max_queued_requests: 8` asked for and without (through
     HAProxy the bound is not applied; `hot_update` still lifts and restores it, as for the Python proxy). By design:
     the replica loads and warms the new artifact in a worker thread while its event loop goes on serving with
     the old model, then swaps them between batches (ModelServer.reconfigure), so no backlog builds up for a
     bound or admission control to refuse; `hot_update` also lifts the bound for the update. Redeployed with the
     replica's default batching: the fixture's one-request replica sheds at this rate whether or not anything is
-    updated."""
+    updated. With one replica and with two (`tandem serve`'s default on a 2-core machine: one per core), where
+    Serve reconfigures both and HAProxy spreads the load over them."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeInstanceDetails
 
@@ -180,7 +182,8 @@ def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app
     # here: 188 of 945 at 120 req/s; 11 of 777 at 100 req/s with an SLO of 2 s, client p99 1.5 s, all after
     # more than 10 ms).
     slo = {**BatchingConfig.slo_fields(10.0), "max_queue_len": None}
-    cfg = DeployConfig(port=old.port, app={"version": "bp", "max_queued_requests": bound, "batching": slo})
+    app = {"version": "bp", "max_queued_requests": bound, "batching": slo, "num_replicas": replicas}
+    cfg = DeployConfig(port=old.port, app=app)
     serve_artifact(bounded_app["path"], cfg)
     load = LoadConfig(pattern=Constant(100.0), duration_s=8.0, timeout_s=10.0)
     mark = log_mark()
@@ -190,8 +193,10 @@ def test_hot_update_under_load_loses_nothing_to_the_bound(ray_local, bounded_app
     report = result.result()
     assert report.sent > 650 and report.ok == report.sent, lost(report, mark)
     with httpx.Client(base_url=url, timeout=30) as c:
-        assert c.post("/predict", json=GOOD).json()["version"] == "bp2"
+        assert {c.post("/predict", json=GOOD).json()["version"] for _ in range(4 * replicas)} == {"bp2"}
     details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    states = [r.state for r in details.applications[cfg.app_name].deployments["Model"].replicas]
+    assert states.count("RUNNING") == replicas, states
     # Restored after the update to what build_app sets: through HAProxy, no bound (test above).
     assert details.applications[cfg.app_name].deployments["Model"].deployment_config.max_queued_requests == -1
 

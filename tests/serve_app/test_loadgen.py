@@ -276,5 +276,11 @@ def test_cli_parses_to_configs():
     d = deploy_config(args)
     assert d.url == "http://127.0.0.1:8123" and d.app["canary"]["artifact"] == "/tmp/b"
     assert d.app_config("/tmp/a").model_user_config().batching_config().slo_s == 0.08
+    # replicas: one per core on the Ray `tandem serve` starts (serve_app.config.one_machine_num_replicas), 1 on a
+    # cluster it joins, and what --replicas says wherever it is given
+    assert d.replicas_per_core and "num_replicas" not in d.app
+    d = deploy_config(parser.parse_args(["serve", "/tmp/a", "--address", "auto"]))
+    assert not d.replicas_per_core and d.app_config("/tmp/a").num_replicas == 1
+    assert deploy_config(parser.parse_args(["serve", "/tmp/a", "--replicas", "3"])).app["num_replicas"] == 3
     args = parser.parse_args(["serve", "/tmp/a", "--slo-ms", "10"])  # below Serve's 10 ms default wait
     assert deploy_config(args).app_config("/tmp/a").model_user_config().batching_config().max_wait_s == 0.005

@@ -15,7 +15,7 @@ import torch
 from _moto import moto_server, patched_env
 
 from models import storage
-from serve_app.config import GPU_SCHEMES, AppConfig, ModelUserConfig, default_num_gpus
+from serve_app.config import GPU_SCHEMES, AppConfig, ModelUserConfig, default_num_gpus, one_machine_num_replicas
 from serve_app.deploy import DeployConfig, app_schema
 
 SHAPE = (1, 8, 8)
@@ -46,14 +46,26 @@ def _actor_options(schema) -> dict[str, dict]:
 
 @pytest.fixture
 def cluster_gpus(monkeypatch):
-    """Sets the GPUs the 'connected cluster' reports (ray.cluster_resources), without starting Ray."""
+    """Sets the GPUs the 'connected cluster' reports (ray.cluster_resources), without starting Ray. The runtime
+    context is faked too (a one-node cluster on loopback): with the real one these tests passed only after another
+    module had started Ray in the same session, and failed on their own."""
+    import types
+
     import ray
 
     def set_gpus(n: float, labels: dict | None = None) -> None:
         monkeypatch.setattr(ray, "is_initialized", lambda: True)
         monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, **({"GPU": n} if n else {})})
-        node = {"Alive": True, "Labels": labels or {}, "NodeManagerAddress": "127.0.0.1"}
+        node = {
+            "Alive": True,
+            "Labels": labels or {},
+            "NodeManagerAddress": "127.0.0.1",
+            "Resources": {"CPU": 4.0},
+            "NodeID": "n1",
+        }
         monkeypatch.setattr(ray, "nodes", lambda: [node])
+        context = types.SimpleNamespace(gcs_address="127.0.0.1:6379", get_node_id=lambda: "n1")
+        monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
 
     return set_gpus
 
@@ -81,6 +93,49 @@ def test_explicit_gpus_reach_model_and_canary(tmp_path, cluster_gpus):
     schema = app_schema("s3://b/stable", cfg)
     (model,) = [d for d in schema.applications[0].deployments if d.name == "Model"]
     assert model.ray_actor_options.label_selector == dict([SERVE_NODE_LABEL])
+
+
+def test_one_replica_per_core_within_logical_cpus_and_memory():
+    gib = 1 << 30
+    assert one_machine_num_replicas(8, cores=6, memory_bytes=64 * gib) == 6
+    assert one_machine_num_replicas(4, cores=6, memory_bytes=64 * gib) == 4  # the cluster's logical CPUs
+    assert one_machine_num_replicas(8, cpus_per_replica=2, cores=6, memory_bytes=64 * gib) == 4
+    assert one_machine_num_replicas(0, cpus_per_replica=0, cores=6, memory_bytes=64 * gib) == 6
+    assert one_machine_num_replicas(8, cores=6, memory_bytes=3 * gib + 1) == 3  # REPLICA_MEMORY_BYTES each
+    assert one_machine_num_replicas(8, deployments=2, cores=6, memory_bytes=64 * gib) == 3  # stable + canary
+    assert one_machine_num_replicas(8, cores=1, memory_bytes=gib // 2) == 1  # never 0
+    with pytest.raises(ValueError, match="deployments must be"):
+        one_machine_num_replicas(8, deployments=0)
+
+
+def test_replicas_per_core_only_where_asked_none_given_and_cpu(tmp_path, cluster_gpus, monkeypatch):
+    """`tandem serve` on its own Ray and `tandem run` embedded ask for one replica per core (DeployConfig
+    replicas_per_core): the count reaches build_app's args, counted against the serve node's logical CPUs; a
+    count the user gave, a cluster tandem joined, a canary's share and GPU replicas are left as they are."""
+    import os
+
+    from serve_app.placement import SERVE_NODE_LABEL
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    cluster_gpus(0, labels=dict([SERVE_NODE_LABEL]))  # the serve node: 4 logical CPUs
+    art = _fake_artifact(tmp_path / "a", "none")
+
+    def replicas(cfg: DeployConfig) -> int:
+        return app_schema(art, cfg).applications[0].args["num_replicas"]
+
+    assert replicas(DeployConfig(replicas_per_core=True)) == 3
+    assert replicas(DeployConfig()) == 1
+    assert replicas(DeployConfig(replicas_per_core=True, app={"num_replicas": 1})) == 1
+    assert replicas(DeployConfig(replicas_per_core=True, app={"num_cpus": 2})) == 2  # 4 logical CPUs / 2
+    canary = {"canary": {"artifact": str(tmp_path / "a"), "weight": 0.2}}
+    assert replicas(DeployConfig(replicas_per_core=True, app=canary)) == 1  # 3 cores over two deployments
+    cluster_gpus(0)  # no labelled node: the node of this process
+    assert replicas(DeployConfig(replicas_per_core=True)) == 3
+    cluster_gpus(2, labels=dict([SERVE_NODE_LABEL]))
+    gpu_art = _fake_artifact(tmp_path / "g", "fp8")
+    assert app_schema(gpu_art, DeployConfig(replicas_per_core=True)).applications[0].args["num_replicas"] == 1
+    with pytest.raises(ValueError, match="replicas_per_core must be"):
+        DeployConfig(replicas_per_core=1)
 
 
 @pytest.mark.parametrize("bad", [-1, "many", True])
