@@ -665,3 +665,33 @@ def test_metrics_reach_the_node_endpoint(ray_local, served):
         missing = [w for w in wanted if not re.search(w, text)]
         time.sleep(1)
     assert not missing
+
+
+def test_node_mutex_lets_one_holder_in_at_a_time():
+    """A deployment's replicas on a node load a hot update one after another (ModelServer._prepare_in_turn): the
+    second holder of a name waits until the first leaves, another name does not wait, and a block that raised
+    leaves the mutex free."""
+    from serve_app.replica import node_mutex
+
+    name = f"test/{time.monotonic_ns()}"
+    entered: list[float] = []
+
+    def second() -> None:
+        with node_mutex(name, poll_s=0.01):
+            entered.append(time.monotonic())
+
+    with node_mutex(name):
+        t = threading.Thread(target=second)
+        t.start()
+        with node_mutex(name + "/other", poll_s=0.01):
+            pass  # no wait: another name
+        time.sleep(0.3)
+        assert entered == []  # still waiting
+        left = time.monotonic()
+    t.join(5)
+    assert entered and entered[0] >= left
+    with pytest.raises(RuntimeError), node_mutex(name):
+        raise RuntimeError("load failed")
+    t0 = time.monotonic()
+    with node_mutex(name, poll_s=0.01):
+        assert time.monotonic() - t0 < 0.5  # freed by the failed block
