@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         shutdown_embedded()
 
-    def med(xs: list[float]) -> float:
-        return statistics.median(xs)
-
+    med = statistics.median
     within = {n: {v: med([p["rps_within_slo"] for p in sat[n][v]]) for v in VARIANTS} for n in counts}
     peak = {n: {v: med([p["peak_rps"] for p in sat[n][v]]) for v in VARIANTS} for n in counts}
     cores = {n: {v: med([p["peak_cpu_cores"] for p in sat[n][v]]) for v in VARIANTS} for n in counts}

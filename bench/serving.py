@@ -193,14 +193,14 @@ def make_artifacts(root: Path) -> dict[str, str]:
 
 class Bench:
     def __init__(self, artifacts: dict[str, str], meter: CpuMeter, ingress: str = "haproxy") -> None:
-        from serve_app.deploy import DeployConfig, serve_artifact
+        from serve_app.deploy import serve_artifact
 
         self.artifacts = artifacts
         self.meter = meter
         self.proxy_bound = ingress == "proxy"
         """Whether Serve's proxy-side bound (max_queued_requests) exists here: only with the Python proxy (build_app
         does not apply it through HAProxy, which has no proxy queue)."""
-        self.cfg = DeployConfig(port=free_port(), app={"version": "tiny", "num_replicas": REPLICAS})
+        self.cfg = self._config(free_port(), {})
         self.url = serve_artifact(artifacts["tiny"], self.cfg)
         self.model = "tiny"
         self.variant = None
@@ -236,14 +236,21 @@ class Bench:
         self.phase_s[phase] = self.phase_s.get(phase, 0.0) + now - self._mark
         self._mark = now
 
+    @staticmethod
+    def _config(port: int, app_extra: dict):
+        """The deploy config of the protocol's app: the `tiny` version at REPLICAS replicas, plus `app_extra`."""
+        from serve_app.deploy import DeployConfig
+
+        return DeployConfig(port=port, app={"version": "tiny", "num_replicas": REPLICAS, **app_extra})
+
     def redeploy(self, app_extra: dict) -> None:
         """Re-applies the app with other args (deployment options such as max_queued_requests): the replica
         restarts; a no-op when they are the current ones."""
-        from serve_app.deploy import DeployConfig, serve_artifact
+        from serve_app.deploy import serve_artifact
 
         if app_extra == self.app_extra:
             return
-        self.cfg = DeployConfig(port=self.cfg.port, app={"version": "tiny", "num_replicas": REPLICAS, **app_extra})
+        self.cfg = self._config(self.cfg.port, app_extra)
         self.url = serve_artifact(self.artifacts["tiny"], self.cfg)
         self.app_extra, self.variant, self.model = dict(app_extra), None, "tiny"
 
