@@ -261,10 +261,12 @@ class Bench:
         queue bound of `adaptive_bounded` is its user_config and needs no redeploy."""
         return bounded(queued) if self.proxy_bound else {}
 
-    def use(self, variant: str, model: str | None = None, roll_out: bool = False) -> None:
-        """Switches the replica to `variant` (and `model`) in place, then lets it settle for a window.
+    def use(self, variant: str, model: str | None = None, roll_out: bool = False, settle: bool = True) -> None:
+        """Switches the replicas to `variant` (and `model`) in place, then lets them settle for a window.
         `roll_out`: through serve_app.deploy.roll_out (lifts the proxy-side bound for the update), not a plain
-        re-apply of the config."""
+        re-apply of the config. `settle` (before a run; not for an update inside one, which the run measures):
+        also waits until every replica serves it and, through HAProxy, until HAProxy has applied the target
+        changes the update made (`_settled`)."""
         from dataclasses import asdict
 
         import httpx
@@ -277,6 +279,7 @@ class Bench:
         if (variant, model) == (self.variant, self.model):
             return
         user = {"artifact": self.artifacts[model], "version": model, **VARIANTS[variant]}
+        t_update = time.monotonic()
         (bound_safe_update if roll_out else update_user_configs)(self.artifacts["tiny"], self.cfg, {"Model": user})
         applied = asdict(ModelUserConfig.from_dict(user))  # what the replica reports, defaults filled in
         deadline = time.monotonic() + 60
@@ -292,7 +295,25 @@ class Bench:
             assert time.monotonic() < deadline, f"replica did not switch to {variant}/{model}"
             time.sleep(0.2)
         self.variant, self.model = variant, model
+        if settle:
+            self._settled(user, t_update)
         time.sleep(1.0)
+
+    def _settled(self, user: dict, t_update: float) -> None:
+        """Returns once every replica serves `user` and, through HAProxy, HAProxy has applied the target changes
+        of the update started at `t_update` (time.monotonic()). Before, a run could start while:
+        - a second replica still loaded or warmed up: the GET above is answered by whichever replica HAProxy
+          picks, and with several the node's turn (ModelServer._prepare_in_turn) loads them one after another;
+        - HAProxy reloaded: the update takes the replicas out of the controller's running set for a moment, and
+          HAProxy applies that change HAPROXY_COALESCE_S after it, with a new HAProxy process (0.6 s from the
+          change's arrival to the reload's end in the manager's log, 2 cores), inside the next run's first
+          second."""
+        from serve_app.deploy import wait_served
+        from tandem.local_ray import HAPROXY_COALESCE_S
+
+        wait_served(self.cfg, "Model", user, timeout_s=60)
+        if not self.proxy_bound:  # through HAProxy
+            time.sleep(max(0.0, t_update + HAPROXY_COALESCE_S + 1.0 - time.monotonic()))
 
     def http(self, variant: str, pattern, duration_s: float, slo_s: float = SLO_S, tag: str = "") -> dict:
         """One open-loop run over HTTP from the generator's process. A run whose generator sent later than
@@ -972,7 +993,7 @@ def hot_update_loss(
                             window = None
                             if update:
                                 t0 = time.time() - start_at
-                                bench.use(v, UPDATE_TO, roll_out=via_roll_out)
+                                bench.use(v, UPDATE_TO, roll_out=via_roll_out, settle=False)
                                 window = [round(t0, 2), round(time.time() - start_at, 2)]
                             report = fut.result()
                             tag = f"{'update' if update else 'steady'} {m:.2f}x" + ("" if gen == "process" else " thr")

@@ -62,7 +62,7 @@ INGRESSES = ("haproxy", "proxy")
 # a few seconds cover it, and `tandem serve`'s exit and the tests do not wait 30 s for every replica.
 _DRAIN_S = 3
 
-_COALESCE_S = 2.0
+HAPROXY_COALESCE_S = 2.0
 """How long HAProxy gathers the controller's target changes before applying them (Ray's default 0.1 s)."""
 
 # Ray puts HAProxy's sockets in a subdirectory of run_dir/h named by the node id (56 characters), and HAProxy
@@ -246,7 +246,7 @@ def haproxy_environment(run_dir: str | os.PathLike) -> dict[str, str]:
         # refused (49 of 777 once, issue 16). HAProxy applies the controller's target changes once per this
         # window from the first change, so a replica updated within it never leaves the backend (a fast hot
         # update: no recompile, serve_app/replica.py); added or removed replicas reach HAProxy up to this late.
-        "RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S": str(_COALESCE_S),
+        "RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S": str(HAPROXY_COALESCE_S),
     }
 
 
