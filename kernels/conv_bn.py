@@ -199,7 +199,17 @@ def _lean_backward(g_out, xc, wc, bc, gamma, beta, mean, invstd, spec, act, need
         spec.groups,
         [need[0], need[1], need[2] and bc is not None],
     )
-    return g_x, g_w, g_b, g_gamma, g_beta
+    return g_x, None if g_w is None else _strided_like(g_w, wc.stride()), g_b, g_gamma, g_beta
+
+
+def _strided_like(g: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """`g` with the weight's `stride` where the two differ only on size-1 dims (the same memory, values unchanged):
+    a 1x1 kernel is contiguous in both formats, and its gradient comes back with the strides of the format the
+    conv ran in, which DDP compares with the parameter's ("Grad strides do not match bucket view strides" on
+    every run, and a copy of that gradient into its bucket on every step)."""
+    if g.stride() == stride or any(n > 1 and a != b for n, a, b in zip(g.shape, g.stride(), stride, strict=True)):
+        return g
+    return g.as_strided(g.shape, stride)
 
 
 class _ConvBNActFunction(torch.autograd.Function):
@@ -444,9 +454,26 @@ def _train(x, weight, bias, gamma, beta, running_mean, running_var, momentum, ep
                 x, weight, bias, gamma, beta, running_mean, running_var, momentum, eps, spec, act
             )
         # fast: the conv is autograd's own node (it saves x); the Function saves y and the statistics
+        if weight.shape[-2:] == (1, 1):
+            weight = _GradStridedLike.apply(weight)
         return _BNActFunction.apply(
             spec.conv(x, weight, bias), gamma, beta, running_mean, running_var, momentum, eps, act
         )
+
+
+class _GradStridedLike(torch.autograd.Function):
+    """Identity whose backward gives the gradient its input's strides (`_strided_like`): for the 1x1 weights of
+    the fast mode, whose gradient autograd's own conv node computes."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.stride = w.stride()
+        return w.view_as(w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return _strided_like(g, ctx.stride)
 
 
 def fold_conv_bn(

@@ -282,6 +282,32 @@ def test_plan_weight_layouts_keeps_small_map_weights_nchw():
         plan_weight_layouts_(model, torch.randn(3, 8, 8))
 
 
+@pytest.mark.parametrize("save", ["lean", "fast"])
+def test_gradients_have_their_parameters_strides(save):
+    """Every parameter's gradient has the parameter's own strides, which DDP's reducer compares with its bucket
+    views: 1x1 kernels too, whose strides on their size-1 dims differ between the two formats while both call
+    them contiguous (a 1x1 weight kept NCHW strides got channels_last gradients: "Grad strides do not match
+    bucket view strides" in every `tandem run`). Channels_last and small-map (NCHW) ops, before and after the
+    layout plan."""
+    from kernels.conv_bn import plan_weight_layouts_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ConvBNAct(1, 16, 3, padding=1, save=save),
+        ConvBNAct(16, 32, 1, stride=2, save=save),  # 1x1 shortcut-style, channels_last maps
+        ConvBNAct(32, 256, 1, stride=2, save=save),  # 2x2 out
+        ConvBNAct(256, 8, 1, save=save),  # 2x2 input, 256 channels: NCHW (small map) after the plan
+    )
+    x = torch.randn(4, 1, 8, 8)
+    for plan in (False, True):
+        if plan:
+            assert plan_weight_layouts_(model, x) == 1
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        bad = {n: (p.stride(), p.grad.stride()) for n, p in model.named_parameters() if p.grad.stride() != p.stride()}
+        assert bad == {}, f"plan={plan}: (parameter, gradient) strides differ: {bad}"
+
+
 def _assert_same_outputs_and_grads(model: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
     """`model` and its untouched copy `ref` give the same outputs on `x` and the same parameter gradients."""
     out, out_ref = model(x), ref(x)
