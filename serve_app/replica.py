@@ -561,8 +561,9 @@ class ModelServer:
         before the route, in the replica's HTTP stack (uvicorn and Ray's direct-ingress wrapper, one GIL for
         every request let in). Fewer let in at once (a smaller per-replica cap at the ingress, tandem/local_ray.py's
         REPLICA_MAXCONN, which also caps the batch) shortens it most; user code on Ray's main loop
-        (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, part of RAY_SERVE_THROUGHPUT_OPTIMIZED) gave 9-10 ms at
-        n=16 and 29-33 ms at n=64 in two runs (health route: 8-12 and 20-31 ms)."""
+        (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, part of RAY_SERVE_THROUGHPUT_OPTIMIZED, since then tandem's
+        default with HAProxy: tandem/local_ray.py) gave 9-10 ms at n=16 and 29-33 ms at n=64 in two runs (health
+        route: 8-12 and 20-31 ms)."""
         self._ensure_control_loop()
         if self.user is not None and self.user.controller == UNBATCHED:
             return _Ticket(time.monotonic(), None, batched=False)

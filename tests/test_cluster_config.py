@@ -59,6 +59,7 @@ def test_every_node_installs_tandem_and_starts_with_haproxy(name):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in cfg[key] if "ray start" in c]
         assert start and all("RAY_SERVE_ENABLE_HA_PROXY=1" in c for c in start), (key, start)
+        assert all("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0" in c for c in start), (key, start)
 
 
 def _submit_lines(text: str) -> dict[str, list[str]]:

@@ -62,3 +62,22 @@ def _free_run(n: int) -> int:
         if all(local_ray._bindable(p) for p in range(start, start + n)):
             return start
     raise AssertionError("no free run of ports")
+
+
+def test_the_haproxy_cluster_runs_the_app_on_the_replicas_main_loop(monkeypatch):
+    """The HAProxy ingress's environment asks Ray to run user code on the replica's main loop (bench/
+    serve_user_thread.py measured it faster); a value the user set wins, and the environment is restored after."""
+    var = local_ray.USER_CODE_THREAD_VAR
+    monkeypatch.delenv(var, raising=False)
+    run_dir = tempfile.mkdtemp(prefix="tdm", dir="/tmp")
+    try:
+        with local_ray.ingress_environment("haproxy", run_dir) as env:
+            assert env[var] == "0" and local_ray.os.environ[var] == "0"
+        assert var not in local_ray.os.environ
+        monkeypatch.setenv(var, "1")
+        with local_ray.ingress_environment("haproxy", run_dir) as env:
+            assert env[var] == "1"
+        with local_ray.ingress_environment("proxy") as env:
+            assert var not in env
+    finally:
+        shutil.rmtree(run_dir)

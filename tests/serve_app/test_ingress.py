@@ -173,7 +173,17 @@ def test_tandem_serve_ctrl_c_leaves_no_haproxy(tmp_path):
         r = httpx.post(f"{url}/predict", json=GOOD, timeout=30)
         assert r.status_code == 200, r.text
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it hangs: its output and its Python stacks
+            dump = subprocess.run(
+                [str(Path(sys.executable).parent / "py-spy"), "dump", "-p", str(proc.pid)],
+                capture_output=True,
+                text=True,
+            )
+            raise AssertionError(
+                f"tandem serve still running 120 s after Ctrl-C:\n{''.join(lines)}\n{dump.stdout}"
+            ) from None
         reader.join(10)
         assert proc.returncode == 0, "".join(lines)
     finally:
