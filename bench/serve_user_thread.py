@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 from bench._common import print_table, write_result
 
@@ -49,27 +50,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0, load_before = time.monotonic(), os.getloadavg()
     sat: dict[str, dict[str, list[dict]]] = {s: {v: [] for v in VARIANTS} for s in SETTINGS}
-    saved = os.environ.get(USER_CODE_THREAD_VAR)
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = make_artifacts(Path(tmp))
-        try:
-            for rep in range(args.repeats):
-                for name in list(SETTINGS) if rep % 2 == 0 else list(SETTINGS)[::-1]:
-                    os.environ[USER_CODE_THREAD_VAR] = SETTINGS[name]  # replica_environment keeps a set value
-                    print(f"repeat {rep + 1}/{args.repeats}: user code on the {name} loop", flush=True)
+        for rep in range(args.repeats):
+            for name in list(SETTINGS) if rep % 2 == 0 else list(SETTINGS)[::-1]:
+                print(f"repeat {rep + 1}/{args.repeats}: user code on the {name} loop", flush=True)
+                # Ray's processes copy the environment when Ray starts; replica_environment keeps a set value
+                with mock.patch.dict(os.environ, {USER_CODE_THREAD_VAR: SETTINGS[name]}):
                     init_embedded(8, "haproxy", include_dashboard=False, log_to_driver=False)
-                    try:
-                        bench = Bench(artifacts, CpuMeter(), "haproxy")
-                        for v, point in saturated(bench, list(VARIANTS), WRK_S, 1).items():
-                            sat[name][v].append(point)
-                        bench.close()
-                    finally:
-                        shutdown_embedded()
-        finally:
-            if saved is None:
-                os.environ.pop(USER_CODE_THREAD_VAR, None)
-            else:
-                os.environ[USER_CODE_THREAD_VAR] = saved
+                try:
+                    bench = Bench(artifacts, CpuMeter(), "haproxy")
+                    for v, point in saturated(bench, list(VARIANTS), WRK_S, 1).items():
+                        sat[name][v].append(point)
+                    bench.close()
+                finally:
+                    shutdown_embedded()
 
     med = statistics.median
 

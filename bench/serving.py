@@ -114,14 +114,10 @@ VARIANTS = {
     "bandit": {"controller": "bandit", "admission": True, "batching": {}},
     # adaptive on a deployment with Serve's proxy-side bound (`bounded`): only in the overload section
     "adaptive_bounded": {"controller": "slo_model", "admission": True, "batching": {"max_queue_len": 16}},
-}
-# Adaptive told the tight point's SLO, as `tandem serve --slo-ms 25` tells it (BatchingConfig.slo_fields): the
-# controller's SLO is its one input, and the static grid there is tuned to the point too (its best setting is
-# picked). "adaptive" (the 100 ms default) stays in the choosing round, for comparison.
-VARIANTS["adaptive_tight"] = {
-    "controller": "slo_model",
-    "admission": True,
-    "batching": BatchingConfig.slo_fields(TIGHT_S),
+    # adaptive told the tight point's SLO, as `tandem serve --slo-ms 25` tells it: the controller's SLO is its one
+    # input, and the static grid there is tuned to the point too (its best setting is picked); "adaptive" (the
+    # 100 ms default) stays in the choosing round, for comparison
+    "adaptive_tight": {"controller": "slo_model", "admission": True, "batching": BatchingConfig.slo_fields(TIGHT_S)},
 }
 BOUNDS = (16,)  # proxy-side bounds the overload section compares (`--bounds`)
 SHAPES = {"tiny": (1, 8, 8), "resnet18": (1, 8, 8)}

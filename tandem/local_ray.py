@@ -29,7 +29,8 @@ loopback:
 - the launcher starts haproxy with PR_SET_PDEATHSIG (util-linux `setpriv`), so haproxy dies with the actor that
   spawned it: Ray SIGKILLs its workers at shutdown, which skips the actor's own cleanup, and a Ctrl-C'd
   `tandem serve` left haproxy holding port 8000.
-With HAProxy the replicas also run the app's code on their main event loop (`replica_environment`).
+With HAProxy the replicas also run the app's code on their main event loop (`replica_environment`, part of
+`haproxy_environment`).
 On a real cluster set `RAY_SERVE_ENABLE_HA_PROXY=1` and `RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0` in every
 node's environment before `ray start` (README, cluster.yaml).
 
@@ -205,6 +206,21 @@ def _real_haproxy() -> str:
     return found
 
 
+USER_CODE_THREAD_VAR = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+
+
+def replica_environment() -> dict[str, str]:
+    """Replicas run the app's code on their main event loop, beside uvicorn and Ray's direct-ingress wrapper
+    (`RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`, one of Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED settings), not on
+    a second loop in a thread of its own (Ray's default): every request crossed between the two loops twice, one
+    GIL for both. Measured through HAProxy on 2 cores, 1 replica (`python -m bench.serve_user_thread`,
+    bench/results/serve_user_thread.json; wrk, within the 100 ms SLO): unbatched 1.8x, static defaults and the
+    adaptive controller 1.3x, at a lower p99. The model's batches still run in the replica's forward thread
+    (serve_app/replica.py), so the loop keeps reading requests while one runs. A value already in the
+    environment wins (`=1` restores Ray's default)."""
+    return {USER_CODE_THREAD_VAR: os.environ.get(USER_CODE_THREAD_VAR, "0")}
+
+
 def haproxy_environment(run_dir: str | os.PathLike) -> dict[str, str]:
     """The environment variables that give an embedded Ray the HAProxy ingress, with HAProxy's files (config,
     admin socket, server state, logs, the launcher) under `run_dir`/haproxy and its stats and Prometheus
@@ -249,22 +265,8 @@ def haproxy_environment(run_dir: str | os.PathLike) -> dict[str, str]:
         # window from the first change, so a replica updated within it never leaves the backend (a fast hot
         # update: no recompile, serve_app/replica.py); added or removed replicas reach HAProxy up to this late.
         "RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S": str(HAPROXY_COALESCE_S),
+        **replica_environment(),
     }
-
-
-USER_CODE_THREAD_VAR = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
-
-
-def replica_environment() -> dict[str, str]:
-    """Replicas run the app's code on their main event loop, beside uvicorn and Ray's direct-ingress wrapper
-    (`RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`, one of Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED settings), not on
-    a second loop in a thread of its own (Ray's default): every request crossed between the two loops twice, one
-    GIL for both. Measured through HAProxy on 2 cores, 1 replica (`python -m bench.serve_user_thread`,
-    bench/results/serve_user_thread.json; wrk, within the 100 ms SLO): unbatched 1.8x, static defaults and the
-    adaptive controller 1.3x, at a lower p99. The model's batches still run in the replica's forward thread
-    (serve_app/replica.py), so the loop keeps reading requests while one runs. A value already in the
-    environment wins (`=1` restores Ray's default)."""
-    return {USER_CODE_THREAD_VAR: os.environ.get(USER_CODE_THREAD_VAR, "0")}
 
 
 @contextlib.contextmanager
@@ -275,7 +277,7 @@ def ingress_environment(ingress: str, run_dir: str | os.PathLike | None = None) 
     if ingress not in INGRESSES:
         raise ValueError(f"ingress must be one of {list(INGRESSES)}, got {ingress!r}")
     if ingress == "haproxy":
-        env = {**haproxy_environment(run_dir if run_dir is not None else short_run_dir()), **replica_environment()}
+        env = haproxy_environment(run_dir if run_dir is not None else short_run_dir())
     else:
         env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     with _environ(env):

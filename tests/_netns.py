@@ -171,7 +171,7 @@ def namespace_cluster(
     runs HAProxy with tandem's launcher, tandem/local_ray.py; every node has the switch, so the replicas open
     their direct-ingress ports) or "proxy" (Serve's Python proxy). `head_env`: extra environment of the head's
     Ray processes (e.g. RAY_SERVE_HAPROXY_LOG_TARGET, where HAProxy sends its access log)."""
-    from tandem.local_ray import INGRESSES, haproxy_environment, replica_environment
+    from tandem.local_ray import INGRESSES, haproxy_environment
 
     if ingress not in INGRESSES:
         raise ValueError(f"ingress must be one of {list(INGRESSES)}, got {ingress!r}")
@@ -187,10 +187,7 @@ def namespace_cluster(
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
     (base / "home").mkdir()
-    if ingress == "haproxy":  # as cluster.yaml starts Ray on every node
-        ingress_env = {**haproxy_environment(base), **replica_environment()}
-    else:
-        ingress_env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    ingress_env = haproxy_environment(base) if ingress == "haproxy" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     env.update(ingress_env)
     env.update(head_env or {})
     namespaces: list[str] = []

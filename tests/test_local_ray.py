@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -72,8 +73,8 @@ def test_the_haproxy_cluster_runs_the_app_on_the_replicas_main_loop(monkeypatch)
     run_dir = tempfile.mkdtemp(prefix="tdm", dir="/tmp")
     try:
         with local_ray.ingress_environment("haproxy", run_dir) as env:
-            assert env[var] == "0" and local_ray.os.environ[var] == "0"
-        assert var not in local_ray.os.environ
+            assert env[var] == "0" and os.environ[var] == "0"
+        assert var not in os.environ
         monkeypatch.setenv(var, "1")
         with local_ray.ingress_environment("haproxy", run_dir) as env:
             assert env[var] == "1"
