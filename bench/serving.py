@@ -682,6 +682,16 @@ def max_rate_held(
     return {v: m * cap for v, m in held.items()}, runs
 
 
+def attains_slo(rows: list[dict]) -> bool:
+    """A rate is held when the median attainment of its runs is >= 99% (`search_held`'s default)."""
+    return statistics.median(r["slo_attainment"] for r in rows) >= 0.99
+
+
+def loses_nothing(rows: list[dict]) -> bool:
+    """A rate is held when every one of its runs answered every request it sent 200."""
+    return all(r["sent"] == r["ok"] for r in rows)
+
+
 def search_held(
     variants: list[str],
     mults: list[float],
@@ -690,11 +700,12 @@ def search_held(
     always: float | None = None,
     descend: int = DESCEND_STEPS,
     refine: int = REFINE_STEPS,
+    holds: Callable[[list[dict]], bool] | None = None,
 ) -> tuple[dict[str, float], dict[tuple[str, float], list[dict]]]:
-    """Highest rate (a multiple, as `mults`) that each variant holds: median `slo_attainment` of `measure(variant,
-    multiple)` over `repeats` >= 99%. Every step runs the variants it concerns interleaved (repeat by repeat), each
-    at its own rate. Returns the held multiple per variant (0.0 only if it held nothing down to the lowest rate
-    tried) and the runs by (variant, multiple).
+    """Highest rate (a multiple, as `mults`) that each variant holds: `holds(its repeats' rows)`, by default median
+    `slo_attainment` of `measure(variant, multiple)` over `repeats` >= 99%. Every step runs the variants it
+    concerns interleaved (repeat by repeat), each at its own rate. Returns the held multiple per variant (0.0 only
+    if it held nothing down to the lowest rate tried) and the runs by (variant, multiple).
 
     1. The grid, climbing: a rate is held up to the first one that fails (a lucky pass above a failure is noise,
        not capacity), so a variant that failed is not run at higher rates, except at `always` (the overload point
@@ -716,8 +727,7 @@ def search_held(
         for _ in range(repeats):
             for v, m in plan.items():
                 runs.setdefault((v, m), []).append(measure(v, m))
-        return {v: statistics.median(r["slo_attainment"] for r in runs[(v, m)][-repeats:]) >= 0.99
-                for v, m in plan.items()}  # fmt: skip
+        return {v: (holds or attains_slo)(runs[(v, m)][-repeats:]) for v, m in plan.items()}
 
     held = dict.fromkeys(variants, 0.0)
     failed: dict[str, float] = {}  # lowest multiple a variant failed at
@@ -933,16 +943,45 @@ def overload_at_static_capacity(
     }
 
 
+LOSSLESS_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+"""Constant rates (multiples of the unbatched closed-loop capacity) `lossless_rate` climbs: 1.0x is overload for the
+open-loop generator and the replica sharing 2 cores (control runs at 0.66x lost up to 103 requests in 8 s)."""
+HOT_UPDATE_MULTS = (0.5, 0.8)
+"""The hot-update runs' rates, in multiples of `lossless_rate`'s: 0.8x keeps headroom for the update's own CPU
+(~0.45 CPU-s over the controller, the replicas and HAProxy's reload) on cores that serving already fills."""
+
+
+def lossless_rate(bench: Bench, cap: float, repeats: int) -> tuple[float, dict]:
+    """The highest constant rate (requests/s) at which adaptive, with nothing updated, answered every request 200
+    in each of `repeats` 8 s runs: `search_held` over LOSSLESS_GRID with one bisection, criterion
+    `loses_nothing`. The hot-update runs take their rates from it, not from the closed-loop capacity: that
+    capacity rose 1.7x when the replicas moved the app onto their main loop, while what the open-loop generator
+    costs per request did not fall, and 0.66x of it became a rate at which runs without any update lost requests
+    (122 in 12 runs), so those runs could not tell an update's losses from overload. Returns the rate and the
+    search's rows (multiple: lost per run)."""
+    from serve_app.simulator import Constant
+
+    def measure(v: str, m: float) -> dict:
+        row = bench.http(v, Constant(m * cap), 8.0, tag=f"lossless {m:.2f}x")
+        return {**row, "lost": row["sent"] - row["ok"]}
+
+    held, runs = search_held(["adaptive"], list(LOSSLESS_GRID), measure, repeats, refine=1, holds=loses_nothing)
+    rate = held["adaptive"] * cap
+    print(f"lossless constant rate {rate:.1f}/s ({held['adaptive']:.3f}x the unbatched capacity)", flush=True)
+    return rate, {f"{m:.3f}x": [r["lost"] for r in rs] for (_, m), rs in sorted(runs.items(), key=lambda kv: kv[0][1])}
+
+
 def hot_update_loss(
     bench: Bench,
     cap: float,
     repeats: int,
     bounds: tuple[int, ...],
-    mults: tuple[float, ...] = (0.33, 0.66),
+    mults: tuple[float, ...] = HOT_UPDATE_MULTS,
     generators: tuple[str, ...] = ("process",),
 ) -> dict:
     """Requests lost (not answered 200) when the artifact is hot-updated 1.5 s into an 8 s constant load, on the
-    unbounded deployment and on each bounded one, at each rate (multiples of the unbatched capacity). While Serve
+    unbounded deployment and on each bounded one, at each rate: multiples of `lossless_rate`, found first from
+    `cap` (the unbatched closed-loop capacity). While Serve
     reconfigures the only replica it routes nothing to it: the requests of that window wait in the proxy, where
     a bound smaller than the window's arrivals answers the excess 503. On bounded deployments both ways: a plain
     re-apply of the config (`serve deploy`) and serve_app.deploy.roll_out (what `hot_update` does: the bound
@@ -979,6 +1018,11 @@ def hot_update_loss(
             plan += [(f"adaptive_q{q}_roll_out", "adaptive_bounded", bounded(q), True)]
     else:  # no proxy-side bound to lift through HAProxy: a plain re-apply and roll_out (waits for the swap)
         plan += [("adaptive_roll_out", "adaptive", {}, True)]
+    base, base_runs = lossless_rate(bench, cap, repeats)
+    if base <= 0:
+        floor = LOSSLESS_GRID[0] / 2**DESCEND_STEPS
+        raise RuntimeError(f"adaptive lost requests at every constant rate down to {floor:.3f}x the unbatched "
+                           f"capacity ({cap:.0f}/s): no rate to measure a hot update's losses at")  # fmt: skip
     runs: dict[tuple[bool, str], list[dict]] = {}
     with generator_process() as pool:
         for _ in range(repeats):
@@ -988,7 +1032,7 @@ def hot_update_loss(
                     for gen in generators:
                         for update in (True, False):  # and a control run without the update: steady shedding
                             bench.use(v, HTTP_MODEL)
-                            load = LoadConfig(pattern=Constant(m * cap), duration_s=8.0, timeout_s=10.0)
+                            load = LoadConfig(pattern=Constant(m * base), duration_s=8.0, timeout_s=10.0)
                             bench.meter.start()
                             start_at = time.time() + 0.5
                             if gen == "process":
@@ -1018,6 +1062,9 @@ def hot_update_loss(
                             runs.setdefault((update, key), []).append(row)
     bench.redeploy({})
     return {
+        "hot_update_lossless_rate_rps": base,
+        "hot_update_lossless_search_lost": base_runs,
+        "hot_update_mults_of_lossless": list(mults),
         "hot_update_lost": {k: [r["lost"] for r in rs] for (u, k), rs in runs.items() if u},
         "steady_lost": {k: [r["lost"] for r in rs] for (u, k), rs in runs.items() if not u},
         "hot_update_sent": {k: [r["sent"] for r in rs] for (u, k), rs in runs.items() if u},
@@ -1050,7 +1097,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "(~10 minutes with 3 repeats)")  # fmt: skip
     p.add_argument("--hot-update-only", action="store_true", help="only the hot-update section, its load "
                    "generator both in its own process (the protocol) and in a thread of the process that updates "
-                   "(the protocol before), interleaved, at 0.66x the unbatched capacity: tells a generator stall "
+                   "(the protocol before), interleaved, at 0.8x the lossless constant rate: tells a generator stall "
                    "from a refusal (~6 minutes with 3 repeats)")  # fmt: skip
     p.add_argument("--saturated-only", action="store_true", help="only the generator's ceiling and the "
                    "saturated wrk section with its cost model (~1 minute per repeat), into "
@@ -1115,8 +1162,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.hot_update_only:
                 cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if args.quick else FULL_WRK_S)
                 res = {"unbatched_capacity_rps": cap}
-                # at 0.66x only: where the protocol's roll_out runs lost requests (0.33x never did)
-                res.update(hot_update_loss(bench, cap, repeats, bounds, (0.66,), generators=("process", "thread")))
+                # at the higher rate only: where the protocol's roll_out runs lost requests (the lower never did)
+                res.update(hot_update_loss(bench, cap, repeats, bounds, HOT_UPDATE_MULTS[-1:],
+                                           generators=("process", "thread")))  # fmt: skip
                 bench.mark("hot_update")
             elif args.overload_only:
                 cap = bench.closed_loop_capacity("nobatch", "http", 3.0 if args.quick else FULL_WRK_S)
@@ -1220,7 +1268,13 @@ def main(argv: list[str] | None = None) -> dict:
             }
             for k, v in lost.items()
         ],  # fmt: skip
-        title="hot update under constant load: requests lost per repeat",
+        title="hot update under constant load: requests lost per repeat"
+        + (
+            f" (rates: multiples of {res['hot_update_lossless_rate_rps']:.0f}/s, the highest constant rate adaptive "
+            "served without losing a request)"
+            if lost
+            else ""
+        ),
     )
     if res.get("saturated_cost_model"):
         m = res["saturated_cost_model"]

@@ -7,6 +7,7 @@ import pytest
 from bench.serving import (
     fit_cost_model,
     held_brackets,
+    loses_nothing,
     mean_batch_between,
     ratio,
     saturated_cost_model,
@@ -73,6 +74,23 @@ def test_the_overload_point_runs_for_every_variant_and_a_lucky_pass_above_a_fail
     held, runs = search_held(["a", "b"], [1.0, 2.0, 3.0, 4.0], measure, 1, always=4.0, descend=0, refine=0)
     assert held == {"a": 1.0, "b": 4.0}
     assert ("a", 3.0) not in runs and ("a", 4.0) in runs
+
+
+def test_a_lossless_criterion_fails_a_rate_where_one_repeat_lost_a_request_however_high_its_attainment():
+    lost = {0.5: [0, 0], 1.0: [0, 1], 2.0: [0, 0]}  # 1.0x: one repeat lost a request; 2.0x (a lucky pass) is not run
+
+    def measure(v: str, m: float) -> dict:
+        n = sum(1 for k in calls if k == m)
+        calls.append(m)
+        return {"slo_attainment": 0.999, "sent": 1000, "ok": 1000 - lost[m][n]}
+
+    calls: list[float] = []
+    held, runs = search_held(["a"], [0.5, 1.0, 2.0], measure, 2, descend=0, refine=0, holds=loses_nothing)
+    assert held == {"a": 0.5}
+    assert calls == [0.5, 0.5, 1.0, 1.0]
+    # by the default criterion (median attainment >= 99%) the same runs hold every rate
+    calls.clear()
+    assert search_held(["a"], [0.5, 1.0, 2.0], measure, 2, descend=0, refine=0)[0] == {"a": 2.0}
 
 
 def test_nothing_held_down_to_the_floor_is_zero_and_bad_arguments_are_refused():
