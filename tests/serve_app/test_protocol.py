@@ -91,6 +91,34 @@ def test_datatype_ranges(datatype, data, message):
     assert e.value.status == 422
 
 
+@pytest.mark.parametrize(
+    "datatype, bad, message",
+    [
+        ("FP32", np.nan, "no NaN or inf"),
+        ("FP16", -np.inf, "no NaN or inf"),
+        ("FP64", np.nan, "no NaN or inf"),
+        ("FP64", -1e39, "within"),  # finite as FP64, beyond float32's range
+    ],
+)
+def test_binary_floats_that_are_not_finite_or_beyond_float32_are_refused_wherever_they_sit(datatype, bad, message):
+    dtype = np.dtype(datatype.replace("FP", "<f")[:2] + str(int(datatype[2:]) // 8))
+    t = {
+        "name": "input",
+        "shape": [1, 64],
+        "datatype": datatype,
+        "parameters": {"binary_data_size": 64 * dtype.itemsize},
+    }
+    for at in (0, 37, 63):
+        x = np.full(64, 0.25, dtype=dtype)
+        x[at] = bad
+        with pytest.raises(BadRequest, match=message) as e:
+            infer({"inputs": [t]}, x.tobytes())
+        assert e.value.status == 422
+    x[63] = -3.0e38 if datatype != "FP16" else -65504.0  # the extremes of the datatype's range pass
+    got = infer({"inputs": [t]}, x.tobytes()).x
+    assert got.dtype == np.float32 and np.isfinite(got).all() and got.ravel()[63] == np.float32(x[63])
+
+
 def test_input_and_output_names_are_checked():
     with pytest.raises(BadRequest, match="name must be 'input'"):
         infer({"inputs": [tensor(name="images")]})
