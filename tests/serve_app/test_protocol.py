@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from serve_app.protocol import (
+    DATATYPES,
     BadRequest,
     check_content_type,
     decode_body,
@@ -101,7 +102,7 @@ def test_datatype_ranges(datatype, data, message):
     ],
 )
 def test_binary_floats_that_are_not_finite_or_beyond_float32_are_refused_wherever_they_sit(datatype, bad, message):
-    dtype = np.dtype(datatype.replace("FP", "<f")[:2] + str(int(datatype[2:]) // 8))
+    dtype = DATATYPES[datatype]
     t = {
         "name": "input",
         "shape": [1, 64],
