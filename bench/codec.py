@@ -41,9 +41,7 @@ def cpu_and_wall_medians(fns: dict, repeats: int, warmup: int = 1) -> tuple[dict
             if i >= warmup:
                 cpu[name].append(time.thread_time() - c0)
                 wall[name].append(time.perf_counter() - w0)
-    return {k: statistics.median(v) for k, v in cpu.items()}, {
-        k: statistics.median(v) for k, v in wall.items()
-    }
+    return {k: statistics.median(v) for k, v in cpu.items()}, {k: statistics.median(v) for k, v in wall.items()}
 
 
 def main(numel: int, block: int, repeats: int) -> dict:
@@ -70,9 +68,7 @@ def main(numel: int, block: int, repeats: int) -> dict:
         fns[f"encode_{tag}"] = lambda c=compiled: codec2bit.encode(
             x, res_buf, block, residual_out=res_buf, payload_out=pay_buf, compiled=c
         )
-        fns[f"decode_{tag}"] = lambda c=compiled: codec2bit.decode(
-            payload, numel, block, out=out_buf, compiled=c
-        )
+        fns[f"decode_{tag}"] = lambda c=compiled: codec2bit.decode(payload, numel, block, out=out_buf, compiled=c)
         fns[f"decode_add_{tag}"] = lambda c=compiled: codec2bit.decode_add_(acc, payload, block, compiled=c)
     fns["encode_fresh_compiled"] = lambda: codec2bit.encode(x, residual, block)
     fns["decode_fresh_compiled"] = lambda: codec2bit.decode(payload, numel, block)
@@ -80,9 +76,7 @@ def main(numel: int, block: int, repeats: int) -> dict:
     melem = {k: numel / v / 1e6 for k, v in med.items()}
     melem_wall = {k: numel / v / 1e6 for k, v in med_wall.items()}
 
-    x_hat = codec2bit.decode(
-        codec2bit.encode(x, None, block, compiled=False)[0], numel, block, compiled=False
-    )
+    x_hat = codec2bit.decode(codec2bit.encode(x, None, block, compiled=False)[0], numel, block, compiled=False)
     result = {
         "encode_melem_s": melem["encode_compiled"],
         "decode_melem_s": melem["decode_compiled"],

@@ -95,9 +95,7 @@ def _worker(rank: int, world: int, tmp: str, cfg: dict) -> None:
         accs = []
         for epoch in range(cfg["epochs"]):
             ddp.train()
-            order = torch.randperm(
-                len(xtr), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-            )
+            order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch))
             mine = order[rank::world]
             steps = len(order) // world // cfg["batch"]  # the same on every rank, as DDP needs
             for s in range(steps):
@@ -124,9 +122,7 @@ def run_dataset(name: str, cfg: dict) -> dict:
     res = {f"acc_{m}": curves[m][-1] for m in METHODS}
     res["acc_delta_pts"] = 100 * (res["acc_2bit"] - res["acc_exact"])
     res["target_acc"] = target
-    res["epochs_to_target"] = {
-        m: next((e + 1 for e, a in enumerate(curves[m]) if a >= target), None) for m in METHODS
-    }
+    res["epochs_to_target"] = {m: next((e + 1 for e, a in enumerate(curves[m]) if a >= target), None) for m in METHODS}
     res["curves"] = curves
     res["config"] = cfg
     return res
@@ -173,8 +169,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 3 epochs; writes no results")
     parser.add_argument("--epochs-digits", type=int, default=15)
-    parser.add_argument(
-        "--epochs-mnist1d", type=int, default=12, help="MNIST-1D keeps improving to ~60 epochs"
-    )
+    parser.add_argument("--epochs-mnist1d", type=int, default=12, help="MNIST-1D keeps improving to ~60 epochs")
     a = parser.parse_args()
     main(a.quick, a.epochs_digits, a.epochs_mnist1d)

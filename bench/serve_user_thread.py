@@ -66,16 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                 finally:
                     shutdown_embedded()
 
-    med = statistics.median
-
-    def by(key: str) -> dict[str, dict[str, float]]:
-        return {s: {v: med([pt[key] for pt in sat[s][v]]) for v in VARIANTS} for s in SETTINGS}
-
-    within, peak, cores = by("rps_within_slo"), by("peak_rps"), by("peak_cpu_cores")
-    p99 = {
-        s: {v: med([r["p99_ms"] for pt in sat[s][v] for r in pt["points"] if r["connections"] == 32]) for v in VARIANTS}
-        for s in SETTINGS
-    }
+    within, peak, cores, p99 = summarize(sat)
     res = {
         "saturated_rps_within_slo": within,
         "peak_rps": peak,
@@ -95,23 +86,46 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_after": list(os.getloadavg()),
         "saturated_points": sat,
     }
-    rows = [
+    print_table(
+        table_rows(sat, "user code"),
+        title=f"user code on the main loop vs its own thread ({args.repeats} repeats, medians)",
+    )
+    print(f"ratio main vs separate, within SLO: {res['ratio_main_vs_separate']}; "
+          f"adaptive vs the others: {res['ratio_adaptive_vs']}")  # fmt: skip
+    print(f"wrote {write_result('serve_user_thread', res)}")
+    return res
+
+
+def summarize(sat: dict[str, dict[str, list[dict]]]) -> tuple[dict, ...]:
+    """(within the SLO, peak, cores at the peak, p99 at 32 connections), each {setting: {variant: median over the
+    repeats}}, from {setting: {variant: [bench.serving.saturated points]}}."""
+    med = statistics.median
+
+    def by(key: str) -> dict[str, dict[str, float]]:
+        return {s: {v: med([pt[key] for pt in per[v]]) for v in per} for s, per in sat.items()}
+
+    p99 = {
+        s: {v: med([r["p99_ms"] for pt in pts for r in pt["points"] if r["connections"] == 32]) for v, pts in p.items()}
+        for s, p in sat.items()
+    }
+    return by("rps_within_slo"), by("peak_rps"), by("peak_cpu_cores"), p99
+
+
+def table_rows(sat: dict[str, dict[str, list[dict]]], setting: str) -> list[dict]:
+    """The readable table's rows, one per setting and variant; `setting`: the first column's title."""
+    within, peak, cores, p99 = summarize(sat)
+    return [
         {
-            "user code": s,
+            setting: s,
             "variant": v,
             "rps within SLO": within[s][v],
             "peak rps": peak[s][v],
             "p99 ms at 32": p99[s][v],
             "cores": cores[s][v],
         }
-        for s in SETTINGS
-        for v in VARIANTS
+        for s in sat
+        for v in sat[s]
     ]
-    print_table(rows, title=f"user code on the main loop vs its own thread ({args.repeats} repeats, medians)")
-    print(f"ratio main vs separate, within SLO: {res['ratio_main_vs_separate']}; "
-          f"adaptive vs the others: {res['ratio_adaptive_vs']}")  # fmt: skip
-    print(f"wrote {write_result('serve_user_thread', res)}")
-    return res
 
 
 if __name__ == "__main__":

@@ -198,9 +198,7 @@ class Namespaces:
         """tbf on both ends (each shapes its egress), or no qdisc for the unshaped link."""
         for ns, veth in zip(self.ns, self.veth, strict=True):
             tc = ["ip", "netns", "exec", ns, "tc", "qdisc"]
-            subprocess.run(
-                [*tc, "del", "dev", veth, "root"], capture_output=True, timeout=30
-            )  # may not exist
+            subprocess.run([*tc, "del", "dev", veth, "root"], capture_output=True, timeout=30)  # may not exist
             if link is not None:
                 rate, burst = link
                 subprocess.run(
@@ -313,17 +311,14 @@ def summarize(runs: dict) -> dict:
             for link, res in runs.items()
         },
         "step_s": {
-            link: {wl: {m: v["step_s"] for m, v in r.items()} for wl, r in res.items()}
-            for link, res in runs.items()
+            link: {wl: {m: v["step_s"] for m, v in r.items()} for wl, r in res.items()} for link, res in runs.items()
         },
     }
 
 
 def main(args) -> int:
     if os.geteuid() != 0:
-        print(
-            "bench/slow_link needs root (network namespaces, tc); not root: nothing measured, nothing written."
-        )
+        print("bench/slow_link needs root (network namespaces, tc); not root: nothing measured, nothing written.")
         return 0
     from bench._common import RESULTS, print_table, write_result
 
@@ -426,9 +421,7 @@ def _parse(argv=None):
         "--warmup", type=int, default=2, help="unmeasured steps per method (DDP bucket rebuild, hook warm-up)"
     )
     p.add_argument("--steps", type=int, default=3, help="measured steps per method")
-    p.add_argument(
-        "--link-budget", type=float, default=420.0, help="seconds per link before methods are skipped"
-    )
+    p.add_argument("--link-budget", type=float, default=420.0, help="seconds per link before methods are skipped")
     p.add_argument("--time-limit", type=float, default=1500.0, help="seconds for the whole benchmark")
     p.add_argument("--collective-timeout", type=float, default=300.0, help="gloo timeout, seconds")
     p.add_argument(

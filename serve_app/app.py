@@ -7,7 +7,8 @@ tandem/local_ray.py);
 with a canary (`args["canary"]`) a `Router` ingress splits traffic between two such deployments, `Model` (stable)
 and `Canary` (serve_app/router.py). This module holds only the deployments and the builder; by concept:
 serve_app/config.py (AppConfig, ModelUserConfig, CanaryConfig), serve_app/protocol.py (wire formats),
-serve_app/routes.py (Call, Reply, the FastAPI routes), serve_app/replica.py (ModelServer), serve_app/router.py.
+serve_app/routes.py (Call, Reply, the FastAPI routes, the replica's ASGI app), serve_app/replica.py (ModelServer),
+serve_app/router.py.
 
 Routes (an error is `{"error": message}` with a 4xx/5xx status, on every route, FastAPI's own 404/405 included;
 wire formats and limits in serve_app/protocol.py):
@@ -41,26 +42,23 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import FastAPI
 from ray import serve
 
 from serve_app.config import AppConfig
 from serve_app.placement import replica_placement
 from serve_app.replica import ModelServer
 from serve_app.router import Router
-from serve_app.routes import http_routes
+from serve_app.routes import IngressMixin
 
 __all__ = ["AppConfig", "Backend", "Model", "build_app"]
 
 
-model_api = FastAPI(title="tandem model server")
+class _ModelIngress(ModelServer, IngressMixin):
+    api_title = "tandem model server"
 
 
-class _ModelIngress(ModelServer, http_routes(model_api)):
-    pass
-
-
-Model = serve.deployment(name="Model")(serve.ingress(model_api)(_ModelIngress))
+# serve.ingress() without an app: each replica builds its own (IngressMixin.__serve_build_asgi_app__).
+Model = serve.deployment(name="Model")(serve.ingress()(_ModelIngress))
 # Behind the canary Router: the same replica without HTTP routes (Serve allows one FastAPI ingress per app).
 Backend = serve.deployment(name="Backend")(ModelServer)
 

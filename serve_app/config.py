@@ -118,6 +118,10 @@ class AppConfig:
     torch_threads: int = 1
     """torch intra-op threads per replica (small CNNs on small batches: 1 is fastest and leaves cores to the
     proxy)."""
+    direct_routes: bool = True
+    """POST /predict and the OIP infer routes answered straight from the ASGI messages, past FastAPI (same checks,
+    same answers; serve_app/routes.py `Ingress`); False: through FastAPI like the other routes
+    (bench/serve_direct_routes.py measures the two)."""
 
     def __post_init__(self) -> None:
         for name in ("num_replicas", "max_body_bytes", "max_instances", "torch_threads"):
@@ -127,6 +131,10 @@ class AppConfig:
                 setattr(self, name, v)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.direct_routes, str) and self.direct_routes.lower() in ("true", "false"):
+            self.direct_routes = self.direct_routes.lower() == "true"  # `serve run ... direct_routes=false`
+        if not isinstance(self.direct_routes, bool):
+            raise ValueError(f"direct_routes must be a bool, got {self.direct_routes!r}")
         if isinstance(self.max_queued_requests, str) and self.max_queued_requests.isdigit():
             self.max_queued_requests = int(self.max_queued_requests)
         q = self.max_queued_requests

@@ -24,13 +24,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 
 from serve_app.config import AppConfig, CanaryConfig
 from serve_app.metrics import PREFIX, MetricBuffer, MetricSpec
-from serve_app.routes import Call, Reply, http_routes
+from serve_app.routes import Call, Ingress, IngressMixin, Reply
 
 logger = logging.getLogger("ray.serve")
 
@@ -211,13 +210,17 @@ class RouterServer:
         return reply
 
 
-router_api = FastAPI(title="tandem canary router")
+class _RouterIngress(RouterServer, IngressMixin):
+    api_title = "tandem canary router"
+
+    def __serve_build_asgi_app__(self) -> Ingress:
+        app = super().__serve_build_asgi_app__()
+
+        @app.api.get("/canary")
+        async def canary_status() -> JSONResponse:
+            return JSONResponse(self.policy.status())
+
+        return app
 
 
-class _RouterIngress(RouterServer, http_routes(router_api)):
-    @router_api.get("/canary")
-    async def canary_status(self) -> JSONResponse:
-        return JSONResponse(self.policy.status())
-
-
-Router = serve.deployment(name="Router")(serve.ingress(router_api)(_RouterIngress))
+Router = serve.deployment(name="Router")(serve.ingress()(_RouterIngress))

@@ -266,3 +266,10 @@ def niced_bursts(url: str, body: dict, n: int, repeats: int) -> list[Reply]:
         for _ in range(repeats)
         for r in asyncio.run(burst())
     ]
+
+
+def eager_form(model, example, batch_sizes):
+    """For models.fuse.fastest_inference_module in tests: the folded eager form, nothing timed or compiled."""
+    import models.fuse
+
+    return models.fuse.inference_module(model), {}

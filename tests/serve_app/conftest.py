@@ -24,3 +24,16 @@ def generator():
     with client_process() as pool:
         pool.submit(time.sleep, 0).result()  # started before the first timed load
         yield pool
+
+
+@pytest.fixture
+def outside_serve(monkeypatch):
+    """For ModelServer objects run here, outside Serve: the batch queue's check against the replica's
+    max_ongoing_requests needs a replica context, and @serve.batch keeps one queue per decorated method (one
+    replica per process in Serve), bound to the event loop of its first call: a fresh one for each test."""
+    from ray.serve import batching
+
+    from serve_app.replica import ModelServer
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    monkeypatch.setattr(ModelServer._batched.set_max_batch_size.__self__, "_queue", None)

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from _serve import GOOD, free_port, haproxy_cluster, start_load
+from _serve import GOOD, eager_form, free_port, haproxy_cluster, start_load
 
 from serve_app.app import build_app
 from serve_app.config import AppConfig, ModelUserConfig
@@ -302,19 +302,6 @@ def test_admission_control_answers_503_with_retry_after(ray_local, served):
     assert c.post("/predict", json=GOOD).status_code == 200
 
 
-@pytest.fixture
-def outside_serve(monkeypatch):
-    """For ModelServer objects run here, outside Serve: the batch queue's check against the replica's
-    max_ongoing_requests needs a replica context, and @serve.batch keeps one queue per decorated method (one
-    replica per process in Serve), bound to the event loop of its first call: a fresh one for each test."""
-    from ray.serve import batching
-
-    from serve_app.replica import ModelServer
-
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-    monkeypatch.setattr(ModelServer._batched.set_max_batch_size.__self__, "_queue", None)
-
-
 def test_cancelled_requests_leave_the_queue(ray_local, served, outside_serve):
     """Ray drops a request cancelled while it waits for a batch; the replica's queue count must drop it too,
     or admission control would go on refusing on a phantom backlog."""
@@ -488,13 +475,6 @@ def test_the_replica_runs_the_fp32_form_the_sweep_recorded(ray_local, outside_se
     assert n_elsewhere == 1 and not isinstance(other, models.fuse.OneDNNInference)
 
 
-def _eager_form(model, example, batch_sizes):
-    """For models.fuse.fastest_inference_module in tests: the folded eager form, nothing timed or compiled."""
-    import models.fuse
-
-    return models.fuse.inference_module(model), {}
-
-
 def test_a_loaded_model_is_frozen_out_of_the_garbage_collectors_full_collections(
     ray_local, outside_serve, tmp_path, monkeypatch
 ):
@@ -507,7 +487,7 @@ def test_a_loaded_model_is_frozen_out_of_the_garbage_collectors_full_collections
     from models.cnn import ModelConfig, build_model
     from serve_app.replica import ModelServer
 
-    monkeypatch.setattr(models.fuse, "fastest_inference_module", _eager_form)
+    monkeypatch.setattr(models.fuse, "fastest_inference_module", eager_form)
     arts = {}
     for name in ("a", "b"):
         arts[name] = str(tmp_path / name)
@@ -545,7 +525,7 @@ def test_a_hot_update_returns_at_once_and_the_old_model_serves_until_the_swap(
     from serve_app.served import LOAD_DELAY_KEY
 
     # the served form as is (the form choice is test_a_hot_update_of_the_same_shape_keeps_the_fp32_form's)
-    monkeypatch.setattr(models.fuse, "fastest_inference_module", _eager_form)
+    monkeypatch.setattr(models.fuse, "fastest_inference_module", eager_form)
     arts = {}
     for seed, (name, classes) in enumerate((("a", 10), ("b", 10), ("c", 5))):  # "c": other shapes, a new form
         torch.manual_seed(seed)
