@@ -21,27 +21,20 @@ the SLO}), `ratio_direct_vs_fastapi_peak`, `ratio_adaptive_vs` ({setting: {"noba
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
 from bench._common import print_table, write_result
-from bench.serve_user_thread import VARIANTS, WRK_S, summarize, table_rows
+from bench.serve_user_thread import VARIANTS, WRK_S, setup, summarize, table_rows
 
 SETTINGS = {"direct": True, "fastapi": False}
 """Setting name -> AppConfig.direct_routes."""
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3, help="deploys per setting (default 3)")
-    args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1, got {args.repeats}")
-    os.environ["RAY_worker_niceness"] = "0"  # as bench.serving: replicas at normal priority
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = setup(argv, __doc__, "deploys per setting")
     from bench.serving import Bench, CpuMeter, make_artifacts, saturated
     from tandem.local_ray import init_embedded, shutdown_embedded
 

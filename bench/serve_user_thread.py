@@ -38,13 +38,7 @@ WRK_S = 5.0
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3, help="cluster starts per setting (default 3)")
-    args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1, got {args.repeats}")
-    os.environ["RAY_worker_niceness"] = "0"  # as bench.serving: replicas at normal priority
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = setup(argv, __doc__, "cluster starts per setting")
     from bench.serving import Bench, CpuMeter, make_artifacts, saturated
     from tandem.local_ray import USER_CODE_THREAD_VAR, init_embedded, shutdown_embedded
 
@@ -94,6 +88,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"adaptive vs the others: {res['ratio_adaptive_vs']}")  # fmt: skip
     print(f"wrote {write_result('serve_user_thread', res)}")
     return res
+
+
+def setup(argv: list[str] | None, doc: str | None, repeats: str) -> argparse.Namespace:
+    """The A/B benches' arguments (`--repeats`, described as `repeats`), and the environment the serving bench
+    runs its replicas in."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help=f"{repeats} (default 3)")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    os.environ["RAY_worker_niceness"] = "0"  # as bench.serving: replicas at normal priority
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return args
 
 
 def summarize(sat: dict[str, dict[str, list[dict]]]) -> tuple[dict, ...]:
