@@ -278,3 +278,22 @@ def test_a_ratio_of_grid_multiples_is_the_multiples_ratio():
     c = 178.05 / 0.75  # the handle path's unbatched capacity of one run; static held 0.75x, adaptive 1.125x
     assert 1.125 * c / (0.75 * c) < 1.5  # what floating point gives
     assert ratio(1.125 * c, 0.75 * c) == 1.5 and ratio(1.0, 3.0) == pytest.approx(1 / 3) and ratio(1.0, 0.0) is None
+
+
+def test_ab_summary_takes_medians_per_setting_and_the_p99_at_32_connections():
+    from bench.serve_user_thread import summarize, table_rows
+
+    def point(within: float, p99_at: dict[int, float]) -> dict:
+        pts = [{"connections": c, "p99_ms": p} for c, p in p99_at.items()]
+        return {"rps_within_slo": within, "peak_rps": within + 10, "peak_cpu_cores": 1.5, "points": pts}
+
+    sat = {
+        "a": {"nobatch": [point(100, {8: 1, 32: 50}), point(300, {8: 2, 32: 70}), point(200, {8: 3, 32: 60})]},
+        "b": {"nobatch": [point(10, {32: 5}), point(30, {32: 7})]},
+    }
+    within, peak, cores, p99 = summarize(sat)
+    assert within == {"a": {"nobatch": 200}, "b": {"nobatch": 20}}
+    assert peak["a"]["nobatch"] == 210 and cores["b"]["nobatch"] == 1.5
+    assert p99 == {"a": {"nobatch": 60}, "b": {"nobatch": 6}}  # the 8-connection points left out
+    rows = table_rows(sat, "setting")
+    assert [(r["setting"], r["rps within SLO"]) for r in rows] == [("a", 200), ("b", 20)]
