@@ -3,7 +3,8 @@
 `build_app(args)` is the application builder that `serve run serve_app.app:build_app artifact=...` and
 `serve deploy serve_app/serve_config.yaml` import. Without a canary the app is one deployment, `Model`, that is
 also the HTTP ingress (one hop; with tandem's HAProxy ingress HAProxy sends HTTP straight to it, see
-tandem/local_ray.py);
+tandem/local_ray.py; inside the replica POST /predict and the OIP infer routes are answered past FastAPI,
+serve_app/routes.py `Ingress`);
 with a canary (`args["canary"]`) a `Router` ingress splits traffic between two such deployments, `Model` (stable)
 and `Canary` (serve_app/router.py). This module holds only the deployments and the builder; by concept:
 serve_app/config.py (AppConfig, ModelUserConfig, CanaryConfig), serve_app/protocol.py (wire formats),
