@@ -7,7 +7,7 @@ FastAPI answers itself are turned into the protocol's `{"error": message}` too."
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,18 +81,7 @@ def build_api(server: Any, title: str) -> FastAPI:
     async def call(route: str, request: Request | None = None, name: str | None = None, version: str | None = None):
         if request is None:
             return (await server.respond(Call(route, b"", name, version))).response()
-        headers = request.headers
-        reply = await read_and_respond(
-            server,
-            route,
-            request.stream(),
-            headers.get("content-type"),
-            headers.get("content-length"),
-            headers.get("content-encoding"),
-            headers.get(HEADER_LENGTH) if route == "infer" else None,
-            name,
-            version,
-        )
+        reply = await read_and_respond(server, route, request.stream(), request.headers, name, version)
         return reply.response()
 
     @api.post("/predict", openapi_extra=PREDICT_BODY, **body_route)
@@ -166,18 +155,18 @@ async def read_and_respond(
     server: Any,
     route: str,
     chunks: AsyncIterator[bytes],
-    content_type: str | None,
-    content_length: str | None,
-    content_encoding: str | None,
-    header_length: str | None,
+    headers: Mapping[str, str],
     name: str | None = None,
     version: str | None = None,
 ) -> Reply:
     """A body route's work, the same whichever way the request came in (FastAPI or `Ingress`): the body's checks
-    (Content-Type, bounded while it streams in, gzip/deflate) and then `server.respond`."""
+    (Content-Type, bounded while it streams in, gzip/deflate) and then `server.respond`. `headers`: the request's,
+    by lower-case name (Starlette's `Headers`, or `_headers`)."""
     limit = server.cfg.max_body_bytes
+    header_length = headers.get(HEADER_LENGTH) if route == "infer" else None
+    content_length, content_encoding = headers.get("content-length"), headers.get("content-encoding")
     try:
-        check_content_type(content_type, header_length is not None)
+        check_content_type(headers.get("content-type"), header_length is not None)
         body = await read_body(chunks, content_length, limit)
         body = decode_body(body, content_encoding, limit)
     except BadRequest as e:
@@ -208,18 +197,7 @@ class Ingress:
             await self.api(scope, receive, send)
             return
         route, name, version = hot
-        headers = _headers(scope["headers"])
-        reply = await read_and_respond(
-            self.server,
-            route,
-            _chunks(receive),
-            headers.get(b"content-type"),
-            headers.get(b"content-length"),
-            headers.get(b"content-encoding"),
-            headers.get(HEADER_LENGTH.encode()) if route == "infer" else None,
-            name,
-            version,
-        )
+        reply = await read_and_respond(self.server, route, _chunks(receive), _headers(scope["headers"]), name, version)
         body, media_type = reply.encode()
         head = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())]
         head += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
@@ -268,11 +246,11 @@ def _hot_route(path: str) -> tuple[str, str | None, str | None] | None:
     return None
 
 
-def _headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, str]:
-    """The first value of each header (names are lower-case in ASGI), as Starlette's `headers.get`."""
-    out: dict[bytes, str] = {}
+def _headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The first value of each header by its name (lower-case in ASGI), as Starlette's `Headers.get` gives it."""
+    out: dict[str, str] = {}
     for k, v in raw:
-        out.setdefault(k, v.decode("latin-1"))
+        out.setdefault(k.decode("latin-1"), v.decode("latin-1"))
     return out
 
 
